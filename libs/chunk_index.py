@@ -1,0 +1,84 @@
+"""The small descriptions the stages hand each other: where chunks are, how many rows, what area.
+
+Ops pass these between each other (through the IO manager) and to Ray tasks; the data
+itself stays in object storage under the run's staging prefix.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+BBox = tuple[float, float, float, float]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceFile(_Frozen):
+    """A landed file as it was read: key, checksum, size."""
+
+    bucket: str
+    key: str
+    sha256: str
+    size: int
+    layer: str
+    rows: int
+
+
+class Chunk(_Frozen):
+    """One GeoParquet chunk in the staging bucket."""
+
+    key: str
+    layer: str
+    ordinal: int = Field(description="position of the chunk within its layer")
+    row_offset: int = Field(description="rows of the layer before this chunk")
+    rows: int
+    bbox: BBox | None = Field(description="minx, miny, maxx, maxy; None when every row is empty")
+    crs: str = Field(description="CRS of the chunk's coordinates (authority code or WKT)")
+    bytes: int
+    sha256: str
+
+
+class LayerChunks(_Frozen):
+    """All chunks of one layer."""
+
+    layer: str
+    crs: str
+    chunks: list[Chunk]
+
+    @property
+    def rows(self) -> int:
+        return sum(c.rows for c in self.chunks)
+
+    @property
+    def bbox(self) -> BBox | None:
+        boxes = [c.bbox for c in self.chunks if c.bbox is not None]
+        if not boxes:
+            return None
+        return (
+            min(b[0] for b in boxes),
+            min(b[1] for b in boxes),
+            max(b[2] for b in boxes),
+            max(b[3] for b in boxes),
+        )
+
+
+class ChunkIndex(_Frozen):
+    """What shard (and then transform) produced for a batch."""
+
+    batch_id: str
+    staging_bucket: str
+    prefix: str = Field(description="run-scoped staging prefix the chunks live under")
+    layers: list[LayerChunks]
+    sources: list[SourceFile]
+
+    def layer(self, name: str) -> LayerChunks:
+        for layer in self.layers:
+            if layer.layer == name:
+                return layer
+        raise KeyError(f"no layer {name!r} in the chunk index; have {[x.layer for x in self.layers]}")
+
+    @property
+    def rows(self) -> int:
+        return sum(layer.rows for layer in self.layers)

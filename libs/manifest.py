@@ -1,0 +1,223 @@
+"""The batch manifest: what a data team declares when it lands a batch.
+
+A manifest lives at ``landing-zone/<batch_id>/manifest.json`` (any folder works; the
+``batch_id`` inside is what identifies the batch). File paths are relative to the
+manifest's folder. The JSON Schema published in ``schemas/manifest.schema.json`` is
+generated from these models (``python -m libs.manifest``) and a test keeps it equal.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import sys
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pyproj import CRS
+from pyproj.exceptions import CRSError
+
+from libs.errors import ManifestError
+
+MANIFEST_FILENAME = "manifest.json"
+
+#: A name that is safe as an unquoted SQL identifier and as an object-key segment.
+Identifier = Annotated[
+    str,
+    Field(
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="lower-case letters, digits and underscores, starting with a letter or "
+        "underscore, at most 63 characters (a safe SQL identifier)",
+    ),
+]
+
+BatchId = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="letters, digits, '.', '_' and '-', starting with a letter or digit, "
+        "at most 128 characters; immutable once a run has been started for it",
+    ),
+]
+
+
+class InputFormat(StrEnum):
+    """Formats the shard stage reads."""
+
+    GEOJSON = "geojson"
+    GEOJSONSEQ = "geojsonseq"
+    GPKG = "gpkg"
+    FLATGEOBUF = "flatgeobuf"
+    SHAPEFILE_ZIP = "shapefile_zip"
+    GEOPARQUET = "geoparquet"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_crs(value: str) -> str:
+    try:
+        CRS.from_user_input(value)
+    except CRSError as exc:
+        raise ValueError(
+            f"{value!r} is not a CRS pyproj understands ({exc}); "
+            "expected an authority code such as 'EPSG:4326'"
+        ) from None
+    return value
+
+
+class DataFile(_Strict):
+    """One landed data file and the layer it feeds."""
+
+    path: str = Field(
+        description="path of the file relative to the manifest's folder, e.g. 'points.fgb'"
+    )
+    layer: Identifier = Field(description="name of the layer (dataset) this file feeds")
+    format: InputFormat = Field(description="file format")
+    source_crs: str = Field(description="CRS of the file's coordinates, e.g. 'EPSG:4326'")
+    source_layer: str | None = Field(
+        default=None, description="layer inside a multi-layer file (GeoPackage); default: first"
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _relative_path(cls, value: str) -> str:
+        normalised = posixpath.normpath(value)
+        if value.startswith("/") or normalised.startswith("..") or "\\" in value:
+            raise ValueError(
+                f"{value!r} must be a relative path inside the batch folder "
+                "(no leading '/', no '..', no backslashes)"
+            )
+        if normalised == posixpath.basename(MANIFEST_FILENAME):
+            raise ValueError("the manifest itself cannot be a data file")
+        return normalised
+
+    @field_validator("source_crs")
+    @classmethod
+    def _source_crs(cls, value: str) -> str:
+        return _check_crs(value)
+
+
+class Aggregation(_Strict):
+    """One aggregate computed over the right-hand rows matched to each left-hand row."""
+
+    function: Literal["count", "sum", "mean"] = Field(description="aggregate function")
+    column: Identifier | None = Field(
+        default=None, description="column of the right layer (required for sum and mean)"
+    )
+    output: Identifier = Field(description="name of the result column")
+
+    @model_validator(mode="after")
+    def _column_needed(self) -> Aggregation:
+        if self.function != "count" and self.column is None:
+            raise ValueError(f"aggregation {self.output!r}: {self.function} needs a 'column'")
+        return self
+
+
+class SpatialJoin(_Strict):
+    """A spatial join run in PostGIS: every ``left`` row with aggregates of matching ``right`` rows."""
+
+    name: Identifier = Field(description="name of the result dataset in the lake")
+    left: Identifier = Field(description="layer whose rows (and attributes) are kept")
+    right: Identifier = Field(description="layer matched against the left rows")
+    predicate: Literal["intersects", "contains", "within"] = Field(
+        default="intersects",
+        description="spatial predicate, read as <left> <predicate> <right>",
+    )
+    how: Literal["left", "inner"] = Field(
+        default="left",
+        description="'left' keeps left rows without a match (count 0), 'inner' drops them",
+    )
+    aggregations: list[Aggregation] = Field(
+        default_factory=lambda: [Aggregation(function="count", output="match_count")],
+        min_length=1,
+        description="aggregates over the matched right rows",
+    )
+
+
+class Manifest(_Strict):
+    """A batch: its files, the CRS to work in, and the spatial join to run."""
+
+    manifest_version: Literal[1] = Field(description="version of this manifest format")
+    batch_id: BatchId
+    target_crs: str = Field(description="CRS every layer is reprojected to, e.g. 'EPSG:3857'")
+    files: list[DataFile] = Field(min_length=1, description="the batch's data files")
+    join: SpatialJoin = Field(description="the spatial join to run on the loaded layers")
+
+    @field_validator("target_crs")
+    @classmethod
+    def _target_crs(cls, value: str) -> str:
+        return _check_crs(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        problems = []
+        paths = [f.path for f in self.files]
+        for dup in sorted({p for p in paths if paths.count(p) > 1}):
+            problems.append(f"files: {dup!r} is listed more than once")
+        layers = self.layers
+        for side in ("left", "right"):
+            layer = getattr(self.join, side)
+            if layer not in layers:
+                problems.append(
+                    f"join.{side}: layer {layer!r} is not fed by any file; "
+                    f"expected one of {sorted(layers)}"
+                )
+        if self.join.left == self.join.right:
+            problems.append("join: left and right must be different layers")
+        if self.join.name in layers:
+            problems.append(f"join.name: {self.join.name!r} clashes with a layer of the same name")
+        outputs = [a.output for a in self.join.aggregations]
+        for dup in sorted({o for o in outputs if outputs.count(o) > 1}):
+            problems.append(f"join.aggregations: output {dup!r} is used more than once")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer names in the order their first file appears."""
+        return list(dict.fromkeys(f.layer for f in self.files))
+
+
+def _describe(error: dict) -> str:
+    location = ".".join(str(part) for part in error["loc"]) or "(manifest)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] in ("missing", "extra_forbidden"):
+        return f"{location}: {message}"
+    received = error.get("input")
+    if isinstance(received, dict | list):
+        return f"{location}: {message}"
+    return f"{location}: {message} (received {received!r})"
+
+
+def parse_manifest(raw: bytes, manifest_key: str) -> Manifest:
+    """Parse and validate a manifest; raise :class:`ManifestError` listing every problem."""
+    try:
+        document = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(manifest_key, [f"not valid UTF-8 JSON: {exc}"]) from None
+    try:
+        return Manifest.model_validate(document)
+    except ValidationError as exc:
+        raise ManifestError(manifest_key, [_describe(e) for e in exc.errors()]) from None
+
+
+def batch_folder(manifest_key: str) -> str:
+    """The key prefix the manifest's relative paths resolve against ('' at bucket root)."""
+    folder = posixpath.dirname(manifest_key)
+    return f"{folder}/" if folder else ""
+
+
+def manifest_json_schema() -> dict:
+    """The published JSON Schema of the manifest."""
+    schema = Manifest.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://spatial-etl.example/schemas/manifest.schema.json"
+    return schema
+
+
+if __name__ == "__main__":
+    sys.stdout.write(json.dumps(manifest_json_schema(), indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,138 @@
+"""S3-compatible object storage (MinIO in compose, SeaweedFS locally) behind one small API.
+
+Settings travel as a plain picklable dataclass so that Ray workers, which run on other
+machines in a real cluster, can open their own client from the same description.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from minio import Minio
+from minio.error import S3Error
+
+from libs.errors import ConfigError
+
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+:\d{1,5}$")
+_PART_SIZE = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectStoreSettings:
+    """Where the object store is and how to authenticate (``endpoint`` is ``host:port``)."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    secure: bool = False
+
+    def __post_init__(self) -> None:
+        if "://" in self.endpoint:
+            raise ConfigError(
+                f"MINIO_ENDPOINT={self.endpoint!r} has a scheme; expected 'host:port' such as "
+                "'minio:9000' (TLS is chosen with the 'secure' setting, not the endpoint)"
+            )
+        if not _HOST_PORT.match(self.endpoint):
+            raise ConfigError(
+                f"MINIO_ENDPOINT={self.endpoint!r} is not 'host:port' (for example '127.0.0.1:9000')"
+            )
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"ObjectStoreSettings(endpoint={self.endpoint!r}, secure={self.secure})"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a listing or a download says about one object."""
+
+    key: str
+    size: int
+    etag: str
+
+
+class ObjectStore:
+    """Thin wrapper over the MinIO client with the operations the pipeline needs."""
+
+    def __init__(self, settings: ObjectStoreSettings):
+        self.settings = settings
+        self._client = Minio(
+            settings.endpoint,
+            access_key=settings.access_key,
+            secret_key=settings.secret_key,
+            secure=settings.secure,
+        )
+
+    @property
+    def client(self) -> Minio:
+        return self._client
+
+    def list(self, bucket: str, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object under ``prefix`` (recursively), in key order."""
+        for obj in self._client.list_objects(bucket, prefix=prefix, recursive=True):
+            if not obj.is_dir:
+                yield ObjectInfo(obj.object_name, obj.size or 0, (obj.etag or "").strip('"'))
+
+    def exists(self, bucket: str, key: str) -> bool:
+        try:
+            self._client.stat_object(bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                return False
+            raise
+        return True
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        response = self._client.get_object(bucket, key)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def download(self, bucket: str, key: str, path: Path) -> str:
+        """Stream an object to ``path``; returns its sha256 (hex) computed on the way."""
+        digest = hashlib.sha256()
+        response = self._client.get_object(bucket, key)
+        try:
+            with open(path, "wb") as out:
+                for block in response.stream(1024 * 1024):
+                    digest.update(block)
+                    out.write(block)
+        finally:
+            response.close()
+            response.release_conn()
+        return digest.hexdigest()
+
+    def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str) -> str:
+        """Write an object; returns the sha256 (hex) of what was written."""
+        self._client.put_object(
+            bucket, key, io.BytesIO(data), length=len(data), content_type=content_type
+        )
+        return hashlib.sha256(data).hexdigest()
+
+    def upload(self, bucket: str, key: str, path: Path, content_type: str) -> str:
+        """Upload a local file; returns its sha256 (hex)."""
+        digest = hashlib.sha256()
+        with open(path, "rb") as src:
+            for block in iter(lambda: src.read(1024 * 1024), b""):
+                digest.update(block)
+        self._client.fput_object(bucket, key, str(path), content_type=content_type,
+                                 part_size=_PART_SIZE)
+        return digest.hexdigest()
+
+    def delete_prefix(self, bucket: str, prefix: str) -> int:
+        """Delete every object under ``prefix``; returns how many were deleted."""
+        if not prefix or not prefix.endswith("/"):
+            raise ValueError(f"refusing to delete a prefix that is not a folder: {prefix!r}")
+        keys = [o.key for o in self.list(bucket, prefix)]
+        for key in keys:
+            self._client.remove_object(bucket, key)
+        return len(keys)
+
+    def delete(self, bucket: str, key: str) -> None:
+        self._client.remove_object(bucket, key)
