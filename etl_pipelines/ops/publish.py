@@ -1,0 +1,60 @@
+"""Publish op: copy the transformed layers and the join result into the lake, completion
+manifest last, then record lineage and close the run in the ledger."""
+
+from dagster import MetadataValue, OpExecutionContext, Out, op
+
+from etl_pipelines.ops.load_join import JoinResult
+from etl_pipelines.ops.validate import BatchPlan
+from etl_pipelines.resources import LedgerResource, ObjectStoreResource
+from libs.chunk_index import ChunkIndex
+from libs.lake import StagedPart, completion_key, publish_to_lake
+
+RECIPE = [{"step": "reproject"}, {"step": "make_valid"}]
+
+
+@op(out=Out(dict), tags={"stage": "publish"})
+def publish_batch(
+    context: OpExecutionContext, plan: BatchPlan, transformed: ChunkIndex, joined: JoinResult,
+    object_store: ObjectStoreResource, ledger: LedgerResource,
+) -> dict:
+    manifest = plan.manifest
+    datasets: dict[str, list[StagedPart]] = {
+        layer.layer: [StagedPart(c.key, c.rows, c.bytes, c.sha256) for c in layer.chunks]
+        for layer in transformed.layers
+    }
+    datasets[joined.name] = joined.parts
+    info = {layer.layer: {"kind": "layer", "crs": layer.crs, "bbox": layer.bbox}
+            for layer in transformed.layers}
+    info[joined.name] = {"kind": "join", "crs": joined.crs, "join": manifest.join.model_dump()}
+    completion = publish_to_lake(
+        object_store.store, staging_bucket=transformed.staging_bucket,
+        lake_bucket=object_store.lake_bucket, batch_id=manifest.batch_id, run_id=context.run_id,
+        datasets=datasets, dataset_info=info)
+
+    inputs = [s.model_dump() for s in transformed.sources]
+    book = ledger.ledger
+    for dataset, entry in completion["datasets"].items():
+        layer_inputs = [i for i in inputs if entry["kind"] == "join" or i["layer"] == dataset]
+        for obj in entry["objects"]:
+            book.record_lineage(object_store.lake_uri(obj["key"]), {
+                "batch_id": manifest.batch_id, "run_id": context.run_id, "dataset": dataset,
+                "kind": entry["kind"], "key": obj["key"], "sha256": obj["sha256"],
+                "rows": obj["rows"], "inputs": layer_inputs, "manifest_key": plan.manifest_key,
+                "recipe": RECIPE, "join": manifest.join.model_dump(),
+            })
+    rows = {d: e["rows"] for d, e in completion["datasets"].items()}
+    book.record_run(context.run_id, status="SUCCESS", rows=rows,
+                    completion_manifest=object_store.lake_uri(completion_key(manifest.batch_id)))
+    removed = object_store.store.delete_prefix(transformed.staging_bucket,
+                                               f"{transformed.prefix}")
+    context.log.info(f"published batch {manifest.batch_id}: {rows}; removed {removed} staged objects")
+    context.add_output_metadata({
+        "rows": MetadataValue.json(rows),
+        "objects": sum(len(e["objects"]) for e in completion["datasets"].values()),
+        "completion_manifest": MetadataValue.url(
+            object_store.lake_uri(completion_key(manifest.batch_id))),
+        "lake_uris": MetadataValue.json(
+            {d: object_store.lake_uri(e["prefix"]) for d, e in completion["datasets"].items()}),
+        "crs": manifest.target_crs,
+    })
+    return completion

@@ -1,0 +1,37 @@
+"""Ledger resource: the MongoDB database ``spatial_etl``."""
+
+from __future__ import annotations
+
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import Field, PrivateAttr
+from pymongo import MongoClient
+
+from libs.ledger import DATABASE, Ledger
+
+
+class LedgerResource(ConfigurableResource):
+    """Where manifests, runs and lineage are recorded."""
+
+    connection_string: str = Field(description="MongoDB URI (MONGO_CONNECTION_STRING)")
+    database: str = Field(default=DATABASE, description="database name")
+    timeout_ms: int = Field(default=10_000, description="server selection timeout")
+
+    _client: MongoClient | None = PrivateAttr(default=None)
+
+    def _connect(self) -> MongoClient:
+        return MongoClient(self.connection_string, serverSelectionTimeoutMS=self.timeout_ms,
+                           tz_aware=True)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        self._client = self._connect()
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._client is None:
+            self._client = self._connect()
+        return Ledger(self._client, self.database)

@@ -1,0 +1,39 @@
+"""Object storage resource: MinIO in compose, SeaweedFS locally, one S3 API."""
+
+from __future__ import annotations
+
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import Field, PrivateAttr
+
+from libs.object_store import ObjectStore, ObjectStoreSettings
+
+
+class ObjectStoreResource(ConfigurableResource):
+    """The S3-compatible object store holding the landing zone, the staging area and the lake."""
+
+    endpoint: str = Field(description="'host:port' of the S3 endpoint, no scheme (MINIO_ENDPOINT)")
+    access_key: str = Field(description="access key (MINIO_ROOT_USER)")
+    secret_key: str = Field(description="secret key (MINIO_ROOT_PASSWORD)")
+    secure: bool = Field(default=False, description="use TLS")
+    landing_bucket: str = Field(default="landing-zone", description="where batches land")
+    lake_bucket: str = Field(default="data-lake", description="where the export publishes")
+    staging_bucket: str = Field(
+        default="etl-staging", description="run-scoped intermediates (chunks, op outputs)"
+    )
+
+    _store: ObjectStore | None = PrivateAttr(default=None)
+
+    def settings(self) -> ObjectStoreSettings:
+        return ObjectStoreSettings(self.endpoint, self.access_key, self.secret_key, self.secure)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        self._store = ObjectStore(self.settings())
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:  # used outside a run (e.g. a sensor evaluated directly)
+            self._store = ObjectStore(self.settings())
+        return self._store
+
+    def lake_uri(self, key: str) -> str:
+        return f"s3://{self.lake_bucket}/{key}"

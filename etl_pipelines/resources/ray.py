@@ -1,0 +1,48 @@
+"""Ray resource: connects the run to a Ray cluster; ``import ray`` stays inside.
+
+Cleanup policy: the run's driver connection is closed when the run ends; the cluster and
+its other jobs are never touched.
+"""
+
+from __future__ import annotations
+
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import Field
+
+
+class RayResource(ConfigurableResource):
+    """A Ray cluster (address from RAY_ADDRESS) that runs one task per chunk."""
+
+    address: str = Field(
+        description="RAY_ADDRESS: 'host:port' of a head's GCS, 'ray://host:10001' for Ray "
+        "Client, or 'local' for a private in-process cluster (tests, notebooks)"
+    )
+    dashboard_url: str | None = Field(
+        default=None, description="Ray dashboard URL linked from run metadata"
+    )
+    namespace: str = Field(default="spatial-etl", description="Ray namespace of our jobs")
+    max_tasks_in_flight: int = Field(
+        default=4, description="chunks submitted at once (2x the CPUs of a 2-core machine)"
+    )
+    task_max_retries: int = Field(
+        default=3, description="retries of a chunk task when its worker dies or it fails "
+        "with a transient error"
+    )
+    local_num_cpus: int = Field(default=2, description="CPUs of a private 'local' cluster")
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        if self.address == "local":
+            ray.init(num_cpus=self.local_num_cpus, namespace=self.namespace,
+                     include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=self.address, namespace=self.namespace, log_to_driver=False)
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
