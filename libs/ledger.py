@@ -13,6 +13,7 @@ Collections:
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from pymongo import MongoClient
@@ -20,6 +21,14 @@ from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
 DATABASE = "spatial_etl"
+
+
+class Claim(StrEnum):
+    """Outcome of claiming a batch id for a manifest version."""
+
+    CLAIMED = "claimed"  # ours: request the run
+    ALREADY_STARTED = "already_started"  # this very manifest version already has a run
+    DUPLICATE = "duplicate_batch"  # another manifest holds the batch id
 
 
 def _now() -> datetime:
@@ -45,8 +54,8 @@ class Ledger:
         )
 
     def claim_batch(self, *, batch_id: str, manifest_key: str, etag: str,
-                    manifest: dict[str, Any]) -> bool:
-        """Claim ``batch_id`` for this manifest version; False if another manifest holds it.
+                    manifest: dict[str, Any]) -> Claim:
+        """Claim ``batch_id`` for this manifest version.
 
         Claiming again with the same manifest version is True while no run has started for
         the batch, so a sensor tick that died after claiming still requests its run on the
@@ -56,11 +65,12 @@ class Ledger:
             self.db.batches.insert_one({"_id": batch_id, "manifest_key": manifest_key,
                                         "etag": etag, "manifest": manifest,
                                         "claimed_at": _now()})
-            return True
+            return Claim.CLAIMED
         except DuplicateKeyError:
             holder = self.db.batches.find_one({"_id": batch_id}) or {}
-            return (holder.get("manifest_key") == manifest_key and holder.get("etag") == etag
-                    and not holder.get("run_ids"))
+            if holder.get("manifest_key") != manifest_key or holder.get("etag") != etag:
+                return Claim.DUPLICATE
+            return Claim.ALREADY_STARTED if holder.get("run_ids") else Claim.CLAIMED
 
     def attach_run(self, batch_id: str, run_id: str) -> None:
         """Record that ``run_id`` (a first run or a re-execution) works on ``batch_id``."""

@@ -153,25 +153,7 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
-        problems = []
-        paths = [f.path for f in self.files]
-        for dup in sorted({p for p in paths if paths.count(p) > 1}):
-            problems.append(f"files: {dup!r} is listed more than once")
-        layers = self.layers
-        for side in ("left", "right"):
-            layer = getattr(self.join, side)
-            if layer not in layers:
-                problems.append(
-                    f"join.{side}: layer {layer!r} is not fed by any file; "
-                    f"expected one of {sorted(layers)}"
-                )
-        if self.join.left == self.join.right:
-            problems.append("join: left and right must be different layers")
-        if self.join.name in layers:
-            problems.append(f"join.name: {self.join.name!r} clashes with a layer of the same name")
-        outputs = [a.output for a in self.join.aggregations]
-        for dup in sorted({o for o in outputs if outputs.count(o) > 1}):
-            problems.append(f"join.aggregations: output {dup!r} is used more than once")
+        problems = cross_field_problems(self.model_dump(mode="json"))
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -180,6 +162,39 @@ class Manifest(_Strict):
     def layers(self) -> list[str]:
         """Layer names in the order their first file appears."""
         return list(dict.fromkeys(f.layer for f in self.files))
+
+
+def cross_field_problems(document: object) -> list[str]:
+    """Checks that span fields (layers named by the join exist, no duplicates).
+
+    Works on the raw document too, so that a manifest with field errors still gets these
+    problems listed alongside them.
+    """
+    if not isinstance(document, dict):
+        return []
+    files = document.get("files") if isinstance(document.get("files"), list) else []
+    files = [f for f in files if isinstance(f, dict)]
+    paths = [f.get("path") for f in files if isinstance(f.get("path"), str)]
+    layers = list(dict.fromkeys(f.get("layer") for f in files if isinstance(f.get("layer"), str)))
+    problems = [f"files: {dup!r} is listed more than once"
+                for dup in sorted({p for p in paths if paths.count(p) > 1})]
+    join = document.get("join")
+    if not isinstance(join, dict):
+        return problems
+    for side in ("left", "right"):
+        layer = join.get(side)
+        if isinstance(layer, str) and layer not in layers:
+            problems.append(f"join.{side}: layer {layer!r} is not fed by any file; "
+                            f"expected one of {sorted(layers)}")
+    if join.get("left") is not None and join.get("left") == join.get("right"):
+        problems.append("join: left and right must be different layers")
+    if join.get("name") in layers:
+        problems.append(f"join.name: {join.get('name')!r} clashes with a layer of the same name")
+    aggregations = join.get("aggregations") if isinstance(join.get("aggregations"), list) else []
+    outputs = [a.get("output") for a in aggregations if isinstance(a, dict)]
+    problems += [f"join.aggregations: output {dup!r} is used more than once"
+                 for dup in sorted({o for o in outputs if o is not None and outputs.count(o) > 1})]
+    return problems
 
 
 def _describe(error: dict) -> str:
@@ -202,7 +217,9 @@ def parse_manifest(raw: bytes, manifest_key: str) -> Manifest:
     try:
         return Manifest.model_validate(document)
     except ValidationError as exc:
-        raise ManifestError(manifest_key, [_describe(e) for e in exc.errors()]) from None
+        errors = [_describe(e) for e in exc.errors()]
+        errors += [p for p in cross_field_problems(document) if not any(p in e for e in errors)]
+        raise ManifestError(manifest_key, errors) from None
 
 
 def batch_folder(manifest_key: str) -> str:

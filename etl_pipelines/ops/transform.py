@@ -19,8 +19,7 @@ def transform_chunks(
     """Reproject to the target CRS and repair invalid geometries, chunk by chunk on Ray."""
     import ray
 
-    task = ray.remote(transform_staged_chunk).options(
-        num_cpus=1, max_retries=ray_cluster.task_max_retries, retry_exceptions=[OSError])
+    task = ray.remote(transform_staged_chunk)
     settings = object_store.settings()
     batch_id = plan.manifest.batch_id
     todo = [c for layer in sharded.layers for c in layer.chunks]
@@ -35,8 +34,10 @@ def transform_chunks(
         while todo and len(pending) < ray_cluster.max_tasks_in_flight:
             chunk = todo.pop(0)
             out_key = f"{plan.staging_prefix}transformed/{chunk.layer}/chunk-{chunk.ordinal:05d}.parquet"
-            ref = task.options(name=f"transform:{batch_id}:{chunk.layer}:{chunk.ordinal:05d}").remote(
-                settings, sharded.staging_bucket, chunk, out_key, plan.manifest.target_crs)
+            ref = task.options(
+                name=f"transform:{batch_id}:{chunk.layer}:{chunk.ordinal:05d}", num_cpus=1,
+                max_retries=ray_cluster.task_max_retries, retry_exceptions=[OSError],
+            ).remote(settings, sharded.staging_bucket, chunk, out_key, plan.manifest.target_crs)
             pending[ref] = chunk
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:

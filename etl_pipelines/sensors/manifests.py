@@ -21,6 +21,7 @@ from dagster import (
 from etl_pipelines.jobs.ingest import ingest_batch
 from etl_pipelines.resources import LedgerResource, ObjectStoreResource
 from libs.errors import ManifestError
+from libs.ledger import Claim
 from libs.manifest import MANIFEST_FILENAME, parse_manifest
 
 CURSOR_VERSION = 1
@@ -65,8 +66,9 @@ def manifest_sensor(
             context.log.warning(str(exc))
         else:
             batch_id = manifest.batch_id
-            if book.claim_batch(batch_id=batch_id, manifest_key=obj.key, etag=obj.etag,
-                                manifest=manifest.model_dump(mode="json")):
+            claim = book.claim_batch(batch_id=batch_id, manifest_key=obj.key, etag=obj.etag,
+                                     manifest=manifest.model_dump(mode="json"))
+            if claim is Claim.CLAIMED:
                 book.record_manifest(manifest_key=obj.key, etag=obj.etag, status="accepted",
                                      batch_id=batch_id, run_key=batch_id)
                 requests.append(RunRequest(
@@ -75,13 +77,18 @@ def manifest_sensor(
                         "manifest_key": obj.key, "batch_id": batch_id}}}},
                     tags={"batch_id": batch_id, "manifest_key": obj.key},
                 ))
+            elif claim is Claim.ALREADY_STARTED:
+                # a reset cursor shows us an accepted manifest again: its record stays as is
+                runs = (book.batch(batch_id) or {}).get("run_ids")
+                context.log.info(f"manifest {obj.key!r}: batch {batch_id!r} already has run(s) "
+                                 f"{runs}; retries go through Dagster re-execution")
             else:
                 holder = book.batch(batch_id) or {}
                 error = (f"batch_id {batch_id!r} was already claimed by "
                          f"{holder.get('manifest_key')!r}; batch ids are immutable, use a new "
                          "batch_id or re-execute the original run in Dagster")
-                book.record_manifest(manifest_key=obj.key, etag=obj.etag,
-                                     status="duplicate_batch", batch_id=batch_id, errors=[error])
+                book.record_manifest(manifest_key=obj.key, etag=obj.etag, status=claim.value,
+                                     batch_id=batch_id, errors=[error])
                 context.log.warning(f"manifest {obj.key!r}: {error}")
         processed[obj.key] = obj.etag
     return SensorResult(run_requests=requests, cursor=_write_cursor(processed))

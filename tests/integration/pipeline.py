@@ -25,9 +25,9 @@ def land_sample(store: ObjectStore, tmp_path: Path, batch_id: str, n_points: int
 
 def sensor_tick(instance: DagsterInstance, cursor: str | None = None):
     resources = build_resources()
-    context = build_sensor_context(instance=instance, cursor=cursor, resources={
-        "object_store": resources["object_store"], "ledger": resources["ledger"]})
-    return manifest_sensor(context)
+    with build_sensor_context(instance=instance, cursor=cursor, resources={
+            "object_store": resources["object_store"], "ledger": resources["ledger"]}) as context:
+        return manifest_sensor(context)
 
 
 def request_for(result, batch_id: str) -> RunRequest | None:

@@ -40,10 +40,12 @@ def test_daemon_sensor_launches_a_run_that_publishes(store, tmp_path, batch_id, 
     # so its daemon only reacts to the batch this test lands.
     processed = {o.key: o.etag for o in store.list("landing-zone")
                  if o.key.endswith("/" + MANIFEST_FILENAME)}
-    subprocess.run(
-        [DAGSTER_BIN / "dagster", "sensor", "cursor", "manifest_sensor", "-m",
-         "etl_pipelines.definitions", "--set", json.dumps({"version": 1, "processed": processed})],
-        cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
+    cursor = json.dumps({"version": 1, "processed": processed})
+    for args in (["cursor", "manifest_sensor", "--set", cursor],
+                 # a stored cursor creates a stopped sensor state, overriding the default
+                 ["start", "manifest_sensor"]):
+        subprocess.run([DAGSTER_BIN / "dagster", "sensor", *args, "-m", "etl_pipelines.definitions"],
+                       cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
     log = open(tmp_path / "daemon.log", "wb")
     daemon = subprocess.Popen(
         [DAGSTER_BIN / "dagster-daemon", "run", "-m", "etl_pipelines.definitions"],

@@ -41,7 +41,7 @@ def test_failed_join_drops_the_schema_and_publishes_nothing(
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert failure.step_key == "load_and_join"
-    message = failure.event_specific_data.error.message
+    message = failure.event_specific_data.error.to_string()
     assert "'no_such_column' does not exist in layer 'points'" in message
     assert postgis.run_schema_name(result.run_id) not in _schemas(pg)
     assert not store.exists("data-lake", completion_key(batch_id))
@@ -60,15 +60,15 @@ def test_invalid_landed_file_fails_in_shard_naming_the_file(
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert failure.step_key == "shard_batch"
     assert "'points.fgb' (layer 'points') cannot be read as flatgeobuf" in \
-        failure.event_specific_data.error.message
+        failure.event_specific_data.error.to_string()
     assert not store.exists("data-lake", completion_key(batch_id))
 
 
 def _janitor_tick(instance):
     resources = build_resources()
-    context = build_sensor_context(instance=instance,
-                                   resources={"postgis_db": resources["postgis_db"]})
-    return postgis_schema_janitor(context)
+    with build_sensor_context(instance=instance,
+                              resources={"postgis_db": resources["postgis_db"]}) as context:
+        return postgis_schema_janitor(context)
 
 
 @pytest.mark.parametrize("status", [DagsterRunStatus.CANCELED, DagsterRunStatus.FAILURE,
