@@ -1,0 +1,191 @@
+"""Smoke test of the local embedded stack started by ``scripts/stack.py up``.
+
+Checks each service through the endpoints published in ``.state/stack.env`` and
+that nothing the stack listens on is reachable from outside the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from pathlib import Path
+
+import psycopg
+import pytest
+from minio import Minio
+from pymongo import MongoClient
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+STATE = REPO / ".state"
+STACK_ENV_FILE = STATE / "stack.env"
+BUCKETS = {"landing-zone", "data-lake", "etl-staging"}
+# Every fixed port of the stack: PostGIS, S3 (+ the other weed mini components:
+# master, volume, filer, admin and their gRPC ports), MongoDB, Ray GCS, Ray
+# Client server, dashboard agent, metrics, dashboard, Dagster webserver.
+STACK_PORTS = {
+    55432,
+    58333, 58334, 48335, 58335, 48336, 58336, 48337, 58337, 48338, 58338,
+    57017,
+    56379, 56380, 56381, 56382, 56383, 8265,
+    3000,
+}  # fmt: skip
+LOOPBACK_HOSTS = {"127.0.0.1", "::ffff:127.0.0.1"}
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        for word in words[1:] if words[:1] == ["export"] else words:
+            key, sep, value = word.partition("=")
+            if sep:
+                env[key] = value
+    return env
+
+
+@pytest.fixture(scope="module")
+def env() -> dict[str, str]:
+    if not STACK_ENV_FILE.exists():
+        pytest.fail(f"{STACK_ENV_FILE} is missing: run scripts/stack.py up first", pytrace=False)
+    return _read_env_file(STACK_ENV_FILE)
+
+
+def test_postgis_answers_with_extension(env: dict[str, str]) -> None:
+    assert env["POSTGRES_HOST"] == "127.0.0.1"
+    with psycopg.connect(
+        host=env["POSTGRES_HOST"],
+        port=int(env["POSTGRES_PORT"]),
+        user=env["POSTGRES_USER"],
+        password=env["POSTGRES_PASSWORD"],
+        dbname="spatial_compute",
+        connect_timeout=5,
+    ) as conn:
+        ext = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'postgis'").fetchone()
+        assert ext is not None, "postgis extension missing in spatial_compute"
+        assert conn.execute("SELECT postgis_full_version()").fetchone()[0].startswith("POSTGIS=")
+        # The private cluster, not the Debian `main` one on 5432.
+        assert conn.execute("SHOW port").fetchone()[0] == env["POSTGRES_PORT"]
+        assert conn.execute("SHOW listen_addresses").fetchone()[0] == "127.0.0.1"
+
+
+def test_postgres_rejects_wrong_password(env: dict[str, str]) -> None:
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(
+            host=env["POSTGRES_HOST"],
+            port=int(env["POSTGRES_PORT"]),
+            user=env["POSTGRES_USER"],
+            password="not-the-password",
+            dbname="spatial_compute",
+            connect_timeout=5,
+        ).close()
+
+
+def test_s3_has_the_buckets(env: dict[str, str]) -> None:
+    assert "://" not in env["MINIO_ENDPOINT"], "MINIO_ENDPOINT is host:port, no scheme"
+    client = Minio(
+        env["MINIO_ENDPOINT"],
+        access_key=env["MINIO_ROOT_USER"],
+        secret_key=env["MINIO_ROOT_PASSWORD"],
+        secure=False,
+    )
+    assert BUCKETS <= {bucket.name for bucket in client.list_buckets()}
+
+
+def test_mongo_ping(env: dict[str, str]) -> None:
+    assert "replicaSet=" not in env["MONGO_CONNECTION_STRING"]
+    client: MongoClient = MongoClient(env["MONGO_CONNECTION_STRING"], serverSelectionTimeoutMS=5000)
+    try:
+        assert client.admin.command("ping")["ok"] == 1.0
+    finally:
+        client.close()
+
+
+def test_ray_task_round_trip(env: dict[str, str]) -> None:
+    # In a subprocess: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER at import
+    # time, and a driver in the pytest process would outlive this test.
+    script = textwrap.dedent(
+        """
+        import os, ray
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level="ERROR")
+        @ray.remote
+        def square(x):
+            return x * x
+        print(sum(ray.get([square.remote(i) for i in range(4)], timeout=30)))
+        ray.shutdown()
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "14"
+
+
+def test_ray_dashboard_answers_on_loopback(env: dict[str, str]) -> None:
+    assert env["RAY_DASHBOARD_URL"] == "http://127.0.0.1:8265"
+    with urllib.request.urlopen(f"{env['RAY_DASHBOARD_URL']}/api/version", timeout=5) as resp:
+        assert json.loads(resp.read())["ray_version"]
+
+
+def _listeners() -> list[tuple[str, int, set[int]]]:
+    """(host, port, owning pids) for every listening TCP socket, from `ss -ltnp`."""
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        fields = line.split()
+        host, _, port = fields[3].rpartition(":")
+        pids = {int(part[4:]) for part in line.replace(",", " ").split() if part.startswith("pid=")}
+        rows.append((host.strip("[]"), int(port), pids))
+    return rows
+
+
+def _our_pids() -> set[int]:
+    """PIDs recorded by stack.py plus all their descendants."""
+    roots = set()
+    for pid_file in (STATE / "pids").glob("*.pid"):
+        try:
+            roots.add(int(pid_file.read_text().strip()))
+        except ValueError:
+            continue
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    ours = set(roots)
+    grew = True
+    while grew:
+        children = {pid for pid, ppid in parents.items() if ppid in ours} - ours
+        ours |= children
+        grew = bool(children)
+    return ours
+
+
+def test_nothing_listens_beyond_loopback(env: dict[str, str]) -> None:
+    listeners = _listeners()
+    ports = {port for _, port, _ in listeners}
+    for required in (55432, 58333, 57017, 56379, 8265):
+        assert required in ports, f"nothing listens on {required}"
+    exposed = [
+        (host, port) for host, port, _ in listeners if port in STACK_PORTS and host not in LOOPBACK_HOSTS
+    ]
+    assert not exposed, f"stack ports bound beyond loopback: {exposed}"
+    # Also every socket of our processes, including Ray's randomly chosen ports
+    # (needs `ss -p` to see the owners, i.e. root or the same user).
+    ours = _our_pids()
+    exposed = [(host, port) for host, port, pids in listeners if pids & ours and host not in LOOPBACK_HOSTS]
+    assert not exposed, f"stack processes listen beyond loopback: {exposed}"
