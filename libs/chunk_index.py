@@ -82,3 +82,18 @@ class ChunkIndex(_Frozen):
     @property
     def rows(self) -> int:
         return sum(layer.rows for layer in self.layers)
+
+
+class TransformedChunk(_Frozen):
+    """What transforming one chunk produced: the output chunk and, if any, its rejects.
+
+    Both carry a ``_row_id`` column (the input chunk's ``row_offset`` + the row's position
+    in it), so every output and rejected row maps back to one sharded row.
+    rows_in = chunk.rows + (rejects.rows if rejects else 0).
+    """
+
+    rows_in: int
+    chunk: Chunk
+    rejects: Chunk | None
+    reject_reasons: dict[str, int] = Field(default_factory=dict,
+                                           description="rejected rows per reason")

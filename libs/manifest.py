@@ -8,6 +8,7 @@ generated from these models (``python -m libs.manifest``) and a test keeps it eq
 
 from __future__ import annotations
 
+import codecs
 import json
 import posixpath
 import sys
@@ -19,6 +20,7 @@ from pyproj import CRS
 from pyproj.exceptions import CRSError
 
 from libs.errors import ManifestError
+from libs.transformations.recipe import DEFAULT_RECIPE, RecipeStep, effective_recipe
 
 MANIFEST_FILENAME = "manifest.json"
 
@@ -51,6 +53,7 @@ class InputFormat(StrEnum):
     FLATGEOBUF = "flatgeobuf"
     SHAPEFILE_ZIP = "shapefile_zip"
     GEOPARQUET = "geoparquet"
+    CSV = "csv"
 
 
 class _Strict(BaseModel):
@@ -68,18 +71,50 @@ def _check_crs(value: str) -> str:
     return value
 
 
+class CsvGeometry(_Strict):
+    """Where a CSV keeps its geometry: a WKT column, or longitude/latitude (x/y) columns."""
+
+    wkt_column: str | None = Field(default=None, description="column holding WKT geometries")
+    x_column: str | None = Field(default=None, description="column holding x (longitude)")
+    y_column: str | None = Field(default=None, description="column holding y (latitude)")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> CsvGeometry:
+        has_xy = self.x_column is not None and self.y_column is not None
+        if (self.wkt_column is not None) == has_xy or (
+            not has_xy and (self.x_column or self.y_column)
+        ):
+            raise ValueError("give either wkt_column, or both x_column and y_column")
+        return self
+
+
 class DataFile(_Strict):
-    """One landed data file and the layer it feeds."""
+    """One landed data file and the layer(s) it feeds."""
 
     path: str = Field(
         description="path of the file relative to the manifest's folder, e.g. 'points.fgb'"
     )
     layer: Identifier = Field(description="name of the layer (dataset) this file feeds")
     format: InputFormat = Field(description="file format")
-    source_crs: str = Field(description="CRS of the file's coordinates, e.g. 'EPSG:4326'")
+    source_crs: str | None = Field(
+        default=None,
+        description="CRS of the file's coordinates, e.g. 'EPSG:4326'; required when the file "
+        "declares none (a Shapefile without .prj, a CSV), checked against it otherwise",
+    )
     source_layer: str | None = Field(
         default=None, description="layer inside a multi-layer file (GeoPackage); default: first"
     )
+    all_layers: bool = Field(
+        default=False,
+        description="read every layer of a multi-layer file; each feeds the layer "
+        "'<layer>_<normalised source layer name>'",
+    )
+    encoding: str | None = Field(
+        default=None,
+        description="attribute text encoding (Shapefile, CSV), e.g. 'cp1252'; default: the "
+        "file's own declaration (.cpg), else UTF-8",
+    )
+    csv: CsvGeometry | None = Field(default=None, description="geometry columns of a CSV file")
 
     @field_validator("path")
     @classmethod
@@ -96,8 +131,28 @@ class DataFile(_Strict):
 
     @field_validator("source_crs")
     @classmethod
-    def _source_crs(cls, value: str) -> str:
-        return _check_crs(value)
+    def _source_crs(cls, value: str | None) -> str | None:
+        return None if value is None else _check_crs(value)
+
+    @field_validator("encoding")
+    @classmethod
+    def _encoding(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                codecs.lookup(value)
+            except LookupError:
+                raise ValueError(f"{value!r} is not a text encoding Python knows") from None
+        return value
+
+    @model_validator(mode="after")
+    def _format_options(self) -> DataFile:
+        if self.format is InputFormat.CSV and self.csv is None:
+            raise ValueError(f"{self.path!r}: a csv file needs 'csv' (wkt_column or x_column/y_column)")
+        if self.format is not InputFormat.CSV and self.csv is not None:
+            raise ValueError(f"{self.path!r}: 'csv' options apply to format 'csv' only")
+        if self.all_layers and self.source_layer is not None:
+            raise ValueError(f"{self.path!r}: give source_layer or all_layers, not both")
+        return self
 
 
 class Aggregation(_Strict):
@@ -145,6 +200,17 @@ class Manifest(_Strict):
     target_crs: str = Field(description="CRS every layer is reprojected to, e.g. 'EPSG:3857'")
     files: list[DataFile] = Field(min_length=1, description="the batch's data files")
     join: SpatialJoin = Field(description="the spatial join to run on the loaded layers")
+    recipes: dict[str, list[RecipeStep]] = Field(
+        default_factory=dict,
+        description="transformation recipe per layer name ('*': every layer without its own); "
+        "a layer without one gets [reproject, make_valid(repair)]. Reprojection to target_crs "
+        "runs first unless the recipe places it",
+    )
+
+    def recipe_for(self, layer: str) -> list[RecipeStep]:
+        """The effective recipe of ``layer``."""
+        steps = self.recipes.get(layer, self.recipes.get("*", list(DEFAULT_RECIPE)))
+        return effective_recipe(steps)
 
     @field_validator("target_crs")
     @classmethod
@@ -178,12 +244,22 @@ def cross_field_problems(document: object) -> list[str]:
     layers = list(dict.fromkeys(f.get("layer") for f in files if isinstance(f.get("layer"), str)))
     problems = [f"files: {dup!r} is listed more than once"
                 for dup in sorted({p for p in paths if paths.count(p) > 1})]
+    prefixes = [f"{f.get('layer')}_" for f in files if f.get("all_layers") is True]
+
+    def known(name: object) -> bool:
+        return name in layers or (isinstance(name, str) and name.startswith(tuple(prefixes)))
+
+    recipes = document.get("recipes") if isinstance(document.get("recipes"), dict) else {}
+    for name in recipes:
+        if name != "*" and not known(name):
+            problems.append(f"recipes.{name}: no file feeds layer {name!r}; "
+                            f"expected one of {sorted(layers)} or '*'")
     join = document.get("join")
     if not isinstance(join, dict):
         return problems
     for side in ("left", "right"):
         layer = join.get(side)
-        if isinstance(layer, str) and layer not in layers:
+        if isinstance(layer, str) and not known(layer):
             problems.append(f"join.{side}: layer {layer!r} is not fed by any file; "
                             f"expected one of {sorted(layers)}")
     if join.get("left") is not None and join.get("left") == join.get("right"):

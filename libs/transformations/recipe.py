@@ -1,0 +1,145 @@
+"""The transformation recipe a manifest declares: an ordered list of typed steps per layer.
+
+The models here only describe and validate the recipe up front (types, parameters,
+policies); ``libs.transformations.steps`` implements each step as a pure function of one
+chunk. Every row a step removes is *rejected* (kept with a reason), never dropped silently,
+so that rows in = rows out + rows rejected holds for every chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: A column name produced by the recipe must be a safe SQL identifier.
+ColumnName = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]{0,62}$")]
+
+
+class _Step(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Reproject(_Step):
+    """Reproject to the manifest's ``target_crs`` (inserted first when a recipe omits it)."""
+
+    step: Literal["reproject"] = "reproject"
+
+
+class MakeValid(_Step):
+    """Invalid geometries: ``repair`` with GEOS make_valid, ``reject`` the row, or ``fail`` the run."""
+
+    step: Literal["make_valid"] = "make_valid"
+    policy: Literal["repair", "reject", "fail"] = "repair"
+
+
+class DropEmpty(_Step):
+    """Rows whose geometry is NULL or empty: ``reject`` them or ``fail`` the run."""
+
+    step: Literal["drop_empty"] = "drop_empty"
+    policy: Literal["reject", "fail"] = "reject"
+
+
+class PromoteToMulti(_Step):
+    """Point/LineString/Polygon become their Multi* type so a layer has one geometry type."""
+
+    step: Literal["promote_to_multi"] = "promote_to_multi"
+
+
+class Simplify(_Step):
+    """Topology-preserving simplification; ``tolerance`` in units of the target CRS."""
+
+    step: Literal["simplify"] = "simplify"
+    tolerance: float = Field(gt=0)
+
+
+class FilterBBox(_Step):
+    """Keep rows whose geometry intersects ``bbox`` (minx, miny, maxx, maxy); reject the rest."""
+
+    step: Literal["filter_bbox"] = "filter_bbox"
+    bbox: tuple[float, float, float, float]
+    crs: str | None = Field(default=None, description="CRS of the bbox; default: target_crs")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FilterBBox:
+        minx, miny, maxx, maxy = self.bbox
+        if minx > maxx or miny > maxy:
+            raise ValueError(f"bbox {list(self.bbox)} must be [minx, miny, maxx, maxy]")
+        return self
+
+
+class FilterAttribute(_Step):
+    """Keep rows where ``column <op> value`` holds; reject the rest (NULL never matches
+    a comparison)."""
+
+    step: Literal["filter"] = "filter"
+    column: str
+    op: Literal["==", "!=", "<", "<=", ">", ">=", "in", "not_in", "is_null", "not_null"]
+    value: str | int | float | bool | list[str | int | float | bool] | None = None
+
+    @model_validator(mode="after")
+    def _value_fits_op(self) -> FilterAttribute:
+        if self.op in ("is_null", "not_null"):
+            if self.value is not None:
+                raise ValueError(f"filter {self.op!r} takes no value")
+        elif self.op in ("in", "not_in"):
+            if not isinstance(self.value, list) or not self.value:
+                raise ValueError(f"filter {self.op!r} needs a non-empty list value")
+        elif self.value is None or isinstance(self.value, list):
+            raise ValueError(f"filter {self.op!r} needs a single value")
+        return self
+
+
+class Derive(_Step):
+    """Add a column computed from the geometry, measured in ``crs`` (default: target_crs)."""
+
+    step: Literal["derive"] = "derive"
+    column: ColumnName
+    kind: Literal["area", "length", "centroid_x", "centroid_y"]
+    crs: str | None = None
+
+
+class Rename(_Step):
+    """Rename columns: ``{"old": "new"}``."""
+
+    step: Literal["rename"] = "rename"
+    columns: dict[str, ColumnName] = Field(min_length=1)
+
+
+class Cast(_Step):
+    """Cast columns; a value that does not convert rejects its row."""
+
+    step: Literal["cast"] = "cast"
+    columns: dict[str, Literal["int64", "float64", "string", "bool", "date", "timestamp"]] = Field(
+        min_length=1)
+
+
+class NormalizeColumnNames(_Step):
+    """Lower-case, replace anything but [a-z0-9_] with '_', prefix a leading digit with '_',
+    truncate to 63 bytes, de-duplicate with numeric suffixes."""
+
+    step: Literal["normalize_column_names"] = "normalize_column_names"
+
+
+class DropDuplicates(_Step):
+    """Reject rows that exactly repeat an earlier row of the chunk (attributes and geometry)."""
+
+    step: Literal["drop_duplicates"] = "drop_duplicates"
+
+
+RecipeStep = Annotated[
+    Reproject | MakeValid | DropEmpty | PromoteToMulti | Simplify | FilterBBox | FilterAttribute
+    | Derive | Rename | Cast | NormalizeColumnNames | DropDuplicates,
+    Field(discriminator="step"),
+]
+
+#: What a layer gets when the manifest names no recipe for it.
+DEFAULT_RECIPE: tuple[RecipeStep, ...] = (Reproject(), MakeValid(policy="repair"))
+
+
+def effective_recipe(steps: list[RecipeStep] | tuple[RecipeStep, ...]) -> list[RecipeStep]:
+    """The steps as run: reprojection first when the recipe does not place it itself."""
+    steps = list(steps)
+    if not any(isinstance(s, Reproject) for s in steps):
+        steps.insert(0, Reproject())
+    return steps
