@@ -1,13 +1,84 @@
-"""Transformation steps and the per-chunk driver; pure functions, no Dagster, no Ray."""
+"""Transformation recipes: typed steps (``recipe``), their pure per-chunk functions
+(``steps``), up-front validation against a schema (``plan``), the per-chunk driver
+(``chunk``) and the object-storage task body (``staged``). No Dagster, no Ray."""
 
-from libs.transformations.chunk import ChunkTransformResult, transform_chunk_bytes
+from libs.transformations.chunk import ChunkTransformResult, read_chunk, transform_chunk_bytes
+from libs.transformations.naming import normalized_names, safe_identifier
+from libs.transformations.plan import plan_recipe
+from libs.transformations.recipe import (
+    DEFAULT_RECIPE,
+    ROW_ID,
+    Cast,
+    Derive,
+    DropDuplicates,
+    DropEmpty,
+    FilterAttribute,
+    FilterBBox,
+    MakeValid,
+    NormalizeColumnNames,
+    PromoteToMulti,
+    RecipeStep,
+    Rename,
+    Reproject,
+    Simplify,
+    effective_recipe,
+)
 from libs.transformations.staged import transform_staged_chunk
-from libs.transformations.steps import make_valid, reproject
+from libs.transformations.steps import (
+    StepResult,
+    add_row_ids,
+    apply_step,
+    cast,
+    derive,
+    drop_duplicates,
+    drop_empty,
+    filter_attribute,
+    filter_bbox,
+    make_valid,
+    normalize_column_names,
+    promote_to_multi,
+    rename,
+    reproject,
+    simplify,
+)
 
 __all__ = [
+    "DEFAULT_RECIPE",
+    "ROW_ID",
+    "Cast",
     "ChunkTransformResult",
+    "Derive",
+    "DropDuplicates",
+    "DropEmpty",
+    "FilterAttribute",
+    "FilterBBox",
+    "MakeValid",
+    "NormalizeColumnNames",
+    "PromoteToMulti",
+    "RecipeStep",
+    "Rename",
+    "Reproject",
+    "Simplify",
+    "StepResult",
+    "add_row_ids",
+    "apply_step",
+    "cast",
+    "derive",
+    "drop_duplicates",
+    "drop_empty",
+    "effective_recipe",
+    "filter_attribute",
+    "filter_bbox",
     "make_valid",
+    "normalize_column_names",
+    "normalized_names",
+    "plan_recipe",
+    "promote_to_multi",
+    "read_chunk",
+    "rename",
     "reproject",
+    "safe_identifier",
+    "simplify",
     "transform_chunk_bytes",
     "transform_staged_chunk",
 ]

@@ -4,16 +4,56 @@ The models here only describe and validate the recipe up front (types, parameter
 policies); ``libs.transformations.steps`` implements each step as a pure function of one
 chunk. Every row a step removes is *rejected* (kept with a reason), never dropped silently,
 so that rows in = rows out + rows rejected holds for every chunk.
+
+Column references are checked here only for what needs no data: the reserved names
+(``_row_id``, added by the transform; ``geometry`` and ``bbox``, the output's geometry and
+covering columns) can be neither referenced nor produced. Whether a referenced column
+exists is checked against a chunk's schema by ``libs.transformations.plan.plan_recipe``.
+
+The model docstrings below become descriptions in the published manifest JSON Schema
+(``schemas/manifest.schema.json``): changing one means regenerating that file.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pyproj import CRS
+from pyproj.exceptions import CRSError
+
+#: The int64 column the transform adds first: the chunk's ``row_offset`` + the row's position.
+ROW_ID = "_row_id"
+#: Names a recipe may not produce: the row id, and the output's geometry and covering columns.
+RESERVED_COLUMNS = (ROW_ID, "geometry", "bbox")
+
+
+def _not_row_id(name: str) -> str:
+    if name == ROW_ID:
+        raise ValueError(f"{ROW_ID!r} is the row id the transform adds; a recipe cannot use it")
+    return name
+
+
+def _not_reserved(name: str) -> str:
+    if name in RESERVED_COLUMNS:
+        raise ValueError(f"{name!r} is reserved ({', '.join(RESERVED_COLUMNS)}); choose another name")
+    return name
+
+
+def _crs_or_none(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            CRS.from_user_input(value)
+        except CRSError as exc:
+            raise ValueError(f"{value!r} is not a CRS pyproj knows ({exc}); "
+                             "expected e.g. 'EPSG:4326'") from None
+    return value
+
 
 #: A column name produced by the recipe must be a safe SQL identifier.
-ColumnName = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]{0,62}$")]
+ColumnName = Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]{0,62}$"), AfterValidator(_not_reserved)]
+#: A column the recipe reads: any existing attribute, but never the row id.
+SourceColumn = Annotated[str, AfterValidator(_not_row_id)]
 
 
 class _Step(BaseModel):
@@ -58,7 +98,8 @@ class FilterBBox(_Step):
 
     step: Literal["filter_bbox"] = "filter_bbox"
     bbox: tuple[float, float, float, float]
-    crs: str | None = Field(default=None, description="CRS of the bbox; default: target_crs")
+    crs: Annotated[str | None, AfterValidator(_crs_or_none)] = Field(
+        default=None, description="CRS of the bbox; default: target_crs")
 
     @model_validator(mode="after")
     def _ordered(self) -> FilterBBox:
@@ -73,7 +114,7 @@ class FilterAttribute(_Step):
     a comparison)."""
 
     step: Literal["filter"] = "filter"
-    column: str
+    column: SourceColumn
     op: Literal["==", "!=", "<", "<=", ">", ">=", "in", "not_in", "is_null", "not_null"]
     value: str | int | float | bool | list[str | int | float | bool] | None = None
 
@@ -96,22 +137,30 @@ class Derive(_Step):
     step: Literal["derive"] = "derive"
     column: ColumnName
     kind: Literal["area", "length", "centroid_x", "centroid_y"]
-    crs: str | None = None
+    crs: Annotated[str | None, AfterValidator(_crs_or_none)] = None
 
 
 class Rename(_Step):
     """Rename columns: ``{"old": "new"}``."""
 
     step: Literal["rename"] = "rename"
-    columns: dict[str, ColumnName] = Field(min_length=1)
+    columns: dict[SourceColumn, ColumnName] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct_targets(self) -> Rename:
+        targets = list(self.columns.values())
+        clashing = sorted({t for t in targets if targets.count(t) > 1})
+        if clashing:
+            raise ValueError(f"rename maps several columns to {clashing}; each new name once")
+        return self
 
 
 class Cast(_Step):
     """Cast columns; a value that does not convert rejects its row."""
 
     step: Literal["cast"] = "cast"
-    columns: dict[str, Literal["int64", "float64", "string", "bool", "date", "timestamp"]] = Field(
-        min_length=1)
+    columns: dict[SourceColumn, Literal["int64", "float64", "string", "bool", "date", "timestamp"]] = (
+        Field(min_length=1))
 
 
 class NormalizeColumnNames(_Step):
