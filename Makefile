@@ -1,5 +1,5 @@
 # Thin wrappers; the scripts do the work (and run on machines without make).
-.PHONY: setup up down status demo test
+.PHONY: setup up down status demo test bench
 setup:
 	bash scripts/setup.sh
 up:
@@ -12,3 +12,5 @@ demo:
 	bash scripts/demo.sh
 test:
 	bash scripts/test.sh
+bench:
+	.venv/bin/python scripts/stack.py up && .venv/bin/pytest benchmarks --benchmark-json=.state/benchmarks.json

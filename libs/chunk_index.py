@@ -38,6 +38,17 @@ class Chunk(_Frozen):
     crs: str = Field(description="CRS of the chunk's coordinates (authority code or WKT)")
     bytes: int
     sha256: str
+    source_rows: int | None = Field(
+        default=None,
+        description="for a transformed chunk: rows of the sharded chunk it came from, i.e. its "
+        "_row_id span [row_offset, row_offset + source_rows)",
+    )
+
+    @property
+    def id_span(self) -> tuple[int, int]:
+        """The [start, end) range of ``_row_id`` values this chunk owns."""
+        return self.row_offset, self.row_offset + (self.source_rows if self.source_rows is not None
+                                                   else self.rows)
 
 
 class LayerChunks(_Frozen):
@@ -72,6 +83,10 @@ class ChunkIndex(_Frozen):
     prefix: str = Field(description="run-scoped staging prefix the chunks live under")
     layers: list[LayerChunks]
     sources: list[SourceFile]
+    rejects: list[LayerChunks] = Field(
+        default_factory=list, description="rejected rows per layer (transform only)")
+    geometry_types: dict[str, list[str]] = Field(
+        default_factory=dict, description="geometry types per layer")
 
     def layer(self, name: str) -> LayerChunks:
         for layer in self.layers:
@@ -96,4 +111,6 @@ class TransformedChunk(_Frozen):
     chunk: Chunk
     rejects: Chunk | None
     reject_reasons: dict[str, int] = Field(default_factory=dict,
-                                           description="rejected rows per reason")
+                                           description="rejected rows per recipe step")
+    geometry_types: list[str] = Field(default_factory=list,
+                                      description="geometry types of the output chunk")

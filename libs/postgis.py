@@ -151,11 +151,23 @@ class LayerTable:
     table: str
     attributes: pa.Schema
     srid: int
+    geometry_type: str = "Geometry"
 
 
 def attribute_schema(table: pa.Table) -> pa.Schema:
-    """The Arrow schema of a chunk's attributes (no geometry, no GeoParquet covering)."""
-    return pa.schema([f for f in table.schema if f.name not in (GEOMETRY, "bbox")])
+    """The Arrow schema of a chunk's attributes (no geometry, row id or GeoParquet covering)."""
+    return pa.schema([f for f in table.schema if f.name not in (GEOMETRY, "bbox", ROW_ID)])
+
+
+_GEOMETRY_TYPES = {"Point", "LineString", "Polygon", "MultiPoint", "MultiLineString",
+                   "MultiPolygon", "GeometryCollection"}
+
+
+def column_geometry_type(geometry_types: list[str]) -> str:
+    """The typed column for a layer: its one geometry type, else the generic ``Geometry``."""
+    if len(geometry_types) == 1 and geometry_types[0] in _GEOMETRY_TYPES:
+        return geometry_types[0]
+    return "Geometry"
 
 
 def create_layer_table(conn: psycopg.Connection, layer: LayerTable) -> None:
@@ -168,17 +180,24 @@ def create_layer_table(conn: psycopg.Connection, layer: LayerTable) -> None:
             )
         columns.append(sql.SQL("{} {}").format(
             sql.Identifier(field.name), sql.SQL(_pg_type(field)[0])))
-    columns.append(sql.SQL("{} geometry(Geometry, {})").format(
-        sql.Identifier(GEOM), sql.Literal(layer.srid)))
+    if layer.geometry_type not in _GEOMETRY_TYPES | {"Geometry"}:
+        raise LoadError(f"layer {layer.table!r}: unknown geometry type {layer.geometry_type!r}")
+    columns.append(sql.SQL("{} geometry({}, {})").format(
+        sql.Identifier(GEOM), sql.SQL(layer.geometry_type), sql.Literal(layer.srid)))
     with conn.transaction():
         conn.execute(sql.SQL("CREATE TABLE {}.{} ({})").format(
             sql.Identifier(layer.schema), sql.Identifier(layer.table), sql.SQL(", ").join(columns)))
 
 
 def copy_chunk_into_table(
-    conn: psycopg.Connection, layer: LayerTable, chunk: pa.Table, row_offset: int
+    conn: psycopg.Connection, layer: LayerTable, chunk: pa.Table, id_span: tuple[int, int]
 ) -> int:
-    """COPY one chunk in its own transaction; a retried chunk replaces its rows, never duplicates."""
+    """COPY one chunk in its own transaction; a retried chunk replaces its rows, never duplicates.
+
+    Row ids come from the chunk's ``_row_id`` column (else ``id_span`` start + position); the
+    chunk owns every id in ``id_span`` = [start, end), which is what a retry deletes first.
+    """
+    start, end = id_span
     if attribute_schema(chunk) != layer.attributes:
         raise LoadError(
             f"layer {layer.table!r}: chunk columns {attribute_schema(chunk)} differ from the "
@@ -188,7 +207,10 @@ def copy_chunk_into_table(
     dumpers = ["int8"] + [_pg_type(f)[1] for f in layer.attributes] + ["bytea"]
     geoms = shapely.from_wkb(chunk.column(GEOMETRY).to_numpy(zero_copy_only=False))
     ewkb = shapely.to_wkb(shapely.set_srid(geoms, layer.srid), include_srid=True)
-    columns = [range(row_offset, row_offset + chunk.num_rows)]
+    if ROW_ID in chunk.column_names:
+        columns = [chunk.column(ROW_ID).to_pylist()]
+    else:
+        columns = [range(start, start + chunk.num_rows)]
     columns += [chunk.column(n).to_pylist() for n in names]
     columns.append(ewkb)
     target = sql.SQL("{}.{} ({})").format(
@@ -200,15 +222,15 @@ def copy_chunk_into_table(
                 sql.SQL("DELETE FROM {}.{} WHERE {} >= %s AND {} < %s").format(
                     sql.Identifier(layer.schema), sql.Identifier(layer.table),
                     sql.Identifier(ROW_ID), sql.Identifier(ROW_ID)),
-                (row_offset, row_offset + chunk.num_rows))
+                (start, end))
             with conn.cursor().copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(target)) as copy:
                 copy.set_types(dumpers)
                 for row in zip(*columns, strict=True):
                     copy.write_row(row)
     except psycopg.errors.DataException as exc:
         raise LoadError(
-            f"layer {layer.table!r}, rows {row_offset}-{row_offset + chunk.num_rows - 1}: "
-            f"PostgreSQL rejected the data: {exc.diag.message_primary}"
+            f"layer {layer.table!r}, rows with _row_id {start}-{end - 1}: PostgreSQL rejected "
+            f"the data: {exc.diag.message_primary}"
         ) from None
     return chunk.num_rows
 

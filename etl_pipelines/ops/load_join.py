@@ -63,10 +63,12 @@ def load_and_join(
                 for chunk in layer.chunks:
                     arrow = read_parquet_table(store.get_bytes(staging, chunk.key))
                     if table is None:
-                        table = postgis.LayerTable(schema, layer.layer,
-                                                   postgis.attribute_schema(arrow), srid)
+                        table = postgis.LayerTable(
+                            schema, layer.layer, postgis.attribute_schema(arrow), srid,
+                            postgis.column_geometry_type(
+                                transformed.geometry_types.get(layer.layer, [])))
                         postgis.create_layer_table(conn, table)
-                    postgis.copy_chunk_into_table(conn, table, arrow, chunk.row_offset)
+                    postgis.copy_chunk_into_table(conn, table, arrow, chunk.id_span)
                 postgis.index_and_analyze(conn, table)
                 loaded = postgis.count_rows(conn, schema, layer.layer)
                 if loaded != layer.rows:

@@ -9,7 +9,7 @@ from etl_pipelines.resources import LedgerResource, ObjectStoreResource
 from libs.chunk_index import ChunkIndex
 from libs.lake import StagedPart, completion_key, publish_to_lake
 
-RECIPE = [{"step": "reproject"}, {"step": "make_valid"}]
+REJECTS_SUFFIX = "_rejects"
 
 
 @op(out=Out(dict), tags={"stage": "publish"})
@@ -18,13 +18,20 @@ def publish_batch(
     object_store: ObjectStoreResource, ledger: LedgerResource,
 ) -> dict:
     manifest = plan.manifest
+    # Empty parts (every row of a chunk rejected) are counted but not published.
     datasets: dict[str, list[StagedPart]] = {
-        layer.layer: [StagedPart(c.key, c.rows, c.bytes, c.sha256) for c in layer.chunks]
+        layer.layer: [StagedPart(c.key, c.rows, c.bytes, c.sha256) for c in layer.chunks if c.rows]
         for layer in transformed.layers
     }
-    datasets[joined.name] = joined.parts
-    info = {layer.layer: {"kind": "layer", "crs": layer.crs, "bbox": layer.bbox}
+    info = {layer.layer: {"kind": "layer", "layer": layer.layer, "crs": layer.crs,
+                          "bbox": layer.bbox, "geometry_types":
+                              transformed.geometry_types.get(layer.layer, [])}
             for layer in transformed.layers}
+    for rejects in transformed.rejects:
+        name = rejects.layer + REJECTS_SUFFIX
+        datasets[name] = [StagedPart(c.key, c.rows, c.bytes, c.sha256) for c in rejects.chunks]
+        info[name] = {"kind": "rejects", "layer": rejects.layer, "crs": rejects.crs}
+    datasets[joined.name] = joined.parts
     info[joined.name] = {"kind": "join", "crs": joined.crs, "join": manifest.join.model_dump()}
     completion = publish_to_lake(
         object_store.store, staging_bucket=transformed.staging_bucket,
@@ -34,13 +41,16 @@ def publish_batch(
     inputs = [s.model_dump() for s in transformed.sources]
     book = ledger.ledger
     for dataset, entry in completion["datasets"].items():
-        layer_inputs = [i for i in inputs if entry["kind"] == "join" or i["layer"] == dataset]
+        layer_inputs = [i for i in inputs
+                        if entry["kind"] == "join" or i["layer"] == entry.get("layer")]
         for obj in entry["objects"]:
             book.record_lineage(object_store.lake_uri(obj["key"]), {
                 "batch_id": manifest.batch_id, "run_id": context.run_id, "dataset": dataset,
                 "kind": entry["kind"], "key": obj["key"], "sha256": obj["sha256"],
                 "rows": obj["rows"], "inputs": layer_inputs, "manifest_key": plan.manifest_key,
-                "recipe": RECIPE, "join": manifest.join.model_dump(),
+                "recipe": [step.model_dump() for step in manifest.recipe_for(entry["layer"])]
+                if "layer" in entry else None,
+                "join": manifest.join.model_dump(),
             })
     rows = {d: e["rows"] for d, e in completion["datasets"].items()}
     book.record_run(context.run_id, status="SUCCESS", rows=rows,

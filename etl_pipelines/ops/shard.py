@@ -1,4 +1,5 @@
-"""Shard op: stream each landed file into GeoParquet chunks in the run's staging prefix."""
+"""Shard op: stream the landed files of each layer into Hilbert-ordered GeoParquet chunks in the
+run's staging prefix, and check every layer's recipe against its columns before any Ray task."""
 
 import tempfile
 import time
@@ -9,8 +10,10 @@ from pydantic import Field
 
 from etl_pipelines.ops.validate import BatchPlan
 from etl_pipelines.resources import ObjectStoreResource
-from libs.chunk_index import Chunk, ChunkIndex, LayerChunks, SourceFile
-from libs.sharding import shard_to_geoparquet
+from libs.chunk_index import ChunkIndex, SourceFile
+from libs.errors import InputDataError
+from libs.sharding import ShardLimits, plan_layers, shard_layer
+from libs.transformations import plan_recipe
 
 
 class ShardConfig(Config):
@@ -18,6 +21,8 @@ class ShardConfig(Config):
         default=250_000, ge=1, le=10_000_000,
         description="rows per chunk (one Ray task each); 100k-1M suits 2-8 GiB workers",
     )
+    chunk_megabytes: int = Field(
+        default=128, ge=1, le=4096, description="upper bound of a chunk's in-memory size (MiB)")
 
 
 @op(out=Out(ChunkIndex), tags={"stage": "shard"})
@@ -27,41 +32,64 @@ def shard_batch(
 ) -> ChunkIndex:
     store = object_store.store
     staging = object_store.staging_bucket
+    manifest = plan.manifest
+    limits = ShardLimits(chunk_rows=config.chunk_rows, chunk_bytes=config.chunk_megabytes * 2**20)
     started = time.monotonic()
-    per_layer: dict[str, list[Chunk]] = {}
-    sources: list[SourceFile] = []
+    layers, sources, types = [], [], {}
     with tempfile.TemporaryDirectory(prefix="shard-") as scratch:
-        for data_file in plan.manifest.files:
+        landed = Path(scratch) / "landed"
+        landed.mkdir()
+        downloads = []
+        checksums: dict[Path, tuple[str, str, int]] = {}
+        for number, data_file in enumerate(manifest.files):
             key = plan.landing_key(data_file.path)
-            local = Path(scratch) / Path(data_file.path).name
+            # a numbered folder per file keeps names (and a Shapefile zip's siblings) apart
+            local = landed / str(number) / Path(data_file.path).name
+            local.parent.mkdir()
             sha256 = store.download(object_store.landing_bucket, key, local)
-            size = local.stat().st_size
-            previous = per_layer.setdefault(data_file.layer, [])
+            checksums[local] = (key, sha256, local.stat().st_size)
+            downloads.append((local, data_file))
+        planned = plan_layers(downloads)
+        for side in ("left", "right"):
+            name = getattr(manifest.join, side)
+            if name not in planned:
+                raise InputDataError(
+                    f"batch {manifest.batch_id!r}: join.{side} names layer {name!r} but the "
+                    f"files feed {sorted(planned)}")
+        for layer_name, layer_sources in planned.items():
 
-            def sink(ordinal: int, data: bytes, layer: str = data_file.layer) -> str:
+            def sink(ordinal: int, data: bytes, layer: str = layer_name) -> str:
                 chunk_key = f"{plan.staging_prefix}chunks/{layer}/chunk-{ordinal:05d}.parquet"
                 store.put_bytes(staging, chunk_key, data, "application/vnd.apache.parquet")
                 return chunk_key
 
-            chunks = shard_to_geoparquet(
-                local, data_file, sink, chunk_rows=config.chunk_rows,
-                first_ordinal=len(previous), first_row=sum(c.rows for c in previous))
-            previous.extend(chunks)
-            rows = sum(c.rows for c in chunks)
-            sources.append(SourceFile(bucket=object_store.landing_bucket, key=key, sha256=sha256,
-                                      size=size, layer=data_file.layer, rows=rows))
-            local.unlink()
-            context.log.info(f"sharded {key}: {rows} rows into {len(chunks)} chunk(s)")
-    layers = [LayerChunks(layer=name, crs=chunks[0].crs, chunks=chunks)
-              for name, chunks in per_layer.items()]
-    index = ChunkIndex(batch_id=plan.manifest.batch_id, staging_bucket=staging,
-                       prefix=plan.staging_prefix, layers=layers, sources=sources)
+            layer_scratch = Path(scratch) / "spill" / layer_name
+            layer_scratch.mkdir(parents=True)
+            sharded = shard_layer(layer_name, layer_sources, sink, scratch_dir=layer_scratch,
+                                  limits=limits)
+            plan_recipe(manifest.recipe_for(layer_name), sharded.schema, manifest.target_crs)
+            layers.append(sharded.chunks)
+            types[layer_name] = list(sharded.geometry_types)
+            for source in layer_sources:
+                key, sha256, size = checksums[source.path]
+                sources.append(SourceFile(
+                    bucket=object_store.landing_bucket, key=key, sha256=sha256, size=size,
+                    layer=layer_name, rows=sharded.rows_per_source[str(source.path)]))
+            context.log.info(
+                f"sharded layer {layer_name}: {sharded.chunks.rows:,} rows from "
+                f"{len(layer_sources)} source(s) into {len(sharded.chunks.chunks)} chunk(s), "
+                f"{(time.monotonic() - started):.1f}s so far")
+    index = ChunkIndex(batch_id=manifest.batch_id, staging_bucket=staging,
+                       prefix=plan.staging_prefix, layers=layers, sources=sources,
+                       geometry_types=types)
     seconds = time.monotonic() - started
     context.add_output_metadata({
         "rows": index.rows,
         "chunks": sum(len(layer.chunks) for layer in layers),
         "rows_per_layer": MetadataValue.json({x.layer: x.rows for x in layers}),
         "rows_per_second": round(index.rows / seconds, 1) if seconds else 0.0,
-        "landed_bytes": sum(s.size for s in sources),
+        "landed_bytes": sum(size for _, _, size in checksums.values()),
+        "geometry_types": MetadataValue.json(types),
+        "crs": MetadataValue.json({x.layer: x.crs for x in layers}),
     })
     return index

@@ -1,12 +1,12 @@
-"""Transform op: one Ray task per chunk, a bounded number in flight, progress logged per chunk."""
-
-import time
+"""Transform op: one Ray task per chunk running the layer's recipe, a bounded number in flight,
+progress logged per chunk, counts reconciled per chunk and per run."""
 
 from dagster import MetadataValue, OpExecutionContext, Out, op
 
 from etl_pipelines.ops.validate import BatchPlan
+from etl_pipelines.ray_exec import TaskSpec, run_bounded
 from etl_pipelines.resources import ObjectStoreResource, RayResource
-from libs.chunk_index import Chunk, ChunkIndex, LayerChunks
+from libs.chunk_index import Chunk, ChunkIndex, LayerChunks, TransformedChunk
 from libs.errors import ReconciliationError
 from libs.transformations import transform_staged_chunk
 
@@ -16,61 +16,81 @@ def transform_chunks(
     context: OpExecutionContext, plan: BatchPlan, sharded: ChunkIndex,
     object_store: ObjectStoreResource, ray_cluster: RayResource,
 ) -> ChunkIndex:
-    """Reproject to the target CRS and repair invalid geometries, chunk by chunk on Ray."""
-    import ray
-
-    task = ray.remote(transform_staged_chunk)
+    """Run each layer's recipe on its chunks as Ray tasks; rejected rows are kept apart."""
+    manifest = plan.manifest
+    batch_id = manifest.batch_id
     settings = object_store.settings()
-    batch_id = plan.manifest.batch_id
-    todo = [c for layer in sharded.layers for c in layer.chunks]
-    total = len(todo)
-    started = time.monotonic()
-    pending: dict = {}
-    done: list[Chunk] = []
-    rows_done = 0
+    tasks = []
+    for layer in sharded.layers:
+        steps = manifest.recipe_for(layer.layer)
+        for chunk in layer.chunks:
+            stem = f"{plan.staging_prefix}{{}}/{layer.layer}/chunk-{chunk.ordinal:05d}.parquet"
+            tasks.append(TaskSpec(
+                name=f"transform:{batch_id}:{layer.layer}:{chunk.ordinal:05d}",
+                args=(settings, sharded.staging_bucket, chunk, stem.format("transformed"),
+                      stem.format("rejects"), steps, manifest.target_crs)))
+    sources = {(c.layer, c.ordinal): c for layer in sharded.layers for c in layer.chunks}
+    results: dict[tuple[str, int], TransformedChunk] = {}
+    totals = {"in": 0, "out": 0, "rejected": 0, "seconds": 0.0}
     if ray_cluster.dashboard_url:
         context.log.info(f"watch the tasks in the Ray dashboard: {ray_cluster.dashboard_url}")
-    while todo or pending:
-        while todo and len(pending) < ray_cluster.max_tasks_in_flight:
-            chunk = todo.pop(0)
-            out_key = f"{plan.staging_prefix}transformed/{chunk.layer}/chunk-{chunk.ordinal:05d}.parquet"
-            ref = task.options(
-                name=f"transform:{batch_id}:{chunk.layer}:{chunk.ordinal:05d}", num_cpus=1,
-                max_retries=ray_cluster.task_max_retries, retry_exceptions=[OSError],
-            ).remote(settings, sharded.staging_bucket, chunk, out_key, plan.manifest.target_crs)
-            pending[ref] = chunk
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            source = pending.pop(ref)
-            result: Chunk = ray.get(ref)
-            if result.rows != source.rows:
-                raise ReconciliationError(
-                    f"batch {batch_id!r}, layer {source.layer!r}, chunk {source.ordinal}: "
-                    f"{source.rows} rows in but {result.rows} out")
-            done.append(result)
-            rows_done += result.rows
-            elapsed = time.monotonic() - started
-            context.log.info(
-                f"transform {len(done)}/{total} chunks, {rows_done} rows, "
-                f"{rows_done / elapsed:,.0f} features/s")
-    layers = [
-        LayerChunks(layer=layer.layer, crs=plan.manifest.target_crs,
-                    chunks=sorted((c for c in done if c.layer == layer.layer),
-                                  key=lambda c: c.ordinal))
-        for layer in sharded.layers
-    ]
+
+    def on_done(spec: TaskSpec, result: TransformedChunk, elapsed: float) -> None:
+        source: Chunk = spec.args[2]
+        rejected = result.rejects.rows if result.rejects else 0
+        if result.rows_in != source.rows or result.chunk.rows + rejected != source.rows:
+            raise ReconciliationError(
+                f"batch {batch_id!r}, layer {source.layer!r}, chunk {source.ordinal}: "
+                f"{source.rows} rows sharded, {result.rows_in} read, {result.chunk.rows} out, "
+                f"{rejected} rejected")
+        results[(source.layer, source.ordinal)] = result
+        totals["in"] += result.rows_in
+        totals["out"] += result.chunk.rows
+        totals["rejected"] += rejected
+        totals["seconds"] = elapsed
+        context.log.info(
+            f"transform {len(results)}/{len(tasks)} chunks ({spec.name}): {totals['in']:,} rows "
+            f"in, {totals['out']:,} out, {totals['rejected']:,} rejected, "
+            f"{totals['in'] / elapsed:,.0f} features/s")
+
+    run_bounded(transform_staged_chunk, tasks, max_in_flight=ray_cluster.max_tasks_in_flight,
+                max_retries=ray_cluster.task_max_retries, on_done=on_done)
+    if sorted(results) != sorted(sources):
+        raise ReconciliationError(f"batch {batch_id!r}: {len(sources)} chunks sharded but "
+                                  f"{len(results)} transformed")
+    layers, rejects, reasons, types = [], [], {}, {}
+    for layer in sharded.layers:
+        done = [results[(layer.layer, c.ordinal)] for c in layer.chunks]
+        layers.append(LayerChunks(layer=layer.layer, crs=manifest.target_crs, chunks=[
+            r.chunk.model_copy(update={"source_rows": r.rows_in}) for r in done]))
+        layer_rejects = [r.rejects for r in done if r.rejects is not None]
+        if layer_rejects:
+            rejects.append(LayerChunks(layer=layer.layer, crs=layer.crs, chunks=layer_rejects))
+        reasons[layer.layer] = {}
+        for r in done:
+            for reason, count in r.reject_reasons.items():
+                reasons[layer.layer][reason] = reasons[layer.layer].get(reason, 0) + count
+        types[layer.layer] = sorted({t for r in done for t in r.geometry_types})
     index = ChunkIndex(batch_id=batch_id, staging_bucket=sharded.staging_bucket,
-                       prefix=sharded.prefix, layers=layers, sources=sharded.sources)
-    if index.rows != sharded.rows:
-        raise ReconciliationError(f"batch {batch_id!r}: {sharded.rows} rows sharded but "
-                                  f"{index.rows} transformed")
-    seconds = time.monotonic() - started
+                       prefix=sharded.prefix, layers=layers, sources=sharded.sources,
+                       rejects=rejects, geometry_types=types)
+    rows_rejected = sum(r.rows for r in rejects)
+    if sharded.rows != index.rows + rows_rejected:
+        raise ReconciliationError(
+            f"batch {batch_id!r}: {sharded.rows} rows sharded but {index.rows} transformed + "
+            f"{rows_rejected} rejected")
     metadata = {
-        "rows": index.rows,
-        "chunks": total,
-        "rows_per_second": round(index.rows / seconds, 1) if seconds else 0.0,
-        "crs": plan.manifest.target_crs,
+        "rows_in": sharded.rows,
+        "rows_out": index.rows,
+        "rows_rejected": rows_rejected,
+        "rejects_by_step": MetadataValue.json(reasons),
+        "chunks": len(tasks),
+        "rows_per_second": round(totals["in"] / totals["seconds"], 1) if totals["seconds"] else 0.0,
+        "crs": manifest.target_crs,
+        "geometry_types": MetadataValue.json(types),
         "bbox": MetadataValue.json({x.layer: x.bbox for x in layers}),
+        "recipes": MetadataValue.json({x.layer: [s.model_dump() for s in
+                                                 manifest.recipe_for(x.layer)] for x in layers}),
     }
     if ray_cluster.dashboard_url:
         metadata["ray_dashboard"] = MetadataValue.url(ray_cluster.dashboard_url)

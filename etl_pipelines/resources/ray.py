@@ -2,6 +2,15 @@
 
 Cleanup policy: the run's driver connection is closed when the run ends; the cluster and
 its other jobs are never touched.
+
+Why not dagster-ray's resources: we looked at them (0.4.x). Its ``LocalRay`` starts a
+private cluster inside the run process, and its KubeRay resources create a cluster per run
+and talk to it in Ray Client mode. Our runs attach to a long-lived, shared cluster named by
+``RAY_ADDRESS`` (a head's GCS address when the run worker is a Ray node, ``ray://`` from
+outside), which is a plain ``ray.init``; a dependency for that would add a second set of
+semantics to document. We keep the same shape (a typed resource, a local twin for tests via
+``address="local"``, explicit cleanup) so that moving to dagster-ray's KubeRay resources for
+per-run clusters on Kubernetes stays a small change.
 """
 
 from __future__ import annotations

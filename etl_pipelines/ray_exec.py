@@ -1,0 +1,58 @@
+"""Submitting many Ray tasks with a bounded number in flight; ``import ray`` stays in here.
+
+Tasks get names that say which batch and chunk they are, so the Ray dashboard tells a
+person what is running. Results are handed to ``on_done`` as they finish (any order).
+"""
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: its dashboard name and its arguments."""
+
+    name: str
+    args: tuple[Any, ...]
+
+
+def run_bounded(
+    fn: Callable[..., Any],
+    tasks: Sequence[TaskSpec],
+    *,
+    max_in_flight: int,
+    max_retries: int,
+    on_done: Callable[[TaskSpec, Any, float], None],
+    retry_exceptions: Sequence[type[BaseException]] = (OSError, ConnectionError, TimeoutError),
+) -> None:
+    """Run ``fn(*task.args)`` as one Ray task per spec, at most ``max_in_flight`` at once.
+
+    Ray retries a task whose worker died (``max_retries``) and one that raised one of the
+    declared transient ``retry_exceptions``; any other error fails the whole call, after
+    the tasks still in flight are cancelled.
+    """
+    import ray
+
+    if max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+    remote = ray.remote(fn)
+    todo = list(tasks)
+    todo.reverse()
+    pending: dict[Any, TaskSpec] = {}
+    started = time.monotonic()
+    try:
+        while todo or pending:
+            while todo and len(pending) < max_in_flight:
+                spec = todo.pop()
+                ref = remote.options(name=spec.name, num_cpus=1, max_retries=max_retries,
+                                     retry_exceptions=list(retry_exceptions)).remote(*spec.args)
+                pending[ref] = spec
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                spec = pending.pop(ref)
+                on_done(spec, ray.get(ref), time.monotonic() - started)
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
