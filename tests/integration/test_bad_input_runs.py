@@ -10,8 +10,8 @@ import pytest
 import shapely
 from dagster import DagsterInstance
 
-from libs.landing import land_batch
 from libs.lake import completion_key
+from libs.landing import land_batch
 from libs.sample_batch import NATURAL_EARTH_DIR, write_sample_batch
 from tests.integration.pipeline import request_for, run_ingest, sensor_tick
 
