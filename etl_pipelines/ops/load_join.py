@@ -16,7 +16,7 @@ from pyproj import CRS
 
 from etl_pipelines.ops.validate import BatchPlan
 from etl_pipelines.resources import ObjectStoreResource, PostGISResource
-from libs import postgis
+from libs import postgis, postgis_join, postgis_load
 from libs.chunk_index import ChunkIndex
 from libs.errors import LoadError, ReconciliationError
 from libs.geoparquet import GEOMETRY, read_parquet_table, to_geoparquet_bytes
@@ -52,7 +52,7 @@ def load_and_join(
     join = plan.manifest.join
     schema = postgis.run_schema_name(context.run_id)
     srid = _srid(plan.manifest.target_crs)
-    tables: dict[str, postgis.LayerTable] = {}
+    tables: dict[str, postgis_load.LayerTable] = {}
     with postgis_db.connect() as conn:
         try:
             postgis.create_schema(conn, schema)
@@ -63,13 +63,13 @@ def load_and_join(
                 for chunk in layer.chunks:
                     arrow = read_parquet_table(store.get_bytes(staging, chunk.key))
                     if table is None:
-                        table = postgis.LayerTable(
-                            schema, layer.layer, postgis.attribute_schema(arrow), srid,
-                            postgis.column_geometry_type(
+                        table = postgis_load.LayerTable(
+                            schema, layer.layer, postgis_load.attribute_schema(arrow), srid,
+                            postgis_load.column_geometry_type(
                                 transformed.geometry_types.get(layer.layer, [])))
-                        postgis.create_layer_table(conn, table)
-                    postgis.copy_chunk_into_table(conn, table, arrow, chunk.id_span)
-                postgis.index_and_analyze(conn, table)
+                        postgis_load.create_layer_table(conn, table)
+                    postgis_load.copy_chunk_into_table(conn, table, arrow, chunk.id_span)
+                postgis_load.index_and_analyze(conn, table)
                 loaded = postgis.count_rows(conn, schema, layer.layer)
                 if loaded != layer.rows:
                     raise ReconciliationError(
@@ -78,10 +78,10 @@ def load_and_join(
                 context.log.info(f"loaded layer {layer.layer}: {loaded} rows")
             load_seconds = time.monotonic() - load_started
             join_started = time.monotonic()
-            result = postgis.run_spatial_join(conn, join, tables[join.left], tables[join.right])
+            result = postgis_join.run_spatial_join(conn, join, tables[join.left], tables[join.right])
             parts: list[StagedPart] = []
             rows = 0
-            for number, batch in enumerate(postgis.stream_table(conn, result)):
+            for number, batch in enumerate(postgis_join.stream_table(conn, result)):
                 data = _encode(batch, plan.manifest.target_crs)
                 key = f"{plan.staging_prefix}results/{join.name}/part-{number:05d}.parquet"
                 store.put_bytes(staging, key, data, "application/vnd.apache.parquet")
