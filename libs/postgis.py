@@ -8,6 +8,7 @@ schema back to its run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -70,13 +71,35 @@ def run_id_of_schema(schema: str) -> str | None:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def _lock_key(schema: str) -> int:
+    """A stable signed 64-bit advisory-lock key for a schema name."""
+    return int.from_bytes(hashlib.sha256(schema.encode()).digest()[:8], "big", signed=True)
+
+
 def create_schema(conn: psycopg.Connection, schema: str) -> None:
-    """Create a run schema; its comment records when, so a janitor can judge its age."""
+    """Create a run schema, first taking a session advisory lock on its name.
+
+    The lock lives as long as ``conn``: while the schema's creator is alive it is held, and
+    when the creator dies (a killed run worker) PostgreSQL releases it with the session.
+    That is how the janitor tells a schema in use from an orphan, whichever Dagster
+    instance the run belonged to.
+    """
     with conn.transaction():
+        # session-level: the lock outlives this transaction, until the session ends
+        conn.execute("SELECT pg_advisory_lock(%s)", (_lock_key(schema),))
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         conn.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(
             sql.Identifier(schema),
             sql.Literal(json.dumps({"created_at": time.time(), "by": "spatial-etl"}))))
+
+
+def schema_in_use(conn: psycopg.Connection, schema: str) -> bool:
+    """True while the session that created ``schema`` is alive (it holds the schema's lock)."""
+    key = _lock_key(schema)
+    acquired = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
+    if acquired:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+    return not acquired
 
 
 def drop_schema(conn: psycopg.Connection, schema: str) -> None:
@@ -86,22 +109,13 @@ def drop_schema(conn: psycopg.Connection, schema: str) -> None:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
-def list_run_schemas(conn: psycopg.Connection) -> dict[str, float | None]:
-    """Run schemas and their age in seconds (None when the creation time is unknown)."""
+def list_run_schemas(conn: psycopg.Connection) -> list[str]:
+    """Every run schema in the database."""
     rows = conn.execute(
-        "SELECT nspname, obj_description(oid, 'pg_namespace') FROM pg_namespace "
-        "WHERE nspname LIKE %s ORDER BY nspname",
+        "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s ORDER BY nspname",
         (SCHEMA_PREFIX.replace("_", r"\_") + "%",),
     ).fetchall()
-    schemas: dict[str, float | None] = {}
-    for name, comment in rows:
-        if not _SCHEMA_RE.match(name):
-            continue
-        try:
-            schemas[name] = time.time() - float(json.loads(comment)["created_at"])
-        except (TypeError, ValueError, KeyError):
-            schemas[name] = None
-    return schemas
+    return [name for (name,) in rows if _SCHEMA_RE.match(name)]
 
 
 def count_rows(conn: psycopg.Connection, schema: str, table: str) -> int:

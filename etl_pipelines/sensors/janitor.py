@@ -1,7 +1,6 @@
 """Janitors: drop PostGIS schemas that outlived their run; record failed runs in the ledger."""
 
 from dagster import (
-    DagsterRunStatus,
     DefaultSensorStatus,
     RunFailureSensorContext,
     SensorEvaluationContext,
@@ -13,30 +12,22 @@ from dagster import (
 from etl_pipelines.resources import LedgerResource, PostGISResource
 from libs import postgis
 
-_ACTIVE = {DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
-           DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING}
-
-
-#: A schema whose run this instance does not know may belong to another Dagster instance
-#: sharing the database (a developer's demo next to a test session): leave it this long.
-UNKNOWN_RUN_GRACE_SECONDS = 6 * 3600
-
 
 @sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING,
-        description="Drops etl_run_* schemas whose run has finished, or that belong to no run "
-        "of this instance and are older than 6 hours.")
+        description="Drops etl_run_* schemas whose creating run process is gone.")
 def postgis_schema_janitor(
     context: SensorEvaluationContext, postgis_db: PostGISResource
 ) -> SkipReason:
+    """A run holds an advisory lock on its schema for as long as its process lives, so a free
+    lock means the run finished without cleaning up or was killed: whatever Dagster instance
+    it belonged to and whatever status that instance still shows, the schema is an orphan."""
     dropped = []
     with postgis_db.connect(autocommit=True) as conn:
-        for schema, age in postgis.list_run_schemas(conn).items():
+        for schema in postgis.list_run_schemas(conn):
+            if postgis.schema_in_use(conn, schema):
+                continue
             run_id = postgis.run_id_of_schema(schema)
             run = context.instance.get_run_by_id(run_id) if run_id else None
-            if run is not None and run.status in _ACTIVE:
-                continue
-            if run is None and age is not None and age < UNKNOWN_RUN_GRACE_SECONDS:
-                continue
             postgis.drop_schema(conn, schema)
             dropped.append(schema)
             context.log.info(f"dropped orphan schema {schema} (run {run_id}: "

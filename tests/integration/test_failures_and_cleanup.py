@@ -1,18 +1,22 @@
 """Failures leave nothing behind: no PostGIS schema, no partial lake batch, landing untouched."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 
 import pytest
-from dagster import DagsterInstance, DagsterRunStatus, build_sensor_context
-from dagster._core.test_utils import create_run_for_test
-from psycopg import sql
+from dagster import DagsterInstance, build_sensor_context
 
 from etl_pipelines.definitions import build_resources
-from etl_pipelines.sensors.janitor import UNKNOWN_RUN_GRACE_SECONDS, postgis_schema_janitor
+from etl_pipelines.sensors.janitor import postgis_schema_janitor
 from libs import postgis
 from libs.lake import completion_key
+from libs.postgis import connect
+from tests.conftest import REPO
 from tests.integration.pipeline import land_sample, request_for, run_ingest, sensor_tick
 
 pytestmark = pytest.mark.integration
@@ -71,33 +75,62 @@ def _janitor_tick(instance):
         return postgis_schema_janitor(context)
 
 
-@pytest.mark.parametrize("status", [DagsterRunStatus.CANCELED, DagsterRunStatus.FAILURE,
-                                    DagsterRunStatus.SUCCESS])
-def test_janitor_drops_schemas_of_finished_runs(stack_env, instance, pg, status):
-    run = create_run_for_test(instance, job_name="ingest_batch", status=status)
-    schema = postgis.run_schema_name(run.run_id)
-    postgis.create_schema(pg, schema)
-    _janitor_tick(instance)
-    assert schema not in _schemas(pg)
-
-
-def test_janitor_keeps_running_and_young_unknown_schemas_drops_old_unknown(
-        stack_env, instance, pg):
-    running = create_run_for_test(instance, job_name="ingest_batch",
-                                  status=DagsterRunStatus.STARTED)
-    kept = postgis.run_schema_name(running.run_id)
-    young = postgis.run_schema_name(str(uuid.uuid4()))
-    old = postgis.run_schema_name(str(uuid.uuid4()))
-    for schema in (kept, young, old):
-        postgis.create_schema(pg, schema)
-    created = time.time() - UNKNOWN_RUN_GRACE_SECONDS - 60
-    pg.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(
-        sql.Identifier(old), sql.Literal(json.dumps({"created_at": created}))))
-    try:
+def test_janitor_keeps_schemas_whose_run_is_alive_and_drops_orphans(
+        stack_env, instance, postgis_settings, pg):
+    alive = postgis.run_schema_name(str(uuid.uuid4()))
+    orphan = postgis.run_schema_name(str(uuid.uuid4()))
+    with connect(postgis_settings) as owner:
+        postgis.create_schema(owner, alive)
+        with connect(postgis_settings) as short_lived:
+            postgis.create_schema(short_lived, orphan)
+        # the orphan's creator is gone (its session ended without dropping the schema)
         _janitor_tick(instance)
         schemas = _schemas(pg)
-        assert old not in schemas
-        assert kept in schemas and young in schemas
+        assert orphan not in schemas
+        assert alive in schemas, "a schema whose creator is alive must never be dropped"
+        postgis.drop_schema(owner, alive)
+
+
+KILLABLE_RUN = """
+import json, sys
+from dagster import DagsterInstance
+from etl_pipelines.definitions import defs
+config, run_id = json.loads(sys.argv[1]), sys.argv[2]
+with DagsterInstance.ephemeral() as instance:
+    defs.resolve_job_def("ingest_batch").execute_in_process(run_config=config, instance=instance,
+                                                            run_id=run_id)
+"""
+
+
+def test_janitor_removes_the_schema_of_a_run_killed_mid_load(
+        stack_env, store, tmp_path, batch_id, instance, pg):
+    land_sample(store, tmp_path, batch_id, n_points=300_000)
+    request = request_for(sensor_tick(instance), batch_id)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run_id = str(uuid.uuid4())
+    schema = postgis.run_schema_name(run_id)
+    run = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE_RUN, json.dumps(request.run_config), run_id],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        loading = False
+        while not loading and time.monotonic() < deadline and run.poll() is None:
+            # the points table exists only while load_and_join is loading or joining
+            loading = pg.execute("SELECT to_regclass(%s) IS NOT NULL",
+                                 (f"{schema}.points",)).fetchone()[0]
+            time.sleep(0.05)
+        assert loading, "the run never reached load_and_join"
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=30)
     finally:
-        postgis.drop_schema(pg, kept)
-        postgis.drop_schema(pg, young)
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert schema in _schemas(pg), "killed mid-load, the run could not drop its schema"
+    deadline = time.monotonic() + 30
+    while schema in _schemas(pg) and time.monotonic() < deadline:
+        _janitor_tick(instance)  # the dead session's lock is released as soon as PG notices
+        time.sleep(0.5)
+    assert schema not in _schemas(pg)
+    assert not store.exists("data-lake", completion_key(batch_id))
