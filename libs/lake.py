@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from minio.commonconfig import CopySource
 
 from libs.errors import PublishError
-from libs.object_store import ObjectStore
+from libs.object_store import ObjectStore, with_retries
 
 COMPLETION_PREFIX = "_batches/"
 
@@ -59,32 +59,42 @@ def publish_to_lake(
     run_id: str,
     datasets: dict[str, list[StagedPart]],
     dataset_info: dict[str, dict],
+    attempts: int = 5,
+    backoff_seconds: float = 1.0,
 ) -> dict:
-    """Copy staged parts into the lake, then write the completion manifest; returns it.
+    """Copy staged parts into the lake, write the completion manifest last, then remove keys
+    the batch no longer has; returns the manifest.
 
-    On failure before the manifest is written, the objects this call wrote are removed
-    (unless an earlier publication of the batch already listed them) and PublishError raised.
+    Every object-store call is retried ``attempts`` times with exponential backoff. If the
+    store stays unavailable, the objects this call wrote are removed where possible (never
+    ones an earlier publication of the batch lists), no completion manifest is written, and
+    PublishError is raised: nothing new is published, and re-executing the run retries.
     """
-    previous = read_completion_manifest(store, lake_bucket, batch_id)
-    previously_listed = {
-        o["key"] for d in (previous or {}).get("datasets", {}).values() for o in d["objects"]
-    }
+
+    def retried(what: str, call):
+        return with_retries(call, attempts=attempts, backoff_seconds=backoff_seconds, what=what)
+
+    previous: dict | None = None
+    previously_listed: set[str] = set()
     written: list[str] = []
     manifest_datasets: dict[str, dict] = {}
     try:
+        previous = retried("read the completion manifest",
+                           lambda: read_completion_manifest(store, lake_bucket, batch_id))
+        previously_listed = {
+            o["key"] for d in (previous or {}).get("datasets", {}).values() for o in d["objects"]
+        }
         for dataset, parts in datasets.items():
             prefix = dataset_prefix(dataset, batch_id)
             objects = []
             for number, part in enumerate(parts):
                 key = posixpath.join(prefix, f"part-{number:05d}.parquet")
-                store.client.copy_object(lake_bucket, key, CopySource(staging_bucket, part.staging_key))
+                retried(f"copy {part.staging_key} to {key}", lambda k=key, p=part:
+                        store.client.copy_object(lake_bucket, k,
+                                                 CopySource(staging_bucket, p.staging_key)))
                 written.append(key)
                 objects.append({"key": key, "rows": part.rows, "bytes": part.bytes,
                                 "sha256": part.sha256})
-            keep = {o["key"] for o in objects}
-            for stale in store.list(lake_bucket, prefix):
-                if stale.key not in keep:
-                    store.delete(lake_bucket, stale.key)
             manifest_datasets[dataset] = {
                 **dataset_info.get(dataset, {}),
                 "prefix": prefix,
@@ -97,9 +107,9 @@ def publish_to_lake(
             "published_at": datetime.now(UTC).isoformat(),
             "datasets": manifest_datasets,
         }
-        store.put_bytes(lake_bucket, completion_key(batch_id),
-                        json.dumps(manifest, indent=2, sort_keys=True).encode(),
-                        "application/json")
+        body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        retried("write the completion manifest", lambda: store.put_bytes(
+            lake_bucket, completion_key(batch_id), body, "application/json"))
     except Exception as exc:
         for key in written:
             if key not in previously_listed:
@@ -107,10 +117,17 @@ def publish_to_lake(
                     store.delete(lake_bucket, key)
                 except Exception:  # noqa: BLE001 - best effort; the original error matters
                     pass
-        if isinstance(exc, PublishError):
-            raise
         raise PublishError(
             f"batch {batch_id!r}: publishing to bucket {lake_bucket!r} failed ({exc}); "
             "nothing new was published, re-execute the run to retry"
         ) from exc
+    # Published. Keys of an earlier publication that this one no longer has go last, so a
+    # reader of the previous manifest never loses an object before the new one exists.
+    keep = set(written)
+    stale_prefixes = {dataset_prefix(d, batch_id) for d in datasets} | {
+        d["prefix"] for d in (previous or {}).get("datasets", {}).values()}
+    for prefix in sorted(stale_prefixes):
+        for stale in retried(f"list {prefix}", lambda p=prefix: list(store.list(lake_bucket, p))):
+            if stale.key not in keep:
+                retried(f"delete {stale.key}", lambda k=stale.key: store.delete(lake_bucket, k))
     return manifest

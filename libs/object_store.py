@@ -9,17 +9,22 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import S3Error, ServerError
 
 from libs.errors import ConfigError
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+:\d{1,5}$")
 _PART_SIZE = 16 * 1024 * 1024
+T = TypeVar("T")
+_TRANSIENT_S3_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,25 @@ class ObjectStoreSettings:
         return f"ObjectStoreSettings(endpoint={self.endpoint!r}, secure={self.secure})"
 
 
+def with_retries(call: Callable[[], T], *, attempts: int, backoff_seconds: float, what: str) -> T:
+    """Run ``call``; on a transport error or a server-side (5xx) error retry with exponential
+    backoff, ``attempts`` times in all. Client errors (4xx: missing key, denied) are final."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except S3Error as exc:
+            if exc.code not in _TRANSIENT_S3_CODES or attempt == attempts:
+                raise
+            time.sleep(backoff_seconds * 2 ** (attempt - 1))
+        except (urllib3.exceptions.HTTPError, ServerError, OSError) as exc:
+            if attempt == attempts:
+                raise ConnectionError(
+                    f"object store unavailable: could not {what} after {attempts} attempts "
+                    f"({type(exc).__name__}: {exc})") from exc
+            time.sleep(backoff_seconds * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """What a listing or a download says about one object."""
@@ -60,11 +84,20 @@ class ObjectStore:
 
     def __init__(self, settings: ObjectStoreSettings):
         self.settings = settings
+        # Few, quick transport retries here; callers that must ride out an outage wrap
+        # calls in ``with_retries`` with their own budget.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5.0, read=120.0),
+            retries=urllib3.Retry(total=2, backoff_factor=0.2,
+                                  status_forcelist=[500, 502, 503, 504]),
+            maxsize=10,
+        )
         self._client = Minio(
             settings.endpoint,
             access_key=settings.access_key,
             secret_key=settings.secret_key,
             secure=settings.secure,
+            http_client=http,
         )
 
     @property

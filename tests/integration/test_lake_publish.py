@@ -1,0 +1,76 @@
+"""Publishing to the lake: atomic (completion manifest last), idempotent, and clean when the
+object store is unavailable (a real SeaweedFS behind a proxy the test takes down)."""
+
+import json
+import uuid
+
+import geopandas as gpd
+import pytest
+import shapely
+
+from libs.errors import PublishError
+from libs.geoparquet import to_geoparquet_bytes
+from libs.lake import StagedPart, completion_key, publish_to_lake
+from libs.object_store import ObjectStore, ObjectStoreSettings
+from tests.integration.faulty_proxy import FaultyProxy
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def staged(store):
+    prefix = f"tests/publish-{uuid.uuid4().hex[:8]}/"
+    parts = []
+    for number in range(3):
+        frame = gpd.GeoDataFrame({"n": [number]}, geometry=[shapely.Point(number, number)],
+                                 crs="EPSG:4326")
+        data = to_geoparquet_bytes(frame)
+        key = f"{prefix}part-{number}.parquet"
+        sha = store.put_bytes("etl-staging", key, data, "application/vnd.apache.parquet")
+        parts.append(StagedPart(key, 1, len(data), sha))
+    yield parts
+    store.delete_prefix("etl-staging", prefix)
+
+
+@pytest.fixture
+def proxy(stack_env):
+    host, port = stack_env["MINIO_ENDPOINT"].split(":")
+    proxy = FaultyProxy(host, int(port))
+    yield proxy
+    proxy.close()
+
+
+def _publish(store, batch_id, parts, **kwargs):
+    return publish_to_lake(store, staging_bucket="etl-staging", lake_bucket="data-lake",
+                           batch_id=batch_id, run_id="r1", datasets={"things": parts},
+                           dataset_info={"things": {"kind": "layer"}}, **kwargs)
+
+
+def test_unavailable_store_fails_cleanly_then_publishing_again_succeeds(
+        stack_env, store, staged, proxy):
+    batch_id = f"publish-{uuid.uuid4().hex[:8]}"
+    flaky = ObjectStore(ObjectStoreSettings(proxy.endpoint, stack_env["MINIO_ROOT_USER"],
+                                            stack_env["MINIO_ROOT_PASSWORD"]))
+    proxy.take_down()
+    with pytest.raises(PublishError, match=f"batch '{batch_id}'.*nothing new was published"):
+        _publish(flaky, batch_id, staged, attempts=3, backoff_seconds=0.05)
+    assert not store.exists("data-lake", completion_key(batch_id))
+    assert list(store.list("data-lake", f"things/{batch_id}/")) == []
+
+    proxy.bring_up()
+    manifest = _publish(flaky, batch_id, staged, attempts=3, backoff_seconds=0.05)
+    keys = [o["key"] for o in manifest["datasets"]["things"]["objects"]]
+    assert keys == [f"things/{batch_id}/part-{n:05d}.parquet" for n in range(3)]
+    assert json.loads(store.get_bytes("data-lake", completion_key(batch_id))) == manifest
+
+
+def test_republishing_gives_the_same_object_set_and_removes_what_is_gone(store, staged):
+    batch_id = f"publish-{uuid.uuid4().hex[:8]}"
+    first = _publish(store, batch_id, staged)
+    again = _publish(store, batch_id, staged)
+    listed = sorted(o.key for o in store.list("data-lake", f"things/{batch_id}/"))
+    assert listed == sorted(o["key"] for o in again["datasets"]["things"]["objects"])
+    assert first["datasets"] == again["datasets"]
+    fewer = _publish(store, batch_id, staged[:1])
+    listed = sorted(o.key for o in store.list("data-lake", f"things/{batch_id}/"))
+    assert listed == [o["key"] for o in fewer["datasets"]["things"]["objects"]]
