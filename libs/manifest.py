@@ -15,7 +15,17 @@ import sys
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pyproj import CRS
 from pyproj.exceptions import CRSError
 
@@ -171,25 +181,204 @@ class Aggregation(_Strict):
         return self
 
 
+#: Prefix of a carried right column's output name unless the manifest renames it.
+CARRY_PREFIX = "right_"
+_MAX_IDENTIFIER = 63
+DISTANCE_PREDICATES = ("dwithin", "nearest")
+_AGGREGATIONS_OR_CARRY = ("give either 'aggregations' (one row per left row) or 'carry' (one row "
+                          "per matched pair), not both")
+
+
+class CarryColumn(_Strict):
+    """A right column carried onto each matched pair under a name of your choice."""
+
+    column: Identifier = Field(description="column of the right layer")
+    output: Identifier = Field(description="name of the result column")
+
+
+def _carry_form(value: object) -> str:
+    return "rename" if isinstance(value, dict | CarryColumn) else "name"
+
+
+#: A carried column: its name (output as ``right_<name>``) or a {column, output} rename.
+CarriedColumn = Annotated[
+    Annotated[Identifier, Tag("name")] | Annotated[CarryColumn, Tag("rename")],
+    Discriminator(_carry_form),
+]
+
+
 class SpatialJoin(_Strict):
-    """A spatial join run in PostGIS: every ``left`` row with aggregates of matching ``right`` rows."""
+    """A spatial join run in PostGIS between the ``left`` and ``right`` layers.
+
+    Two result shapes: with ``aggregations`` (the default, a count) one row per left row
+    with aggregates over its matches; with ``carry`` one row per matched (left, right) pair
+    carrying the listed right columns (plus the distance for ``dwithin`` and ``nearest``).
+    """
+
+    # the published JSON Schema states the requirements that depend on the predicate, too
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"allOf": [
+        {"if": {"properties": {"predicate": {"const": predicate}}, "required": ["predicate"]},
+         "then": {"required": [needed]}}
+        for predicate, needed in (("dwithin", "distance"), ("nearest", "k"))
+    ]})
 
     name: Identifier = Field(description="name of the result dataset in the lake")
     left: Identifier = Field(description="layer whose rows (and attributes) are kept")
     right: Identifier = Field(description="layer matched against the left rows")
-    predicate: Literal["intersects", "contains", "within"] = Field(
+    predicate: Literal["intersects", "contains", "within", "dwithin", "nearest"] = Field(
         default="intersects",
-        description="spatial predicate, read as <left> <predicate> <right>",
+        description="how a right row matches a left row, read as <left> <predicate> <right>: "
+        "'intersects', 'contains', 'within'; 'dwithin': at most 'distance' metres apart; "
+        "'nearest': among the 'k' right rows nearest to the left row (ties broken by the right "
+        "row's load order), optionally at most 'max_distance' metres away. Distances are "
+        "geodesic (on the CRS's ellipsoid) when target_crs is geographic, else planar in the "
+        "projected target_crs, whose unit must be the metre",
+    )
+    distance: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, validate_default=True,
+        description="predicate 'dwithin' only (required there): the distance in metres",
+    )
+    k: int | None = Field(
+        default=None, ge=1, validate_default=True,
+        description="predicate 'nearest' only (required there): how many nearest right rows",
+    )
+    max_distance: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False,
+        description="predicate 'nearest' only (optional): ignore right rows farther than this "
+        "many metres",
     )
     how: Literal["left", "inner"] = Field(
         default="left",
-        description="'left' keeps left rows without a match (count 0), 'inner' drops them",
+        description="'left' keeps left rows without a match (count 0, or NULL carried "
+        "columns), 'inner' drops them",
+    )
+    carry: list[CarriedColumn] | None = Field(
+        default=None,
+        description="give instead of aggregations for one row per matched (left, right) pair "
+        f"carrying these right columns: a name 'c' is output as '{CARRY_PREFIX}c', "
+        "{'column': 'c', 'output': 'o'} renames it. dwithin and nearest joins add the pair's "
+        "distance in metres as 'distance_column'",
     )
     aggregations: list[Aggregation] = Field(
         default_factory=lambda: [Aggregation(function="count", output="match_count")],
-        min_length=1,
-        description="aggregates over the matched right rows",
+        description="aggregates over the matched right rows, one result row per left row; "
+        "default (when carry is not given) a count named 'match_count'",
     )
+    distance_column: Identifier = Field(
+        default="distance",
+        description="carry joins with predicate 'dwithin' or 'nearest': name of the column "
+        "holding each pair's distance in metres",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_default_count_when_carrying(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("carry") is not None and "aggregations" not in data:
+            return {**data, "aggregations": []}
+        return data
+
+    @field_validator("distance")
+    @classmethod
+    def _distance(cls, value: float | None, info: ValidationInfo) -> float | None:
+        predicate = info.data.get("predicate")
+        if predicate == "dwithin" and value is None:
+            raise ValueError("predicate 'dwithin' needs 'distance' (metres, > 0)")
+        if predicate is not None and predicate != "dwithin" and value is not None:
+            hint = "; limit a nearest join with 'max_distance'" if predicate == "nearest" else ""
+            raise ValueError(f"'distance' applies to predicate 'dwithin' only, not {predicate!r}{hint}")
+        return value
+
+    @field_validator("k")
+    @classmethod
+    def _k(cls, value: int | None, info: ValidationInfo) -> int | None:
+        predicate = info.data.get("predicate")
+        if predicate == "nearest" and value is None:
+            raise ValueError("predicate 'nearest' needs 'k' (how many nearest right rows, >= 1)")
+        if predicate is not None and predicate != "nearest" and value is not None:
+            raise ValueError(f"'k' applies to predicate 'nearest' only, not {predicate!r}")
+        return value
+
+    @field_validator("max_distance")
+    @classmethod
+    def _max_distance(cls, value: float | None, info: ValidationInfo) -> float | None:
+        predicate = info.data.get("predicate")
+        if predicate is not None and predicate != "nearest" and value is not None:
+            raise ValueError(f"'max_distance' applies to predicate 'nearest' only, not {predicate!r}")
+        return value
+
+    @field_validator("carry")
+    @classmethod
+    def _carry(cls, value: list[str | CarryColumn] | None) -> list[str | CarryColumn] | None:
+        if value is None:
+            return value
+        problems = []
+        outputs = []
+        for item in value:
+            column, output = _carried(item)
+            if len(output) > _MAX_IDENTIFIER:
+                problems.append(f"output {output!r} of column {column!r} is longer than "
+                                f"{_MAX_IDENTIFIER} characters; rename it with "
+                                f"{{'column': {column!r}, 'output': '<shorter name>'}}")
+            outputs.append(output)
+        problems += [f"output {dup!r} is used more than once"
+                     for dup in sorted({o for o in outputs if outputs.count(o) > 1})]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("aggregations")
+    @classmethod
+    def _aggregations(cls, value: list[Aggregation], info: ValidationInfo) -> list[Aggregation]:
+        if "carry" not in info.data:  # carry itself is invalid: reported there
+            return value
+        if info.data["carry"] is not None and value:
+            raise ValueError(_AGGREGATIONS_OR_CARRY)
+        if info.data["carry"] is None and not value:
+            raise ValueError("needs at least one aggregation, or give 'carry' instead")
+        return value
+
+    @field_validator("distance_column")
+    @classmethod
+    def _distance_column(cls, value: str, info: ValidationInfo) -> str:
+        outputs = [_carried(item)[1] for item in info.data.get("carry") or []]
+        if value in outputs:
+            raise ValueError(f"{value!r} is also the output of a carried column; choose another name")
+        return value
+
+    def carried_columns(self) -> list[tuple[str, str]]:
+        """(right column, output name) of every carried column; empty for an aggregating join."""
+        return [_carried(item) for item in self.carry or []]
+
+    @property
+    def measures_distance(self) -> bool:
+        """True for the predicates whose distances are metres (dwithin, nearest)."""
+        return self.predicate in DISTANCE_PREDICATES
+
+
+def _carried(item: str | CarryColumn) -> tuple[str, str]:
+    if isinstance(item, CarryColumn):
+        return item.column, item.output
+    return item, CARRY_PREFIX + item
+
+
+def distance_unit_problem(crs: CRS) -> str | None:
+    """Why distances in metres cannot be measured in ``crs`` (None when they can).
+
+    A geographic CRS is measured on its ellipsoid (PostGIS geography); a projected one
+    planar, so its axes must be in metres.
+    """
+    if crs.is_geographic:
+        return None
+    if crs.is_projected:
+        units = {(axis.unit_name, axis.unit_conversion_factor) for axis in crs.axis_info[:2]}
+        if units == {("metre", 1.0)}:
+            return None
+        names = ", ".join(sorted(name for name, _ in units))
+        return (f"({crs.name}) is projected in {names}, not metres; choose a target_crs "
+                "projected in metres (e.g. a UTM zone) or a geographic one (e.g. 'EPSG:4326', "
+                "distances on the ellipsoid)")
+    return (f"({crs.name}) is a {crs.type_name}, in which distances in metres are not "
+            "defined; choose a target_crs projected in metres or a geographic one")
 
 
 class Manifest(_Strict):
@@ -231,7 +420,8 @@ class Manifest(_Strict):
 
 
 def cross_field_problems(document: object) -> list[str]:
-    """Checks that span fields (layers named by the join exist, no duplicates).
+    """Checks that span fields (layers named by the join exist, no duplicates, a distance join
+    in a CRS that measures metres).
 
     Works on the raw document too, so that a manifest with field errors still gets these
     problems listed alongside them.
@@ -270,6 +460,18 @@ def cross_field_problems(document: object) -> list[str]:
     outputs = [a.get("output") for a in aggregations if isinstance(a, dict)]
     problems += [f"join.aggregations: output {dup!r} is used more than once"
                  for dup in sorted({o for o in outputs if o is not None and outputs.count(o) > 1})]
+    if join.get("carry") is not None and aggregations:  # also when carry has field errors
+        problems.append(f"join.aggregations: {_AGGREGATIONS_OR_CARRY}")
+    predicate = join.get("predicate")
+    target_crs = document.get("target_crs")
+    if predicate in DISTANCE_PREDICATES and isinstance(target_crs, str):
+        try:
+            problem = distance_unit_problem(CRS.from_user_input(target_crs))
+        except CRSError:
+            problem = None  # reported on target_crs itself
+        if problem:
+            problems.append(f"join.predicate: {predicate!r} measures distances in metres, but "
+                            f"target_crs {target_crs!r} {problem}")
     return problems
 
 

@@ -1,20 +1,60 @@
-"""Spatial joins inside a run schema, and streaming tables back out without fetchall."""
+"""Spatial joins inside a run schema, and streaming their results back out without fetchall.
+
+A join (``libs.manifest.SpatialJoin``) matches right rows to each left row in a ``LATERAL``
+subquery, so the right layer's GiST index is probed once per left row:
+
+* ``intersects`` / ``contains`` / ``within``: ``WHERE ST_<predicate>(l.geom, r.geom)``.
+* ``dwithin``: ``WHERE ST_DWithin(l.geom, r.geom, distance)``; in a geographic CRS both sides
+  are cast to ``geography`` (metres on the ellipsoid) and an expression GiST index on
+  ``(geom::geography)`` is built on the right table first. A projected CRS must be in metres.
+* ``nearest``: the ``k`` right rows nearest to the left row (optionally only those within
+  ``max_distance``), in two index probes. First ``ORDER BY r.geom <-> l.geom LIMIT k``: the KNN
+  operator walks the GiST index and the farthest of these k candidates gives a radius that holds
+  at least k rows. Then ``WHERE ST_DWithin(r.geom, l.geom, radius) ORDER BY distance, r._row_id
+  LIMIT k`` ranks the rows within it exactly. Why not one ``ORDER BY <->, _row_id``: a second
+  sort key stops PostgreSQL from walking the index in KNN order (it scans and sorts the whole
+  table per left row), and PostGIS ranks ``geography`` KNN on the sphere whereas distances are
+  reported on the ellipsoid. So exactly ``k`` rows per left row, ranked by the reported distance;
+  ties at the k-th distance go to the right row loaded first (lowest ``_row_id``), where
+  geopandas' ``sjoin_nearest`` returns every tied row.
+
+Two result shapes, both materialised as a table in the run schema:
+
+* aggregating (``aggregations``): ``SELECT l.*, a.* FROM left l CROSS JOIN LATERAL (SELECT
+  count(*), sum(r.c)… FROM <matches> r) a`` (``inner``: ``WHERE`` a match count ``> 0``): one
+  row per left row, ``_row_id`` = the left row's.
+* carrying (``carry``): ``FROM left l [LEFT] JOIN LATERAL (<matches>) m ON true``: one row per
+  (left, right) pair with the carried columns and, for dwithin/nearest, the distance;
+  ``_row_id`` numbers the rows in (left ``_row_id``, distance, right ``_row_id``) order, and
+  ``_left_row_id`` / ``_right_row_id`` (never streamed) say which pair a row is.
+
+``stream_table`` reads the result in ``_row_id`` order through a binary server-side cursor.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import psycopg
 import pyarrow as pa
 from psycopg import sql
+from pyproj import CRS
+from pyproj.exceptions import CRSError
 
-from libs.errors import LoadError
+from libs.errors import LoadError, ReconciliationError
 from libs.geoparquet import GEOMETRY
-from libs.manifest import SpatialJoin
+from libs.manifest import SpatialJoin, distance_unit_problem
 from libs.postgis import GEOM, ROW_ID
 from libs.postgis_load import LayerTable
 
 _PREDICATES = {"intersects": "ST_Intersects", "contains": "ST_Contains", "within": "ST_Within"}
+#: Internal columns of a carrying join's result table (never streamed out).
+LEFT_ROW_ID = "_left_row_id"
+RIGHT_ROW_ID = "_right_row_id"
+_DISTANCE = "_distance"
+_MATCHES = "_matches"
+_RESERVED = frozenset({ROW_ID, GEOM, LEFT_ROW_ID, RIGHT_ROW_ID, _DISTANCE, _MATCHES})
 
 
 def _numeric(field: pa.Field) -> bool:
@@ -22,88 +62,250 @@ def _numeric(field: pa.Field) -> bool:
         pa.types.is_decimal(field.type)
 
 
+def _qualified(layer: LayerTable) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(layer.schema), sql.Identifier(layer.table))
+
+
+def _right_column(join: SpatialJoin, right: LayerTable, column: str, use: str) -> pa.Field:
+    if column not in right.attributes.names:
+        raise LoadError(
+            f"join {join.name!r}: {use} column {column!r} does not exist in layer "
+            f"{join.right!r}; expected one of {right.attributes.names}"
+        )
+    return right.attributes.field(column)
+
+
+def _new_column(join: SpatialJoin, left: LayerTable, name: str, what: str) -> None:
+    if name in left.attributes.names:
+        raise LoadError(
+            f"join {join.name!r}: {what} {name!r} clashes with a column of layer {join.left!r}; "
+            "choose another output name"
+        )
+    if name in _RESERVED:
+        raise LoadError(
+            f"join {join.name!r}: {what} {name!r} is reserved for the join's own columns "
+            f"({sorted(_RESERVED)}); choose another output name"
+        )
+
+
 def join_output_schema(join: SpatialJoin, left: LayerTable, right: LayerTable) -> pa.Schema:
-    """Check the join against the loaded layers and return the result's attribute schema."""
+    """Check the join against the loaded layers and return the result's attribute schema:
+    the left columns, then the aggregates, or the carried columns (and the distance)."""
     fields = list(left.attributes)
+    if join.carry is not None:
+        for name in set(left.attributes.names) & {LEFT_ROW_ID, RIGHT_ROW_ID}:
+            raise LoadError(f"join {join.name!r}: column {name!r} of layer {join.left!r} is "
+                            "reserved for the join's own columns; rename it in the layer's recipe")
+        for column, output in join.carried_columns():
+            field = _right_column(join, right, column, "carried")
+            _new_column(join, left, output, "carried column output")
+            fields.append(pa.field(output, field.type))
+        if join.measures_distance:
+            _new_column(join, left, join.distance_column, "distance_column")
+            fields.append(pa.field(join.distance_column, pa.float64()))
+        return pa.schema(fields)
+    if join.measures_distance and _DISTANCE in right.attributes.names:
+        # the matches subquery selects r.* next to its own _distance
+        raise LoadError(f"join {join.name!r}: column {_DISTANCE!r} of layer {join.right!r} is "
+                        "reserved for the join's own columns; rename it in the layer's recipe")
     for agg in join.aggregations:
-        if agg.output in left.attributes.names:
-            raise LoadError(
-                f"join {join.name!r}: aggregation output {agg.output!r} clashes with a column of "
-                f"layer {join.left!r}; choose another output name"
-            )
+        _new_column(join, left, agg.output, "aggregation output")
         if agg.function == "count":
             fields.append(pa.field(agg.output, pa.int64()))
             continue
-        if agg.column not in right.attributes.names:
-            raise LoadError(
-                f"join {join.name!r}: column {agg.column!r} does not exist in layer "
-                f"{join.right!r}; expected one of {right.attributes.names}"
-            )
-        if not _numeric(right.attributes.field(agg.column)):
+        field = _right_column(join, right, agg.column, agg.function)
+        if not _numeric(field):
             raise LoadError(
                 f"join {join.name!r}: {agg.function} needs a numeric column but {agg.column!r} of "
-                f"layer {join.right!r} is {right.attributes.field(agg.column).type}"
+                f"layer {join.right!r} is {field.type}; choose one of "
+                f"{[f.name for f in right.attributes if _numeric(f)]}"
             )
         fields.append(pa.field(agg.output, pa.float64()))
     return pa.schema(fields)
 
 
+def measures_on_ellipsoid(join: SpatialJoin, srid: int) -> bool:
+    """Whether the join's distances are geodesic (geography); raises when the SRID's CRS cannot
+    measure metres. False for the predicates that measure nothing."""
+    if not join.measures_distance:
+        return False
+    try:
+        crs = CRS.from_epsg(srid)
+    except CRSError:
+        raise LoadError(f"join {join.name!r}: SRID {srid} is not an EPSG code pyproj knows, so "
+                        f"the unit of its {join.predicate!r} distances is unknown") from None
+    problem = distance_unit_problem(crs)
+    if problem:
+        raise LoadError(f"join {join.name!r}: {join.predicate!r} measures distances in metres, "
+                        f"but the layers' CRS EPSG:{srid} {problem}")
+    return crs.is_geographic
+
+
+def _matches(join: SpatialJoin, right: LayerTable, geography: bool,
+             columns: sql.Composable) -> sql.Composed:
+    """The right rows matching left row ``l`` (``columns`` of ``r``; ``_distance`` for the
+    distance predicates), in match order for ``nearest``."""
+    table = _qualified(right)
+    rid = sql.Identifier(ROW_ID)
+    if join.predicate in _PREDICATES:
+        return sql.SQL("SELECT {cols} FROM {table} r WHERE {pred}(l.{g}, r.{g})").format(
+            cols=columns, table=table, pred=sql.SQL(_PREDICATES[join.predicate]),
+            g=sql.Identifier(GEOM))
+    cast = sql.SQL("::geography") if geography else sql.SQL("")
+    fmt = {"g": sql.Identifier(GEOM), "cast": cast, "table": table, "cols": columns, "rid": rid,
+           "dist": sql.Identifier(_DISTANCE)}
+    lg = sql.SQL("(l.{g}{cast})").format(**fmt)
+    rg = sql.SQL("(r.{g}{cast})").format(**fmt)
+    fmt |= {"lg": lg, "rg": rg}
+    if join.predicate == "dwithin":
+        return sql.SQL(
+            "SELECT {cols}, ST_Distance({lg}, {rg}) AS {dist} FROM {table} r "
+            "WHERE ST_DWithin({rg}, {lg}, {d})").format(**fmt, d=sql.Literal(join.distance))
+    within_max = sql.SQL("")
+    also_max = sql.SQL("")
+    if join.max_distance is not None:
+        m = sql.Literal(join.max_distance)
+        within_max = sql.SQL("WHERE ST_DWithin({rg}, {lg}, {m})").format(**fmt, m=m)
+        also_max = sql.SQL("AND ST_DWithin({rg}, {lg}, {m})").format(**fmt, m=m)
+    k = sql.Literal(join.k)
+    # KNN through the GiST index finds k candidates; the farthest of them (padded against
+    # rounding) is a radius holding at least k rows, which are then ranked exactly
+    radius = sql.SQL(
+        "(SELECT max(ST_Distance({lg}, {rg})) * (1 + 1e-9) + 1e-6 FROM (SELECT r.{g} FROM "
+        "{table} r {within_max} ORDER BY {rg} <-> {lg} LIMIT {k}) r)").format(
+        **fmt, within_max=within_max, k=k)
+    return sql.SQL(
+        "SELECT {cols}, ST_Distance({lg}, {rg}) AS {dist} FROM {table} r "
+        "WHERE ST_DWithin({rg}, {lg}, {radius}) {also_max} ORDER BY {dist}, r.{rid} LIMIT {k}"
+    ).format(**fmt, radius=radius, also_max=also_max, k=k)
+
+
+def spatial_join_query(join: SpatialJoin, left: LayerTable, right: LayerTable) -> sql.Composed:
+    """The ``SELECT`` computing the join's result rows (see the module docstring)."""
+    geography = measures_on_ellipsoid(join, left.srid)
+    left_table = _qualified(left)
+    if join.carry is None:
+        aggregates = []
+        for agg in join.aggregations:
+            if agg.function == "count":
+                expr = sql.SQL("count(*)")
+            else:
+                fn = sql.SQL("sum") if agg.function == "sum" else sql.SQL("avg")
+                expr = sql.SQL("{}(r.{})::double precision").format(fn, sql.Identifier(agg.column))
+            aggregates.append(sql.SQL("{} AS {}").format(expr, sql.Identifier(agg.output)))
+        # an extra count decides membership without depending on the user's aggregates
+        aggregates.append(sql.SQL("count(*) AS {}").format(sql.Identifier(_MATCHES)))
+        where = sql.SQL("WHERE a.{} > 0").format(sql.Identifier(_MATCHES)) \
+            if join.how == "inner" else sql.SQL("")
+        return sql.SQL(
+            "SELECT l.*, {agg_cols} FROM {left} l CROSS JOIN LATERAL "
+            "(SELECT {aggs} FROM ({matches}) r) a {where}"
+        ).format(
+            agg_cols=sql.SQL(", ").join(sql.SQL("a.{}").format(sql.Identifier(a.output))
+                                        for a in join.aggregations),
+            left=left_table,
+            aggs=sql.SQL(", ").join(aggregates),
+            matches=_matches(join, right, geography, sql.SQL("r.*")),
+            where=where,
+        )
+    carried = join.carried_columns()
+    inner_cols = [sql.SQL("r.{} AS {}").format(sql.Identifier(ROW_ID), sql.Identifier(RIGHT_ROW_ID))]
+    inner_cols += [sql.SQL("r.{} AS {}").format(sql.Identifier(c), sql.Identifier(o))
+                   for c, o in carried]
+    order = [sql.SQL("l.{}").format(sql.Identifier(ROW_ID))]
+    outer_cols = [sql.SQL("l.{} AS {}").format(sql.Identifier(ROW_ID), sql.Identifier(LEFT_ROW_ID)),
+                  sql.SQL("m.{}").format(sql.Identifier(RIGHT_ROW_ID))]
+    outer_cols += [sql.SQL("l.{}").format(sql.Identifier(n)) for n in left.attributes.names]
+    outer_cols += [sql.SQL("m.{}").format(sql.Identifier(o)) for _, o in carried]
+    if join.measures_distance:
+        order.append(sql.SQL("m.{}").format(sql.Identifier(_DISTANCE)))
+        outer_cols.append(sql.SQL("m.{} AS {}").format(sql.Identifier(_DISTANCE),
+                                                      sql.Identifier(join.distance_column)))
+    order.append(sql.SQL("m.{}").format(sql.Identifier(RIGHT_ROW_ID)))
+    outer_cols.append(sql.SQL("l.{}").format(sql.Identifier(GEOM)))
+    return sql.SQL(
+        "SELECT (row_number() OVER (ORDER BY {order}) - 1) AS {row_id}, {cols} "
+        "FROM {left} l {kind} JOIN LATERAL ({matches}) m ON true"
+    ).format(
+        order=sql.SQL(", ").join(order),
+        row_id=sql.Identifier(ROW_ID),
+        cols=sql.SQL(", ").join(outer_cols),
+        left=left_table,
+        kind=sql.SQL("LEFT") if join.how == "left" else sql.SQL(""),
+        matches=_matches(join, right, geography, sql.SQL(", ").join(inner_cols)),
+    )
+
+
+def _index_as_geography(conn: psycopg.Connection, layer: LayerTable) -> None:
+    """An expression GiST index on ``(geom::geography)``: what geography KNN and ST_DWithin use."""
+    digest = hashlib.sha256(f"{layer.schema}.{layer.table}".encode()).hexdigest()[:8]
+    name = f"{layer.table[:40]}_{digest}_geog"
+    with conn.transaction():
+        conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING gist (({}::geography))").format(
+            sql.Identifier(name), _qualified(layer), sql.Identifier(GEOM)))
+        conn.execute(sql.SQL("ANALYZE {}").format(_qualified(layer)))
+
+
 def run_spatial_join(
     conn: psycopg.Connection, join: SpatialJoin, left: LayerTable, right: LayerTable
 ) -> LayerTable:
-    """Materialise ``join`` as a table in the run schema: every left row plus its aggregates."""
+    """Materialise ``join`` as a table in the run schema (see the module docstring for its
+    shape); its ``attributes`` are what :func:`stream_table` yields besides the geometry."""
     if left.srid != right.srid:
         raise LoadError(
             f"join {join.name!r}: layer {join.left!r} has SRID {left.srid} but {join.right!r} has "
             f"{right.srid}; both must be in the manifest's target_crs"
         )
     out_schema = join_output_schema(join, left, right)
-    aggregates = []
-    for agg in join.aggregations:
-        if agg.function == "count":
-            expr = sql.SQL("count(*)")
-        else:
-            fn = sql.SQL("sum") if agg.function == "sum" else sql.SQL("avg")
-            expr = sql.SQL("{}(r.{})::double precision").format(fn, sql.Identifier(agg.column))
-        aggregates.append(sql.SQL("{} AS {}").format(expr, sql.Identifier(agg.output)))
-    if join.how == "inner":
-        # an extra count decides membership without depending on the user's aggregates
-        aggregates.append(sql.SQL("count(*) AS _matches"))
-        where = sql.SQL("WHERE a._matches > 0")
-    else:
-        where = sql.SQL("")
+    query = spatial_join_query(join, left, right)
+    if measures_on_ellipsoid(join, left.srid):
+        _index_as_geography(conn, right)
     result = LayerTable(left.schema, join.name, out_schema, left.srid)
-    query = sql.SQL(
-        "CREATE TABLE {out} AS SELECT l.*, {agg_cols} FROM {left} l CROSS JOIN LATERAL "
-        "(SELECT {aggs} FROM {right} r WHERE {pred}(l.{g}, r.{g})) a {where}"
-    ).format(
-        out=sql.SQL("{}.{}").format(sql.Identifier(result.schema), sql.Identifier(result.table)),
-        agg_cols=sql.SQL(", ").join(sql.SQL("a.{}").format(sql.Identifier(a.output))
-                                    for a in join.aggregations),
-        left=sql.SQL("{}.{}").format(sql.Identifier(left.schema), sql.Identifier(left.table)),
-        right=sql.SQL("{}.{}").format(sql.Identifier(right.schema), sql.Identifier(right.table)),
-        aggs=sql.SQL(", ").join(aggregates),
-        pred=sql.SQL(_PREDICATES[join.predicate]),
-        g=sql.Identifier(GEOM),
-        where=where,
-    )
+    target = _qualified(result)
     with conn.transaction():
-        conn.execute(query)
+        conn.execute(sql.SQL("CREATE TABLE {} AS {}").format(target, query))
+        conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
+            target, sql.Identifier(ROW_ID)))
     return result
+
+
+def reconcile_join(conn: psycopg.Connection, join: SpatialJoin, left: LayerTable,
+                   result: LayerTable, streamed_rows: int) -> None:
+    """Check the result against its left layer and what was streamed out of it: every row
+    streamed; a left join keeps every left row (an aggregating join exactly once); no left row
+    has more than ``k`` nearest matches."""
+    left_id = sql.Identifier(ROW_ID if join.carry is None else LEFT_ROW_ID)
+    rows, left_rows_kept, most = conn.execute(sql.SQL(
+        "SELECT count(*), count(DISTINCT {id}), coalesce(max(n), 0) FROM "
+        "(SELECT {id}, count(*) OVER (PARTITION BY {id}) AS n FROM {t}) c").format(
+        id=left_id, t=_qualified(result))).fetchone()
+    left_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(_qualified(left))).fetchone()[0]
+    problems = []
+    if streamed_rows != rows:
+        problems.append(f"{rows} result rows but {streamed_rows} streamed out")
+    if join.how == "left" and left_rows_kept != left_rows:
+        problems.append(f"a left join must keep all {left_rows} left rows, kept {left_rows_kept}")
+    if join.carry is None and rows != left_rows_kept:
+        problems.append(f"an aggregating join gives one row per left row, got {rows} rows for "
+                        f"{left_rows_kept} left rows")
+    if join.predicate == "nearest" and most > join.k:
+        problems.append(f"a left row has {most} nearest matches, more than k={join.k}")
+    if problems:
+        raise ReconciliationError(f"join {join.name!r}: " + "; ".join(problems))
 
 
 def stream_table(
     conn: psycopg.Connection, layer: LayerTable, batch_rows: int = 50_000
 ) -> Iterator[pa.Table]:
-    """Yield the table in ``_row_id`` order as Arrow tables (WKB ``geometry``), via a server-side
-    cursor so memory holds one batch, never the whole result."""
+    """Yield the table in ``_row_id`` order as Arrow tables (WKB ``geometry``), via a binary
+    server-side cursor so memory holds one batch, never the whole result."""
     names = layer.attributes.names
-    select = sql.SQL("SELECT {}, ST_AsBinary({}) FROM {}.{} ORDER BY {}").format(
+    select = sql.SQL("SELECT {}, ST_AsBinary({}) FROM {} ORDER BY {}").format(
         sql.SQL(", ").join(sql.Identifier(n) for n in names) if names else sql.SQL("1"),
-        sql.Identifier(GEOM), sql.Identifier(layer.schema), sql.Identifier(layer.table),
-        sql.Identifier(ROW_ID))
+        sql.Identifier(GEOM), _qualified(layer), sql.Identifier(ROW_ID))
     out_schema = pa.schema([*layer.attributes, pa.field(GEOMETRY, pa.binary())])
-    with conn.transaction(), conn.cursor(name=f"stream_{layer.table}") as cursor:
+    # binary: WKB and numbers arrive as bytes, not hex/decimal text to parse
+    with conn.transaction(), conn.cursor(name=f"stream_{layer.table}", binary=True) as cursor:
         cursor.itersize = batch_rows
         cursor.execute(select)
         while rows := cursor.fetchmany(batch_rows):

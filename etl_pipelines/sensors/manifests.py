@@ -28,7 +28,7 @@ CURSOR_VERSION = 1
 MAX_MANIFESTS_PER_TICK = 50
 
 
-def _read_cursor(raw: str | None) -> dict[str, str]:
+def read_cursor(raw: str | None) -> dict[str, str]:
     if not raw:
         return {}
     data = json.loads(raw)
@@ -38,7 +38,7 @@ def _read_cursor(raw: str | None) -> dict[str, str]:
     return dict(data["processed"])
 
 
-def _write_cursor(processed: dict[str, str]) -> str:
+def write_cursor(processed: dict[str, str]) -> str:
     return json.dumps({"version": CURSOR_VERSION, "processed": processed}, sort_keys=True)
 
 
@@ -48,7 +48,7 @@ def _write_cursor(processed: dict[str, str]) -> str:
 def manifest_sensor(
     context: SensorEvaluationContext, object_store: ObjectStoreResource, ledger: LedgerResource,
 ) -> SensorResult | SkipReason:
-    processed = _read_cursor(context.cursor)
+    processed = read_cursor(context.cursor)
     store = object_store.store
     bucket = object_store.landing_bucket
     new = [o for o in store.list(bucket)
@@ -91,4 +91,4 @@ def manifest_sensor(
                                      batch_id=batch_id, errors=[error])
                 context.log.warning(f"manifest {obj.key!r}: {error}")
         processed[obj.key] = obj.etag
-    return SensorResult(run_requests=requests, cursor=_write_cursor(processed))
+    return SensorResult(run_requests=requests, cursor=write_cursor(processed))

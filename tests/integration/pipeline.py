@@ -1,14 +1,16 @@
 """Helpers shared by the integration tests: land a batch, ask the sensor, run the job."""
 
 import json
+import os
 from pathlib import Path
 
 from dagster import DagsterInstance, RunRequest, build_sensor_context
 
 from etl_pipelines.definitions import build_resources, defs
-from etl_pipelines.sensors.manifests import manifest_sensor
+from etl_pipelines.sensors.manifests import manifest_sensor, write_cursor
 from libs.landing import land_batch
-from libs.object_store import ObjectStore
+from libs.manifest import MANIFEST_FILENAME
+from libs.object_store import ObjectStore, ObjectStoreSettings
 from libs.sample_batch import write_sample_batch
 
 
@@ -23,8 +25,24 @@ def land_sample(store: ObjectStore, tmp_path: Path, batch_id: str, n_points: int
     return manifest
 
 
-def sensor_tick(instance: DagsterInstance, cursor: str | None = None):
+def cursor_focused_on(store: ObjectStore, prefixes: list[str]) -> str:
+    """A sensor cursor that has processed every manifest in the landing zone except those
+    under ``prefixes``: a tick from it looks only at this test's batches, however many
+    manifests earlier tests and sessions left behind."""
+    processed = {o.key: o.etag for o in store.list("landing-zone")
+                 if o.key.endswith("/" + MANIFEST_FILENAME)
+                 and not o.key.startswith(tuple(f"{p}/" for p in prefixes))}
+    return write_cursor(processed)
+
+
+def sensor_tick(instance: DagsterInstance, cursor: str | None = None, *,
+                focus: str | list[str] | None = None):
     resources = build_resources()
+    if cursor is None and focus is not None:
+        store = ObjectStore(ObjectStoreSettings(os.environ["MINIO_ENDPOINT"],
+                                                os.environ["MINIO_ROOT_USER"],
+                                                os.environ["MINIO_ROOT_PASSWORD"]))
+        cursor = cursor_focused_on(store, [focus] if isinstance(focus, str) else focus)
     with build_sensor_context(instance=instance, cursor=cursor, resources={
             "object_store": resources["object_store"], "ledger": resources["ledger"]}) as context:
         return manifest_sensor(context)

@@ -86,7 +86,7 @@ def test_bad_input_stops_the_run_in_shard(stack_env, store, tmp_path, spoil):
     landed = {key: store.get_bytes("landing-zone", key) for key in keys}
 
     with DagsterInstance.ephemeral() as instance:
-        request = request_for(sensor_tick(instance), batch_id)
+        request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
         assert request is not None, "the manifest itself is valid"
         result = run_ingest(instance, request, raise_on_error=False)
     assert not result.success

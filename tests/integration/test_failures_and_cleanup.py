@@ -40,7 +40,7 @@ def test_failed_join_drops_the_schema_and_publishes_nothing(
         return manifest
 
     land_sample(store, tmp_path, batch_id, n_points=500, edit=missing_column)
-    request = request_for(sensor_tick(instance), batch_id)
+    request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
     result = run_ingest(instance, request, raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
@@ -58,7 +58,7 @@ def test_invalid_landed_file_fails_in_shard_naming_the_file(
     land_sample(store, tmp_path, batch_id, n_points=100)
     store.put_bytes("landing-zone", f"{batch_id}/points.fgb", b"garbage, not FlatGeobuf",
                     "application/octet-stream")
-    request = request_for(sensor_tick(instance), batch_id)
+    request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
     result = run_ingest(instance, request, raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
@@ -105,7 +105,7 @@ with DagsterInstance.ephemeral() as instance:
 def test_janitor_removes_the_schema_of_a_run_killed_mid_load(
         stack_env, store, tmp_path, batch_id, instance, pg):
     land_sample(store, tmp_path, batch_id, n_points=300_000)
-    request = request_for(sensor_tick(instance), batch_id)
+    request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run_id = str(uuid.uuid4())
     schema = postgis.run_schema_name(run_id)

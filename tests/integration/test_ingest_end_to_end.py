@@ -33,7 +33,7 @@ def ingested(stack_env, store, tmp_path_factory, instance):
     batch_id = f"e2e-{uuid.uuid4().hex[:12]}"
     tmp = tmp_path_factory.mktemp("batch")
     land_sample(store, tmp, batch_id, n_points=N_POINTS)
-    request = request_for(sensor_tick(instance), batch_id)
+    request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
     assert request is not None, "the sensor did not request a run for the landed batch"
     result = run_ingest(instance, request)
     return {"batch_id": batch_id, "folder": tmp / batch_id, "result": result}

@@ -24,7 +24,7 @@ def _cursor(result) -> dict:
 
 def test_valid_manifest_requests_one_run_keyed_by_batch_id(store, tmp_path, batch_id, instance):
     land_sample(store, tmp_path, batch_id, n_points=100)
-    first = sensor_tick(instance)
+    first = sensor_tick(instance, focus=[batch_id, f"{batch_id}-again"])
     request = request_for(first, batch_id)
     assert request.run_key == batch_id
     assert request.tags["batch_id"] == batch_id
@@ -45,7 +45,7 @@ def test_invalid_manifest_is_recorded_with_every_error_and_never_retried(
 
     land_sample(store, tmp_path, batch_id, n_points=10, edit=break_it)
     key = f"{batch_id}/manifest.json"
-    first = sensor_tick(instance)
+    first = sensor_tick(instance, focus=[batch_id, f"{batch_id}-again"])
     assert request_for(first, batch_id) is None
     assert key in _cursor(first)["processed"]
     (record,) = ledger.manifests_for_key(key)
@@ -62,7 +62,7 @@ def test_invalid_manifest_is_recorded_with_every_error_and_never_retried(
 def test_a_batch_id_never_starts_a_second_run_even_under_a_new_key(
         store, tmp_path, batch_id, instance, ledger):
     land_sample(store, tmp_path, batch_id, n_points=10)
-    first = sensor_tick(instance)
+    first = sensor_tick(instance, focus=[batch_id, f"{batch_id}-again"])
     assert request_for(first, batch_id) is not None
     ledger.attach_run(batch_id, "00000000-0000-0000-0000-000000000001")  # its run started
     # the same batch id landed again under another folder
@@ -75,4 +75,5 @@ def test_a_batch_id_never_starts_a_second_run_even_under_a_new_key(
     assert record["status"] == "duplicate_batch"
     assert f"{batch_id}/manifest.json" in record["errors"][0]
     # and a fresh cursor (e.g. a reset sensor) does not bring the started batch back either
-    assert request_for(sensor_tick(instance), batch_id) is None
+    assert request_for(sensor_tick(instance, focus=[batch_id, f"{batch_id}-again"]),
+                       batch_id) is None

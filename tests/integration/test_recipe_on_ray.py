@@ -52,7 +52,7 @@ def ran(stack_env, store, tmp_path_factory):
 
     land_sample(store, tmp, batch_id, n_points=N_POINTS, edit=with_recipes)
     with DagsterInstance.ephemeral() as instance:
-        request = request_for(sensor_tick(instance), batch_id)
+        request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
         config = dict(request.run_config)
         config["ops"] = {**config["ops"], "shard_batch": {"config": {"chunk_rows": 2_500}}}
         result = run_ingest(instance, RunRequest(run_key=request.run_key, run_config=config,

@@ -70,3 +70,116 @@ def test_paths_resolve_against_the_manifest_folder():
     assert batch_folder("b1/manifest.json") == "b1/"
     assert batch_folder("a/b/manifest.json") == "a/b/"
     assert batch_folder("manifest.json") == ""
+
+
+def _with_join(sample: dict, **join) -> bytes:
+    fields = {k: v for k, v in sample["join"].items() if k not in ("predicate", "aggregations")}
+    return json.dumps(dict(sample, join={**fields, **join})).encode()
+
+
+def test_old_join_defaults_are_kept(sample):
+    join = {k: sample["join"][k] for k in ("name", "left", "right")}
+    manifest = parse_manifest(json.dumps(dict(sample, join=join)).encode(), "k/manifest.json")
+    assert manifest.join.predicate == "intersects" and manifest.join.how == "left"
+    assert [(a.function, a.output) for a in manifest.join.aggregations] == [("count", "match_count")]
+    assert manifest.join.carry is None and manifest.join.carried_columns() == []
+
+
+@pytest.mark.parametrize("join", [
+    {"predicate": "dwithin", "distance": 2500},
+    {"predicate": "nearest", "k": 3, "max_distance": 1e4, "how": "inner",
+     "aggregations": [{"function": "mean", "column": "value", "output": "v"}]},
+    {"predicate": "nearest", "k": 1, "carry": ["value", {"column": "point_id", "output": "pid"}],
+     "distance_column": "metres_away"},
+    {"predicate": "within", "carry": []},
+])
+def test_every_join_kind_is_valid_for_model_and_json_schema(sample, join):
+    raw = _with_join(sample, **join)
+    parsed = parse_manifest(raw, "k/manifest.json").join
+    jsonschema.validate(json.loads(raw), json.loads(SCHEMA_FILE.read_text()))
+    if "carry" in join:
+        assert parsed.aggregations == []  # carrying replaces the default count
+
+
+def test_carried_columns_are_prefixed_unless_renamed(sample):
+    raw = _with_join(sample, predicate="nearest", k=2,
+                     carry=["value", {"column": "point_id", "output": "pid"}])
+    join = parse_manifest(raw, "k/manifest.json").join
+    assert join.carried_columns() == [("value", "right_value"), ("point_id", "pid")]
+    assert join.measures_distance and join.distance_column == "distance"
+
+
+def test_every_join_problem_is_listed_at_once(sample):
+    raw = _with_join(sample, predicate="nearest", distance=10, max_distance=-1, how="outer",
+                     carry=["value", {"column": "value", "output": "right_value"}],
+                     aggregations=[{"function": "count", "output": "n"}])
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(raw, "k/manifest.json")
+    errors = caught.value.errors
+    expected = {
+        "join.distance": "'distance' applies to predicate 'dwithin' only, not 'nearest'; limit "
+                         "a nearest join with 'max_distance'",
+        "join.k": "predicate 'nearest' needs 'k'",
+        "join.max_distance": "greater than 0",
+        "join.how": "Input should be 'left' or 'inner'",
+        "join.carry": "output 'right_value' is used more than once",
+        "join.aggregations": "give either 'aggregations' (one row per left row) or 'carry'",
+    }
+    for field, message in expected.items():
+        assert any(e.startswith(f"{field}:") and message in e for e in errors), (field, errors)
+    assert len(errors) == len(expected), errors
+
+
+@pytest.mark.parametrize("join", [{"predicate": "dwithin"}, {"predicate": "nearest"}])
+def test_json_schema_also_requires_distance_or_k(sample, join):
+    document = json.loads(_with_join(sample, **join))
+    with pytest.raises(jsonschema.ValidationError, match="is a required property"):
+        jsonschema.validate(document, json.loads(SCHEMA_FILE.read_text()))
+
+
+@pytest.mark.parametrize(("join", "field", "message"), [
+    ({"predicate": "dwithin"}, "join.distance", "predicate 'dwithin' needs 'distance' (metres, > 0)"),
+    ({"predicate": "dwithin", "distance": 0}, "join.distance", "greater than 0"),
+    ({"predicate": "nearest", "k": 0}, "join.k", "greater than or equal to 1"),
+    ({"predicate": "intersects", "k": 2}, "join.k", "'k' applies to predicate 'nearest' only"),
+    ({"predicate": "dwithin", "distance": 5, "max_distance": 9}, "join.max_distance",
+     "'max_distance' applies to predicate 'nearest' only, not 'dwithin'"),
+    ({"carry": ["value"], "aggregations": [{"function": "count", "output": "n"}]},
+     "join.aggregations", "give either 'aggregations' (one row per left row) or 'carry'"),
+    ({"aggregations": []}, "join.aggregations", "needs at least one aggregation, or give 'carry'"),
+    ({"carry": ["Value"]}, "join.carry.0.name", "should match pattern"),
+    ({"carry": ["v" * 60]}, "join.carry", "longer than 63 characters; rename it with"),
+    ({"predicate": "nearest", "k": 1, "carry": ["value"], "distance_column": "right_value"},
+     "join.distance_column", "'right_value' is also the output of a carried column"),
+    ({"predicate": "buffer"}, "join.predicate", "'dwithin' or 'nearest'"),
+])
+def test_join_problem_names_its_field(sample, join, field, message):
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(_with_join(sample, **join), "k/manifest.json")
+    assert any(e.startswith(f"{field}:") and message in e for e in caught.value.errors), \
+        caught.value.errors
+
+
+@pytest.mark.parametrize("crs", ["EPSG:2263", "EPSG:4978"])
+def test_distance_join_needs_a_crs_in_metres(sample, crs):
+    raw = json.dumps(dict(json.loads(_with_join(sample, predicate="dwithin", distance=100)),
+                          target_crs=crs)).encode()
+    with pytest.raises(ManifestError, match=r"join.predicate: 'dwithin' measures distances in "
+                                            rf"metres, but target_crs '{crs}' \(.*\) is"):
+        parse_manifest(raw, "k/manifest.json")
+
+
+@pytest.mark.parametrize("crs", ["EPSG:4326", "EPSG:32631", "EPSG:8857"])
+def test_distance_join_accepts_geographic_and_metre_crs(sample, crs):
+    raw = json.dumps(dict(json.loads(_with_join(sample, predicate="nearest", k=1)),
+                          target_crs=crs)).encode()
+    assert parse_manifest(raw, "k/manifest.json").target_crs == crs
+
+
+def test_foot_crs_is_listed_with_field_errors(sample):
+    raw = json.dumps(dict(json.loads(_with_join(sample, predicate="dwithin")),
+                          target_crs="EPSG:2263")).encode()
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(raw, "k/manifest.json")
+    fields = [e.split(":")[0] for e in caught.value.errors]
+    assert fields == ["join.distance", "join.predicate"], caught.value.errors
