@@ -18,33 +18,39 @@ Algorithm
 ---------
 The sort key of a row is the Hilbert index (2^32 cells per axis, a 64-bit key, computed
 with 8-bit lookup tables in numpy) of the centre of its geometry's bbox, normalised to the
-layer's extent of centres with one scale for both axes; ties (and rows without a geometry,
-which sort last) keep source order, so the output is deterministic.
+layer's extent of centres with one scale for both axes. Every sort is stable and rows enter
+it in source order (file by file, row by row), so ties keep source order, rows without a
+geometry come last, and the output is deterministic.
 
-1. Read: stream each source in bounded batches; take bboxes straight from point WKB (a
-   numpy view, no parsing) or from shapely otherwise; validate; add the bounds and a
-   source-order number; track the extent and a fixed-size random sample of centres. While
-   the layer fits in half of ``ShardLimits.sort_memory_bytes`` the batches stay in memory;
-   beyond that everything goes to per-source Arrow IPC spill files under ``scratch_dir``.
-2. In memory: compute keys, ``argsort`` them (stable), cut chunks by gathering rows.
-   External: stream the spill files once more, compute keys and range-partition the rows
-   into K bucket files (boundaries: quantiles of the sampled keys, so clustered data gives
-   balanced buckets; K so that a bucket is about half the memory budget, at most 256).
+1. Read: stream each source in ``read_batch_rows`` batches (GDAL decodes the next batch on
+   a helper thread meanwhile); bboxes come straight from point WKB (strided numpy views, no
+   parsing) or from shapely otherwise; rows are validated; bounds and a geometry-type code
+   are added as columns; the extent and a fixed-size random sample of centres are tracked.
+   A layer that fits in half of ``sort_memory_bytes`` stays in memory; a larger one (or one
+   whose files are already larger) goes to per-source Arrow IPC files in ``scratch_dir``.
+2. In memory: compute keys, ``argsort`` them, cut chunks by gathering rows. External:
+   stream the spill files once more, compute keys and range-partition the rows into K
+   bucket files, at key boundaries taken from quantiles of the sampled keys (so clustered
+   data still gives even buckets), with K such that a bucket is ~1/8 of the budget (<= 256).
 3. Load one bucket at a time, sort it and cut chunks, carrying the unfinished chunk over to
-   the next bucket so chunk boundaries do not depend on K. A bucket larger than the budget
-   (skewed data) is re-partitioned recursively on its own key quantiles; a bucket whose
-   rows all share one key is already in order and is streamed straight out.
+   the next bucket so chunk boundaries do not depend on K (the external sort gives the same
+   bytes as the in-memory one). A bucket over half the budget (skewed or duplicated keys) is
+   re-partitioned on its own key quantiles, recursively; a bucket whose rows all share one
+   key is already in order and is streamed straight out.
 
 Chunks are cut where either ``chunk_rows`` or ``chunk_bytes`` (estimated from the Arrow
 size of the rows, which zstd Parquet does not exceed in practice) would be exceeded; a
 chunk whose encoding still exceeds ``chunk_bytes`` is split in half. Chunks are written
-with pyarrow directly (zstd, ``geo`` metadata with PROJJSON CRS, geometry_types and bbox,
-a ``bbox`` covering column with statistics), encoded on ``encode_threads`` threads while the
-next chunk is gathered; ``sink`` is always called from the calling thread, in order.
+with pyarrow directly (zstd, ``geo`` metadata with the CRS as PROJJSON, geometry_types and
+bbox, a ``bbox`` covering column of float32 rounded outwards, with statistics);
+``encode_threads`` threads gather and
+encode chunks while the next one is cut; ``sink`` is called from the calling thread, in order.
 
-Memory: one read batch, plus at most ``sort_memory_bytes`` of rows (the in-memory layer,
-or the bucket being sorted), plus ``encode_threads + 1`` chunks being encoded. Nothing of
-it grows with the input; the input size only decides the number of buckets (and disk).
+Memory (measured in ``benchmarks/README.md``): the interpreter and libraries, plus at most
+half of ``sort_memory_bytes`` of rows (the in-memory layer, or about a quarter of that for
+the bucket being sorted), plus ``encode_threads`` chunks being gathered and encoded, plus
+two read batches. None of it grows with the input, which only sets the number of buckets
+and the scratch disk used (about the input's Arrow size, twice while partitioning).
 
 Why not dask-geopandas
 ----------------------
@@ -67,16 +73,18 @@ import json
 import re
 import shutil
 import tempfile
+import threading
 import unicodedata
 import warnings
 import zipfile
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path, PurePosixPath
+from queue import Full, Queue
 
 import numpy as np
 import pyarrow as pa
@@ -133,15 +141,15 @@ _TEXT_FORMATS = {InputFormat.CSV, InputFormat.GEOJSON, InputFormat.GEOJSONSEQ}
 
 # Internal columns carried through the sort; never written to a chunk.
 _MINX, _MINY, _MAXX, _MAXY = "__shard_minx", "__shard_miny", "__shard_maxx", "__shard_maxy"
-_SEQ, _KEY = "__shard_seq", "__shard_key"
+_TYPE, _KEY = "__shard_type", "__shard_key"  # WKB type * 2 + has Z; Hilbert key
 _BOUNDS = (_MINX, _MINY, _MAXX, _MAXY)
-_INTERNAL = (*_BOUNDS, _SEQ, _KEY)
 _RESERVED = {GEOMETRY, COVERING}
 
 _SAMPLE_SIZE = 65_536
 _MAX_BUCKETS = 256
 _BUCKET_FLUSH_ROWS = 16_384
 _EMPTY_KEY = np.uint64(2**64 - 1)
+_PARSE_BYTES = 32 * 2**20
 
 
 # --------------------------------------------------------------------------------------
@@ -153,12 +161,14 @@ _EMPTY_KEY = np.uint64(2**64 - 1)
 class ShardLimits:
     """Bounds of the shard stage; the defaults suit a 2-core worker with 2-8 GiB.
 
-    ``chunk_rows``/``chunk_bytes`` bound every chunk (rows, encoded bytes; one oversized
-    row still makes a chunk). ``read_batch_rows`` is the streaming batch size.
-    ``max_zip_bytes``/``max_zip_ratio`` bound what a zip archive may inflate to (total
-    uncompressed size, and that size over the archive's size). ``sort_memory_bytes`` is the
-    memory the sort may hold (256 MiB: a layer up to half of it is sorted in memory).
-    ``encode_threads`` chunks are encoded in parallel.
+    * ``chunk_rows`` (100k-1M) and ``chunk_bytes`` (32-512 MiB) bound every chunk: rows, and
+      encoded bytes (a single row larger than ``chunk_bytes`` still makes a chunk).
+    * ``read_batch_rows`` (16k-256k): rows per streamed batch.
+    * ``max_zip_bytes`` / ``max_zip_ratio``: what a zip may inflate to, in total and as a
+      multiple of the archive's size; checked before GDAL opens it.
+    * ``sort_memory_bytes`` (128 MiB-2 GiB): memory for sorting. A layer up to half of it is
+      sorted in memory; a larger one externally, in buckets of about 1/8 of it.
+    * ``encode_threads`` (1-cores): chunks gathered and encoded in parallel.
     """
 
     chunk_rows: int = 250_000
@@ -327,7 +337,7 @@ def _zip_sidecar(members: list[str], shp: str, suffix: str) -> str | None:
     return None
 
 
-def _read_info(gdal_path: str, data_file: DataFile, layer: str | None, **options: str) -> dict:
+def _read_info(gdal_path: str, layer: str | None, **options: str) -> dict:
     with warnings.catch_warnings():
         # e.g. "Measured (M) geometry types are not supported": the data is checked later.
         warnings.simplefilter("ignore")
@@ -339,7 +349,7 @@ def _detect_driver(gdal_path: str, path: Path, data_file: DataFile, layer: str |
     where = _where(data_file, source_layer=layer)
     expected = _DRIVERS[data_file.format]
     try:
-        info = _read_info(gdal_path, data_file, layer)
+        info = _read_info(gdal_path, layer)
     except DataLayerError as exc:
         raise InputDataError(f"{where}: {exc}; expected an existing layer "
                              f"(available: {_list_layers(gdal_path)})") from None
@@ -475,8 +485,8 @@ def _probe(path: Path, data_file: DataFile, source_layer: str | None,
     info = _detect_driver(gdal_path, path, data_file, layer)
     if fmt is InputFormat.CSV:
         gdal_path = f"CSV:{path}"
-        options = _csv_options(data_file, where, _read_info(gdal_path, data_file, None))
-        info = _read_info(gdal_path, data_file, None, **dict(options))
+        options = _csv_options(data_file, where, _read_info(gdal_path, None))
+        info = _read_info(gdal_path, None, **dict(options))
     elif layer is None and fmt is not InputFormat.SHAPEFILE_ZIP:
         layers = _list_layers(gdal_path)
         layer = layers[0] if layers else None
@@ -926,12 +936,15 @@ def _wkb_headers(array: pa.Array) -> tuple[_WkbHeaders, np.ndarray, np.ndarray, 
     little = np.zeros(n, bool)
     readable = valid & (lengths >= 5)
     if readable.any():
-        at = starts[readable]
-        order = data[at]
-        raw = np.stack([data[at + i].astype(np.uint64) for i in range(1, 5)])
-        le = raw[0] | raw[1] << 8 | raw[2] << 16 | raw[3] << 24
-        be = raw[3] | raw[2] << 8 | raw[1] << 16 | raw[0] << 24
-        code = np.where(order == 1, le, be)
+        size = int(lengths[0])
+        if readable.all() and (lengths == size).all():
+            # Fixed-size records (points): the headers are a strided view, no gather.
+            header = data[starts[0]: starts[0] + n * size].reshape(n, size)[:, :5]
+        else:
+            header = data[starts[readable][:, None] + np.arange(5)]  # byte order, uint32 type
+        order = header[:, 0]
+        raw = np.ascontiguousarray(header[:, 1:5])
+        code = np.where(order == 1, raw.view("<u4")[:, 0], raw.view(">u4")[:, 0]).astype(np.int64)
         ewkb_z = (code & 0x80000000) != 0
         ewkb_extra = (code & 0x60000000) != 0  # M or SRID flag
         base = code & 0x0FFFFFFF
@@ -949,8 +962,13 @@ def _type_name(kind: int, has_z: bool) -> str:
 
 def _geometry_types(headers: _WkbHeaders) -> list[str]:
     present = headers.valid & (headers.kind > 0)
-    codes = np.unique(headers.kind[present] * 2 + headers.has_z[present])
-    return sorted(_type_name(int(code) // 2, bool(code % 2)) for code in codes)
+    return _type_names(headers.kind[present] * 2 + headers.has_z[present])
+
+
+def _type_names(codes: np.ndarray) -> list[str]:
+    """Type names of ``kind * 2 + has_z`` codes (0: no geometry)."""
+    present = np.flatnonzero(np.bincount(codes.astype(np.int64)))
+    return sorted(_type_name(int(code) // 2, bool(code % 2)) for code in present if code)
 
 
 def _not_finite(where: str, row: int) -> InputDataError:
@@ -1013,8 +1031,24 @@ def _bounds(array: pa.Array, where: str, first_row: int) -> tuple[list[np.ndarra
         if bad.any():
             raise _not_finite(where, first_row + int(np.flatnonzero(bad)[0]))
         return [x, y, x, y], headers
+    bounds = np.empty((len(array), 4))
+    # Parse at most ~_PARSE_BYTES of WKB at a time: a batch of large polygons would otherwise
+    # hold several times its size in GEOS objects and coordinate copies.
+    start = 0
+    cumulative = np.cumsum(lengths)
+    while start < len(array):
+        base = cumulative[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(cumulative, base + _PARSE_BYTES, side="right")))
+        _parse_bounds(array.slice(start, stop - start), headers.valid[start:stop],
+                      bounds[start:stop], where, first_row + start)
+        start = stop
+    return [np.ascontiguousarray(bounds[:, i]) for i in range(4)], headers
+
+
+def _parse_bounds(array: pa.Array, valid: np.ndarray, out: np.ndarray, where: str,
+                  first_row: int) -> None:
     geoms = shapely.from_wkb(array.to_numpy(zero_copy_only=False), on_invalid="ignore")
-    unreadable = headers.valid & shapely.is_missing(geoms)
+    unreadable = valid & shapely.is_missing(geoms)
     if unreadable.any():
         row = int(np.flatnonzero(unreadable)[0])
         raise InputDataError(f"{where}, row {first_row + row}: the geometry is not valid WKB")
@@ -1022,8 +1056,7 @@ def _bounds(array: pa.Array, where: str, first_row: int) -> tuple[list[np.ndarra
     finite = np.isfinite(coords).all(axis=1)
     if not finite.all():
         raise _not_finite(where, first_row + int(index[np.flatnonzero(~finite)[0]]))
-    bounds = shapely.bounds(geoms)
-    return [np.ascontiguousarray(bounds[:, i]) for i in range(4)], headers
+    out[:] = shapely.bounds(geoms)
 
 
 # --------------------------------------------------------------------------------------
@@ -1054,7 +1087,9 @@ def _hilbert_tables() -> tuple[np.ndarray, np.ndarray]:
         digits = (digits << 2) | ((3 * tx) ^ ty)
         lower = (ty == 0).astype(np.int64)
         swap, flip = swap ^ lower, flip ^ (lower & tx)
-    return digits.astype(np.uint64), (swap | (flip << 1)).astype(np.int64)
+    # Small dtypes keep the tables (0.75 MiB) cache-friendly; the next orientation is stored
+    # pre-shifted into place in the next lookup index.
+    return digits.astype(np.uint16), ((swap | (flip << 1)) << 16).astype(np.int32)
 
 
 def hilbert_index(ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
@@ -1065,9 +1100,9 @@ def hilbert_index(ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
     digits, next_state = _hilbert_tables()
     x, y = np.asarray(ix, dtype=np.int64), np.asarray(iy, dtype=np.int64)
     key = np.zeros(x.shape, dtype=np.uint64)
-    state = np.zeros(x.shape, dtype=np.int64)
+    state = np.zeros(x.shape, dtype=np.int32)
     for shift in range(32 - _STEP_BITS, -1, -_STEP_BITS):
-        index = (state << 16) | (((x >> shift) & 0xFF) << 8) | ((y >> shift) & 0xFF)
+        index = state | (((x >> shift) & 0xFF) << 8) | ((y >> shift) & 0xFF)
         key = (key << np.uint64(16)) | digits[index]
         state = next_state[index]
     return key
@@ -1241,6 +1276,8 @@ class _SourceStore:
 
 @dataclass
 class _Pass1:
+    """What reading a layer found, and where its validated rows are."""
+
     stores: list[_SourceStore]
     schema: pa.Schema  # attributes + geometry, unified over the sources
     crs: CRS
@@ -1253,24 +1290,59 @@ class _Pass1:
     rows_per_source: dict[str, int]
 
 
+class _Collector:
+    """Validates a layer's batches, adds bounds and type columns, and stores them."""
+
+    def __init__(self, layer: str, budget: int, spill_now: bool):
+        self.layer, self.budget, self.spilled = layer, budget, spill_now
+        self.stores: list[_SourceStore] = []
+        self.sample = _Sample(_SAMPLE_SIZE)
+        self.extent = np.array([np.inf, np.inf, -np.inf, -np.inf])
+        self.families: dict[str, tuple[str, str, int]] = {}  # family -> (file, type, row)
+        self.types: set[str] = set()
+        self.rows = 0
+        self.nbytes = 0
+
+    def add(self, batch: pa.RecordBatch, file: str, where: str, first_row: int) -> None:
+        bounds, headers = _bounds(batch.column(GEOMETRY), where, first_row)
+        _check_families(headers, self.families, file, where, first_row, self.layer)
+        self.types.update(_geometry_types(headers))
+        cx, cy = (bounds[0] + bounds[2]) * 0.5, (bounds[1] + bounds[3]) * 0.5
+        if not np.isnan(cx).all():
+            low = np.minimum(self.extent[:2], [np.nanmin(cx), np.nanmin(cy)])
+            high = np.maximum(self.extent[2:], [np.nanmax(cx), np.nanmax(cy)])
+            self.extent = np.concatenate([low, high])
+        self.sample.add(cx, cy)
+        codes = np.where(headers.valid, headers.kind * 2 + headers.has_z, 0).astype(np.uint8)
+        full = pa.RecordBatch.from_arrays(
+            [*batch.columns, *(pa.array(b) for b in bounds), pa.array(codes)],
+            names=[*batch.schema.names, *_BOUNDS, _TYPE])
+        store = self.stores[-1]
+        store.add(full)
+        self.nbytes += full.nbytes
+        self.rows += full.num_rows
+        if not self.spilled and self.nbytes > self.budget:
+            self.spilled = True
+            for each in self.stores:
+                each.spill()
+        elif self.spilled:
+            store.spill()
+
+
 def _read_sources(layer: str, sources: list[LayerSource], scratch_dir: Path,
                   limits: ShardLimits) -> _Pass1:
     probes = [s.probe or _probe(s.path, s.data_file, s.source_layer, limits) for s in sources]
     crs = _layer_crs(layer, sources, probes)
-    budget = limits.sort_memory_bytes // 2
-    stores: list[_SourceStore] = []
-    sample = _Sample(_SAMPLE_SIZE)
-    extent = np.array([np.inf, np.inf, -np.inf, -np.inf])
+    budget = _in_memory_bytes(limits)
+    # A layer whose files are already larger than the in-memory budget goes to disk from
+    # the first batch: holding the budget's worth first would only leave it in the allocator.
+    collector = _Collector(layer, budget, sum(_stored_bytes(s) for s in sources) > budget)
     schema: pa.Schema | None = None
     schema_owner = ""
-    families: dict[str, tuple[str, str, int]] = {}  # family -> (file, type name, row)
-    types: set[str] = set()
     rows_per_source: dict[str, int] = {}
-    seq, nbytes, spilled = 0, 0, False
     for index, (source, probe) in enumerate(zip(sources, probes, strict=True)):
         where = _where(source.data_file, layer, source.source_layer)
-        store = _SourceStore(scratch_dir / f"source-{index:04d}.arrows")
-        stores.append(store)
+        collector.stores.append(_SourceStore(scratch_dir / f"source-{index:04d}.arrows"))
         opener = (_geoparquet_stream(source, where, limits) if probe.gdal_path is None
                   else _gdal_stream(source, probe, where, scratch_dir, limits, index))
         rows = 0
@@ -1279,42 +1351,75 @@ def _read_sources(layer: str, sources: list[LayerSource], scratch_dir: Path,
                 schema, schema_owner = source_schema, source.data_file.path
             else:
                 schema = _unify(schema, schema_owner, source_schema, source.data_file.path, layer)
-            for batch in batches:
-                if not batch.num_rows:
-                    continue
-                bounds, headers = _bounds(batch.column(GEOMETRY), where, rows)
-                _check_families(headers, families, source.data_file.path, where, rows, layer)
-                types.update(_geometry_types(headers))
-                cx, cy = (bounds[0] + bounds[2]) * 0.5, (bounds[1] + bounds[3]) * 0.5
-                if not np.isnan(cx).all():
-                    extent = np.array([min(extent[0], np.nanmin(cx)), min(extent[1], np.nanmin(cy)),
-                                       max(extent[2], np.nanmax(cx)), max(extent[3], np.nanmax(cy))])
-                sample.add(cx, cy)
-                arrays = [*batch.columns, *(pa.array(b) for b in bounds),
-                          pa.array(np.arange(seq, seq + batch.num_rows, dtype=np.uint64))]
-                names = [*batch.schema.names, *_BOUNDS, _SEQ]
-                full = pa.RecordBatch.from_arrays(arrays, names=names)
-                store.add(full)
-                nbytes += full.nbytes
-                seq += batch.num_rows
-                rows += batch.num_rows
-                if not spilled and nbytes > budget:
-                    spilled = True
-                    for each in stores:
-                        each.spill()
-                elif spilled:
-                    store.spill()
-        store.close()
+            # GDAL reports unreadable CSV numbers only as a warning, which reaches Python on
+            # the reading thread alone: CSV is read on this one. ``closing`` stops the helper
+            # thread (on errors too) before the reader's dataset closes.
+            csv = source.data_file.format is InputFormat.CSV
+            with closing(batches if csv else _prefetched(batches)) as stream:
+                for batch in stream:
+                    if batch.num_rows:
+                        collector.add(batch, source.data_file.path, where, rows)
+                        rows += batch.num_rows
+        collector.stores[-1].close()
         if rows == 0:
             raise InputDataError(f"{where} has no features; expected at least one row")
         rows_per_source[str(source.path)] = rows
-    for store in stores:
-        store.close()
     assert schema is not None
-    if not np.isfinite(extent).all():
-        extent = np.full(4, np.nan)
-    return _Pass1(stores, schema, crs, seq, nbytes, not spilled, extent, sample,
-                  sorted(types), rows_per_source)
+    extent = collector.extent if np.isfinite(collector.extent).all() else np.full(4, np.nan)
+    return _Pass1(collector.stores, schema, crs, collector.rows, collector.nbytes,
+                  not collector.spilled, extent, collector.sample, sorted(collector.types),
+                  rows_per_source)
+
+
+def _prefetched(items: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
+    """Iterate ``items`` on a helper thread, ``depth`` batches ahead.
+
+    GDAL decoding (which releases the GIL) then overlaps with validating and spilling the
+    previous batch. The helper is stopped and joined before this generator finishes, so the
+    reader is never touched after its dataset closes.
+    """
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+    finished = object()
+
+    def offer(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.05)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(item):
+                    return
+            offer(finished)
+        except BaseException as exc:  # handed to the consuming thread, which re-raises it
+            offer(exc)
+
+    helper = threading.Thread(target=produce, name="shard-read", daemon=True)
+    helper.start()
+    try:
+        while True:
+            item = queue.get()
+            if item is finished:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        helper.join()
+
+
+def _stored_bytes(source: LayerSource) -> int:
+    if source.data_file.format is InputFormat.SHAPEFILE_ZIP:
+        with zipfile.ZipFile(source.path) as archive:
+            return sum(member.file_size for member in archive.infolist())
+    return source.path.stat().st_size
 
 
 def _check_families(headers: _WkbHeaders, families: dict[str, tuple[str, str, int]], file: str,
@@ -1324,12 +1429,12 @@ def _check_families(headers: _WkbHeaders, families: dict[str, tuple[str, str, in
     if not len(kinds):
         return
     rows = np.flatnonzero(present)
-    for kind in np.unique(kinds).tolist():
+    for kind in np.flatnonzero(np.bincount(kinds)).tolist():
         family = _FAMILIES[kind]
         row = first_row + int(rows[np.argmax(kinds == kind)])
         families.setdefault(family, (file, _TYPE_NAMES[kind], row))
     if len(families) > 1:
-        (f1, (file1, type1, row1)), (f2, (file2, type2, row2)) = list(families.items())[:2]
+        (file1, type1, row1), (file2, type2, row2) = list(families.values())[:2]
         if file1 == file2:
             detail = f"{where} mixes {type1} (row {row1}) and {type2} (row {row2}) geometries"
         else:
@@ -1355,6 +1460,8 @@ def _row_sizes(table: pa.Table, columns: list[str]) -> np.ndarray:
         if pa.types.is_binary(data_type) or pa.types.is_string(data_type):
             parts = [_binary_parts(chunk)[1] + 4 for chunk in column.chunks]
             sizes += np.concatenate(parts) if parts else 0
+        elif pa.types.is_fixed_size_binary(data_type):
+            sizes += data_type.byte_width + 4  # as the binary column it is written as
         elif data_type.bit_width and data_type.bit_width >= 8:
             sizes += data_type.bit_width // 8
         elif pa.types.is_boolean(data_type) or pa.types.is_null(data_type):
@@ -1362,6 +1469,20 @@ def _row_sizes(table: pa.Table, columns: list[str]) -> np.ndarray:
         elif table.num_rows:
             sizes += -(-column.nbytes // table.num_rows)
     return sizes
+
+
+def _covering(table: pa.Table, bounds: list[np.ndarray]) -> pa.StructArray:
+    """The bbox covering column: float32 rounded outwards, so each box still contains its
+    geometry (GeoParquet allows FLOAT; it takes a third less space than DOUBLE), and null
+    exactly where the geometry is null, as the specification requires."""
+    rounded = []
+    for values, outwards in zip(bounds, (-np.inf, -np.inf, np.inf, np.inf), strict=True):
+        narrow = values.astype(np.float32)
+        inside = narrow > values if outwards < 0 else narrow < values
+        rounded.append(np.where(inside, np.nextafter(narrow, np.float32(outwards)), narrow))
+    missing = pc.invert(table.column(GEOMETRY).is_valid()).combine_chunks()
+    return pa.StructArray.from_arrays([pa.array(v) for v in rounded], names=_COVERING_FIELDS,
+                                      mask=missing)
 
 
 @dataclass
@@ -1385,9 +1506,7 @@ class _ChunkWriter:
         self.output_columns = [*self.attributes, GEOMETRY]
         self.dictionary_columns = [n for n in self.attributes
                                    if pa.types.is_string(schema.field(n).type)]
-        self.statistics_columns = [n for n in self.attributes
-                                   if not pa.types.is_nested(schema.field(n).type)]
-        self.gathered = [*self.output_columns, *_BOUNDS]
+        self.gathered = [*self.output_columns, *_BOUNDS, _TYPE]
         # Rows of the next chunk, as (table, row indices) pieces gathered by the encoder.
         self.pending: list[tuple[pa.Table, np.ndarray]] = []
         self.pending_rows = 0
@@ -1422,6 +1541,9 @@ class _ChunkWriter:
             position += count
             if position < total or self.pending_rows >= self.limits.chunk_rows:
                 self._flush()
+        # Rows carried over to the next run are copied, so this run's table can be freed.
+        self.pending = [(piece.select(self.gathered).take(pa.array(rows)), np.arange(len(rows)))
+                        if piece is table else (piece, rows) for piece, rows in self.pending]
 
     def finish(self) -> list[Chunk]:
         try:
@@ -1455,7 +1577,9 @@ class _ChunkWriter:
 
     def _gather_and_encode(self, pieces: list[tuple[pa.Table, np.ndarray]]) -> list[_Encoded]:
         # Runs on an encoder thread: Arrow's take and Parquet writing release the GIL.
-        tables = [table.select(self.gathered).take(pa.array(rows)) for table, rows in pieces]
+        tables = [_binary_geometry(table.select(self.gathered).take(pa.array(rows)))
+                  for table, rows in pieces]
+        pieces.clear()  # let the sorted run go as soon as its rows are gathered
         return self._encode_bounded(pa.concat_tables(tables) if len(tables) > 1 else tables[0])
 
     def _encode_bounded(self, table: pa.Table) -> list[_Encoded]:
@@ -1468,10 +1592,8 @@ class _ChunkWriter:
 
     def _encode(self, table: pa.Table) -> _Encoded:
         values = [_float_column(table, name) for name in _BOUNDS]
-        covering = pa.StructArray.from_arrays([pa.array(v) for v in values], names=_COVERING_FIELDS)
-        types: set[str] = set()
-        for chunk in table.column(GEOMETRY).chunks:
-            types.update(_geometry_types(_wkb_headers(chunk)[0]))
+        covering = _covering(table, values)
+        types = _type_names(_float_column(table, _TYPE))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: every geometry empty
             box = (np.nanmin(values[0]), np.nanmin(values[1]), np.nanmax(values[2]),
@@ -1492,7 +1614,8 @@ class _ChunkWriter:
         pq.write_table(
             out, buffer, compression="zstd", row_group_size=65_536,
             use_dictionary=self.dictionary_columns or False,
-            write_statistics=[*self.statistics_columns, *(f"{COVERING}.{n}" for n in _COVERING_FIELDS)])
+            # Statistics only where readers prune: the covering bbox.
+            write_statistics=[f"{COVERING}.{n}" for n in _COVERING_FIELDS])
         data = buffer.getvalue().to_pybytes()
         return _Encoded(table.num_rows, data, bbox, hashlib.sha256(data).hexdigest())
 
@@ -1535,8 +1658,8 @@ class _Buckets:
             size = piece.nbytes
             self.nbytes[index] += size
             self.buffered_bytes += size
-            self.min_key[index] = min(self.min_key[index], keys[start])
-            self.max_key[index] = max(self.max_key[index], keys[stop - 1])
+            self.min_key[index] = min(self.min_key[index], keys[start:stop].min())
+            self.max_key[index] = max(self.max_key[index], keys[start:stop].max())
             if self.buffered_rows[index] >= _BUCKET_FLUSH_ROWS:
                 self._flush(index)
             start = stop
@@ -1569,6 +1692,18 @@ def _read_bucket(path: Path) -> Iterator[pa.RecordBatch]:
         yield from ipc.open_stream(handle)
 
 
+def _in_memory_bytes(limits: ShardLimits) -> int:
+    """A layer (or a bucket) up to this size is sorted in memory."""
+    return limits.sort_memory_bytes // 2
+
+
+def _bucket_bytes(limits: ShardLimits) -> int:
+    """Target size of an external-sort bucket: a quarter of the in-memory size, so that an
+    external sort (plus what the read pass left in the allocator) stays below the memory of
+    sorting the largest in-memory layer."""
+    return limits.sort_memory_bytes // 8
+
+
 def _quantile_boundaries(keys: np.ndarray, count: int) -> np.ndarray:
     if count <= 1 or not len(keys):
         return np.zeros(0, dtype=np.uint64)
@@ -1578,7 +1713,7 @@ def _quantile_boundaries(keys: np.ndarray, count: int) -> np.ndarray:
 
 
 def _emit_bucket(path: Path, rows: int, nbytes: int, low: np.uint64, high: np.uint64,
-                 schema: pa.Schema, writer: _ChunkWriter, scratch: Path, budget: int,
+                 schema: pa.Schema, writer: _ChunkWriter, scratch: Path, limits: ShardLimits,
                  depth: int = 0) -> None:
     if not rows:
         return
@@ -1589,30 +1724,76 @@ def _emit_bucket(path: Path, rows: int, nbytes: int, low: np.uint64, high: np.ui
             writer.add_run(table, np.arange(batch.num_rows))
         path.unlink(missing_ok=True)
         return
-    if nbytes <= budget:
+    if nbytes <= _in_memory_bytes(limits):
         table = pa.Table.from_batches(list(_read_bucket(path)), schema=schema)
         path.unlink(missing_ok=True)
-        writer.add_run(table, np.argsort(_key_column(table), kind="stable"))
+        writer.add_run(_fixed_size_geometry(table), _sorted_order(_key_column(table)))
         return
     # Too big to sort in memory (skewed data): split on this bucket's own key quantiles.
     strided = [batch.column(_KEY).to_numpy()[:: max(1, batch.num_rows // 64)]
                for batch in _read_bucket(path)]
     candidates = np.concatenate(strided)
-    count = min(_MAX_BUCKETS, max(2, -(-nbytes // (budget // 2))))
+    count = min(_MAX_BUCKETS, max(2, -(-nbytes // _bucket_bytes(limits))))
     boundaries = _quantile_boundaries(candidates, count)
     boundaries = boundaries[(boundaries > low) & (boundaries <= high)]
     if not len(boundaries):
         boundaries = np.array([high], dtype=np.uint64)  # split off the largest key at least
     folder = scratch / f"split-{depth}-{path.stem}"
     folder.mkdir()
-    buckets = _Buckets(folder, boundaries, schema, budget // 4)
+    buckets = _Buckets(folder, boundaries, schema, _bucket_bytes(limits) // 2)
     for batch in _read_bucket(path):
         buckets.add(batch.drop_columns([_KEY]), batch.column(_KEY).to_numpy())
     buckets.close()
     path.unlink(missing_ok=True)
     for index, sub in enumerate(buckets.paths):
         _emit_bucket(sub, buckets.rows[index], buckets.nbytes[index], buckets.min_key[index],
-                     buckets.max_key[index], schema, writer, folder, budget, depth + 1)
+                     buckets.max_key[index], schema, writer, folder, limits, depth + 1)
+
+
+def _fixed_size_geometry(table: pa.Table) -> pa.Table:
+    """The geometry column as fixed-size binary when every WKB has the same size (points).
+
+    Gathering rows of fixed-size values is a plain strided copy, several times faster than
+    gathering variable-size binary; chunks are written back as binary. A zero-copy view."""
+    column = table.column(GEOMETRY)
+    width, parts = None, []
+    for chunk in column.chunks:
+        if not len(chunk):
+            continue
+        starts, lengths, _ = _binary_parts(chunk)
+        if chunk.null_count or not (lengths == lengths[0]).all() or width not in (None, lengths[0]):
+            return table
+        width = int(lengths[0])
+        values = chunk.buffers()[2].slice(int(starts[0]), len(chunk) * width)
+        parts.append(pa.Array.from_buffers(pa.binary(width), len(chunk), [None, values]))
+    if width is None:
+        return table
+    index = table.schema.get_field_index(GEOMETRY)
+    return table.set_column(index, GEOMETRY, pa.chunked_array(parts, type=pa.binary(width)))
+
+
+def _binary_geometry(table: pa.Table) -> pa.Table:
+    """Undo :func:`_fixed_size_geometry` (GeoParquet stores WKB as variable-size binary)."""
+    column = table.column(GEOMETRY)
+    if not pa.types.is_fixed_size_binary(column.type):
+        return table
+    return table.set_column(table.schema.get_field_index(GEOMETRY), GEOMETRY,
+                            column.cast(pa.binary()))
+
+
+def _sorted_order(keys: np.ndarray) -> np.ndarray:
+    """Positions that sort ``keys``, equal keys in position order (a stable sort).
+
+    numpy's stable sort of 64-bit integers is a merge sort, twice as slow as its quicksort;
+    keys are rarely equal, so quicksort and then order the (few) runs of equal keys.
+    """
+    order = np.argsort(keys)
+    ordered = keys[order]
+    equal = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if len(equal):
+        tied = np.union1d(equal, equal + 1)  # positions inside runs of equal keys
+        order[tied] = order[tied][np.lexsort((order[tied], ordered[tied]))]
+    return order
 
 
 def _key_column(table: pa.Table) -> np.ndarray:
@@ -1624,23 +1805,23 @@ def _sort_and_emit(first: _Pass1, writer: _ChunkWriter, scratch_dir: Path,
                    limits: ShardLimits) -> None:
     grid = _Grid.over(first.extent) if np.isfinite(first.extent).all() else _Grid(0.0, 0.0, 0.0)
     full_schema = pa.schema([*first.schema, *(pa.field(n, pa.float64()) for n in _BOUNDS),
-                             pa.field(_SEQ, pa.uint64())])
+                             pa.field(_TYPE, pa.uint8())])
     if first.in_memory:
         batches = [_conform(b, full_schema) for store in first.stores for b in store.read()]
         for store in first.stores:
             store.batches = []
         keys = np.concatenate([grid.batch_keys(b) for b in batches])
-        writer.add_run(pa.Table.from_batches(batches, schema=full_schema),
-                       np.argsort(keys, kind="stable"))
+        table = _fixed_size_geometry(pa.Table.from_batches(batches, schema=full_schema))
+        writer.add_run(table, _sorted_order(keys))
         return
-    budget = limits.sort_memory_bytes // 2
-    count = int(min(_MAX_BUCKETS, max(2, -(-first.nbytes // budget))))
+    target = _bucket_bytes(limits)
+    count = int(min(_MAX_BUCKETS, max(2, -(-first.nbytes // target))))
     sample_keys = grid.keys(first.sample.centres[:, 0].copy(), first.sample.centres[:, 1].copy())
     boundaries = _quantile_boundaries(sample_keys, count)
     folder = scratch_dir / "buckets"
     folder.mkdir()
     bucket_schema = full_schema.append(pa.field(_KEY, pa.uint64()))
-    buckets = _Buckets(folder, boundaries, bucket_schema, budget // 4)
+    buckets = _Buckets(folder, boundaries, bucket_schema, target // 2)
     for store in first.stores:
         for batch in store.read():
             batch = _conform(batch, full_schema)
@@ -1648,8 +1829,10 @@ def _sort_and_emit(first: _Pass1, writer: _ChunkWriter, scratch_dir: Path,
     buckets.close()
     for index, path in enumerate(buckets.paths):
         _emit_bucket(path, buckets.rows[index], buckets.nbytes[index], buckets.min_key[index],
-                     buckets.max_key[index], bucket_schema, writer, folder,
-                     limits.sort_memory_bytes)
+                     buckets.max_key[index], bucket_schema, writer, folder, limits)
+        # Hand freed bucket memory back to the OS: otherwise the allocator's cache, not the
+        # data, would grow with the number of buckets.
+        pa.default_memory_pool().release_unused()
 
 
 # --------------------------------------------------------------------------------------

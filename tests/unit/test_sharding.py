@@ -150,7 +150,8 @@ def test_every_format_shards_every_row(tmp_path, points, fmt):
     assert frame["category"].tolist() == points["category"].tolist()
 
 
-def test_zipped_shapefile_of_natural_earth(tmp_path):
+def test_zipped_shapefile_of_natural_earth(tmp_path, monkeypatch):
+    monkeypatch.setattr(sharding, "_PARSE_BYTES", 20_000)  # parse polygons in several slices
     zipped = natural_earth_countries_zip(tmp_path / "countries.zip")
     result, sink = shard(tmp_path, [entry(zipped, "shapefile_zip", layer="countries")],
                          chunk_rows=50)
@@ -214,9 +215,29 @@ def test_chunks_are_geoparquet_1_1_with_a_covering_bbox(tmp_path, points):
         assert tuple(column["bbox"]) == pytest.approx(chunk.bbox)
         frame = gpd.read_parquet(io.BytesIO(data))
         assert tuple(frame.total_bounds) == pytest.approx(chunk.bbox)
-        bbox = pq.read_table(io.BytesIO(data)).column("bbox").to_pylist()
-        assert [b["xmin"] for b in bbox] == pytest.approx(frame.geometry.x.tolist())
+        covering = pq.read_table(io.BytesIO(data)).column("bbox")
+        assert covering.type.field("xmin").type == pa.float32()  # GeoParquet allows FLOAT
+        boxes = covering.to_pylist()
+        # float32 rounded outwards: every box still contains its point
+        assert all(b["xmin"] <= x <= b["xmax"] and b["ymin"] <= y <= b["ymax"]
+                   for b, x, y in zip(boxes, frame.geometry.x, frame.geometry.y, strict=True))
+        assert [b["xmin"] for b in boxes] == pytest.approx(frame.geometry.x.tolist(), rel=1e-6)
     assert result.chunks.crs == "EPSG:3857"
+
+
+def test_rows_without_a_geometry_come_last_with_a_null_bbox(tmp_path):
+    path = tmp_path / "gaps.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"n": 0}, "geometry": None},
+        {"type": "Feature", "properties": {"n": 1}, "geometry": {"type": "Point", "coordinates": [1, 1]}},
+        {"type": "Feature", "properties": {"n": 2}, "geometry": None},
+        {"type": "Feature", "properties": {"n": 3}, "geometry": {"type": "Point", "coordinates": [0, 0]}},
+    ]}))
+    result, sink = shard(tmp_path, [entry(path, "geojson")])
+    table = chunk_table(sink, result)
+    assert table.column("n").to_pylist() == [3, 1, 0, 2]  # Hilbert order, then source order
+    assert table.column("bbox").is_null().to_pylist() == [False, False, True, True]
+    assert result.chunks.chunks[0].bbox == (0.0, 0.0, 1.0, 1.0)
 
 
 def xy2d(n: int, x: int, y: int) -> int:
@@ -250,6 +271,14 @@ def test_hilbert_curve_steps_to_a_neighbour_cell():
     assert len(np.unique(keys)) == side * side
     steps = np.abs(np.diff(x[order])) + np.abs(np.diff(y[order]))
     assert (steps == 1).all()
+
+
+def test_equal_keys_keep_source_order():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        keys = rng.integers(0, rng.integers(1, 40), rng.integers(1, 500)).astype(np.uint64)
+        keys[rng.random(len(keys)) < 0.2] = np.uint64(2**64 - 1)  # rows without a geometry
+        assert (sharding._sorted_order(keys) == np.argsort(keys, kind="stable")).all()
 
 
 def clustered_points(n: int, seed: int) -> gpd.GeoDataFrame:
@@ -502,7 +531,8 @@ def test_nan_coordinates_name_the_row(tmp_path):
           r"file 'nan.parquet' \(layer 'pts'\), row 2: coordinates are NaN or infinite")
 
 
-def test_infinite_polygon_vertex_names_the_row(tmp_path):
+def test_infinite_polygon_vertex_names_the_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(sharding, "_PARSE_BYTES", 50)  # parse row by row: the row still counts
     polygons = [shapely.box(0, 0, 1, 1), shapely.Polygon([(0, 0), (np.inf, 0), (1, 1)])]
     gpd.GeoDataFrame({"a": [1, 2]}, geometry=polygons, crs="EPSG:4326").to_parquet(tmp_path / "p.parquet")
     fails(tmp_path, [entry(tmp_path / "p.parquet", "geoparquet")], r"'p.parquet'.*row 1: coordinates")
