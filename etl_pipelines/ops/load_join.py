@@ -7,8 +7,10 @@ outright is caught by the schema janitor sensor.
 
 import hashlib
 import time
+from functools import partial
 
 import geopandas as gpd
+import psycopg
 import pyarrow as pa
 from dagster import OpExecutionContext, Out, op
 from pydantic import BaseModel, ConfigDict
@@ -17,10 +19,14 @@ from pyproj import CRS
 from etl_pipelines.ops.validate import BatchPlan
 from etl_pipelines.resources import ObjectStoreResource, PostGISResource
 from libs import postgis, postgis_join, postgis_load
-from libs.chunk_index import ChunkIndex
+from libs.chunk_index import ChunkIndex, LayerChunks
 from libs.errors import LoadError, ReconciliationError
 from libs.geoparquet import GEOMETRY, read_parquet_table, to_geoparquet_bytes
 from libs.lake import StagedPart
+from libs.object_store import ObjectStore
+
+#: Extra attempts for a chunk whose connection broke mid-COPY (each on a fresh connection).
+COPY_RETRIES = 2
 
 
 class JoinResult(BaseModel):
@@ -59,23 +65,8 @@ def load_and_join(
             context.log.info(f"created transient schema {schema}")
             load_started = time.monotonic()
             for layer in transformed.layers:
-                table = None
-                for chunk in layer.chunks:
-                    arrow = read_parquet_table(store.get_bytes(staging, chunk.key))
-                    if table is None:
-                        table = postgis_load.LayerTable(
-                            schema, layer.layer, postgis_load.attribute_schema(arrow), srid,
-                            postgis_load.column_geometry_type(
-                                transformed.geometry_types.get(layer.layer, [])))
-                        postgis_load.create_layer_table(conn, table)
-                    postgis_load.copy_chunk_into_table(conn, table, arrow, chunk.id_span)
-                postgis_load.index_and_analyze(conn, table)
-                loaded = postgis.count_rows(conn, schema, layer.layer)
-                if loaded != layer.rows:
-                    raise ReconciliationError(
-                        f"layer {layer.layer!r}: {layer.rows} rows transformed but {loaded} loaded")
-                tables[layer.layer] = table
-                context.log.info(f"loaded layer {layer.layer}: {loaded} rows")
+                tables[layer.layer] = _load_layer(context, conn, store, staging, postgis_db,
+                                                  transformed, layer, schema, srid)
             load_seconds = time.monotonic() - load_started
             join_started = time.monotonic()
             result = postgis_join.run_spatial_join(conn, join, tables[join.left], tables[join.right])
@@ -89,11 +80,7 @@ def load_and_join(
                                         hashlib.sha256(data).hexdigest()))
                 rows += batch.num_rows
             join_seconds = time.monotonic() - join_started
-            expected = postgis.count_rows(conn, schema, tables[join.left].table) \
-                if join.how == "left" else rows
-            if rows != expected:
-                raise ReconciliationError(
-                    f"join {join.name!r}: a left join must keep all {expected} left rows, got {rows}")
+            postgis_join.reconcile_join(conn, join, tables[join.left], result, rows)
         finally:
             conn.rollback()
             postgis.drop_schema(conn, schema)
@@ -103,12 +90,65 @@ def load_and_join(
         "rows": rows,
         "loaded_rows": loaded_rows,
         "load_rows_per_second": round(loaded_rows / load_seconds, 1) if load_seconds else 0.0,
+        "copy_parallelism": postgis_db.copy_parallelism,
         "join_seconds": round(join_seconds, 3),
         "predicate": join.predicate,
         "postgis_schema": schema,
     })
     return JoinResult(name=join.name, rows=rows, parts=parts,
                       columns=[*result.attributes.names, "geometry"], crs=plan.manifest.target_crs)
+
+
+def _load_layer(
+    context: OpExecutionContext, conn: psycopg.Connection, store: ObjectStore, staging: str,
+    postgis_db: PostGISResource, transformed: ChunkIndex, layer: LayerChunks, schema: str,
+    srid: int,
+) -> postgis_load.LayerTable:
+    """Create the layer's typed table, COPY its chunks in parallel, index, reconcile counts.
+
+    The first chunk is read here for the layer's columns (and then loaded as is); the others
+    are fetched from the staging bucket inside the loader's workers, ``copy_parallelism`` at a
+    time, each in its own transaction on its own connection.
+    """
+    if not layer.chunks:
+        raise LoadError(f"layer {layer.layer!r} has no chunks to load; the transform stage "
+                        "should have written at least one (possibly empty) chunk")
+    first = read_parquet_table(store.get_bytes(staging, layer.chunks[0].key))
+    table = postgis_load.LayerTable(
+        schema, layer.layer, postgis_load.attribute_schema(first), srid,
+        postgis_load.column_geometry_type(transformed.geometry_types.get(layer.layer, [])))
+    # the loader's own connections must see the table: end any implicit transaction (a
+    # previous layer's count) so that CREATE TABLE commits instead of becoming a savepoint
+    conn.commit()
+    postgis_load.create_layer_table(conn, table)
+
+    def fetch(key: str) -> pa.Table:
+        return read_parquet_table(store.get_bytes(staging, key))
+
+    sources: list[postgis_load.ChunkSource] = [(layer.chunks[0].id_span, lambda: first)]
+    sources += [(c.id_span, partial(fetch, c.key)) for c in layer.chunks[1:]]
+
+    def progress(done: postgis_load.ChunkLoaded) -> None:
+        start, end = done.id_span
+        retried = f", after {done.attempts} attempts ({'; '.join(done.retried_errors)})" \
+            if done.attempts > 1 else ""
+        context.log.info(f"layer {layer.layer}: loaded _row_id {start}-{end - 1}, {done.rows} "
+                         f"rows in {done.seconds:.2f}s{retried}")
+
+    copy_started = time.monotonic()
+    copied = postgis_load.load_layer_chunks(
+        postgis_db.settings(), table, sources, parallelism=postgis_db.copy_parallelism,
+        retries=COPY_RETRIES, on_chunk=progress)
+    copy_seconds = time.monotonic() - copy_started
+    postgis_load.index_and_analyze(conn, table)
+    loaded = postgis.count_rows(conn, schema, layer.layer)
+    if loaded != layer.rows or copied != layer.rows:
+        raise ReconciliationError(f"layer {layer.layer!r}: {layer.rows} rows transformed, "
+                                  f"{copied} copied, {loaded} in the table")
+    context.log.info(f"loaded layer {layer.layer}: {loaded} rows, COPY at "
+                     f"{loaded / copy_seconds if copy_seconds else 0:,.0f} rows/s with "
+                     f"{postgis_db.copy_parallelism} connection(s)")
+    return table
 
 
 def _encode(batch: pa.Table, crs: str) -> bytes:

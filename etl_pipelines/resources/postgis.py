@@ -21,6 +21,11 @@ class PostGISResource(ConfigurableResource):
         default=600_000, description="statement_timeout of pipeline connections (ms)"
     )
     lock_timeout_ms: int = Field(default=30_000, description="lock_timeout (ms)")
+    copy_parallelism: int = Field(
+        default=2, ge=1, le=16,
+        description="chunks of a layer COPYed at once, each on its own connection and in its own "
+        "transaction (1-16; 2 suits a 2-core machine, beyond that about one per database core)",
+    )
 
     def settings(self) -> PostGISSettings:
         return PostGISSettings(self.host, int(self.port), self.user, self.password, self.database,

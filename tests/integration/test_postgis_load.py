@@ -1,0 +1,357 @@
+"""Loading into PostGIS: binary COPY round trips, typed geometry columns, errors, retries.
+
+Each test works in its own ``etl_run_<hex>`` schema, created through ``postgis.create_schema``
+(so it holds the schema's advisory lock and the janitor leaves it alone) and dropped after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+import threading
+import time
+import uuid
+from decimal import Decimal
+
+import numpy as np
+import psycopg
+import pyarrow as pa
+import pytest
+import shapely
+from psycopg import sql
+
+from libs import postgis, postgis_join, postgis_load
+from libs.errors import LoadError
+from libs.geoparquet import GEOMETRY
+from libs.manifest import SpatialJoin
+from libs.postgis import ROW_ID
+from libs.postgis_load import ChunkLoaded, LayerTable, load_layer_chunks
+from tests.unit.test_copy_binary import ATTRIBUTES
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def schema(pg):
+    name = postgis.run_schema_name(str(uuid.uuid4()))
+    postgis.create_schema(pg, name)
+    yield name
+    postgis.drop_schema(pg, name)
+
+
+def points_chunk(start: int, n: int, *, with_row_id: bool = True, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed + start)
+    xy = rng.uniform(-1e6, 1e6, (n, 2))
+    columns = {
+        "point_id": pa.array(np.arange(start, start + n, dtype=np.int64) * 10),
+        "value": pa.array(rng.random(n)),
+        "category": pa.array(rng.choice(np.array(["a", "bb", "ccc"]), n)),
+        GEOMETRY: pa.array(shapely.to_wkb(shapely.points(xy)), pa.binary()),
+    }
+    if with_row_id:
+        columns = {ROW_ID: pa.array(np.arange(start, start + n, dtype=np.int64)), **columns}
+    return pa.table(columns)
+
+
+def points_layer(schema: str, table: str = "points", srid: int = 3857) -> LayerTable:
+    attributes = postgis_load.attribute_schema(points_chunk(0, 1))
+    return LayerTable(schema, table, attributes, srid, "Point")
+
+
+def create(pg, layer: LayerTable) -> LayerTable:
+    postgis_load.create_layer_table(pg, layer)
+    return layer
+
+
+def ids_and_count(pg, layer: LayerTable) -> tuple[int, int, int, int]:
+    return pg.execute(sql.SQL("SELECT count(*), count(DISTINCT {id}), min({id}), max({id}) "
+                              "FROM {}.{}").format(sql.Identifier(layer.schema),
+                                                   sql.Identifier(layer.table),
+                                                   id=sql.Identifier(ROW_ID))).fetchone()
+
+
+# ------------------------------------------------------------------------- round trips
+
+
+def test_every_attribute_type_and_geometry_round_trips(pg, schema, postgis_settings):
+    geoms = np.array([shapely.Polygon([(0, 0), (1, 0), (1, 1)]), None,
+                      shapely.MultiLineString([[(0, 0), (1, 1)], [(2, 2), (3, 1)]]),
+                      shapely.Point(1.5, -2.5)], dtype=object)
+    chunk = pa.table({**ATTRIBUTES, GEOMETRY: pa.array(shapely.to_wkb(geoms), pa.binary())})
+    layer = LayerTable(schema, "everything", postgis_load.attribute_schema(chunk), 3857)
+    with postgis.connect(postgis_settings) as conn:
+        postgis_load.create_layer_table(conn, layer)
+        assert postgis_load.copy_chunk_into_table(conn, layer, chunk, (100, 104)) == 4
+    names = list(ATTRIBUTES)
+    pg.execute("SET TIME ZONE 'UTC'")
+    rows = pg.execute(sql.SQL("SELECT {}, {}, ST_AsBinary(geom), ST_SRID(geom) FROM {}.{} "
+                              "ORDER BY {}").format(
+        sql.Identifier(ROW_ID), sql.SQL(", ").join(map(sql.Identifier, names)),
+        sql.Identifier(schema), sql.Identifier("everything"), sql.Identifier(ROW_ID))).fetchall()
+    assert [r[0] for r in rows] == [100, 101, 102, 103]
+    for i, name in enumerate(names, start=1):
+        expected = ATTRIBUTES[name].to_pylist()
+        got = [r[i] for r in rows]
+        for want, have in zip(expected, got, strict=True):
+            assert _same(want, have), (name, expected, got)
+    for (*_, wkb, srid), geom in zip(rows, geoms, strict=True):
+        if geom is None:
+            assert wkb is None
+        else:
+            assert shapely.equals(shapely.from_wkb(wkb), geom) and srid == 3857
+
+
+def _same(want, have) -> bool:
+    if want is None or have is None:
+        return want is None and have is None
+    if isinstance(want, float):
+        return (math.isnan(want) and math.isnan(have)) or float(want) == float(have)
+    if isinstance(want, dt.datetime) and want.tzinfo is not None:
+        return want == have  # an instant: psycopg returns it in the session's zone
+    if isinstance(want, int) and isinstance(have, Decimal):
+        return Decimal(want) == have
+    return want == have
+
+
+def test_big_endian_wkb_loads_and_z_is_refused_by_a_2d_column(pg, schema, postgis_settings):
+    layer = LayerTable(schema, "z", pa.schema([]), 4326)
+    big_endian = pa.table({GEOMETRY: pa.array([shapely.to_wkb(shapely.Point(4, 5), byte_order=0)],
+                                              pa.binary())})
+    iso_z = pa.table({GEOMETRY: pa.array([shapely.to_wkb(shapely.Point(1, 2, 3), flavor="iso")],
+                                         pa.binary())})
+    with postgis.connect(postgis_settings) as conn:
+        postgis_load.create_layer_table(conn, layer)
+        postgis_load.copy_chunk_into_table(conn, layer, big_endian, (0, 1))
+        with pytest.raises(LoadError, match=r"rows with _row_id 1-1: PostgreSQL rejected the "
+                                            r"data at _row_id 1: Geometry has Z dimension but "
+                                            r"column does not \(column geom is "
+                                            r"geometry\(Geometry, 4326\)"):
+            postgis_load.copy_chunk_into_table(conn, layer, iso_z, (1, 2))
+    got = pg.execute(sql.SQL("SELECT ST_AsText(geom), ST_SRID(geom) FROM {}.z ORDER BY _row_id")
+                     .format(sql.Identifier(schema))).fetchall()
+    assert got == [("POINT(4 5)", 4326)]
+
+
+def test_parallel_load_fills_a_typed_point_column_exactly(pg, schema, postgis_settings):
+    layer = create(pg, points_layer(schema))
+    spans = [(0, 2_500), (2_500, 5_000), (5_000, 9_000), (9_000, 9_001)]
+    chunks = [((a, b), lambda a=a, b=b: points_chunk(a, b - a)) for a, b in spans]
+    # a chunk without _row_id gets span start + position
+    chunks.append(((9_001, 12_000), lambda: points_chunk(9_001, 2_999, with_row_id=False)))
+    # a chunk whose rows were all rejected still owns (and clears) its span
+    chunks.append(((12_000, 12_500), lambda: points_chunk(12_000, 0)))
+    done: list[ChunkLoaded] = []
+    callers: set[threading.Thread] = set()
+
+    def on_chunk(loaded: ChunkLoaded) -> None:
+        done.append(loaded)
+        callers.add(threading.current_thread())
+
+    rows = load_layer_chunks(postgis_settings, layer, chunks, parallelism=3, on_chunk=on_chunk)
+    assert rows == 12_000 and sorted(c.id_span for c in done) == sorted(s for s, _ in chunks)
+    assert callers == {threading.current_thread()}  # progress is reported in the caller's thread
+    assert all(c.attempts == 1 for c in done)
+    assert ids_and_count(pg, layer) == (12_000, 12_000, 0, 11_999)
+    assert pg.execute("SELECT type, srid FROM geometry_columns WHERE f_table_schema = %s",
+                      (schema,)).fetchone() == ("POINT", 3857)
+    assert pg.execute("SELECT relpersistence FROM pg_class WHERE oid = %s::regclass",
+                      (f"{schema}.points",)).fetchone() == ("u",)  # scratch data: UNLOGGED
+    row = pg.execute(sql.SQL("SELECT point_id, value, category, ST_X(geom), ST_Y(geom) "
+                             "FROM {}.points WHERE _row_id = 9500").format(
+        sql.Identifier(schema))).fetchone()
+    source = points_chunk(9_001, 2_999, with_row_id=False).slice(499, 1).to_pylist()[0]
+    point = shapely.from_wkb(source[GEOMETRY])
+    assert row == (source["point_id"], source["value"], source["category"], point.x, point.y)
+    postgis_load.index_and_analyze(pg, layer)
+
+
+def test_reloading_a_chunk_replaces_its_rows(pg, schema, postgis_settings):
+    layer = create(pg, points_layer(schema))
+    with postgis.connect(postgis_settings) as conn:
+        postgis_load.copy_chunk_into_table(conn, layer, points_chunk(0, 1_000), (0, 1_000))
+        postgis_load.copy_chunk_into_table(conn, layer, points_chunk(1_000, 500), (1_000, 1_500))
+        postgis_load.copy_chunk_into_table(conn, layer, points_chunk(0, 1_000), (0, 1_000))
+        # a re-run that now keeps fewer rows (a recipe rejected some) leaves none of the old
+        postgis_load.copy_chunk_into_table(conn, layer, points_chunk(1_000, 200), (1_000, 1_500))
+    assert ids_and_count(pg, layer) == (1_200, 1_200, 0, 1_199)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_a_polygon_in_a_point_column_names_layer_span_row_and_postgis_message(
+        pg, schema, postgis_settings):
+    layer = create(pg, points_layer(schema))
+    chunk = points_chunk(500, 10)
+    geometry = chunk.column(GEOMETRY).to_pylist()
+    geometry[3] = shapely.to_wkb(shapely.box(0, 0, 1, 1))
+    chunk = chunk.set_column(chunk.schema.get_field_index(GEOMETRY), GEOMETRY,
+                             pa.array(geometry, pa.binary()))
+    with postgis.connect(postgis_settings) as conn, pytest.raises(LoadError) as error:
+        postgis_load.copy_chunk_into_table(conn, layer, chunk, (500, 510))
+    message = str(error.value)
+    assert "layer 'points', rows with _row_id 500-509" in message
+    assert "at _row_id 503" in message
+    assert "Geometry type (Polygon) does not match column type (Point)" in message
+    assert "column geom is geometry(Point, 3857), which takes 2D Point geometries only" in message
+    assert ids_and_count(pg, layer)[0] == 0  # the chunk's transaction rolled back
+
+
+def test_ewkb_with_another_srid_is_refused(pg, schema, postgis_settings):
+    layer = create(pg, points_layer(schema))
+    chunk = points_chunk(0, 3)
+    ewkb = shapely.to_wkb(shapely.set_srid(shapely.from_wkb(chunk.column(GEOMETRY)), 4326),
+                          include_srid=True)
+    chunk = chunk.set_column(chunk.schema.get_field_index(GEOMETRY), GEOMETRY,
+                             pa.array(ewkb, pa.binary()))
+    with postgis.connect(postgis_settings) as conn, pytest.raises(
+            LoadError, match=r"layer 'points', rows with _row_id 0-2: geometry: row 0 is EWKB "
+                             r"with SRID 4326 but the column's SRID is 3857"):
+        postgis_load.copy_chunk_into_table(conn, layer, chunk, (0, 3))
+
+
+def test_row_ids_outside_the_chunks_span_are_refused(schema, pg, postgis_settings):
+    layer = create(pg, points_layer(schema))
+    with postgis.connect(postgis_settings) as conn, pytest.raises(
+            LoadError, match=r"owning _row_id 0-99 holds rows with _row_id 50-149"):
+        postgis_load.copy_chunk_into_table(conn, layer, points_chunk(50, 100), (0, 100))
+
+
+def test_layers_in_different_srids_cannot_be_joined(pg, schema, postgis_settings):
+    mercator = create(pg, points_layer(schema, "points", 3857))
+    lonlat = create(pg, points_layer(schema, "countries", 4326))
+    load_layer_chunks(postgis_settings, mercator, [((0, 10), lambda: points_chunk(0, 10))])
+    load_layer_chunks(postgis_settings, lonlat, [((0, 10), lambda: points_chunk(0, 10))])
+    join = SpatialJoin(name="points_per_country", left="points", right="countries")
+    with pytest.raises(LoadError, match=r"layer 'points' has SRID 3857 but 'countries' has "
+                                        r"4326; both must be in the manifest's target_crs"):
+        postgis_join.run_spatial_join(pg, join, mercator, lonlat)
+
+
+def test_a_data_error_stops_the_layer_load(pg, schema, postgis_settings):
+    layer = create(pg, points_layer(schema))
+    bad = points_chunk(100, 100)
+    bad = bad.set_column(bad.schema.get_field_index(GEOMETRY), GEOMETRY,
+                         pa.array([shapely.to_wkb(shapely.box(0, 0, 1, 1))] * 100, pa.binary()))
+    chunks = [((0, 100), lambda: points_chunk(0, 100)), ((100, 200), lambda: bad)]
+    with pytest.raises(LoadError, match=r"rows with _row_id 100-199: PostgreSQL rejected"):
+        load_layer_chunks(postgis_settings, layer, chunks, parallelism=1, retries=3)
+
+
+# ---------------------------------------------------------------------------- retries
+
+
+def test_a_connection_terminated_mid_copy_is_retried_without_duplicates(
+        pg, schema, postgis_settings):
+    """pg_terminate_backend from another session while the big chunk is streaming."""
+    layer = create(pg, points_layer(schema))
+    app = f"load-test-{uuid.uuid4().hex[:8]}"
+    settings = dataclasses.replace(postgis_settings, application_name=app)
+    big = points_chunk(0, 600_000)
+    chunks = [((0, 600_000), lambda: big), ((600_000, 601_000), lambda: points_chunk(600_000, 1_000))]
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def terminate_the_first_copy() -> None:
+        with postgis.connect(postgis_settings, autocommit=True) as watcher:
+            while not stop.is_set() and not killed:
+                pid = watcher.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND state = "
+                    "'active' AND query ILIKE 'COPY%%' AND query LIKE '%%points%%'",
+                    (app,)).fetchone()
+                if pid and watcher.execute("SELECT pg_terminate_backend(%s)", pid).fetchone()[0]:
+                    killed.append(pid[0])
+                time.sleep(0.002)
+
+    watcher = threading.Thread(target=terminate_the_first_copy)
+    watcher.start()
+    done: list[ChunkLoaded] = []
+    try:
+        rows = load_layer_chunks(settings, layer, chunks, parallelism=2, retries=2,
+                                 retry_backoff_seconds=0.05, on_chunk=done.append)
+    finally:
+        stop.set()
+        watcher.join()
+    assert killed, "the COPY finished before it could be terminated; use a bigger chunk"
+    assert rows == 601_000
+    assert ids_and_count(pg, layer) == (601_000, 601_000, 0, 600_999)
+    retried = [c for c in done if c.attempts > 1]
+    assert len(retried) == 1 and retried[0].attempts == 2
+    assert "terminat" in retried[0].retried_errors[0].lower() or \
+        "closed" in retried[0].retried_errors[0].lower()
+
+
+def _timeout_first(timeout_ms: int, times: int):
+    """A connection factory whose first ``times`` connections cancel statements after
+    ``timeout_ms`` (QueryCanceled, an OperationalError, like a dropped connection)."""
+    made = []
+
+    def factory(settings: postgis.PostGISSettings) -> psycopg.Connection:
+        conn = postgis.connect(settings)
+        if len(made) < times:
+            conn.execute(f"SET statement_timeout = {timeout_ms}")
+            conn.commit()
+        made.append(conn)
+        return conn
+
+    return factory
+
+
+def test_a_statement_timeout_on_the_first_attempt_is_retried(pg, schema, postgis_settings):
+    layer = create(pg, points_layer(schema))
+    big = points_chunk(0, 300_000)
+    done: list[ChunkLoaded] = []
+    rows = load_layer_chunks(postgis_settings, layer, [((0, 300_000), lambda: big)],
+                             parallelism=1, retries=1, retry_backoff_seconds=0.01,
+                             on_chunk=done.append, connection_factory=_timeout_first(1, 1))
+    assert rows == 300_000
+    assert ids_and_count(pg, layer) == (300_000, 300_000, 0, 299_999)
+    assert done[0].attempts == 2 and "QueryCanceled" in done[0].retried_errors[0]
+
+
+def test_exhausted_retries_raise_a_load_error(pg, schema, postgis_settings):
+    layer = create(pg, points_layer(schema))
+    big = points_chunk(0, 300_000)
+    with pytest.raises(LoadError, match=r"layer 'points', rows with _row_id 0-299999: the "
+                                        r"connection failed on all 2 attempts; last error: "
+                                        r"QueryCanceled"):
+        load_layer_chunks(postgis_settings, layer, [((0, 300_000), lambda: big)],
+                          parallelism=1, retries=1, retry_backoff_seconds=0.01,
+                          connection_factory=_timeout_first(1, 5))
+    assert ids_and_count(pg, layer)[0] == 0
+
+
+def test_a_refused_connection_is_retried(pg, schema, postgis_settings):
+    layer = create(pg, points_layer(schema))
+    calls = []
+
+    def refuse_once(settings: postgis.PostGISSettings) -> psycopg.Connection:
+        calls.append(1)
+        if len(calls) == 1:
+            raise psycopg.OperationalError("connection refused (simulated restart)")
+        return postgis.connect(settings)
+
+    done: list[ChunkLoaded] = []
+    load_layer_chunks(postgis_settings, layer, [((0, 10), lambda: points_chunk(0, 10))],
+                      retry_backoff_seconds=0.01, on_chunk=done.append,
+                      connection_factory=refuse_once)
+    assert ids_and_count(pg, layer) == (10, 10, 0, 9)
+    assert done[0].retried_errors == ("OperationalError: connection refused (simulated restart)",)
+
+
+def test_loading_the_same_chunks_again_replaces_them(pg, schema, postgis_settings):
+    """A first load into an empty table skips the per-chunk DELETE; a second load into the
+    now full table must not: it replaces every chunk's span."""
+    layer = create(pg, points_layer(schema))
+    chunks = [((a, a + 1_000), lambda a=a: points_chunk(a, 1_000)) for a in range(0, 5_000, 1_000)]
+    load_layer_chunks(postgis_settings, layer, chunks)
+    load_layer_chunks(postgis_settings, layer, chunks[1:3])
+    assert ids_and_count(pg, layer) == (5_000, 5_000, 0, 4_999)
+
+
+def test_overlapping_spans_are_refused_before_loading(postgis_settings):
+    layer = points_layer("etl_run_" + "0" * 32)
+    with pytest.raises(LoadError, match=r"spans 0-99 and 50-149 overlap"):
+        load_layer_chunks(postgis_settings, layer, [((0, 100), lambda: None),
+                                                    ((50, 150), lambda: None)])
