@@ -29,7 +29,6 @@ Needs the local stack (``scripts/stack.py up``). Sizes: ``BENCH_LOAD_POINTS`` (d
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 import uuid
 from functools import partial
@@ -41,10 +40,11 @@ import pyogrio
 import pytest
 import shapely
 
-from benchmarks.conftest import REPO, points_flatgeobuf
+from benchmarks.conftest import points_flatgeobuf
 from libs import copy_binary, postgis, postgis_load
 from libs.geoparquet import GEOMETRY, read_parquet_table, to_geoparquet_bytes
 from libs.postgis import PostGISSettings, connect
+from tests.conftest import STACK_ENV, read_stack_env
 
 POINTS = int(os.environ.get("BENCH_LOAD_POINTS", "1000000"))
 CHUNKS = int(os.environ.get("BENCH_LOAD_CHUNKS", "8"))
@@ -55,16 +55,9 @@ _rows_per_s: dict[str, float] = {}
 
 
 def _stack_env() -> dict[str, str]:
-    env_file = REPO / ".state" / "stack.env"
-    if not env_file.exists():
+    if not STACK_ENV.exists():
         pytest.skip("the load benchmark needs the local stack: scripts/stack.py up")
-    env = {}
-    for line in env_file.read_text().splitlines():
-        line = line.strip().removeprefix("export ")
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            env[key] = shlex.split(value)[0] if value else ""
-    return env
+    return read_stack_env()
 
 
 class Inputs:

@@ -7,9 +7,7 @@ before timing; row counts are checked after.
 
 import hashlib
 import os
-import shlex
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -20,8 +18,8 @@ from libs.object_store import ObjectStore, ObjectStoreSettings
 from libs.sample_batch import synthetic_points
 from libs.transformations import transform_staged_chunk
 from libs.transformations.recipe import DEFAULT_RECIPE, effective_recipe
+from tests.conftest import STACK_ENV, read_stack_env
 
-REPO = Path(__file__).resolve().parents[1]
 POINTS = int(os.environ.get("BENCH_TRANSFORM_POINTS", "1000000"))
 CHUNKS = int(os.environ.get("BENCH_TRANSFORM_CHUNKS", "8"))
 TARGET = "EPSG:8857"
@@ -30,16 +28,9 @@ _results: dict[int, float] = {}
 
 
 def _stack_env() -> dict[str, str]:
-    env_file = REPO / ".state" / "stack.env"
-    if not env_file.exists():
+    if not STACK_ENV.exists():
         pytest.skip("the transform benchmark needs the local stack: scripts/stack.py up")
-    env = {}
-    for line in env_file.read_text().splitlines():
-        line = line.strip().removeprefix("export ")
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            env[key] = shlex.split(value)[0] if value else ""
-    return env
+    return read_stack_env()
 
 
 @pytest.fixture(scope="module")

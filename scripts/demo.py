@@ -8,23 +8,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-STACK_ENV = REPO / ".state" / "stack.env"
+from stack import ENV_FILE, read_env_file  # scripts/ is on sys.path when run as a script
 
 
 def load_stack_env() -> None:
-    for line in STACK_ENV.read_text().splitlines():
-        line = line.strip().removeprefix("export ")
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            os.environ[key] = shlex.split(value)[0] if value else ""
+    os.environ.update(read_env_file(ENV_FILE))
 
 
 def main() -> int:
