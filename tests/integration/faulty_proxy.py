@@ -6,11 +6,19 @@ import threading
 
 
 class FaultyProxy:
-    """Forwards 127.0.0.1:<port> to ``target``; while ``down``, drops every connection."""
+    """Forwards 127.0.0.1:<port> to ``target``; while ``down``, drops every connection.
+
+    ``go_down_after(marker)`` arms a trip wire: once a request containing ``marker`` has been
+    answered, the next request on any connection takes the proxy down. That pulls the plug
+    at an exact point of a run, whatever the thread scheduling.
+    """
 
     def __init__(self, target_host: str, target_port: int):
         self.target = (target_host, target_port)
         self.down = False
+        self._marker: bytes | None = None
+        self._armed_on: socket.socket | None = None
+        self._answered = False
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         self._open: set[socket.socket] = set()
@@ -31,6 +39,10 @@ class FaultyProxy:
 
     def bring_up(self) -> None:
         self.down = False
+        self._marker, self._armed_on, self._answered = None, None, False
+
+    def go_down_after(self, marker: bytes) -> None:
+        self._marker = marker
 
     def close(self) -> None:
         self._closed = True
@@ -53,12 +65,23 @@ class FaultyProxy:
                 continue
             with self._lock:
                 self._open.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, upstream, client),
+                             daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, client),
+                             daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, client: socket.socket) -> None:
+        from_client = source is client
         try:
             while data := source.recv(65536):
+                if from_client and self._answered:
+                    self.take_down()
+                    return
+                if from_client and self._marker and self._armed_on is None \
+                        and self._marker in data:
+                    self._armed_on = client
+                if not from_client and self._armed_on is client:
+                    self._answered = True
                 sink.sendall(data)
         except OSError:
             pass
