@@ -88,12 +88,6 @@ class ChunkIndex(_Frozen):
     geometry_types: dict[str, list[str]] = Field(
         default_factory=dict, description="geometry types per layer")
 
-    def layer(self, name: str) -> LayerChunks:
-        for layer in self.layers:
-            if layer.layer == name:
-                return layer
-        raise KeyError(f"no layer {name!r} in the chunk index; have {[x.layer for x in self.layers]}")
-
     @property
     def rows(self) -> int:
         return sum(layer.rows for layer in self.layers)

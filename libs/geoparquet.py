@@ -25,16 +25,6 @@ def to_geoparquet_bytes(frame: gpd.GeoDataFrame, row_group_rows: int = 65_536) -
     return buffer.getvalue()
 
 
-def read_geoparquet_bytes(data: bytes) -> gpd.GeoDataFrame:
-    """Decode GeoParquet bytes, dropping the covering bbox column (it is derived data)."""
-    frame = gpd.read_parquet(io.BytesIO(data))
-    return frame.drop(columns=["bbox"], errors="ignore")
-
-
-def parquet_row_count(data: bytes) -> int:
-    return pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
-
-
 def read_parquet_table(data: bytes) -> pa.Table:
     """Read GeoParquet bytes as a plain Arrow table (WKB geometry), without the covering column."""
     table = pq.read_table(pa.BufferReader(data))
