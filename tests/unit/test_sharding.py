@@ -21,17 +21,19 @@ import pytest
 import shapely
 from pyproj import CRS
 
-from libs import sharding
 from libs.errors import InputDataError
 from libs.manifest import DataFile
 from libs.sample_batch import NATURAL_EARTH_DIR, natural_earth_countries_zip, synthetic_points
 from libs.sharding import (
     LayerSource,
     ShardLimits,
+    collect,
+    external_sort,
     hilbert_index,
     normalised_layer_name,
     plan_layers,
     shard_layer,
+    wkb,
 )
 
 PYOGRIO_FIXTURES = NATURAL_EARTH_DIR.parent
@@ -151,7 +153,7 @@ def test_every_format_shards_every_row(tmp_path, points, fmt):
 
 
 def test_zipped_shapefile_of_natural_earth(tmp_path, monkeypatch):
-    monkeypatch.setattr(sharding, "_PARSE_BYTES", 20_000)  # parse polygons in several slices
+    monkeypatch.setattr(wkb, "_PARSE_BYTES", 20_000)  # parse polygons in several slices
     zipped = natural_earth_countries_zip(tmp_path / "countries.zip")
     result, sink = shard(tmp_path, [entry(zipped, "shapefile_zip", layer="countries")],
                          chunk_rows=50)
@@ -278,7 +280,7 @@ def test_equal_keys_keep_source_order():
     for _ in range(50):
         keys = rng.integers(0, rng.integers(1, 40), rng.integers(1, 500)).astype(np.uint64)
         keys[rng.random(len(keys)) < 0.2] = np.uint64(2**64 - 1)  # rows without a geometry
-        assert (sharding._sorted_order(keys) == np.argsort(keys, kind="stable")).all()
+        assert (external_sort._sorted_order(keys) == np.argsort(keys, kind="stable")).all()
 
 
 def clustered_points(n: int, seed: int) -> gpd.GeoDataFrame:
@@ -319,8 +321,8 @@ def test_hilbert_order_gives_compact_chunks(tmp_path):
 
 def test_same_input_gives_byte_identical_chunks_in_memory_or_external(tmp_path, monkeypatch):
     # Small enough to exercise the external sort's sampling and bucket flushing.
-    monkeypatch.setattr(sharding, "_SAMPLE_SIZE", 500)
-    monkeypatch.setattr(sharding, "_BUCKET_FLUSH_ROWS", 64)
+    monkeypatch.setattr(collect, "_SAMPLE_SIZE", 500)
+    monkeypatch.setattr(external_sort, "_BUCKET_FLUSH_ROWS", 64)
     frame = clustered_points(3000, seed=5)
     # A pile of identical points: a bucket of one key, which the external sort streams out.
     pile = gpd.GeoDataFrame({"point_id": np.arange(3000, 3600)},
@@ -532,7 +534,7 @@ def test_nan_coordinates_name_the_row(tmp_path):
 
 
 def test_infinite_polygon_vertex_names_the_row(tmp_path, monkeypatch):
-    monkeypatch.setattr(sharding, "_PARSE_BYTES", 50)  # parse row by row: the row still counts
+    monkeypatch.setattr(wkb, "_PARSE_BYTES", 50)  # parse row by row: the row still counts
     polygons = [shapely.box(0, 0, 1, 1), shapely.Polygon([(0, 0), (np.inf, 0), (1, 1)])]
     gpd.GeoDataFrame({"a": [1, 2]}, geometry=polygons, crs="EPSG:4326").to_parquet(tmp_path / "p.parquet")
     fails(tmp_path, [entry(tmp_path / "p.parquet", "geoparquet")], r"'p.parquet'.*row 1: coordinates")

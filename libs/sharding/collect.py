@@ -1,0 +1,249 @@
+"""Pass 1: read every source of a layer, validate it, and keep its rows for the sort.
+
+Each batch gets its bounds and geometry type code as columns; the layer's extent of bbox
+centres and a fixed-size random sample of them are tracked for the sort. A layer that fits
+in half of ``sort_memory_bytes`` stays in memory; a larger one goes to per-source Arrow IPC
+files in the scratch directory. GDAL decodes the next batch on a helper thread meanwhile.
+"""
+
+from __future__ import annotations
+
+import threading
+import zipfile
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from queue import Full, Queue
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+from pyproj import CRS
+
+from libs.errors import InputDataError
+from libs.geoparquet import GEOMETRY
+from libs.manifest import InputFormat
+from libs.sharding.columns import _BOUNDS, _TYPE
+from libs.sharding.crs import _layer_crs
+from libs.sharding.inputs import _probe
+from libs.sharding.limits import ShardLimits, _in_memory_bytes
+from libs.sharding.readers import _gdal_stream, _geoparquet_stream
+from libs.sharding.schema import _unify
+from libs.sharding.sources import LayerSource, _where
+from libs.sharding.wkb import _bounds, _check_families, _geometry_types
+
+_SAMPLE_SIZE = 65_536
+
+
+class _Sample:
+    """A fixed-size uniform random sample of bbox centres (bottom-k random priorities)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.rng = np.random.default_rng(20_240_601)
+        self.priority = np.zeros(0)
+        self.centres = np.zeros((0, 2))
+
+    def add(self, cx: np.ndarray, cy: np.ndarray) -> None:
+        priority = self.rng.random(len(cx))
+        keep = ~np.isnan(cx)
+        if len(self.priority) >= self.size:
+            keep &= priority < self.priority.max()  # cannot enter the bottom-k otherwise
+        if not keep.any():
+            return
+        priority = np.concatenate([self.priority, priority[keep]])
+        centres = np.concatenate([self.centres, np.column_stack([cx[keep], cy[keep]])])
+        if len(priority) > self.size:
+            best = np.argpartition(priority, self.size)[: self.size]
+            priority, centres = priority[best], centres[best]
+        self.priority, self.centres = priority, centres
+
+
+class _SourceStore:
+    """One source's validated batches: in memory until the layer outgrows the budget."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.schema: pa.Schema | None = None
+        self.batches: list[pa.RecordBatch] = []
+        self.writer: ipc.RecordBatchStreamWriter | None = None
+        self.sink: pa.OSFile | None = None
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        if self.schema is None:
+            self.schema = batch.schema
+        if self.writer is not None:
+            self.writer.write_batch(batch)
+        else:
+            self.batches.append(batch)
+
+    def spill(self) -> None:
+        if self.writer is None and self.schema is not None:
+            self.sink = pa.OSFile(str(self.path), "wb")
+            self.writer = ipc.new_stream(self.sink, self.schema)
+            for batch in self.batches:
+                self.writer.write_batch(batch)
+            self.batches = []
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.sink.close()
+            self.writer = None
+
+    def read(self) -> Iterator[pa.RecordBatch]:
+        if self.sink is None:
+            yield from self.batches
+            return
+        with pa.OSFile(str(self.path), "rb") as handle:
+            yield from ipc.open_stream(handle)
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class _Pass1:
+    """What reading a layer found, and where its validated rows are."""
+
+    stores: list[_SourceStore]
+    schema: pa.Schema  # attributes + geometry, unified over the sources
+    crs: CRS
+    rows: int
+    nbytes: int
+    in_memory: bool
+    extent: np.ndarray  # of bbox centres: minx, miny, maxx, maxy (NaN when no geometry)
+    sample: _Sample
+    geometry_types: list[str]
+    rows_per_source: dict[str, int]
+
+
+class _Collector:
+    """Validates a layer's batches, adds bounds and type columns, and stores them."""
+
+    def __init__(self, layer: str, budget: int, spill_now: bool):
+        self.layer, self.budget, self.spilled = layer, budget, spill_now
+        self.stores: list[_SourceStore] = []
+        self.sample = _Sample(_SAMPLE_SIZE)
+        self.extent = np.array([np.inf, np.inf, -np.inf, -np.inf])
+        self.families: dict[str, tuple[str, str, int]] = {}  # family -> (file, type, row)
+        self.types: set[str] = set()
+        self.rows = 0
+        self.nbytes = 0
+
+    def add(self, batch: pa.RecordBatch, file: str, where: str, first_row: int) -> None:
+        bounds, headers = _bounds(batch.column(GEOMETRY), where, first_row)
+        _check_families(headers, self.families, file, where, first_row, self.layer)
+        self.types.update(_geometry_types(headers))
+        cx, cy = (bounds[0] + bounds[2]) * 0.5, (bounds[1] + bounds[3]) * 0.5
+        if not np.isnan(cx).all():
+            low = np.minimum(self.extent[:2], [np.nanmin(cx), np.nanmin(cy)])
+            high = np.maximum(self.extent[2:], [np.nanmax(cx), np.nanmax(cy)])
+            self.extent = np.concatenate([low, high])
+        self.sample.add(cx, cy)
+        codes = np.where(headers.valid, headers.kind * 2 + headers.has_z, 0).astype(np.uint8)
+        full = pa.RecordBatch.from_arrays(
+            [*batch.columns, *(pa.array(b) for b in bounds), pa.array(codes)],
+            names=[*batch.schema.names, *_BOUNDS, _TYPE])
+        store = self.stores[-1]
+        store.add(full)
+        self.nbytes += full.nbytes
+        self.rows += full.num_rows
+        if not self.spilled and self.nbytes > self.budget:
+            self.spilled = True
+            for each in self.stores:
+                each.spill()
+        elif self.spilled:
+            store.spill()
+
+
+def _read_sources(layer: str, sources: list[LayerSource], scratch_dir: Path,
+                  limits: ShardLimits) -> _Pass1:
+    probes = [s.probe or _probe(s.path, s.data_file, s.source_layer, limits) for s in sources]
+    crs = _layer_crs(layer, sources, probes)
+    budget = _in_memory_bytes(limits)
+    # A layer whose files are already larger than the in-memory budget goes to disk from
+    # the first batch: holding the budget's worth first would only leave it in the allocator.
+    collector = _Collector(layer, budget, sum(_stored_bytes(s) for s in sources) > budget)
+    schema: pa.Schema | None = None
+    schema_owner = ""
+    rows_per_source: dict[str, int] = {}
+    for index, (source, probe) in enumerate(zip(sources, probes, strict=True)):
+        where = _where(source.data_file, layer, source.source_layer)
+        collector.stores.append(_SourceStore(scratch_dir / f"source-{index:04d}.arrows"))
+        opener = (_geoparquet_stream(source, where, limits) if probe.gdal_path is None
+                  else _gdal_stream(source, probe, where, scratch_dir, limits, index))
+        rows = 0
+        with opener as (source_schema, batches):
+            if schema is None:
+                schema, schema_owner = source_schema, source.data_file.path
+            else:
+                schema = _unify(schema, schema_owner, source_schema, source.data_file.path, layer)
+            # GDAL reports unreadable CSV numbers only as a warning, which reaches Python on
+            # the reading thread alone: CSV is read on this one. ``closing`` stops the helper
+            # thread (on errors too) before the reader's dataset closes.
+            csv = source.data_file.format is InputFormat.CSV
+            with closing(batches if csv else _prefetched(batches)) as stream:
+                for batch in stream:
+                    if batch.num_rows:
+                        collector.add(batch, source.data_file.path, where, rows)
+                        rows += batch.num_rows
+        collector.stores[-1].close()
+        if rows == 0:
+            raise InputDataError(f"{where} has no features; expected at least one row")
+        rows_per_source[str(source.path)] = rows
+    assert schema is not None
+    extent = collector.extent if np.isfinite(collector.extent).all() else np.full(4, np.nan)
+    return _Pass1(collector.stores, schema, crs, collector.rows, collector.nbytes,
+                  not collector.spilled, extent, collector.sample, sorted(collector.types),
+                  rows_per_source)
+
+
+def _prefetched(items: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
+    """Iterate ``items`` on a helper thread, ``depth`` batches ahead.
+
+    GDAL decoding (which releases the GIL) then overlaps with validating and spilling the
+    previous batch. The helper is stopped and joined before this generator finishes, so the
+    reader is never touched after its dataset closes.
+    """
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+    finished = object()
+
+    def offer(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.05)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(item):
+                    return
+            offer(finished)
+        except BaseException as exc:  # handed to the consuming thread, which re-raises it
+            offer(exc)
+
+    helper = threading.Thread(target=produce, name="shard-read", daemon=True)
+    helper.start()
+    try:
+        while True:
+            item = queue.get()
+            if item is finished:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        helper.join()
+
+
+def _stored_bytes(source: LayerSource) -> int:
+    if source.data_file.format is InputFormat.SHAPEFILE_ZIP:
+        with zipfile.ZipFile(source.path) as archive:
+            return sum(member.file_size for member in archive.infolist())
+    return source.path.stat().st_size

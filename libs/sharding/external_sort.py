@@ -1,0 +1,202 @@
+"""Passes 2 and 3: order a layer's rows by Hilbert key and feed them to the chunk writer.
+
+A layer that fits in memory is keyed, sorted and cut at once. A larger one is streamed once
+more from its spill files and range-partitioned into up to 256 bucket files at quantiles of
+the sampled keys; the buckets are then sorted one at a time, the unfinished chunk carried
+over, so the bytes equal those of the in-memory sort. A bucket over half the budget is
+re-partitioned on its own key quantiles, recursively; one whose rows share a single key is
+streamed straight out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from libs.sharding.collect import _Pass1
+from libs.sharding.columns import _BOUNDS, _KEY, _TYPE
+from libs.sharding.hilbert import _Grid
+from libs.sharding.limits import ShardLimits, _in_memory_bytes
+from libs.sharding.schema import _conform
+from libs.sharding.writer import _ChunkWriter, _fixed_size_geometry
+
+_MAX_BUCKETS = 256
+_BUCKET_FLUSH_ROWS = 16_384
+
+
+class _Buckets:
+    """Range-partitions rows by key into IPC files, buffering small pieces per bucket."""
+
+    def __init__(self, folder: Path, boundaries: np.ndarray, schema: pa.Schema, budget: int):
+        self.folder, self.boundaries, self.schema, self.budget = folder, boundaries, schema, budget
+        count = len(boundaries) + 1
+        self.paths = [folder / f"bucket-{i:04d}.arrows" for i in range(count)]
+        self.writers: list[ipc.RecordBatchStreamWriter | None] = [None] * count
+        self.files: list[pa.OSFile | None] = [None] * count
+        self.buffers: list[list[pa.RecordBatch]] = [[] for _ in range(count)]
+        self.buffered_rows = [0] * count
+        self.rows = [0] * count
+        self.nbytes = [0] * count
+        self.min_key = [np.uint64(2**64 - 1)] * count
+        self.max_key = [np.uint64(0)] * count
+        self.buffered_bytes = 0
+
+    def add(self, batch: pa.RecordBatch, keys: np.ndarray) -> None:
+        bucket = np.searchsorted(self.boundaries, keys, side="right")
+        order = np.argsort(bucket, kind="stable")
+        counts = np.bincount(bucket, minlength=len(self.paths))
+        batch = batch.append_column(_KEY, pa.array(keys)).take(pa.array(order))
+        keys = keys[order]
+        start = 0
+        for index in np.flatnonzero(counts).tolist():
+            stop = start + int(counts[index])
+            piece = batch.slice(start, stop - start)
+            self.buffers[index].append(piece)
+            self.buffered_rows[index] += piece.num_rows
+            self.rows[index] += piece.num_rows
+            size = piece.nbytes
+            self.nbytes[index] += size
+            self.buffered_bytes += size
+            self.min_key[index] = min(self.min_key[index], keys[start:stop].min())
+            self.max_key[index] = max(self.max_key[index], keys[start:stop].max())
+            if self.buffered_rows[index] >= _BUCKET_FLUSH_ROWS:
+                self._flush(index)
+            start = stop
+        if self.buffered_bytes > self.budget:
+            for index in range(len(self.paths)):
+                self._flush(index)
+
+    def _flush(self, index: int) -> None:
+        if not self.buffers[index]:
+            return
+        if self.writers[index] is None:
+            self.files[index] = pa.OSFile(str(self.paths[index]), "wb")
+            self.writers[index] = ipc.new_stream(self.files[index], self.schema)
+        table = pa.Table.from_batches(self.buffers[index])
+        for batch in table.combine_chunks().to_batches():
+            self.writers[index].write_batch(batch)
+        self.buffered_bytes -= sum(b.nbytes for b in self.buffers[index])
+        self.buffers[index], self.buffered_rows[index] = [], 0
+
+    def close(self) -> None:
+        for index in range(len(self.paths)):
+            self._flush(index)
+            if self.writers[index] is not None:
+                self.writers[index].close()
+                self.files[index].close()
+
+
+def _read_bucket(path: Path) -> Iterator[pa.RecordBatch]:
+    with pa.OSFile(str(path), "rb") as handle:
+        yield from ipc.open_stream(handle)
+
+
+def _bucket_bytes(limits: ShardLimits) -> int:
+    """Target size of an external-sort bucket: a quarter of the in-memory size, so that an
+    external sort (plus what the read pass left in the allocator) stays below the memory of
+    sorting the largest in-memory layer."""
+    return limits.sort_memory_bytes // 8
+
+
+def _quantile_boundaries(keys: np.ndarray, count: int) -> np.ndarray:
+    if count <= 1 or not len(keys):
+        return np.zeros(0, dtype=np.uint64)
+    ordered = np.sort(keys)
+    picks = ordered[(np.arange(1, count) * len(ordered)) // count]
+    return np.unique(picks)
+
+
+def _emit_bucket(path: Path, rows: int, nbytes: int, low: np.uint64, high: np.uint64,
+                 schema: pa.Schema, writer: _ChunkWriter, scratch: Path, limits: ShardLimits,
+                 depth: int = 0) -> None:
+    if not rows:
+        return
+    if low == high:
+        # Every row has the same key: the file is already in (key, source order).
+        for batch in _read_bucket(path):
+            table = pa.Table.from_batches([batch])
+            writer.add_run(table, np.arange(batch.num_rows))
+        path.unlink(missing_ok=True)
+        return
+    if nbytes <= _in_memory_bytes(limits):
+        table = pa.Table.from_batches(list(_read_bucket(path)), schema=schema)
+        path.unlink(missing_ok=True)
+        writer.add_run(_fixed_size_geometry(table), _sorted_order(_key_column(table)))
+        return
+    # Too big to sort in memory (skewed data): split on this bucket's own key quantiles.
+    strided = [batch.column(_KEY).to_numpy()[:: max(1, batch.num_rows // 64)]
+               for batch in _read_bucket(path)]
+    candidates = np.concatenate(strided)
+    count = min(_MAX_BUCKETS, max(2, -(-nbytes // _bucket_bytes(limits))))
+    boundaries = _quantile_boundaries(candidates, count)
+    boundaries = boundaries[(boundaries > low) & (boundaries <= high)]
+    if not len(boundaries):
+        boundaries = np.array([high], dtype=np.uint64)  # split off the largest key at least
+    folder = scratch / f"split-{depth}-{path.stem}"
+    folder.mkdir()
+    buckets = _Buckets(folder, boundaries, schema, _bucket_bytes(limits) // 2)
+    for batch in _read_bucket(path):
+        buckets.add(batch.drop_columns([_KEY]), batch.column(_KEY).to_numpy())
+    buckets.close()
+    path.unlink(missing_ok=True)
+    for index, sub in enumerate(buckets.paths):
+        _emit_bucket(sub, buckets.rows[index], buckets.nbytes[index], buckets.min_key[index],
+                     buckets.max_key[index], schema, writer, folder, limits, depth + 1)
+
+
+def _sorted_order(keys: np.ndarray) -> np.ndarray:
+    """Positions that sort ``keys``, equal keys in position order (a stable sort).
+
+    numpy's stable sort of 64-bit integers is a merge sort, twice as slow as its quicksort;
+    keys are rarely equal, so quicksort and then order the (few) runs of equal keys.
+    """
+    order = np.argsort(keys)
+    ordered = keys[order]
+    equal = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if len(equal):
+        tied = np.union1d(equal, equal + 1)  # positions inside runs of equal keys
+        order[tied] = order[tied][np.lexsort((order[tied], ordered[tied]))]
+    return order
+
+
+def _key_column(table: pa.Table) -> np.ndarray:
+    column = table.column(_KEY)
+    return (column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)).to_numpy()
+
+
+def _sort_and_emit(first: _Pass1, writer: _ChunkWriter, scratch_dir: Path,
+                   limits: ShardLimits) -> None:
+    grid = _Grid.over(first.extent) if np.isfinite(first.extent).all() else _Grid(0.0, 0.0, 0.0)
+    full_schema = pa.schema([*first.schema, *(pa.field(n, pa.float64()) for n in _BOUNDS),
+                             pa.field(_TYPE, pa.uint8())])
+    if first.in_memory:
+        batches = [_conform(b, full_schema) for store in first.stores for b in store.read()]
+        for store in first.stores:
+            store.batches = []
+        keys = np.concatenate([grid.batch_keys(b) for b in batches])
+        table = _fixed_size_geometry(pa.Table.from_batches(batches, schema=full_schema))
+        writer.add_run(table, _sorted_order(keys))
+        return
+    target = _bucket_bytes(limits)
+    count = int(min(_MAX_BUCKETS, max(2, -(-first.nbytes // target))))
+    sample_keys = grid.keys(first.sample.centres[:, 0].copy(), first.sample.centres[:, 1].copy())
+    boundaries = _quantile_boundaries(sample_keys, count)
+    folder = scratch_dir / "buckets"
+    folder.mkdir()
+    bucket_schema = full_schema.append(pa.field(_KEY, pa.uint64()))
+    buckets = _Buckets(folder, boundaries, bucket_schema, target // 2)
+    for store in first.stores:
+        for batch in store.read():
+            batch = _conform(batch, full_schema)
+            buckets.add(batch, grid.batch_keys(batch))
+    buckets.close()
+    for index, path in enumerate(buckets.paths):
+        _emit_bucket(path, buckets.rows[index], buckets.nbytes[index], buckets.min_key[index],
+                     buckets.max_key[index], bucket_schema, writer, folder, limits)
+        # Hand freed bucket memory back to the OS: otherwise the allocator's cache, not the
+        # data, would grow with the number of buckets.
+        pa.default_memory_pool().release_unused()

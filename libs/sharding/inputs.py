@@ -1,0 +1,365 @@
+"""Planning: check every landed file before any is read, and group the sources by layer.
+
+Checked without reading features: zip safety (member paths, encryption, inflated size and
+ratio, from the central directory before GDAL opens the archive), the driver GDAL detects
+against the declared format, that named layers and CSV columns exist, and each layer's CRS.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+import unicodedata
+import warnings
+import zipfile
+from pathlib import Path, PurePosixPath
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pyogrio
+from pyogrio.errors import DataLayerError
+
+from libs.errors import InputDataError
+from libs.manifest import DataFile, InputFormat
+from libs.sharding.crs import _layer_crs
+from libs.sharding.limits import ShardLimits
+from libs.sharding.sources import _GDAL_ERRORS, _TEXT_FORMATS, LayerSource, _Probe, _where
+
+_DRIVERS = {
+    InputFormat.GEOJSON: "GeoJSON",
+    InputFormat.GEOJSONSEQ: "GeoJSONSeq",
+    InputFormat.GPKG: "GPKG",
+    InputFormat.FLATGEOBUF: "FlatGeobuf",
+    InputFormat.SHAPEFILE_ZIP: "ESRI Shapefile",
+    InputFormat.CSV: "CSV",
+}
+
+
+def normalised_layer_name(name: str) -> str:
+    """A source layer name as an identifier: ``[a-z0-9_]``, lower case, no leading digit."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    cleaned = re.sub(r"[^a-z0-9]+", "_", ascii_name.lower()).strip("_")
+    if cleaned[:1].isdigit():
+        cleaned = f"_{cleaned}"
+    return cleaned
+
+
+def _expanded_layer_name(layer: str, source_layer: str, data_file: DataFile) -> str:
+    suffix = normalised_layer_name(source_layer)
+    if not suffix:
+        raise InputDataError(
+            f"file {data_file.path!r}: source layer {source_layer!r} has no letters or digits to "
+            f"name layer '{layer}_…' after; rename it in the file or list it with source_layer"
+        )
+    return f"{layer}_{suffix}".encode()[:63].decode("ascii")
+
+
+def _sniff(path: Path) -> str:
+    """A guess at what a file is from its first bytes, for error messages."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(64)
+    except OSError:
+        return "unreadable"
+    if not head:
+        return "an empty file"
+    for magic, what in ((b"PAR1", "a Parquet file"), (b"PK\x03\x04", "a zip archive"),
+                        (b"SQLite format 3", "an SQLite/GeoPackage database"),
+                        (b"fgb\x03", "a FlatGeobuf file")):
+        if head.startswith(magic):
+            return what
+    text = head.lstrip(b"\xef\xbb\xbf\x1e \t\r\n")
+    if text[:1] in (b"{", b"["):
+        return "JSON text"
+    return "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head[:32]) else "binary data"
+
+
+def _check_zip(path: Path, data_file: DataFile, limits: ShardLimits) -> list[str]:
+    """Validate an archive from its central directory; return its member names."""
+    where = _where(data_file)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except zipfile.BadZipFile:
+        raise InputDataError(
+            f"{where}: declared shapefile_zip but it is not a zip archive (it looks like "
+            f"{_sniff(path)}); expected a .zip holding .shp, .shx, .dbf and .prj"
+        ) from None
+    total = 0
+    for member in members:
+        name = member.filename
+        parts = re.split(r"[\\/]", name)
+        if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+            raise InputDataError(
+                f"{where}: zip member {name!r} has an absolute or '..' path; expected paths "
+                "inside the archive (re-create the zip from the shapefile's folder)"
+            )
+        if member.flag_bits & 0x1:
+            raise InputDataError(f"{where}: zip member {name!r} is encrypted; expected a plain zip")
+        total += member.file_size
+    if total > limits.max_zip_bytes:
+        raise InputDataError(
+            f"{where}: the zip inflates to {total:,} bytes, over the limit of "
+            f"{limits.max_zip_bytes:,} (ShardLimits.max_zip_bytes); split the data into "
+            "several files or raise the limit"
+        )
+    ratio = total / max(path.stat().st_size, 1)
+    if ratio > limits.max_zip_ratio:
+        raise InputDataError(
+            f"{where}: the zip inflates {ratio:.0f}x its size ({total:,} bytes), over the limit "
+            f"of {limits.max_zip_ratio:g}x (ShardLimits.max_zip_ratio); a zip bomb is refused — "
+            "if the data really compresses that well, raise the limit"
+        )
+    return [m.filename for m in members if not m.is_dir()]
+
+
+def _shapefiles_in_zip(members: list[str]) -> dict[str, str]:
+    """Shapefile stem -> .shp member path, ignoring macOS resource forks."""
+    found = {}
+    for name in members:
+        pure = PurePosixPath(name.replace("\\", "/"))
+        if "__MACOSX" in pure.parts or pure.name.startswith("._"):
+            continue
+        if pure.suffix.lower() == ".shp":
+            found[pure.stem] = str(pure)
+    return found
+
+
+def _zip_sidecar(members: list[str], shp: str, suffix: str) -> str | None:
+    stem = str(PurePosixPath(shp).with_suffix("")).lower()
+    for name in members:
+        pure = PurePosixPath(name.replace("\\", "/"))
+        if str(pure.with_suffix("")).lower() == stem and pure.suffix.lower() == suffix:
+            return name
+    return None
+
+
+def _read_info(gdal_path: str, layer: str | None, **options: str) -> dict:
+    with warnings.catch_warnings():
+        # e.g. "Measured (M) geometry types are not supported": the data is checked later.
+        warnings.simplefilter("ignore")
+        return pyogrio.read_info(gdal_path, layer=layer, **options)
+
+
+def _detect_driver(gdal_path: str, path: Path, data_file: DataFile, layer: str | None) -> dict:
+    """read_info of a GDAL source, with its driver checked against the declared format."""
+    where = _where(data_file, source_layer=layer)
+    expected = _DRIVERS[data_file.format]
+    try:
+        info = _read_info(gdal_path, layer)
+    except DataLayerError as exc:
+        raise InputDataError(f"{where}: {exc}; expected an existing layer "
+                             f"(available: {_list_layers(gdal_path)})") from None
+    except _GDAL_ERRORS as exc:
+        if data_file.format is InputFormat.CSV and "not recognized" in str(exc):
+            return {}  # GDAL recognises CSV by extension only; it is opened as "CSV:<path>"
+        raise InputDataError(
+            f"{where} cannot be read as {data_file.format.value}: GDAL says {exc} (the file looks "
+            f"like {_sniff(path)}); expected a valid {expected} file"
+        ) from None
+    driver = info.get("driver")
+    if driver != expected and not (
+        data_file.format is InputFormat.GEOJSONSEQ and driver == "GeoJSON"
+        and 0 <= info.get("features", -1) <= 1  # a one-feature sequence is also GeoJSON
+    ):
+        raise InputDataError(
+            f"{where}: declared {data_file.format.value} but GDAL reads it as {driver}; fix "
+            f"'format' in the manifest or land the right file"
+        )
+    return info
+
+
+def _list_layers(gdal_path: str) -> list[str]:
+    try:
+        return [str(name) for name in pyogrio.list_layers(gdal_path)[:, 0]]
+    except _GDAL_ERRORS:
+        return []
+
+
+def _parquet_file(path: Path, data_file: DataFile) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+    except (pa.ArrowInvalid, OSError) as exc:
+        try:
+            driver = pyogrio.read_info(str(path))["driver"]
+            seen = f"GDAL reads it as {driver}"
+        except _GDAL_ERRORS:
+            seen = f"it looks like {_sniff(path)}"
+        raise InputDataError(
+            f"{_where(data_file)}: declared geoparquet but it is not a Parquet file ({seen}; "
+            f"pyarrow says {exc}); expected a GeoParquet 1.0 or 1.1 file"
+        ) from None
+
+
+def _geo_metadata(parquet: pq.ParquetFile, data_file: DataFile) -> dict:
+    raw = (parquet.schema_arrow.metadata or {}).get(b"geo")
+    where = _where(data_file)
+    if raw is None:
+        raise InputDataError(
+            f"{where} is Parquet without GeoParquet 'geo' metadata; expected a GeoParquet 1.0 "
+            "or 1.1 file (write it with geopandas.to_parquet or GDAL's Parquet driver)"
+        )
+    try:
+        geo = json.loads(raw)
+        primary = geo["primary_column"]
+        column = geo["columns"][primary]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputDataError(f"{where}: the GeoParquet 'geo' metadata is malformed ({exc!r})") from None
+    encoding = str(column.get("encoding", "WKB"))
+    if encoding.upper() != "WKB":
+        raise InputDataError(
+            f"{where}: geometry column {primary!r} uses GeoParquet encoding {encoding!r}; "
+            "expected 'WKB' (re-write the file with WKB geometry)"
+        )
+    if primary not in parquet.schema_arrow.names:
+        raise InputDataError(f"{where}: the 'geo' metadata names geometry column {primary!r}, "
+                             "which the file does not have")
+    return geo
+
+
+def _geoparquet_crs(geo: dict) -> str | None:
+    column = geo["columns"][geo["primary_column"]]
+    if "crs" not in column:
+        return "OGC:CRS84"  # GeoParquet: an absent crs means OGC:CRS84
+    crs = column["crs"]
+    if crs is None:
+        return None  # explicitly unknown
+    return json.dumps(crs) if isinstance(crs, dict) else str(crs)
+
+
+def _probe(path: Path, data_file: DataFile, source_layer: str | None,
+           limits: ShardLimits) -> _Probe:
+    """Check a source is what the manifest says and find how to open it (no data is read)."""
+    where = _where(data_file, source_layer=source_layer)
+    fmt = data_file.format
+    if not path.is_file():
+        raise InputDataError(f"{where}: no such file {str(path)!r}")
+    if data_file.encoding and fmt not in _TEXT_FORMATS | {InputFormat.SHAPEFILE_ZIP}:
+        if codecs.lookup(data_file.encoding).name != "utf-8":
+            raise InputDataError(
+                f"{where}: declares encoding {data_file.encoding!r}, but {fmt.value} stores text "
+                "as UTF-8 by definition; remove 'encoding' from the manifest"
+            )
+    if fmt is InputFormat.GEOPARQUET:
+        if source_layer is not None:
+            raise InputDataError(f"{where}: a GeoParquet file has one layer; remove source_layer")
+        geo = _geo_metadata(_parquet_file(path, data_file), data_file)
+        return _Probe(None, None, _geoparquet_crs(geo), "UTF-8 (Parquet)")
+    gdal_path, encoding_note, options = str(path), "UTF-8", ()
+    layer = source_layer
+    if fmt is InputFormat.SHAPEFILE_ZIP:
+        members = _check_zip(path, data_file, limits)
+        shapefiles = _shapefiles_in_zip(members)
+        if not shapefiles:
+            raise InputDataError(f"{where}: the zip holds no .shp file (members: {members[:10]}); "
+                                 "expected a zipped Shapefile")
+        if source_layer is None and len(shapefiles) > 1:
+            raise InputDataError(f"{where}: the zip holds several shapefiles {sorted(shapefiles)}; "
+                                 "name one with source_layer, or set all_layers")
+        stem = source_layer if source_layer is not None else next(iter(shapefiles))
+        if stem not in shapefiles:
+            raise InputDataError(f"{where}: the zip has no shapefile {stem!r}; "
+                                 f"available: {sorted(shapefiles)}")
+        shp = shapefiles[stem]
+        for suffix in (".shx", ".dbf"):
+            if _zip_sidecar(members, shp, suffix) is None:
+                raise InputDataError(
+                    f"{where}: the zip has {shp!r} but no {suffix} file next to it; a Shapefile "
+                    "needs .shp, .shx and .dbf (and .prj for its CRS): zip all of them"
+                )
+        gdal_path, layer = f"/vsizip/{path.resolve()}/{shp}", None
+        cpg = _zip_sidecar(members, shp, ".cpg")
+        if data_file.encoding:
+            encoding_note = f"{data_file.encoding} (declared in the manifest)"
+        elif cpg is not None:
+            with zipfile.ZipFile(path) as archive:
+                declared = archive.read(cpg)[:64].decode("ascii", "replace").strip()
+            encoding_note = f"{declared} (declared by {PurePosixPath(cpg).name})"
+        else:
+            encoding_note = "UTF-8 (no .cpg and no encoding in the manifest)"
+    elif data_file.encoding:
+        encoding_note = f"{data_file.encoding} (declared in the manifest)"
+    info = _detect_driver(gdal_path, path, data_file, layer)
+    if fmt is InputFormat.CSV:
+        gdal_path = f"CSV:{path}"
+        options = _csv_options(data_file, where, _read_info(gdal_path, None))
+        info = _read_info(gdal_path, None, **dict(options))
+    elif layer is None and fmt is not InputFormat.SHAPEFILE_ZIP:
+        layers = _list_layers(gdal_path)
+        layer = layers[0] if layers else None
+    if info.get("geometry_type") is None and fmt is not InputFormat.CSV:
+        raise InputDataError(f"{where}: the layer has no geometry column; expected spatial data")
+    return _Probe(gdal_path, layer, info.get("crs"), encoding_note, options)
+
+
+def _csv_options(data_file: DataFile, where: str, info: dict) -> tuple[tuple[str, str], ...]:
+    spec = data_file.csv
+    assert spec is not None  # the manifest model requires it for csv
+    columns = [str(c) for c in info.get("fields", [])]
+    wanted = [spec.wkt_column] if spec.wkt_column else [spec.x_column, spec.y_column]
+    for name in wanted:
+        if name not in columns:
+            raise InputDataError(f"{where}: the CSV has no column {name!r}; its columns are "
+                                 f"{columns} (check csv.* in the manifest, names are exact)")
+    if spec.wkt_column:
+        return (("GEOM_POSSIBLE_NAMES", spec.wkt_column), ("KEEP_GEOM_COLUMNS", "YES"))
+    if any(c.upper() == "WKT" for c in columns):
+        raise InputDataError(
+            f"{where}: the CSV has a column named 'WKT', which GDAL always reads as the geometry, "
+            "but the manifest declares x/y columns; declare csv.wkt_column or rename the column"
+        )
+    return (("X_POSSIBLE_NAMES", spec.x_column), ("Y_POSSIBLE_NAMES", spec.y_column),
+            ("KEEP_GEOM_COLUMNS", "YES"))
+
+
+def _source_layers(path: Path, data_file: DataFile, limits: ShardLimits) -> list[str]:
+    """Every spatial layer of a multi-layer file (for ``all_layers``)."""
+    if data_file.format is InputFormat.GEOPARQUET:
+        return [path.stem]
+    if data_file.format is InputFormat.SHAPEFILE_ZIP:
+        return list(_shapefiles_in_zip(_check_zip(path, data_file, limits)))
+    try:
+        listing = pyogrio.list_layers(str(path))
+    except _GDAL_ERRORS as exc:
+        raise InputDataError(f"{_where(data_file)} cannot be read as {data_file.format.value}: "
+                             f"GDAL says {exc} (the file looks like {_sniff(path)})") from None
+    return [str(name) for name, geometry_type in listing if geometry_type is not None]
+
+
+def plan_layers(files: list[tuple[Path, DataFile]],
+                limits: ShardLimits | None = None) -> dict[str, list[LayerSource]]:
+    """Group landed files by the layer they feed, checking every file before any is sharded.
+
+    ``all_layers`` files feed one layer per spatial source layer, named
+    ``<layer>_<normalised source layer name>``; layer order is first appearance. Checked here,
+    without reading features: zip safety, the driver GDAL detects against the declared format,
+    that named layers and CSV columns exist, and each layer's CRS.
+    """
+    limits = limits or ShardLimits()
+    plan: dict[str, list[LayerSource]] = {}
+    for path, data_file in files:
+        if not data_file.all_layers:
+            probe = _probe(path, data_file, data_file.source_layer, limits)
+            plan.setdefault(data_file.layer, []).append(
+                LayerSource(path, data_file, data_file.source_layer, probe))
+            continue
+        names = _source_layers(path, data_file, limits)
+        if not names:
+            raise InputDataError(f"{_where(data_file)} has no spatial layers; expected at least "
+                                 "one layer with a geometry column")
+        produced: dict[str, str] = {}
+        for name in names:
+            layer = _expanded_layer_name(data_file.layer, name, data_file)
+            if layer in produced:
+                raise InputDataError(
+                    f"{_where(data_file)}: source layers {produced[layer]!r} and {name!r} both "
+                    f"become layer {layer!r}; rename one of them in the file"
+                )
+            produced[layer] = name
+            source_layer = None if data_file.format is InputFormat.GEOPARQUET else name
+            probe = _probe(path, data_file, source_layer, limits)
+            plan.setdefault(layer, []).append(LayerSource(path, data_file, source_layer, probe))
+    for layer, sources in plan.items():
+        _layer_crs(layer, sources, [s.probe for s in sources])
+    return plan

@@ -1,0 +1,41 @@
+"""Bounds of the shard stage (:class:`ShardLimits`) and the sort memory budget they imply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ShardLimits:
+    """Bounds of the shard stage; the defaults suit a 2-core worker with 2-8 GiB.
+
+    * ``chunk_rows`` (100k-1M) and ``chunk_bytes`` (32-512 MiB) bound every chunk: rows, and
+      encoded bytes (a single row larger than ``chunk_bytes`` still makes a chunk).
+    * ``read_batch_rows`` (16k-256k): rows per streamed batch.
+    * ``max_zip_bytes`` / ``max_zip_ratio``: what a zip may inflate to, in total and as a
+      multiple of the archive's size; checked before GDAL opens it.
+    * ``sort_memory_bytes`` (128 MiB-2 GiB): memory for sorting. A layer up to half of it is
+      sorted in memory; a larger one externally, in buckets of about 1/8 of it.
+    * ``encode_threads`` (1-cores): chunks gathered and encoded in parallel.
+    """
+
+    chunk_rows: int = 250_000
+    chunk_bytes: int = 128 * 2**20
+    read_batch_rows: int = 65_536
+    max_zip_bytes: int = 20 * 2**30
+    max_zip_ratio: float = 100.0
+    sort_memory_bytes: int = 256 * 2**20
+    encode_threads: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_rows", "chunk_bytes", "read_batch_rows", "max_zip_bytes",
+                     "sort_memory_bytes", "encode_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ShardLimits.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_zip_ratio <= 0:
+            raise ValueError(f"ShardLimits.max_zip_ratio must be > 0, got {self.max_zip_ratio}")
+
+
+def _in_memory_bytes(limits: ShardLimits) -> int:
+    """A layer (or a bucket) up to this size is sorted in memory."""
+    return limits.sort_memory_bytes // 2

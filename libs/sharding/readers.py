@@ -1,0 +1,285 @@
+"""Reading one source as a stream of normalised Arrow batches: attributes plus WKB geometry.
+
+GDAL formats go through pyogrio's Arrow reader, GeoParquet through
+``pyarrow.parquet.ParquetFile.iter_batches``; no file is loaded whole. On the way, column
+types are made plain, text is checked against the declared encoding (non-UTF-8 text
+formats are transcoded to a scratch copy first), and CSV rows whose WKT or x/y GDAL could
+not read are reported instead of silently losing their geometry.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyogrio.raw import open_arrow
+
+from libs.errors import InputDataError
+from libs.geoparquet import GEOMETRY
+from libs.manifest import DataFile, InputFormat
+from libs.sharding.columns import _RESERVED
+from libs.sharding.inputs import _geo_metadata, _parquet_file
+from libs.sharding.limits import ShardLimits
+from libs.sharding.sources import _GDAL_ERRORS, _TEXT_FORMATS, LayerSource, _Probe
+
+
+def _plain_type(data_type: pa.DataType) -> pa.DataType:
+    """The storage type we keep: no extension, dictionary or large variants."""
+    if isinstance(data_type, pa.ExtensionType):
+        data_type = data_type.storage_type
+    if pa.types.is_dictionary(data_type):
+        data_type = data_type.value_type
+    if pa.types.is_large_string(data_type) or pa.types.is_string_view(data_type):
+        return pa.string()
+    if pa.types.is_large_binary(data_type) or pa.types.is_binary_view(data_type):
+        return pa.binary()
+    return data_type
+
+
+class _Normaliser:
+    """Turns a reader's batches into ``attributes + geometry`` with plain types."""
+
+    def __init__(self, schema: pa.Schema, geometry_name: str, where: str,
+                 drop: tuple[str, ...] = ()):
+        fields, self.sources = [], []
+        for index, item in enumerate(schema):
+            if item.name == geometry_name:
+                continue
+            if item.name in drop:
+                continue
+            if item.name in _RESERVED or item.name.startswith("__shard_"):
+                raise InputDataError(
+                    f"{where}: has an attribute column named {item.name!r}, which chunks use for "
+                    "the geometry or its bbox; rename the column in the file"
+                )
+            fields.append(pa.field(item.name, _plain_type(item.type)))
+            self.sources.append(index)
+        if geometry_name not in schema.names:
+            raise InputDataError(f"{where}: no geometry column {geometry_name!r} in the data")
+        self.geometry_index = schema.get_field_index(geometry_name)
+        self.schema = pa.schema([*fields, pa.field(GEOMETRY, pa.binary())])
+
+    def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        arrays = []
+        for index, target in zip([*self.sources, self.geometry_index], self.schema.types,
+                                 strict=True):
+            array = batch.column(index)
+            if isinstance(array, pa.ExtensionArray):
+                array = array.storage
+            if array.type != target:
+                array = array.cast(target)
+            arrays.append(array)
+        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+
+
+def _gdal_encoding(name: str) -> str:
+    """A Python codec name as the iconv name GDAL expects (it is picky about spelling)."""
+    canonical = codecs.lookup(name).name
+    return {"utf-8": "UTF-8", "iso8859-1": "ISO-8859-1", "ascii": "ASCII"}.get(
+        canonical, canonical.upper())
+
+
+def _transcode_to_utf8(path: Path, encoding: str, out: Path, where: str) -> Path:
+    """Copy a text file as UTF-8 (GDAL's Arrow reader only reads UTF-8 for text formats)."""
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    consumed, lines = 0, 1
+    with path.open("rb") as source, out.open("w", encoding="utf-8", newline="") as target:
+        while block := source.read(1 << 20):
+            try:
+                text = decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                line = lines + block[: exc.start].count(b"\n")
+                raise InputDataError(
+                    f"{where}: byte {consumed + exc.start:,} (line {line}) cannot be decoded as the "
+                    f"declared encoding {encoding!r} ({exc.reason}); declare the file's real "
+                    "encoding in the manifest (e.g. 'cp1252', 'utf-8')"
+                ) from None
+            consumed += len(block)
+            lines += block.count(b"\n")
+            target.write(text)
+        target.write(decoder.decode(b"", final=True))
+    return out
+
+
+def _check_utf8(batch: pa.RecordBatch, first_row: int, where: str, encoding_note: str) -> None:
+    for item, column in zip(batch.schema, batch.columns, strict=True):
+        if not pa.types.is_string(item.type):
+            continue
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid:
+            values = column.cast(pa.binary()).to_pylist()
+            row = next(i for i, v in enumerate(values) if v is not None and not _is_utf8(v))
+            raise InputDataError(
+                f"{where}, row {first_row + row}, column {item.name!r}: text "
+                f"{values[row][:40]!r} is not valid in encoding {encoding_note}; set 'encoding' "
+                "in the manifest to the file's real encoding (e.g. 'cp1252' or 'latin-1')"
+            ) from None
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+_CSV_BAD_VALUE = re.compile(r"Invalid value type found in record (\d+) for field (.+?)\.")
+
+
+class _CsvGeometryCheck:
+    """GDAL's CSV reader turns unreadable WKT or x/y into a NULL geometry: make that an error."""
+
+    def __init__(self, data_file: DataFile, where: str):
+        spec = data_file.csv
+        assert spec is not None
+        self.where = where
+        self.wkt = spec.wkt_column
+        self.xy = (spec.x_column, spec.y_column) if spec.x_column else None
+        self.columns = (self.wkt,) if self.wkt else self.xy
+
+    def __call__(self, batch: pa.RecordBatch, geometry_name: str, first_row: int,
+                 caught: list[warnings.WarningMessage]) -> None:
+        for message in caught:
+            match = _CSV_BAD_VALUE.search(str(message.message))
+            if match:
+                raise InputDataError(
+                    f"{self.where}, row {int(match.group(1)) - 1}: column {match.group(2)!r} is not "
+                    "a number; expected numeric x/y coordinates (or both empty for no geometry)"
+                )
+        geometry_missing = batch.column(geometry_name).is_null()
+        if self.wkt:
+            text = batch.column(self.wkt)
+            given = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)
+            bad = pc.and_(geometry_missing, pc.fill_null(given, False))
+            if pc.any(bad).as_py():
+                row = int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])
+                raise InputDataError(
+                    f"{self.where}, row {first_row + row}: column {self.wkt!r} holds "
+                    f"{text[row].as_py()[:60]!r}, which is not valid WKT; expected e.g. "
+                    "'POINT (1 2)' (or an empty value for no geometry)"
+                )
+            return
+        x_column, y_column = batch.column(self.xy[0]), batch.column(self.xy[1])
+        x = x_column.to_numpy(zero_copy_only=False).astype(float)
+        y = y_column.to_numpy(zero_copy_only=False).astype(float)
+        # Empty fields are NULL (no geometry, fine when both are); GDAL reads 'nan' or '1e999'
+        # as non-finite numbers and silently drops the geometry, so those are errors here.
+        x_given = x_column.is_valid().to_numpy(zero_copy_only=False)
+        y_given = y_column.is_valid().to_numpy(zero_copy_only=False)
+        problems = (x_given ^ y_given) | (x_given & ~np.isfinite(x)) | (y_given & ~np.isfinite(y))
+        if problems.any():
+            row = int(np.flatnonzero(problems)[0])
+            shown = [v if given else "empty" for v, given in ((x[row], x_given[row]),
+                                                              (y[row], y_given[row]))]
+            raise InputDataError(
+                f"{self.where}, row {first_row + row}: x/y ({self.xy[0]!r}, {self.xy[1]!r}) are "
+                f"({shown[0]}, {shown[1]}); expected two finite numbers (or both empty for no "
+                "geometry)"
+            )
+
+
+@contextmanager
+def _gdal_stream(source: LayerSource, probe: _Probe, where: str, scratch_dir: Path,
+                 limits: ShardLimits, index: int) -> Iterator[tuple[pa.Schema, Iterator]]:
+    data_file = source.data_file
+    gdal_path, encoding = probe.gdal_path, None
+    declared = data_file.encoding
+    if data_file.format is InputFormat.SHAPEFILE_ZIP and declared:
+        encoding = _gdal_encoding(declared)
+    elif data_file.format in _TEXT_FORMATS and declared and codecs.lookup(declared).name != "utf-8":
+        suffix = source.path.suffix or ".txt"
+        copy = _transcode_to_utf8(source.path, declared,
+                                  scratch_dir / f"source-{index:04d}-utf8{suffix}", where)
+        gdal_path = f"CSV:{copy}" if data_file.format is InputFormat.CSV else str(copy)
+    csv_check = _CsvGeometryCheck(data_file, where) if data_file.format is InputFormat.CSV else None
+    with ExitStack() as stack:
+        caught: list[warnings.WarningMessage] = []
+        if csv_check is not None:
+            # GDAL reports unreadable CSV numbers only as a warning; catch it to fail loudly.
+            caught = stack.enter_context(warnings.catch_warnings(record=True))
+            warnings.simplefilter("always")
+        try:
+            meta, reader = stack.enter_context(open_arrow(
+                gdal_path, layer=probe.gdal_layer, encoding=encoding,
+                batch_size=limits.read_batch_rows, use_pyarrow=True, **dict(probe.open_options)))
+        except UnicodeDecodeError as exc:
+            raise InputDataError(
+                f"{where}: column names are not valid in encoding {probe.encoding_note} "
+                f"({exc.reason}); set 'encoding' in the manifest to the file's real encoding "
+                "(e.g. 'cp1252')"
+            ) from None
+        except _GDAL_ERRORS as exc:
+            raise InputDataError(
+                f"{where} cannot be read as {data_file.format.value}: {exc}") from None
+        geometry_name = meta.get("geometry_name") or "wkb_geometry"
+        normalise = _Normaliser(reader.schema, geometry_name, where,
+                                csv_check.columns if csv_check else ())
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            row = 0
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    return
+                except (pa.ArrowException, OSError, *_GDAL_ERRORS) as exc:
+                    raise InputDataError(
+                        f"{where}: reading failed after row {row} ({exc}); the file is corrupt or "
+                        f"truncated, expected a valid {data_file.format.value} file"
+                    ) from None
+                if csv_check is not None:
+                    csv_check(batch, geometry_name, row, caught)
+                    caught.clear()
+                out = normalise(batch)
+                _check_utf8(out, row, where, probe.encoding_note)
+                row += batch.num_rows
+                yield out
+
+        yield normalise.schema, batches()
+
+
+@contextmanager
+def _geoparquet_stream(source: LayerSource, where: str,
+                       limits: ShardLimits) -> Iterator[tuple[pa.Schema, Iterator]]:
+    parquet = _parquet_file(source.path, source.data_file)
+    geo = _geo_metadata(parquet, source.data_file)
+    primary = geo["primary_column"]
+    covering = geo["columns"][primary].get("covering") or {}
+    skip = {path[0] for spec in covering.values() if isinstance(spec, dict)
+            for path in spec.values() if isinstance(path, list) and path}
+    columns = [n for n in parquet.schema_arrow.names if n not in skip]
+    schema = pa.schema([parquet.schema_arrow.field(n) for n in columns])
+    normalise = _Normaliser(schema, primary, where)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        row = 0
+        iterator = parquet.iter_batches(batch_size=limits.read_batch_rows, columns=columns,
+                                        use_threads=False)
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except (pa.ArrowException, OSError) as exc:
+                raise InputDataError(
+                    f"{where}: reading failed after row {row} ({exc}); the file is corrupt or "
+                    "truncated, expected a valid GeoParquet file"
+                ) from None
+            out = normalise(batch)
+            _check_utf8(out, row, where, "UTF-8 (Parquet)")
+            row += batch.num_rows
+            yield out
+
+    try:
+        yield normalise.schema, batches()
+    finally:
+        parquet.close()

@@ -1,0 +1,68 @@
+"""The entry point :func:`shard_layer`: read, sort and write one layer, then reconcile counts."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from libs.chunk_index import LayerChunks
+from libs.errors import ReconciliationError
+from libs.sharding.collect import _read_sources
+from libs.sharding.crs import _crs_text
+from libs.sharding.external_sort import _sort_and_emit
+from libs.sharding.limits import ShardLimits
+from libs.sharding.sources import LayerSource
+from libs.sharding.writer import ChunkSink, _ChunkWriter
+
+
+@dataclass
+class ShardedLayer:
+    """What sharding a layer produced: the chunk list handed to the next op, and facts."""
+
+    chunks: LayerChunks
+    schema: pa.Schema  # attribute columns + geometry (WKB)
+    geometry_types: list[str]
+    rows_per_source: dict[str, int]  # str(path) -> rows
+
+    @property
+    def layer(self) -> str:
+        return self.chunks.layer
+
+    @property
+    def rows(self) -> int:
+        return self.chunks.rows
+
+
+def shard_layer(layer: str, sources: list[LayerSource], sink: ChunkSink, *, scratch_dir: Path,
+                limits: ShardLimits | None = None) -> ShardedLayer:
+    """Shard every source of ``layer`` into Hilbert-ordered GeoParquet chunks handed to ``sink``.
+
+    ``scratch_dir`` receives the spill files (removed as they are consumed); the caller owns
+    the directory. Raises :class:`InputDataError` for any problem with the input.
+    """
+    limits = limits or ShardLimits()
+    if not sources:
+        raise ValueError(f"layer {layer!r}: no sources to shard")
+    work = Path(tempfile.mkdtemp(prefix=f"shard-{layer}-", dir=scratch_dir))
+    try:
+        first = _read_sources(layer, sources, work, limits)
+        writer = _ChunkWriter(layer, first.crs, first.schema, sink, limits)
+        try:
+            _sort_and_emit(first, writer, work, limits)
+        except BaseException:
+            writer.abort()
+            raise
+        chunks = writer.finish()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if sum(c.rows for c in chunks) != first.rows:
+        raise ReconciliationError(f"layer {layer!r}: the chunks hold {sum(c.rows for c in chunks)} "
+                                  f"rows but the sources {first.rows}")
+    return ShardedLayer(
+        chunks=LayerChunks(layer=layer, crs=_crs_text(first.crs), chunks=chunks),
+        schema=first.schema, geometry_types=first.geometry_types,
+        rows_per_source=first.rows_per_source)

@@ -1,0 +1,48 @@
+"""What feeds a layer: :class:`LayerSource`, what probing it found, and how messages name it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyogrio.errors import (
+    CRSError,
+    DataLayerError,
+    DataSourceError,
+    FeatureError,
+    FieldError,
+    GeometryError,
+)
+
+from libs.manifest import DataFile, InputFormat
+
+_GDAL_ERRORS = (DataSourceError, DataLayerError, CRSError, FeatureError, FieldError, GeometryError,
+                RuntimeError, ValueError, IndexError)
+_TEXT_FORMATS = {InputFormat.CSV, InputFormat.GEOJSON, InputFormat.GEOJSONSEQ}
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """What a first look at a source found (driver, CRS, how to open it)."""
+
+    gdal_path: str | None  # None: read with pyarrow (GeoParquet)
+    gdal_layer: str | None
+    crs: str | None  # the file's own CRS as text pyproj reads, None when it declares none
+    encoding_note: str  # what decides the text encoding, for error messages
+    open_options: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class LayerSource:
+    """One file (or one layer of a multi-layer file) feeding a manifest layer."""
+
+    path: Path
+    data_file: DataFile
+    source_layer: str | None
+    probe: _Probe | None = field(default=None, repr=False, compare=False)
+
+
+def _where(data_file: DataFile, layer: str | None = None, source_layer: str | None = None) -> str:
+    """How messages name a source: ``file 'a.gpkg' (source layer 'roads', layer 'base_roads')``."""
+    inner = f"source layer {source_layer!r}, " if source_layer else ""
+    return f"file {data_file.path!r} ({inner}layer {layer or data_file.layer!r})"

@@ -1,0 +1,201 @@
+"""Geometry facts read from WKB, validated: type codes, bounds, one geometry family per layer.
+
+Point bounds come straight from the WKB bytes (strided numpy views, no parsing); other
+geometries are parsed with shapely, at most ``_PARSE_BYTES`` of WKB at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import shapely
+
+from libs.errors import InputDataError
+
+_PARSE_BYTES = 32 * 2**20
+_TYPE_NAMES = {1: "Point", 2: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "MultiLineString",
+               6: "MultiPolygon", 7: "GeometryCollection", 8: "CircularString",
+               9: "CompoundCurve", 10: "CurvePolygon", 11: "MultiCurve", 12: "MultiSurface",
+               15: "PolyhedralSurface", 16: "TIN", 17: "Triangle"}
+_FAMILIES = {1: "point", 4: "point", 2: "line", 5: "line", 3: "polygon", 6: "polygon"}
+
+
+def _binary_parts(array: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, lengths, data bytes) of a binary/string array, without copying values."""
+    n = len(array)
+    offsets_buffer, data_buffer = array.buffers()[1], array.buffers()[2]
+    if n == 0 or offsets_buffer is None:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8)
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[array.offset: array.offset + n + 1]
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else \
+        np.zeros(0, np.uint8)
+    starts = offsets[:-1].astype(np.int64)
+    return starts, np.diff(offsets).astype(np.int64), data
+
+
+@dataclass
+class _WkbHeaders:
+    valid: np.ndarray  # bool: a geometry is present
+    kind: np.ndarray  # int: 1..17 (0 where missing)
+    has_z: np.ndarray  # bool
+    dims_xy: np.ndarray  # bool: plain 2D/ISO Z without EWKB extras (point fast path)
+    little: np.ndarray  # bool
+
+
+def _wkb_headers(array: pa.Array) -> tuple[_WkbHeaders, np.ndarray, np.ndarray, np.ndarray]:
+    starts, lengths, data = _binary_parts(array)
+    valid = array.is_valid().to_numpy(zero_copy_only=False) & (lengths > 0)
+    n = len(array)
+    kind = np.zeros(n, np.int64)
+    has_z = np.zeros(n, bool)
+    plain = np.zeros(n, bool)
+    little = np.zeros(n, bool)
+    readable = valid & (lengths >= 5)
+    if readable.any():
+        size = int(lengths[0])
+        if readable.all() and (lengths == size).all():
+            # Fixed-size records (points): the headers are a strided view, no gather.
+            header = data[starts[0]: starts[0] + n * size].reshape(n, size)[:, :5]
+        else:
+            header = data[starts[readable][:, None] + np.arange(5)]  # byte order, uint32 type
+        order = header[:, 0]
+        raw = np.ascontiguousarray(header[:, 1:5])
+        code = np.where(order == 1, raw.view("<u4")[:, 0], raw.view(">u4")[:, 0]).astype(np.int64)
+        ewkb_z = (code & 0x80000000) != 0
+        ewkb_extra = (code & 0x60000000) != 0  # M or SRID flag
+        base = code & 0x0FFFFFFF
+        iso_dims = base // 1000
+        kind[readable] = np.where(order <= 1, base % 1000, 0).astype(np.int64)
+        has_z[readable] = ewkb_z | (iso_dims == 1) | (iso_dims == 3)
+        plain[readable] = ~ewkb_extra & ((iso_dims == 0) | (iso_dims == 1)) & (order <= 1)
+        little[readable] = order == 1
+    return _WkbHeaders(valid, kind, has_z, plain, little), starts, lengths, data
+
+
+def _type_name(kind: int, has_z: bool) -> str:
+    return _TYPE_NAMES.get(kind, f"WKB type {kind}") + (" Z" if has_z else "")
+
+
+def _geometry_types(headers: _WkbHeaders) -> list[str]:
+    present = headers.valid & (headers.kind > 0)
+    return _type_names(headers.kind[present] * 2 + headers.has_z[present])
+
+
+def _type_names(codes: np.ndarray) -> list[str]:
+    """Type names of ``kind * 2 + has_z`` codes (0: no geometry)."""
+    present = np.flatnonzero(np.bincount(codes.astype(np.int64)))
+    return sorted(_type_name(int(code) // 2, bool(code % 2)) for code in present if code)
+
+
+def _not_finite(where: str, row: int) -> InputDataError:
+    return InputDataError(f"{where}, row {row}: coordinates are NaN or infinite; expected finite "
+                          "numbers")
+
+
+def _point_coordinates(headers: _WkbHeaders, starts: np.ndarray, lengths: np.ndarray,
+                       data: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """x and y of an all-point batch read straight from the WKB bytes, or None if not one."""
+    valid = headers.valid
+    if not valid.any():
+        return np.full(len(valid), np.nan), np.full(len(valid), np.nan)
+    kinds, plain, little = headers.kind[valid], headers.dims_xy[valid], headers.little[valid]
+    if not ((kinds == 1).all() and plain.all() and (little.all() or not little.any())):
+        return None
+    size = np.where(headers.has_z[valid], 29, 21)
+    if not (lengths[valid] == size).all():
+        return None
+    dtype = np.dtype("<f8" if little[0] else ">f8")
+    stride = int(size[0])
+    if valid.all() and (size == stride).all():
+        # Contiguous fixed-size records: strided views over the buffer, no gather.
+        offset = int(starts[0])
+        x, y = (np.ndarray((len(valid),), dtype, buffer=data, offset=offset + at, strides=(stride,))
+                for at in (5, 13))
+        return x.astype(np.float64), y.astype(np.float64)
+    at = starts[valid]
+    x, y = np.full(len(valid), np.nan), np.full(len(valid), np.nan)
+    x[valid] = data[at[:, None] + np.arange(5, 13)].view(dtype).ravel()
+    y[valid] = data[at[:, None] + np.arange(13, 21)].view(dtype).ravel()
+    return x, y
+
+
+def _bounds(array: pa.Array, where: str, first_row: int) -> tuple[list[np.ndarray], _WkbHeaders]:
+    """minx, miny, maxx, maxy per row (NaN for missing/empty geometries), rows validated."""
+    headers, starts, lengths, data = _wkb_headers(array)
+    broken = headers.valid & (headers.kind == 0)
+    unsupported = headers.valid & ~np.isin(headers.kind, list(_FAMILIES))
+    if broken.any() or unsupported.any():
+        row = int(np.flatnonzero(broken | unsupported)[0])
+        if headers.kind[row] == 7:
+            raise InputDataError(
+                f"{where}, row {first_row + row}: GeometryCollection is not supported; expected "
+                "Point, LineString or Polygon (or their Multi* forms) — explode collections first"
+            )
+        if headers.kind[row] == 0:
+            raise InputDataError(f"{where}, row {first_row + row}: the geometry is not valid WKB")
+        raise InputDataError(
+            f"{where}, row {first_row + row}: {_type_name(int(headers.kind[row]), False)} "
+            "geometries are not supported; expected Point, LineString or Polygon (or Multi*) — "
+            "convert curves to linear geometries first (e.g. ogr2ogr -nlt CONVERT_TO_LINEAR)"
+        )
+    points = _point_coordinates(headers, starts, lengths, data)
+    if points is not None:
+        x, y = points
+        x_nan, y_nan = np.isnan(x), np.isnan(y)
+        # WKB's POINT EMPTY is (NaN, NaN); anything else non-finite is bad data.
+        bad = (x_nan != y_nan) | np.isinf(x) | np.isinf(y)
+        if bad.any():
+            raise _not_finite(where, first_row + int(np.flatnonzero(bad)[0]))
+        return [x, y, x, y], headers
+    bounds = np.empty((len(array), 4))
+    # Parse at most ~_PARSE_BYTES of WKB at a time: a batch of large polygons would otherwise
+    # hold several times its size in GEOS objects and coordinate copies.
+    start = 0
+    cumulative = np.cumsum(lengths)
+    while start < len(array):
+        base = cumulative[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(cumulative, base + _PARSE_BYTES, side="right")))
+        _parse_bounds(array.slice(start, stop - start), headers.valid[start:stop],
+                      bounds[start:stop], where, first_row + start)
+        start = stop
+    return [np.ascontiguousarray(bounds[:, i]) for i in range(4)], headers
+
+
+def _parse_bounds(array: pa.Array, valid: np.ndarray, out: np.ndarray, where: str,
+                  first_row: int) -> None:
+    geoms = shapely.from_wkb(array.to_numpy(zero_copy_only=False), on_invalid="ignore")
+    unreadable = valid & shapely.is_missing(geoms)
+    if unreadable.any():
+        row = int(np.flatnonzero(unreadable)[0])
+        raise InputDataError(f"{where}, row {first_row + row}: the geometry is not valid WKB")
+    coords, index = shapely.get_coordinates(geoms, return_index=True)
+    finite = np.isfinite(coords).all(axis=1)
+    if not finite.all():
+        raise _not_finite(where, first_row + int(index[np.flatnonzero(~finite)[0]]))
+    out[:] = shapely.bounds(geoms)
+
+
+def _check_families(headers: _WkbHeaders, families: dict[str, tuple[str, str, int]], file: str,
+                    where: str, first_row: int, layer: str) -> None:
+    present = headers.valid
+    kinds = headers.kind[present]
+    if not len(kinds):
+        return
+    rows = np.flatnonzero(present)
+    for kind in np.flatnonzero(np.bincount(kinds)).tolist():
+        family = _FAMILIES[kind]
+        row = first_row + int(rows[np.argmax(kinds == kind)])
+        families.setdefault(family, (file, _TYPE_NAMES[kind], row))
+    if len(families) > 1:
+        (file1, type1, row1), (file2, type2, row2) = list(families.values())[:2]
+        if file1 == file2:
+            detail = f"{where} mixes {type1} (row {row1}) and {type2} (row {row2}) geometries"
+        else:
+            detail = (f"layer {layer!r} mixes {type1} (file {file1!r}, row {row1}) and {type2} "
+                      f"(file {file2!r}, row {row2}) geometries")
+        raise InputDataError(
+            f"{detail}; expected one geometry family per layer (points, lines or polygons; "
+            "Multi* of the same family is fine) — split the file into one layer per type"
+        )

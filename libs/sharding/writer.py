@@ -1,0 +1,234 @@
+"""Cutting the sorted row stream into bounded chunks and encoding them as GeoParquet 1.1.
+
+Chunks are cut where ``chunk_rows`` or ``chunk_bytes`` (estimated from the rows' Arrow size)
+would be exceeded, and split in half if the encoding still exceeds ``chunk_bytes``. Each is
+written with pyarrow (zstd, ``geo`` metadata with the CRS as PROJJSON, geometry_types and
+bbox, a float32 ``bbox`` covering column rounded outwards, with statistics) on
+``encode_threads`` encoder threads; the sink is called from the calling thread, in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pyproj import CRS
+
+from libs.chunk_index import BBox, Chunk
+from libs.geoparquet import GEOMETRY
+from libs.sharding.columns import _BOUNDS, _COVERING_FIELDS, _TYPE, COVERING, _float_column
+from libs.sharding.crs import _crs_text
+from libs.sharding.limits import ShardLimits
+from libs.sharding.wkb import _binary_parts, _type_names
+
+#: A sink stores one encoded chunk under its ordinal and returns the object key.
+ChunkSink = Callable[[int, bytes], str]
+
+
+def _row_sizes(table: pa.Table, columns: list[str]) -> np.ndarray:
+    """Arrow bytes each row takes in an output chunk (plus its 32-byte bbox)."""
+    sizes = np.full(table.num_rows, 32, dtype=np.int64)
+    for name in columns:
+        column = table.column(name)
+        data_type = column.type
+        if pa.types.is_binary(data_type) or pa.types.is_string(data_type):
+            parts = [_binary_parts(chunk)[1] + 4 for chunk in column.chunks]
+            sizes += np.concatenate(parts) if parts else 0
+        elif pa.types.is_fixed_size_binary(data_type):
+            sizes += data_type.byte_width + 4  # as the binary column it is written as
+        elif data_type.bit_width and data_type.bit_width >= 8:
+            sizes += data_type.bit_width // 8
+        elif pa.types.is_boolean(data_type) or pa.types.is_null(data_type):
+            sizes += 1
+        elif table.num_rows:
+            sizes += -(-column.nbytes // table.num_rows)
+    return sizes
+
+
+def _covering(table: pa.Table, bounds: list[np.ndarray]) -> pa.StructArray:
+    """The bbox covering column: float32 rounded outwards, so each box still contains its
+    geometry (GeoParquet allows FLOAT; it takes a third less space than DOUBLE), and null
+    exactly where the geometry is null, as the specification requires."""
+    rounded = []
+    for values, outwards in zip(bounds, (-np.inf, -np.inf, np.inf, np.inf), strict=True):
+        narrow = values.astype(np.float32)
+        inside = narrow > values if outwards < 0 else narrow < values
+        rounded.append(np.where(inside, np.nextafter(narrow, np.float32(outwards)), narrow))
+    missing = pc.invert(table.column(GEOMETRY).is_valid()).combine_chunks()
+    return pa.StructArray.from_arrays([pa.array(v) for v in rounded], names=_COVERING_FIELDS,
+                                      mask=missing)
+
+
+@dataclass
+class _Encoded:
+    rows: int
+    data: bytes
+    bbox: BBox | None
+    sha256: str
+
+
+class _ChunkWriter:
+    """Cuts the sorted row stream into bounded chunks and encodes them (GeoParquet 1.1)."""
+
+    def __init__(self, layer: str, crs: CRS, schema: pa.Schema, sink: ChunkSink,
+                 limits: ShardLimits):
+        self.layer, self.sink, self.limits = layer, sink, limits
+        self.crs_text = _crs_text(crs)
+        self.projjson = crs.to_json_dict()
+        self.schema = schema
+        self.attributes = [n for n in schema.names if n != GEOMETRY]
+        self.output_columns = [*self.attributes, GEOMETRY]
+        self.dictionary_columns = [n for n in self.attributes
+                                   if pa.types.is_string(schema.field(n).type)]
+        self.gathered = [*self.output_columns, *_BOUNDS, _TYPE]
+        # Rows of the next chunk, as (table, row indices) pieces gathered by the encoder.
+        self.pending: list[tuple[pa.Table, np.ndarray]] = []
+        self.pending_rows = 0
+        self.pending_bytes = 0
+        self.pool = ThreadPoolExecutor(max_workers=limits.encode_threads,
+                                       thread_name_prefix="shard-encode")
+        self.in_flight: deque[Future] = deque()
+        self.chunks: list[Chunk] = []
+        self.row_offset = 0
+
+    def add_run(self, table: pa.Table, order: np.ndarray) -> None:
+        """Append ``table`` rows in the order ``order`` to the output stream."""
+        if not len(order):
+            return
+        sizes = _row_sizes(table, self.output_columns)[order]
+        cumulative = np.cumsum(sizes)
+        position, total = 0, len(order)
+        while position < total:
+            before = cumulative[position - 1] if position else 0
+            room_rows = self.limits.chunk_rows - self.pending_rows
+            room_bytes = self.limits.chunk_bytes - self.pending_bytes
+            by_bytes = int(np.searchsorted(cumulative, before + room_bytes, side="right")) - position
+            count = min(room_rows, by_bytes, total - position)
+            if count <= 0:
+                if self.pending_rows:
+                    self._flush()
+                    continue
+                count = 1  # a single row larger than chunk_bytes still makes a chunk
+            self.pending.append((table, order[position: position + count]))
+            self.pending_rows += count
+            self.pending_bytes += int(cumulative[position + count - 1] - before)
+            position += count
+            if position < total or self.pending_rows >= self.limits.chunk_rows:
+                self._flush()
+        # Rows carried over to the next run are copied, so this run's table can be freed.
+        self.pending = [(piece.select(self.gathered).take(pa.array(rows)), np.arange(len(rows)))
+                        if piece is table else (piece, rows) for piece, rows in self.pending]
+
+    def finish(self) -> list[Chunk]:
+        try:
+            if self.pending_rows:
+                self._flush()
+            while self.in_flight:
+                self._deliver(self.in_flight.popleft())
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        return self.chunks
+
+    def abort(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _flush(self) -> None:
+        pieces = self.pending
+        self.pending, self.pending_rows, self.pending_bytes = [], 0, 0
+        self.in_flight.append(self.pool.submit(self._gather_and_encode, pieces))
+        while len(self.in_flight) > self.limits.encode_threads:
+            self._deliver(self.in_flight.popleft())
+
+    def _deliver(self, future: Future) -> None:
+        for encoded in future.result():
+            ordinal = len(self.chunks)
+            key = self.sink(ordinal, encoded.data)
+            self.chunks.append(Chunk(
+                key=key, layer=self.layer, ordinal=ordinal, row_offset=self.row_offset,
+                rows=encoded.rows, bbox=encoded.bbox, crs=self.crs_text, bytes=len(encoded.data),
+                sha256=encoded.sha256))
+            self.row_offset += encoded.rows
+
+    def _gather_and_encode(self, pieces: list[tuple[pa.Table, np.ndarray]]) -> list[_Encoded]:
+        # Runs on an encoder thread: Arrow's take and Parquet writing release the GIL.
+        tables = [_binary_geometry(table.select(self.gathered).take(pa.array(rows)))
+                  for table, rows in pieces]
+        pieces.clear()  # let the sorted run go as soon as its rows are gathered
+        return self._encode_bounded(pa.concat_tables(tables) if len(tables) > 1 else tables[0])
+
+    def _encode_bounded(self, table: pa.Table) -> list[_Encoded]:
+        encoded = self._encode(table)
+        if len(encoded.data) <= self.limits.chunk_bytes or table.num_rows == 1:
+            return [encoded]
+        half = table.num_rows // 2
+        return self._encode_bounded(table.slice(0, half)) + \
+            self._encode_bounded(table.slice(half))
+
+    def _encode(self, table: pa.Table) -> _Encoded:
+        values = [_float_column(table, name) for name in _BOUNDS]
+        covering = _covering(table, values)
+        types = _type_names(_float_column(table, _TYPE))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: every geometry empty
+            box = (np.nanmin(values[0]), np.nanmin(values[1]), np.nanmax(values[2]),
+                   np.nanmax(values[3]))
+        bbox = None if np.isnan(box).any() else tuple(float(v) for v in box)
+        column_meta: dict = {"encoding": "WKB", "geometry_types": sorted(types),
+                             "crs": self.projjson}
+        if bbox is not None:
+            column_meta["bbox"] = list(bbox)
+        column_meta["covering"] = {COVERING: {n: [COVERING, n] for n in _COVERING_FIELDS}}
+        geo = {"version": "1.1.0", "primary_column": GEOMETRY, "columns": {GEOMETRY: column_meta}}
+        out = pa.Table.from_arrays(
+            [*(table.column(n) for n in self.output_columns), covering],
+            schema=pa.schema([*(self.schema.field(n) for n in self.output_columns),
+                              pa.field(COVERING, covering.type)],
+                             metadata={b"geo": json.dumps(geo).encode()}))
+        buffer = pa.BufferOutputStream()
+        pq.write_table(
+            out, buffer, compression="zstd", row_group_size=65_536,
+            use_dictionary=self.dictionary_columns or False,
+            # Statistics only where readers prune: the covering bbox.
+            write_statistics=[f"{COVERING}.{n}" for n in _COVERING_FIELDS])
+        data = buffer.getvalue().to_pybytes()
+        return _Encoded(table.num_rows, data, bbox, hashlib.sha256(data).hexdigest())
+
+
+def _fixed_size_geometry(table: pa.Table) -> pa.Table:
+    """The geometry column as fixed-size binary when every WKB has the same size (points).
+
+    Gathering rows of fixed-size values is a plain strided copy, several times faster than
+    gathering variable-size binary; chunks are written back as binary. A zero-copy view."""
+    column = table.column(GEOMETRY)
+    width, parts = None, []
+    for chunk in column.chunks:
+        if not len(chunk):
+            continue
+        starts, lengths, _ = _binary_parts(chunk)
+        if chunk.null_count or not (lengths == lengths[0]).all() or width not in (None, lengths[0]):
+            return table
+        width = int(lengths[0])
+        values = chunk.buffers()[2].slice(int(starts[0]), len(chunk) * width)
+        parts.append(pa.Array.from_buffers(pa.binary(width), len(chunk), [None, values]))
+    if width is None:
+        return table
+    index = table.schema.get_field_index(GEOMETRY)
+    return table.set_column(index, GEOMETRY, pa.chunked_array(parts, type=pa.binary(width)))
+
+
+def _binary_geometry(table: pa.Table) -> pa.Table:
+    """Undo :func:`_fixed_size_geometry` (GeoParquet stores WKB as variable-size binary)."""
+    column = table.column(GEOMETRY)
+    if not pa.types.is_fixed_size_binary(column.type):
+        return table
+    return table.set_column(table.schema.get_field_index(GEOMETRY), GEOMETRY,
+                            column.cast(pa.binary()))
