@@ -1,31 +1,233 @@
-"""GeoParquet 1.1 encoding of chunks and exports (zstd, CRS as PROJJSON, bbox covering column)."""
+"""GeoParquet 1.1 encoding and decoding of chunks and exports.
+
+What we write (the staging chunks after the transform, and so the lake's parts):
+
+- the attributes as they are, then ``geometry`` as ISO WKB, then ``bbox``: the GeoParquet 1.1
+  covering column, a struct of float32 ``xmin/ymin/xmax/ymax`` rounded outwards (every box
+  still contains its geometry; float32 takes half the bytes of float64, and the
+  specification allows it), null exactly where the geometry is null;
+- the ``geo`` metadata: version 1.1.0, encoding WKB, geometry types, CRS as PROJJSON, the
+  bbox of the non-empty geometries, the covering;
+- zstd; dictionary encoding for string attributes only (never for WKB, whose values are all
+  different, so Arrow would build a dictionary only to throw it away); statistics for the
+  attributes and the covering (readers prune on them), none for WKB.
+
+Written with pyarrow directly rather than ``GeoDataFrame.to_parquet``: the same file for a
+third of the CPU, which matters because every chunk is written once per stage.
+
+Points, the most common large layer, take a vectorised path both ways: 2D points are 21
+bytes of WKB each, decoded and encoded as one strided numpy array instead of one GEOS call
+per row. The bytes are exactly those GEOS writes.
+"""
 
 from __future__ import annotations
 
 import io
+import json
+from collections.abc import Sequence
+from functools import lru_cache
 
 import geopandas as gpd
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import shapely
+from pyproj import CRS
 
 GEOMETRY = "geometry"
+COVERING = "bbox"
+COVERING_FIELDS = ("xmin", "ymin", "xmax", "ymax")
+ROW_GROUP_ROWS = 65_536
+
+BBox = tuple[float, float, float, float]
+
+_TYPE_NAMES = {0: "Point", 1: "LineString", 2: "LineString", 3: "Polygon", 4: "MultiPoint",
+               5: "MultiLineString", 6: "MultiPolygon", 7: "GeometryCollection"}
+# One 2D point in little-endian ISO WKB: byte order 1, type 1, x, y.
+_POINT_WKB = np.dtype([("order", "u1"), ("type", "<u4"), ("x", "<f8"), ("y", "<f8")])
 
 
-def to_geoparquet_bytes(frame: gpd.GeoDataFrame, row_group_rows: int = 65_536) -> bytes:
-    """Encode a GeoDataFrame as GeoParquet 1.1 with a bbox covering column."""
-    buffer = io.BytesIO()
-    frame.to_parquet(
-        buffer,
-        index=False,
-        compression="zstd",
-        schema_version="1.1.0",
-        write_covering_bbox=True,
-        row_group_size=row_group_rows,
-    )
-    return buffer.getvalue()
+def plain_points(geoms: np.ndarray) -> bool:
+    """True when every geometry is a non-empty 2D Point (not NULL): the vectorised case."""
+    return bool(len(geoms)) and bool(
+        (shapely.get_type_id(geoms) == 0).all()
+        and not shapely.has_z(geoms).any()
+        and not shapely.is_empty(geoms).any())
+
+
+def geometries_to_wkb(geoms: np.ndarray) -> pa.Array:
+    """ISO WKB (little-endian) of shapely geometries as an Arrow binary array, NULL for None."""
+    if plain_points(geoms):
+        xy = shapely.get_coordinates(geoms)
+        records = np.empty(len(geoms), dtype=_POINT_WKB)
+        records["order"], records["type"] = 1, 1
+        records["x"], records["y"] = xy[:, 0], xy[:, 1]
+        offsets = np.arange(0, (len(geoms) + 1) * _POINT_WKB.itemsize, _POINT_WKB.itemsize,
+                            dtype=np.int32)
+        return pa.Array.from_buffers(pa.binary(), len(geoms),
+                                     [None, pa.py_buffer(offsets), pa.py_buffer(records)])
+    return pa.array(shapely.to_wkb(geoms, flavor="iso"), pa.binary())
+
+
+def _point_records(array: pa.Array) -> np.ndarray | None:
+    """The WKB values as one strided array of 2D points, or None when they are not all that."""
+    if array.null_count or not len(array) or not pa.types.is_binary(array.type):
+        return None
+    _, offsets, data = array.buffers()
+    offsets = np.frombuffer(offsets, dtype=np.int32, count=len(array) + 1, offset=array.offset * 4)
+    size = _POINT_WKB.itemsize
+    if offsets[-1] - offsets[0] != len(array) * size or (np.diff(offsets) != size).any():
+        return None
+    records = np.frombuffer(data, dtype=_POINT_WKB, count=len(array), offset=int(offsets[0]))
+    if (records["order"] != 1).any() or (records["type"] != 1).any():
+        return None
+    if np.isnan(records["x"]).any() or np.isnan(records["y"]).any():
+        return None  # POINT EMPTY is written as NaN coordinates: let GEOS decide
+    return records
+
+
+def wkb_to_geometries(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Shapely geometries (object array, None for NULL) from a WKB column."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_large_binary(array.type):
+        array = array.cast(pa.binary())
+    records = _point_records(array)
+    if records is not None:
+        return shapely.points(records["x"], records["y"])
+    return shapely.from_wkb(array.to_numpy(zero_copy_only=False))
+
+
+def geometry_type_names(geoms: np.ndarray) -> list[str]:
+    """Sorted GeoParquet geometry type names of the non-NULL geometries ("MultiPolygon Z")."""
+    present = geoms[~shapely.is_missing(geoms)]
+    codes = np.unique(shapely.get_type_id(present) * 2 + shapely.has_z(present))
+    return sorted(_TYPE_NAMES[int(c) // 2] + (" Z" if c % 2 else "") for c in codes)
+
+
+def geometry_bounds(geoms: np.ndarray) -> np.ndarray:
+    """(n, 4) xmin, ymin, xmax, ymax; NaN for NULL and empty geometries."""
+    if plain_points(geoms):
+        xy = shapely.get_coordinates(geoms)
+        return np.column_stack([xy, xy])
+    return shapely.bounds(geoms)
+
+
+def total_bbox(bounds: np.ndarray) -> BBox | None:
+    """The bbox of the non-empty geometries, None when there is none."""
+    present = bounds[~np.isnan(bounds[:, 0])]
+    if not len(present):
+        return None
+    return (float(present[:, 0].min()), float(present[:, 1].min()),
+            float(present[:, 2].max()), float(present[:, 3].max()))
+
+
+def covering_column(bounds: Sequence[np.ndarray], missing: np.ndarray | pa.Array) -> pa.StructArray:
+    """The bbox covering column from xmin, ymin, xmax, ymax (float64): float32 rounded
+    outwards, null exactly where the geometry is null (``missing``)."""
+    rounded = []
+    for values, outwards in zip(bounds, (-np.inf, -np.inf, np.inf, np.inf), strict=True):
+        narrow = values.astype(np.float32)
+        inside = narrow > values if outwards < 0 else narrow < values
+        rounded.append(np.where(inside, np.nextafter(narrow, np.float32(outwards)), narrow))
+    return pa.StructArray.from_arrays([pa.array(v) for v in rounded], names=list(COVERING_FIELDS),
+                                      mask=pa.array(missing, pa.bool_()))
+
+
+def geo_metadata(crs: dict | None, types: Sequence[str], bbox: BBox | None) -> bytes:
+    """The ``geo`` schema metadata of a chunk whose covering column is ``COVERING``."""
+    column: dict = {"encoding": "WKB", "geometry_types": sorted(types), "crs": crs}
+    if bbox is not None:
+        column["bbox"] = list(bbox)
+    column["covering"] = {COVERING: {n: [COVERING, n] for n in COVERING_FIELDS}}
+    geo = {"version": "1.1.0", "primary_column": GEOMETRY, "columns": {GEOMETRY: column}}
+    return json.dumps(geo).encode()
+
+
+def write_geoparquet(table: pa.Table, geo: bytes, *, row_group_rows: int = ROW_GROUP_ROWS) -> bytes:
+    """Write ``table`` (attributes, ``GEOMETRY`` WKB, ``COVERING``) with the ``geo`` metadata."""
+    table = table.replace_schema_metadata({b"geo": geo})
+    attributes = [f.name for f in table.schema if f.name not in (GEOMETRY, COVERING)]
+    buffer = pa.BufferOutputStream()
+    pq.write_table(
+        table, buffer, compression="zstd", row_group_size=row_group_rows,
+        use_dictionary=[n for n in attributes
+                        if pa.types.is_string(table.schema.field(n).type)
+                        or pa.types.is_large_string(table.schema.field(n).type)] or False,
+        write_statistics=[*attributes, *(f"{COVERING}.{n}" for n in COVERING_FIELDS)] or False)
+    return buffer.getvalue().to_pybytes()
+
+
+@lru_cache(maxsize=64)
+def _parse_crs(text: str) -> CRS:
+    return CRS.from_user_input(json.loads(text))
+
+
+def crs_of(geo: dict) -> CRS | None:
+    """The CRS of the primary column per GeoParquet: absent means OGC:CRS84, null unknown."""
+    column = geo["columns"][geo["primary_column"]]
+    if "crs" not in column:
+        return _parse_crs('"OGC:CRS84"')
+    if column["crs"] is None:
+        return None
+    return _parse_crs(json.dumps(column["crs"], sort_keys=True))
+
+
+@lru_cache(maxsize=64)
+def _projjson(crs_wkt: str) -> dict:
+    return CRS.from_wkt(crs_wkt).to_json_dict()
+
+
+def encode_frame(frame: gpd.GeoDataFrame, *, row_group_rows: int = ROW_GROUP_ROWS
+                 ) -> tuple[bytes, BBox | None, list[str]]:
+    """GeoParquet bytes of ``frame`` (attribute columns in order, then the geometry), with its
+    bbox and geometry types, which callers record in the chunk index."""
+    geoms = np.asarray(frame.geometry.values, dtype=object)
+    bounds = geometry_bounds(geoms)
+    bbox = total_bbox(bounds)
+    types = geometry_type_names(geoms)
+    attributes = pd.DataFrame(frame.drop(columns=[frame.geometry.name]))
+    if len(attributes.columns):
+        table = pa.Table.from_pandas(attributes, preserve_index=False)
+    else:
+        table = pa.table({})
+    missing = shapely.is_missing(geoms)
+    columns = [*table.columns, geometries_to_wkb(geoms),
+               covering_column([bounds[:, i] for i in range(4)], missing)]
+    names = [*table.column_names, GEOMETRY, COVERING]
+    crs = None if frame.crs is None else _projjson(frame.crs.to_wkt())
+    out = pa.Table.from_arrays(columns, names=names)
+    return write_geoparquet(out, geo_metadata(crs, types, bbox), row_group_rows=row_group_rows), \
+        bbox, types
+
+
+def to_geoparquet_bytes(frame: gpd.GeoDataFrame, row_group_rows: int = ROW_GROUP_ROWS) -> bytes:
+    """Encode a GeoDataFrame as GeoParquet 1.1 with a float32 bbox covering column."""
+    return encode_frame(frame, row_group_rows=row_group_rows)[0]
+
+
+def read_geoparquet(data: bytes) -> gpd.GeoDataFrame:
+    """Decode GeoParquet bytes (WKB encoding) into a GeoDataFrame with Arrow-backed attribute
+    columns and without the covering column. Single-threaded: one chunk is one task's work."""
+    table = pq.read_table(pa.BufferReader(data), use_threads=False)
+    raw = (table.schema.metadata or {}).get(b"geo")
+    geo = json.loads(raw) if raw else None
+    primary = geo["primary_column"] if geo else None
+    column = geo["columns"][primary] if geo else {}
+    if geo is None or str(column.get("encoding", "WKB")).upper() != "WKB":
+        frame = gpd.read_parquet(io.BytesIO(data),
+                                 to_pandas_kwargs={"types_mapper": pd.ArrowDtype})
+        frame = frame.drop(columns=[COVERING], errors="ignore")
+        return frame if frame.geometry.name == GEOMETRY else frame.rename_geometry(GEOMETRY)
+    covering = column.get("covering", {}).get("bbox", {}).get("xmin", [None])[0]
+    drop = [primary, *(c for c in {covering, COVERING} if c in table.column_names)]
+    attributes = table.drop_columns(drop).to_pandas(types_mapper=pd.ArrowDtype)
+    geometry = gpd.GeoSeries(wkb_to_geometries(table.column(primary)), crs=crs_of(geo),
+                             index=attributes.index, name=GEOMETRY)
+    return gpd.GeoDataFrame(attributes, geometry=geometry)
 
 
 def read_parquet_table(data: bytes) -> pa.Table:
     """Read GeoParquet bytes as a plain Arrow table (WKB geometry), without the covering column."""
     table = pq.read_table(pa.BufferReader(data))
-    return table.drop_columns([c for c in ("bbox",) if c in table.column_names])
+    return table.drop_columns([c for c in (COVERING,) if c in table.column_names])

@@ -9,11 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from libs.geoparquet import GEOMETRY
-
-#: The GeoParquet covering column written next to the geometry.
-COVERING = "bbox"
-_COVERING_FIELDS = ("xmin", "ymin", "xmax", "ymax")
+from libs.geoparquet import COVERING, GEOMETRY
 
 # Internal columns carried through the sort; never written to a chunk.
 _MINX, _MINY, _MAXX, _MAXY = "__shard_minx", "__shard_miny", "__shard_maxx", "__shard_maxy"

@@ -3,14 +3,13 @@
 Chunks are cut where ``chunk_rows`` or ``chunk_bytes`` (estimated from the rows' Arrow size)
 would be exceeded, and split in half if the encoding still exceeds ``chunk_bytes``. Each is
 written with pyarrow (zstd, ``geo`` metadata with the CRS as PROJJSON, geometry_types and
-bbox, a float32 ``bbox`` covering column rounded outwards, with statistics) on
+bbox, a float32 ``bbox`` covering column rounded outwards: ``libs.geoparquet``) on
 ``encode_threads`` encoder threads; the sink is called from the calling thread, in order.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from collections import deque
 from collections.abc import Callable
@@ -20,12 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pyproj import CRS
 
 from libs.chunk_index import BBox, Chunk
-from libs.geoparquet import GEOMETRY
-from libs.sharding.columns import _BOUNDS, _COVERING_FIELDS, _TYPE, COVERING, _float_column
+from libs.geoparquet import COVERING, GEOMETRY, covering_column, geo_metadata, write_geoparquet
+from libs.sharding.columns import _BOUNDS, _TYPE, _float_column
 from libs.sharding.crs import _crs_text
 from libs.sharding.limits import ShardLimits
 from libs.sharding.wkb import _binary_parts, _type_names
@@ -54,20 +52,6 @@ def _row_sizes(table: pa.Table, columns: list[str]) -> np.ndarray:
     return sizes
 
 
-def _covering(table: pa.Table, bounds: list[np.ndarray]) -> pa.StructArray:
-    """The bbox covering column: float32 rounded outwards, so each box still contains its
-    geometry (GeoParquet allows FLOAT; it takes a third less space than DOUBLE), and null
-    exactly where the geometry is null, as the specification requires."""
-    rounded = []
-    for values, outwards in zip(bounds, (-np.inf, -np.inf, np.inf, np.inf), strict=True):
-        narrow = values.astype(np.float32)
-        inside = narrow > values if outwards < 0 else narrow < values
-        rounded.append(np.where(inside, np.nextafter(narrow, np.float32(outwards)), narrow))
-    missing = pc.invert(table.column(GEOMETRY).is_valid()).combine_chunks()
-    return pa.StructArray.from_arrays([pa.array(v) for v in rounded], names=_COVERING_FIELDS,
-                                      mask=missing)
-
-
 @dataclass
 class _Encoded:
     rows: int
@@ -87,8 +71,6 @@ class _ChunkWriter:
         self.schema = schema
         self.attributes = [n for n in schema.names if n != GEOMETRY]
         self.output_columns = [*self.attributes, GEOMETRY]
-        self.dictionary_columns = [n for n in self.attributes
-                                   if pa.types.is_string(schema.field(n).type)]
         self.gathered = [*self.output_columns, *_BOUNDS, _TYPE]
         # Rows of the next chunk, as (table, row indices) pieces gathered by the encoder.
         self.pending: list[tuple[pa.Table, np.ndarray]] = []
@@ -175,31 +157,18 @@ class _ChunkWriter:
 
     def _encode(self, table: pa.Table) -> _Encoded:
         values = [_float_column(table, name) for name in _BOUNDS]
-        covering = _covering(table, values)
         types = _type_names(_float_column(table, _TYPE))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: every geometry empty
             box = (np.nanmin(values[0]), np.nanmin(values[1]), np.nanmax(values[2]),
                    np.nanmax(values[3]))
         bbox = None if np.isnan(box).any() else tuple(float(v) for v in box)
-        column_meta: dict = {"encoding": "WKB", "geometry_types": sorted(types),
-                             "crs": self.projjson}
-        if bbox is not None:
-            column_meta["bbox"] = list(bbox)
-        column_meta["covering"] = {COVERING: {n: [COVERING, n] for n in _COVERING_FIELDS}}
-        geo = {"version": "1.1.0", "primary_column": GEOMETRY, "columns": {GEOMETRY: column_meta}}
+        covering = covering_column(values, pc.invert(table.column(GEOMETRY).is_valid()))
         out = pa.Table.from_arrays(
             [*(table.column(n) for n in self.output_columns), covering],
             schema=pa.schema([*(self.schema.field(n) for n in self.output_columns),
-                              pa.field(COVERING, covering.type)],
-                             metadata={b"geo": json.dumps(geo).encode()}))
-        buffer = pa.BufferOutputStream()
-        pq.write_table(
-            out, buffer, compression="zstd", row_group_size=65_536,
-            use_dictionary=self.dictionary_columns or False,
-            # Statistics only where readers prune: the covering bbox.
-            write_statistics=[f"{COVERING}.{n}" for n in _COVERING_FIELDS])
-        data = buffer.getvalue().to_pybytes()
+                              pa.field(COVERING, covering.type)]))
+        data = write_geoparquet(out, geo_metadata(self.projjson, types, bbox))
         return _Encoded(table.num_rows, data, bbox, hashlib.sha256(data).hexdigest())
 
 

@@ -2,7 +2,7 @@
 
 No Ray, no Dagster here: ``transform_chunk_bytes`` is a pure function of its arguments.
 
-Output: GeoParquet (``libs.geoparquet.to_geoparquet_bytes``) in ``target_crs``, columns
+Output: GeoParquet (``libs.geoparquet.encode_frame``) in ``target_crs``, columns
 ``_row_id`` (int64, the chunk's ``row_offset`` + the row's position in the input chunk),
 the attributes as ``plan_recipe`` predicts them, then ``geometry``. Rows keep their input
 order. Attribute types survive exactly (columns are Arrow-backed in between).
@@ -21,14 +21,13 @@ Rejects: GeoParquet with one row per rejected feature, ordered by ``_row_id``:
   geometry is the one a person can find in the source file.
 
 Determinism: the same chunk, recipe and target CRS give byte-identical output and rejects.
-The Parquet footer carries no timestamps (only the writer versions, the pandas and geo
+The Parquet footer carries no timestamps (only the writer version and the geo
 metadata), rows keep their order, and every step is deterministic.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import math
 from collections import Counter
@@ -41,10 +40,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import shapely
 
 from libs.errors import ReconciliationError, TransformError
-from libs.geoparquet import GEOMETRY, to_geoparquet_bytes
+from libs.geoparquet import encode_frame, read_geoparquet
 from libs.transformations.plan import parse_crs, plan_recipe
 from libs.transformations.recipe import ROW_ID, RecipeStep, effective_recipe
 from libs.transformations.steps import add_row_ids, apply_step
@@ -54,9 +52,6 @@ BBox = tuple[float, float, float, float]
 REJECT_STEP = "_reject_step"
 REJECT_REASON = "_reject_reason"
 REJECT_ATTRIBUTES = "_attributes"
-
-_TYPE_NAMES = {0: "Point", 1: "LineString", 2: "LineString", 3: "Polygon", 4: "MultiPoint",
-               5: "MultiLineString", 6: "MultiPolygon", 7: "GeometryCollection"}
 
 
 @dataclass(frozen=True)
@@ -76,27 +71,7 @@ class ChunkTransformResult:
 
 def read_chunk(data: bytes) -> gpd.GeoDataFrame:
     """Decode a GeoParquet chunk with Arrow-backed attribute columns and no covering column."""
-    frame = gpd.read_parquet(io.BytesIO(data), to_pandas_kwargs={"types_mapper": pd.ArrowDtype})
-    frame = frame.drop(columns=["bbox"], errors="ignore")
-    if frame.geometry.name != GEOMETRY:
-        frame = frame.rename_geometry(GEOMETRY)
-    return frame
-
-
-def _bbox(geoms: np.ndarray) -> BBox | None:
-    present = geoms[~(shapely.is_missing(geoms) | shapely.is_empty(geoms))]
-    if not len(present):
-        return None
-    minx, miny, maxx, maxy = shapely.total_bounds(present)
-    return (float(minx), float(miny), float(maxx), float(maxy))
-
-
-def geometry_types(geoms: np.ndarray) -> list[str]:
-    """Sorted GeoParquet geometry type names of the non-NULL geometries."""
-    present = geoms[~shapely.is_missing(geoms)]
-    names = {_TYPE_NAMES[int(t)] + (" Z" if z else "")
-             for t, z in zip(shapely.get_type_id(present), shapely.has_z(present), strict=True)}
-    return sorted(names)
+    return read_geoparquet(data)
 
 
 def _json_value(value: object) -> object:
@@ -204,23 +179,22 @@ def transform_chunk_bytes(data: bytes, steps: Sequence[RecipeStep], target_crs: 
         raise TransformError(f"the recipe produced columns {list(frame.columns)} but the plan "
                              f"said {planned.names}")
     output = frame[planned.names].reset_index(drop=True)
-    output_geoms = np.asarray(output.geometry.values, dtype=object)
     reasons: Counter[str] = Counter()
     for step_name, rows, _ in parts:
         reasons[step_name] += len(rows)
     rejects = rejects_bbox = None
     if parts:
-        rejected = _rejects_frame(parts, source_geoms, source_crs, row_offset)
-        rejects = to_geoparquet_bytes(rejected)
-        rejects_bbox = _bbox(np.asarray(rejected.geometry.values, dtype=object))
+        rejects, rejects_bbox, _ = encode_frame(
+            _rejects_frame(parts, source_geoms, source_crs, row_offset))
+    data, bbox, types = encode_frame(output)
     return ChunkTransformResult(
-        data=to_geoparquet_bytes(output),
+        data=data,
         rejects=rejects,
         rows_in=rows_in,
         rows_out=len(output),
         rows_rejected=sum(reasons.values()),
         reject_reasons=dict(reasons),
-        bbox=_bbox(output_geoms),
-        geometry_types=geometry_types(output_geoms),
+        bbox=bbox,
+        geometry_types=types,
         rejects_bbox=rejects_bbox,
     )
