@@ -407,6 +407,13 @@ def test_dagster_connects_through_ray_client_on_the_head_service() -> None:
     address = patch_env["RAY_ADDRESS"]["value"]
     head_ports = {p["name"]: p["containerPort"] for p in ray_container(pod_groups(cluster)["head"])["ports"]}
     assert address == f"ray://{cluster['metadata']['name']}-head-svc:{head_ports['client']}", address
+    assert patch_env["RAY_DASHBOARD_URL"]["value"].startswith("http://127.0.0.1:"), "linked from run metadata"
+
+
+def test_compose_runs_link_the_published_dashboard(services: dict[str, Any]) -> None:
+    env = environment_of(services["user_code"])
+    ((host_ip, published, _),) = published_ports(services["ray-head"])
+    assert env["RAY_DASHBOARD_URL"] == f"http://{host_ip}:{published}", "RayResource reads RAY_DASHBOARD_URL"
 
 
 def test_network_policy_admits_the_dagster_pods_to_the_head_only() -> None:
