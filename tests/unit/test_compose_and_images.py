@@ -80,8 +80,10 @@ ALLOWED_PUBLISHED = {
     ("webserver", 3000): None,
     ("minio", 9001): "127.0.0.1",
     ("ray-head", 8265): "127.0.0.1",
+    ("prometheus", 9090): "127.0.0.1",  # monitoring profile
+    ("grafana", 3000): "127.0.0.1",  # monitoring profile
 }
-RAY_PORTS = {6379, 8265, 10001, 52365}
+RAY_PORTS = {6379, 8265, 10001, 52365, 8080, 44217, 44227}  # GCS, dashboard, client, agent, metrics
 DATABASE_PORTS = {5432, 27017, 9000}  # Postgres/PostGIS, MongoDB, MinIO S3 API
 
 RAY_SERVICES = ("ray-head", "ray-worker")
