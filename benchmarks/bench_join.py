@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyogrio
 import pytest
 
+from benchmarks import summary
 from libs import postgis, postgis_join, postgis_load
 from libs.geoparquet import GEOMETRY
 from libs.manifest import SpatialJoin
@@ -112,5 +113,7 @@ def test_join_geopandas_sjoin(benchmark, frames):
     if len(_seconds) == 2:
         ratio = _seconds["geopandas"] / _seconds["postgis"]
         benchmark.extra_info["postgis_speedup_vs_sjoin"] = round(ratio, 3)
+        summary.record_ratio("join_postgis_vs_sjoin", ratio,
+                             note=f"{summary.size_label(POINTS)} points, medians")
         print(f"\njoin: PostGIS {_seconds['postgis']:.2f}s, geopandas sjoin "
               f"{_seconds['geopandas']:.2f}s, PostGIS/sjoin speed ratio {ratio:.2f}x")

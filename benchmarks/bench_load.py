@@ -40,6 +40,7 @@ import pyogrio
 import pytest
 import shapely
 
+from benchmarks import summary
 from benchmarks.conftest import points_flatgeobuf
 from libs import copy_binary, postgis, postgis_load
 from libs.geoparquet import GEOMETRY, read_parquet_table, to_geoparquet_bytes
@@ -207,6 +208,13 @@ def test_load(benchmark, inputs, owner, case):
     benchmark.extra_info["rows_per_s"] = round(rows_per_s)
     benchmark.extra_info["rows_per_s_median"] = round(POINTS / stats.median)
     benchmark.extra_info["points"] = POINTS
+    if case == "ours-p2":
+        if "ogr2ogr" in _rows_per_s:
+            summary.record_ratio("load_vs_ogr2ogr", rows_per_s / _rows_per_s["ogr2ogr"], target=4.0,
+                                 note=f"2 connections, best rounds, {summary.size_label(POINTS)} points")
+        if "bare_copy_loop" in _rows_per_s:
+            summary.record_ratio("load_vs_bare_copy_loop", rows_per_s / _rows_per_s["bare_copy_loop"],
+                                 target=0.8, note="2 connections, best rounds")
     if case.startswith("ours"):
         for other, key in (("ogr2ogr", "ratio_vs_ogr2ogr"), ("bare_copy_loop", "ratio_vs_bare_loop"),
                            ("prebuilt_stream", "ratio_vs_prebuilt_stream"),

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 from pyogrio.raw import open_arrow
 
+from benchmarks import summary
 from benchmarks.conftest import BENCH_POINTS, BENCH_POINTS_LARGE, REPO
 from libs.manifest import DataFile
 from libs.sharding import ShardLimits, plan_layers, shard_layer
@@ -93,6 +94,8 @@ def _record(benchmark, case: str) -> None:
         typical = _seconds["raw"][1] / _seconds["shard"][1]
         benchmark.extra_info.update(ratio_vs_raw=round(best, 3), ratio_vs_raw_median=round(typical, 3),
                                     ratio_target=0.70)
+        summary.record_ratio("shard_vs_raw_read_write", best, target=0.70,
+                             note=f"best rounds, {summary.size_label(BENCH_POINTS)} points")
         print(f"\nshard {BENCH_POINTS / _seconds['shard'][0]:,.0f} features/s vs raw read+write "
               f"{BENCH_POINTS / _seconds['raw'][0]:,.0f} features/s (best of rounds): ratio "
               f"{best:.2f}, medians {typical:.2f} (target >= 0.70)")
@@ -160,6 +163,9 @@ def test_shard_peak_rss(benchmark, points_file, size):
         small, large = _peak_rss[BENCH_POINTS], _peak_rss[BENCH_POINTS_LARGE]
         benchmark.extra_info["rss_ratio_large_vs_small"] = round(large / small, 3)
         benchmark.extra_info["rss_ratio_target"] = 1.25
+        summary.record_ratio(f"shard_rss_{summary.size_label(BENCH_POINTS_LARGE)}_vs_"
+                             f"{summary.size_label(BENCH_POINTS)}", large / small, better="lower",
+                             target=1.25, note="shard step alone, fresh interpreter")
         print(f"\npeak RSS: {BENCH_POINTS:,} points {small / 2**20:,.0f} MiB, "
               f"{BENCH_POINTS_LARGE:,} points {large / 2**20:,.0f} MiB, ratio {large / small:.2f} "
               "(target <= 1.25)")

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from benchmarks import summary
 from etl_pipelines.ray_exec import TaskSpec, run_bounded
 from libs.chunk_index import Chunk
 from libs.geoparquet import to_geoparquet_bytes
@@ -93,5 +94,7 @@ def test_transform_throughput(benchmark, staged, workers):
     if len(_results) == 2:
         ratio = _results[2] / _results[1]
         benchmark.extra_info["speedup_2_vs_1"] = round(ratio, 3)
+        summary.record_ratio("transform_2w_vs_1w", ratio, target=1.7,
+                             note=f"{summary.size_label(POINTS)} points, medians")
         print(f"\ntransform: 1 worker {_results[1]:,.0f} features/s, 2 workers "
               f"{_results[2]:,.0f} features/s, speedup {ratio:.2f}x (target >= 1.7x)")

@@ -4,7 +4,8 @@
 #   bash scripts/setup.sh        # as root, or as a user with sudo
 #
 # Installs the Debian packages the project needs (only the missing ones), creates
-# .venv and installs requirements-dev.txt plus the project itself (editable),
+# .venv and installs requirements-dev.txt, requirements-bench.txt (the benchmarks'
+# peers and chart) and the project itself (editable),
 # skipping pip when nothing it depends on changed since the last run.
 # Nothing is started here: `scripts/stack.py up` runs the services, on their own
 # ports. In particular the Debian PostgreSQL cluster `main` (port 5432) that the
@@ -66,12 +67,15 @@ fi
 
 # The stamp is the hash of everything pip's result depends on; a match means
 # the venv already holds exactly these requirements.
-wanted="$(cat requirements-dev.txt requirements-user-code.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+wanted="$(cat requirements-dev.txt requirements-user-code.txt requirements-bench.txt pyproject.toml \
+  | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$wanted" ]; then
   log "pip: requirements unchanged since last install, skipping"
 else
   log "pip: installing requirements-dev.txt"
   "$VENV/bin/python" -m pip install -q -r requirements-dev.txt
+  log "pip: installing requirements-bench.txt"
+  "$VENV/bin/python" -m pip install -q -r requirements-bench.txt
   log "pip: installing the project (editable, --no-deps)"
   "$VENV/bin/python" -m pip install -q -e . --no-deps
   printf '%s\n' "$wanted" > "$STAMP"

@@ -1,14 +1,15 @@
 """The dependency pins must not drift apart.
 
-Four places name dependencies: pyproject.toml, requirements.txt (webserver/daemon
-image), requirements-user-code.txt (user-code/Ray image) and requirements-dev.txt
-(local, includes the user-code file with -r). These tests fail, naming the file, the
+Five places name dependencies: pyproject.toml, requirements.txt (webserver/daemon
+image), requirements-user-code.txt (user-code/Ray image), requirements-dev.txt
+(local, includes the user-code file with -r) and requirements-bench.txt (benchmark-only
+extras: the SedonaDB peer, the chart, the RSS sampler). These tests fail, naming the file, the
 package and the versions, when:
 
 - a requirement is not pinned with a single exact ``==`` version;
 - one package has different versions in different places;
 - pyproject's ``dependencies`` differ from requirements-user-code.txt (extras included),
-  or its ``webserver``/``dev`` extras from the requirement files they mirror;
+  or its ``webserver``/``dev``/``bench`` extras from the requirement files they mirror;
 - the Dagster family is inconsistent: dagster and dagster-webserver on one version,
   and every integration (dagster-postgres, dagster-aws, ...) on the matching
   integration release 0.(X+16).Y for core 1.X.Y.
@@ -29,7 +30,8 @@ from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = REPO / "pyproject.toml"
-REQUIREMENT_FILES = ("requirements.txt", "requirements-user-code.txt", "requirements-dev.txt")
+REQUIREMENT_FILES = ("requirements.txt", "requirements-user-code.txt", "requirements-dev.txt",
+                     "requirements-bench.txt")
 
 # Released in lockstep with `dagster` itself (same version number). Every other
 # dagster-* package is an integration library on the 0.(X+16).Y line.
@@ -217,6 +219,27 @@ def test_pyproject_dev_extra_equals_requirements_dev_own_lines() -> None:
         f"  only in pyproject.toml: {describe(extra - own)}\n"
         f"  only in requirements-dev.txt: {describe(own - extra)}"
     )
+
+
+def test_pyproject_bench_extra_equals_requirements_bench() -> None:
+    extra = {pin.key() for pin in pyproject_extra("bench")}
+    assert extra, "pyproject.toml has no 'bench' extra"
+    own, included = read_requirements("requirements-bench.txt")
+    assert not included, "requirements-bench.txt holds its own pins only (setup.sh installs dev first)"
+    pinned = {pin.key() for pin in own}
+    assert extra == pinned, (
+        "pyproject.toml optional-dependencies 'bench' must equal requirements-bench.txt.\n"
+        f"  only in pyproject.toml: {describe(extra - pinned)}\n"
+        f"  only in requirements-bench.txt: {describe(pinned - extra)}"
+    )
+
+
+def test_bench_pins_stay_out_of_the_images() -> None:
+    """The benchmark extras are never installed into an image: not in the image requirements."""
+    bench = {pin.name for pin in read_requirements("requirements-bench.txt")[0]}
+    for filename in ("requirements.txt", "requirements-user-code.txt"):
+        leaked = bench & {pin.name for pin in all_pins(filename)}
+        assert not leaked, f"{filename} pins benchmark-only packages {sorted(leaked)}"
 
 
 def test_requirements_dev_includes_the_user_code_requirements() -> None:
