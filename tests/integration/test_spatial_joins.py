@@ -36,6 +36,7 @@ from libs.postgis_join import (
     run_spatial_join,
     spatial_join_query,
     stream_table,
+    subdivides,
 )
 from libs.postgis_load import (
     LayerTable,
@@ -420,6 +421,60 @@ def test_nearest_ties_go_to_the_right_row_loaded_first(db):
                           carry=["there_id"]))
     assert ours["right_there_id"].tolist() == [0, 1]
     assert ours["distance"].tolist() == [1.0, 1.0]
+
+
+# --- intersects part by part ----------------------------------------------------------------
+
+def test_intersects_by_parts_counts_points_where_parts_touch_once(db):
+    """A MultiPolygon whose parts touch at corners (the left row is joined part by part):
+    points on those corners, on shared-corner edges and inside are counted, summed and
+    averaged once, equal to sjoin on the whole geometry. A second, overlapping polygon and
+    an unmatched one keep left rows apart."""
+    conn, layers = db
+    schema = layers["sites"].schema
+    stairs = shapely.MultiPolygon([shapely.box(0, 0, 10, 10), shapely.box(10, 10, 20, 20),
+                                   shapely.box(20, 0, 30, 10), shapely.box(30, 10, 40, 20)])
+    assert stairs.is_valid
+    zones = gpd.GeoDataFrame({"zone_id": [0, 1, 2]}, crs=UTM_32N, geometry=[
+        stairs, shapely.box(5, 5, 25, 15), shapely.box(500, 500, 501, 501)])
+    corners = np.array([(10, 10), (20, 10), (30, 10), (0, 0), (40, 20), (10, 5), (15, 10)])
+    rng = np.random.default_rng(5)
+    xy = np.concatenate([corners, corners, rng.uniform(-2, 42, (500, 2))])  # corners twice
+    pins = gpd.GeoDataFrame({"pin_id": np.arange(len(xy), dtype="int64"),
+                             "weight": rng.integers(1, 1_000, len(xy)).astype("int64"),
+                             "score": np.round(rng.uniform(0, 100, len(xy)), 2)},
+                            geometry=shapely.points(xy), crs=UTM_32N)
+    layers["zones"] = _load(conn, schema, "zones", zones)
+    layers["pins"] = _load(conn, schema, "pins", pins)
+    aggregations = [*_aggregates_of("score"),
+                    {"function": "sum", "column": "weight", "output": "weight_sum"},
+                    {"function": "mean", "column": "weight", "output": "weight_mean"}]
+    pairs = _pairs_from_sjoin(gpd.sjoin(zones, pins, predicate="intersects"))
+    assert pairs[pairs["left"] == 0]["right"].isin([0, 1, 2, 7, 8, 9]).sum() == 6
+    for how in ("left", "inner"):
+        join = _join(left="zones", right="pins", predicate="intersects", how=how,
+                     aggregations=aggregations)
+        assert subdivides(join, layers["zones"], layers["pins"])
+        ours = _run(db, join)
+        _assert_aggregates(ours, "zone_id", _expected_aggregates(pairs, pins["score"], 3, how))
+        weights = _expected_aggregates(pairs, pins["weight"], 3, how)
+        np.testing.assert_array_equal(ours["weight_sum"].to_numpy(dtype=float),
+                                      weights["sum"].to_numpy(dtype=float))
+        np.testing.assert_allclose(ours["weight_mean"].to_numpy(dtype=float),
+                                   weights["mean"].to_numpy(dtype=float), rtol=1e-12)
+
+
+def test_intersects_of_polygons_with_polygons_equals_sjoin(db, frames):
+    """Neighbouring countries: a polygon right side is joined whole, not subdivided."""
+    join = _join(left="countries", right="countries", predicate="intersects", how="left",
+                 aggregations=_aggregates_of("pop_est"))
+    _, layers = db
+    assert not subdivides(join, layers["countries"], layers["countries"])
+    ours = _run(db, join)
+    countries = frames["countries"]
+    pairs = _pairs_from_sjoin(gpd.sjoin(countries, countries, predicate="intersects"))
+    _assert_aggregates(ours, "country_id",
+                       _expected_aggregates(pairs, countries["pop_est"], len(countries), "left"))
 
 
 # --- how the SQL runs -------------------------------------------------------------------------
