@@ -2,6 +2,14 @@
 
 Tasks get names that say which batch and chunk they are, so the Ray dashboard tells a
 person what is running. Results are handed to ``on_done`` as they finish (any order).
+
+Placement: tasks are submitted with ``scheduling_strategy="SPREAD"`` by default. Chunk tasks
+are independent, about equal in size, and take only small descriptors as arguments (the data
+moves through object storage), so there is no object locality for Ray's default policy to
+exploit; that policy packs tasks onto the node of the driver until it is about half busy,
+which on a small cluster leaves worker nodes idle and puts every chunk of a batch on the
+node a failure would take down. SPREAD hands them out round-robin over the nodes that have
+a free CPU. ``"DEFAULT"`` is still available (RayResource.scheduling_strategy).
 """
 
 import time
@@ -26,12 +34,14 @@ def run_bounded(
     max_retries: int,
     on_done: Callable[[TaskSpec, Any, float], None],
     retry_exceptions: Sequence[type[BaseException]] = (OSError, ConnectionError, TimeoutError),
+    scheduling_strategy: str = "SPREAD",
 ) -> None:
     """Run ``fn(*task.args)`` as one Ray task per spec, at most ``max_in_flight`` at once.
 
     Ray retries a task whose worker died (``max_retries``) and one that raised one of the
     declared transient ``retry_exceptions``; any other error fails the whole call, after
-    the tasks still in flight are cancelled.
+    the tasks still in flight are cancelled. ``scheduling_strategy`` is Ray's ("SPREAD" or
+    "DEFAULT").
     """
     import ray
 
@@ -47,7 +57,8 @@ def run_bounded(
             while todo and len(pending) < max_in_flight:
                 spec = todo.pop()
                 ref = remote.options(name=spec.name, num_cpus=1, max_retries=max_retries,
-                                     retry_exceptions=list(retry_exceptions)).remote(*spec.args)
+                                     retry_exceptions=list(retry_exceptions),
+                                     scheduling_strategy=scheduling_strategy).remote(*spec.args)
                 pending[ref] = spec
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from pyproj import CRS
 
 from etl_pipelines.ops.validate import BatchPlan
+from etl_pipelines.ray_metrics import StageProgress, record_stage
 from etl_pipelines.resources import ObjectStoreResource, PostGISResource
 from libs import postgis, postgis_join, postgis_load
 from libs.chunk_index import ChunkIndex, LayerChunks
@@ -64,9 +65,11 @@ def load_and_join(
             postgis.create_schema(conn, schema)
             context.log.info(f"created transient schema {schema}")
             load_started = time.monotonic()
+            progress = StageProgress(context.log.info, "load", plan.manifest.batch_id,
+                                     sum(len(layer.chunks) for layer in transformed.layers))
             for layer in transformed.layers:
                 tables[layer.layer] = _load_layer(context, conn, store, staging, postgis_db,
-                                                  transformed, layer, schema, srid)
+                                                  transformed, layer, schema, srid, progress)
             load_seconds = time.monotonic() - load_started
             join_started = time.monotonic()
             result = postgis_join.run_spatial_join(conn, join, tables[join.left], tables[join.right])
@@ -80,6 +83,10 @@ def load_and_join(
                                         hashlib.sha256(data).hexdigest()))
                 rows += batch.num_rows
             join_seconds = time.monotonic() - join_started
+            record_stage("join", plan.manifest.batch_id, join.name, features=rows,
+                         bytes_=sum(part.bytes for part in parts), chunks=len(parts))
+            context.log.info(f"join {join.name}: {rows:,} rows in {len(parts)} part(s), "
+                             f"{rows / join_seconds if join_seconds else 0:,.0f} features/s")
             postgis_join.reconcile_join(conn, join, tables[join.left], result, rows)
         finally:
             conn.rollback()
@@ -102,7 +109,7 @@ def load_and_join(
 def _load_layer(
     context: OpExecutionContext, conn: psycopg.Connection, store: ObjectStore, staging: str,
     postgis_db: PostGISResource, transformed: ChunkIndex, layer: LayerChunks, schema: str,
-    srid: int,
+    srid: int, progress: StageProgress,
 ) -> postgis_load.LayerTable:
     """Create the layer's typed table, COPY its chunks in parallel, index, reconcile counts.
 
@@ -128,17 +135,20 @@ def _load_layer(
     sources: list[postgis_load.ChunkSource] = [(layer.chunks[0].id_span, lambda: first)]
     sources += [(c.id_span, partial(fetch, c.key)) for c in layer.chunks[1:]]
 
-    def progress(done: postgis_load.ChunkLoaded) -> None:
+    chunk_bytes = {c.id_span: c.bytes for c in layer.chunks}
+
+    def chunk_loaded(done: postgis_load.ChunkLoaded) -> None:
         start, end = done.id_span
         retried = f", after {done.attempts} attempts ({'; '.join(done.retried_errors)})" \
             if done.attempts > 1 else ""
-        context.log.info(f"layer {layer.layer}: loaded _row_id {start}-{end - 1}, {done.rows} "
-                         f"rows in {done.seconds:.2f}s{retried}")
+        progress.chunk_done(layer.layer, rows=done.rows, bytes_=chunk_bytes.get(done.id_span, 0),
+                            detail=f"layer {layer.layer}: _row_id {start}-{end - 1}, {done.rows} "
+                            f"rows in {done.seconds:.2f}s{retried}")
 
     copy_started = time.monotonic()
     copied = postgis_load.load_layer_chunks(
         postgis_db.settings(), table, sources, parallelism=postgis_db.copy_parallelism,
-        retries=COPY_RETRIES, on_chunk=progress)
+        retries=COPY_RETRIES, on_chunk=chunk_loaded)
     copy_seconds = time.monotonic() - copy_started
     postgis_load.index_and_analyze(conn, table)
     loaded = postgis.count_rows(conn, schema, layer.layer)

@@ -5,6 +5,7 @@ from dagster import MetadataValue, OpExecutionContext, Out, op
 
 from etl_pipelines.ops.load_join import JoinResult
 from etl_pipelines.ops.validate import BatchPlan
+from etl_pipelines.ray_metrics import StageProgress
 from etl_pipelines.resources import LedgerResource, ObjectStoreResource
 from libs.chunk_index import ChunkIndex
 from libs.lake import StagedPart, completion_key, publish_to_lake
@@ -33,10 +34,22 @@ def publish_batch(
         info[name] = {"kind": "rejects", "layer": rejects.layer, "crs": rejects.crs}
     datasets[joined.name] = joined.parts
     info[joined.name] = {"kind": "join", "crs": joined.crs, "join": manifest.join.model_dump()}
+    progress = StageProgress(context.log.info, "publish", manifest.batch_id,
+                             sum(len(parts) for parts in datasets.values()))
     completion = publish_to_lake(
         object_store.store, staging_bucket=transformed.staging_bucket,
         lake_bucket=object_store.lake_bucket, batch_id=manifest.batch_id, run_id=context.run_id,
         datasets=datasets, dataset_info=info)
+
+    # publish_to_lake reports nothing until the completion manifest is written: one line per
+    # dataset once it is (rejects count as rejects, not as features, in the metrics)
+    for dataset, entry in completion["datasets"].items():
+        objects = entry["objects"]
+        is_rejects = entry["kind"] == "rejects"
+        progress.chunk_done(dataset, rows=entry["rows"], chunks=len(objects),
+                            bytes_=sum(o["bytes"] for o in objects),
+                            features=0 if is_rejects else entry["rows"],
+                            rejects=entry["rows"] if is_rejects else 0, detail=dataset)
 
     inputs = [s.model_dump() for s in transformed.sources]
     book = ledger.ledger

@@ -5,10 +5,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from dagster import Config, MetadataValue, OpExecutionContext, Out, op
 from pydantic import Field
 
 from etl_pipelines.ops.validate import BatchPlan
+from etl_pipelines.ray_metrics import StageProgress
 from etl_pipelines.resources import ObjectStoreResource
 from libs.chunk_index import ChunkIndex, SourceFile
 from libs.errors import InputDataError
@@ -35,6 +38,8 @@ def shard_batch(
     manifest = plan.manifest
     limits = ShardLimits(chunk_rows=config.chunk_rows, chunk_bytes=config.chunk_megabytes * 2**20)
     started = time.monotonic()
+    # chunks stream out as the sort emits them: their total is known once every layer is done
+    progress = StageProgress(context.log.info, "shard", manifest.batch_id, None)
     layers, sources, types = [], [], {}
     with tempfile.TemporaryDirectory(prefix="shard-") as scratch:
         landed = Path(scratch) / "landed"
@@ -61,6 +66,8 @@ def shard_batch(
             def sink(ordinal: int, data: bytes, layer: str = layer_name) -> str:
                 chunk_key = f"{plan.staging_prefix}chunks/{layer}/chunk-{ordinal:05d}.parquet"
                 store.put_bytes(staging, chunk_key, data, "application/vnd.apache.parquet")
+                rows = pq.read_metadata(pa.BufferReader(data)).num_rows  # the footer only
+                progress.chunk_done(layer, rows=rows, bytes_=len(data), detail=f"{layer} chunk {ordinal}")
                 return chunk_key
 
             layer_scratch = Path(scratch) / "spill" / layer_name
@@ -83,6 +90,8 @@ def shard_batch(
                        prefix=plan.staging_prefix, layers=layers, sources=sources,
                        geometry_types=types)
     seconds = time.monotonic() - started
+    progress.total = progress.done
+    context.log.info(progress.line())
     context.add_output_metadata({
         "rows": index.rows,
         "chunks": sum(len(layer.chunks) for layer in layers),

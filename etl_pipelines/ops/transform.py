@@ -1,14 +1,16 @@
 """Transform op: one Ray task per chunk running the layer's recipe, a bounded number in flight,
-progress logged per chunk, counts reconciled per chunk and per run."""
+spread over the cluster's nodes, progress logged per chunk, counts reconciled per chunk and per
+run. Each task records its chunk's counts as Ray application metrics (etl_pipelines.ray_metrics).
+"""
 
 from dagster import MetadataValue, OpExecutionContext, Out, op
 
 from etl_pipelines.ops.validate import BatchPlan
 from etl_pipelines.ray_exec import TaskSpec, run_bounded
+from etl_pipelines.ray_metrics import StageProgress, transform_chunk_with_metrics
 from etl_pipelines.resources import ObjectStoreResource, RayResource
 from libs.chunk_index import Chunk, ChunkIndex, LayerChunks, TransformedChunk
 from libs.errors import ReconciliationError
-from libs.transformations import transform_staged_chunk
 
 
 @op(out=Out(ChunkIndex), tags={"stage": "transform"})
@@ -27,16 +29,20 @@ def transform_chunks(
             stem = f"{plan.staging_prefix}{{}}/{layer.layer}/chunk-{chunk.ordinal:05d}.parquet"
             tasks.append(TaskSpec(
                 name=f"transform:{batch_id}:{layer.layer}:{chunk.ordinal:05d}",
-                args=(settings, sharded.staging_bucket, chunk, stem.format("transformed"),
+                args=(batch_id, settings, sharded.staging_bucket, chunk, stem.format("transformed"),
                       stem.format("rejects"), steps, manifest.target_crs)))
     sources = {(c.layer, c.ordinal): c for layer in sharded.layers for c in layer.chunks}
     results: dict[tuple[str, int], TransformedChunk] = {}
     totals = {"in": 0, "out": 0, "rejected": 0, "seconds": 0.0}
+    job_id = ray_cluster.job_id()
     if ray_cluster.dashboard_url:
-        context.log.info(f"watch the tasks in the Ray dashboard: {ray_cluster.dashboard_url}")
+        context.log.info(f"watch the tasks in the Ray dashboard: {ray_cluster.dashboard_url} "
+                         f"(Ray job {job_id}, tasks named transform:{batch_id}:<layer>:<chunk>)")
+    # the tasks record the metrics themselves, on the node that ran them
+    progress = StageProgress(context.log.info, "transform", batch_id, len(tasks), record=False)
 
     def on_done(spec: TaskSpec, result: TransformedChunk, elapsed: float) -> None:
-        source: Chunk = spec.args[2]
+        source: Chunk = spec.args[3]
         rejected = result.rejects.rows if result.rejects else 0
         if result.rows_in != source.rows or result.chunk.rows + rejected != source.rows:
             raise ReconciliationError(
@@ -48,13 +54,13 @@ def transform_chunks(
         totals["out"] += result.chunk.rows
         totals["rejected"] += rejected
         totals["seconds"] = elapsed
-        context.log.info(
-            f"transform {len(results)}/{len(tasks)} chunks ({spec.name}): {totals['in']:,} rows "
-            f"in, {totals['out']:,} out, {totals['rejected']:,} rejected, "
-            f"{totals['in'] / elapsed:,.0f} features/s")
+        progress.chunk_done(source.layer, rows=result.rows_in, detail=(
+            f"{spec.name}: {totals['out']:,} out, {totals['rejected']:,} rejected so far"))
 
-    run_bounded(transform_staged_chunk, tasks, max_in_flight=ray_cluster.max_tasks_in_flight,
-                max_retries=ray_cluster.task_max_retries, on_done=on_done)
+    run_bounded(transform_chunk_with_metrics, tasks,
+                max_in_flight=ray_cluster.max_tasks_in_flight,
+                max_retries=ray_cluster.task_max_retries, on_done=on_done,
+                scheduling_strategy=ray_cluster.scheduling_strategy)
     if sorted(results) != sorted(sources):
         raise ReconciliationError(f"batch {batch_id!r}: {len(sources)} chunks sharded but "
                                   f"{len(results)} transformed")
@@ -94,5 +100,7 @@ def transform_chunks(
     }
     if ray_cluster.dashboard_url:
         metadata["ray_dashboard"] = MetadataValue.url(ray_cluster.dashboard_url)
+    if job_id is not None:
+        metadata["ray_job_id"] = job_id
     context.add_output_metadata(metadata)
     return index

@@ -15,6 +15,8 @@ per-run clusters on Kubernetes stays a small change.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field
 
@@ -38,6 +40,16 @@ class RayResource(ConfigurableResource):
         "with a transient error"
     )
     local_num_cpus: int = Field(default=2, description="CPUs of a private 'local' cluster")
+    scheduling_strategy: Literal["SPREAD", "DEFAULT"] = Field(
+        default="SPREAD", description="placement of chunk tasks: SPREAD over every node with a "
+        "free CPU (independent chunks, data in object storage: nothing gains from locality), "
+        "or Ray's DEFAULT (packs onto the driver's node first)")
+
+    def job_id(self) -> str | None:
+        """This run's Ray job id (hex), or None when not connected."""
+        import ray
+
+        return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         import ray

@@ -1,0 +1,109 @@
+"""A separate two-node Ray cluster for the multi-node tests, and how to run a batch on it.
+
+The cluster is ours alone: its own state dir and temp dir, its own port block (GCS 56479,
+dashboard 56569, every other port in 56479..56578), a head with one CPU and one worker node
+(its own raylet) with one CPU; started and stopped by PID through ray_cluster/local.py. The
+stack's Ray (56379) is never touched.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import geopandas as gpd
+import pandas as pd
+from dagster import DagsterInstance, RunRequest
+
+from libs.lake import completion_key
+from libs.object_store import ObjectStore
+from ray_cluster import local
+from tests.integration.pipeline import land_sample, request_for, run_ingest, sensor_tick
+
+TEST_GCS_PORT = 56479
+N_POINTS = 50_000
+#: 20 point chunks (+ 1 countries chunk): enough to keep two 1-CPU nodes busy
+CHUNK_ROWS = 2_500
+
+
+@contextmanager
+def two_node_cluster(state_dir: Path, workers: int = 1) -> Iterator[local.RayHead]:
+    head = local.RayHead.port_block(state_dir, TEST_GCS_PORT, num_cpus=1, worker_num_cpus=1)
+    with local.running_cluster(head, workers) as running:
+        yield running
+
+
+@contextmanager
+def ray_address(address: str, dashboard_url: str) -> Iterator[None]:
+    """Point the pipeline's RayResource (EnvVar RAY_ADDRESS, RAY_DASHBOARD_URL) elsewhere."""
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when imported: imported before the
+    # stack's environment was loaded, it rewrites 127.0.0.1 to the external IP and ray.init
+    # hangs. Fail here instead.
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        from ray._private import ray_constants
+
+        assert not ray_constants.ENABLE_RAY_CLUSTER, (
+            "ray was imported before the stack's environment (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+            "=0) was loaded: import ray lazily, after the stack_env fixture")
+        assert not ray.is_initialized(), "this process is still connected to some Ray"
+    saved = {key: os.environ.get(key) for key in ("RAY_ADDRESS", "RAY_DASHBOARD_URL")}
+    os.environ.update({"RAY_ADDRESS": address, "RAY_DASHBOARD_URL": dashboard_url})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def land_and_run(store: ObjectStore, tmp: Path, batch_id: str, instance: DagsterInstance,
+                 **run_kwargs):
+    """Land the sample batch, let the sensor request it, run it with small chunks."""
+    land_sample(store, tmp, batch_id, n_points=N_POINTS)
+    request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
+    assert request is not None, f"the sensor did not request a run for {batch_id}"
+    config = dict(request.run_config)
+    config["ops"] = {**config["ops"], "shard_batch": {"config": {"chunk_rows": CHUNK_ROWS}}}
+    return run_ingest(instance, RunRequest(run_key=request.run_key, run_config=config,
+                                           tags=request.tags), **run_kwargs)
+
+
+def output_metadata(result, step: str) -> dict:
+    """The output metadata ``step`` recorded, as plain values."""
+    for event in result.events_for_node(step):
+        if event.is_successful_output:
+            return {key: value.value for key, value in event.step_output_data.metadata.items()}
+    raise AssertionError(f"{step} produced no output")
+
+
+def lake_dataset(store: ObjectStore, batch_id: str, dataset: str, sort_by: str) -> gpd.GeoDataFrame:
+    """A published dataset, every object concatenated, sorted by ``sort_by``."""
+    completion = json.loads(store.get_bytes("data-lake", completion_key(batch_id)))
+    frames = [gpd.read_parquet(io.BytesIO(store.get_bytes("data-lake", o["key"])))
+              for o in completion["datasets"][dataset]["objects"]]
+    frame = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=frames[0].crs)
+    return frame.sort_values(sort_by, kind="stable").reset_index(drop=True)
+
+
+def transform_tasks(head: local.RayHead, job_id: str, batch_id: str) -> list[dict]:
+    """Every attempt of this batch's transform tasks (name, state, node_id, attempt_number,
+    worker_pid...), from the cluster's state API.
+
+    Asked over HTTP rather than through ``ray.util.state``, which lets a RAY_ADDRESS in the
+    environment override the address it is given.
+    """
+    query = urllib.parse.urlencode({"limit": 10_000, "detail": 1, "filter_keys": "job_id",
+                                    "filter_predicates": "=", "filter_values": job_id})
+    with urllib.request.urlopen(f"{head.dashboard_url}/api/v0/tasks?{query}", timeout=30) as resp:
+        tasks = json.loads(resp.read())["data"]["result"]["result"]
+    return [t for t in tasks if t["name"].startswith(f"transform:{batch_id}:")]
