@@ -95,15 +95,20 @@ def lake_dataset(store: ObjectStore, batch_id: str, dataset: str, sort_by: str) 
     return frame.sort_values(sort_by, kind="stable").reset_index(drop=True)
 
 
-def transform_tasks(head: local.RayHead, job_id: str, batch_id: str) -> list[dict]:
-    """Every attempt of this batch's transform tasks (name, state, node_id, attempt_number,
+def state_tasks(head: local.RayHead, key: str, value: str) -> list[dict]:
+    """Every task attempt whose ``key`` equals ``value`` (name, state, node_id, attempt_number,
     worker_pid...), from the cluster's state API.
 
     Asked over HTTP rather than through ``ray.util.state``, which lets a RAY_ADDRESS in the
     environment override the address it is given.
     """
-    query = urllib.parse.urlencode({"limit": 10_000, "detail": 1, "filter_keys": "job_id",
-                                    "filter_predicates": "=", "filter_values": job_id})
+    query = urllib.parse.urlencode({"limit": 10_000, "detail": 1, "filter_keys": key,
+                                    "filter_predicates": "=", "filter_values": value})
     with urllib.request.urlopen(f"{head.dashboard_url}/api/v0/tasks?{query}", timeout=30) as resp:
-        tasks = json.loads(resp.read())["data"]["result"]["result"]
-    return [t for t in tasks if t["name"].startswith(f"transform:{batch_id}:")]
+        return json.loads(resp.read())["data"]["result"]["result"]
+
+
+def transform_tasks(head: local.RayHead, job_id: str, batch_id: str) -> list[dict]:
+    """Every attempt of this batch's transform tasks."""
+    return [t for t in state_tasks(head, "job_id", job_id)
+            if t["name"].startswith(f"transform:{batch_id}:")]

@@ -1,0 +1,125 @@
+"""The pipeline's Ray application metrics, scraped from the nodes' Prometheus endpoints after a
+run on the two-node test cluster: every stage's spatial_etl_* series carry the run's batch_id,
+and the feature counts equal the row counts the run recorded."""
+
+import json
+import logging
+import re
+import time
+import urllib.request
+import uuid
+from collections import defaultdict
+
+import pytest
+from dagster import DagsterInstance
+
+from etl_pipelines import ray_metrics
+from libs.lake import completion_key
+from tests.integration.ray_test_cluster import (
+    land_and_run,
+    output_metadata,
+    ray_address,
+    two_node_cluster,
+)
+
+pytestmark = pytest.mark.integration
+log = logging.getLogger(__name__)
+
+# Ray's export can lag the recording (each process reports to its node's agent every few s)
+SCRAPE_TIMEOUT = 60.0
+SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)\{(?P<labels>.*)\}\s+(?P<value>\S+)$')
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(url: str, batch_id: str) -> dict[tuple[str, str, str], float]:
+    """``{(prometheus name, stage, layer): value summed over processes}`` for ``batch_id``."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    totals: dict[tuple[str, str, str], float] = defaultdict(float)
+    for line in text.splitlines():
+        match = SAMPLE.match(line)
+        if not match or not match["name"].startswith("ray_spatial_etl_"):
+            continue
+        labels = dict(LABEL.findall(match["labels"]))
+        if labels.get("batch_id") == batch_id:
+            totals[(match["name"], labels["stage"], labels["layer"])] += float(match["value"])
+    return dict(totals)
+
+
+@pytest.fixture(scope="module")
+def cluster(stack_env, tmp_path_factory):
+    with two_node_cluster(tmp_path_factory.mktemp("ray-metrics")) as head:
+        yield head
+
+
+@pytest.fixture(scope="module")
+def run(stack_env, store, cluster, tmp_path_factory):
+    batch_id = f"metrics-{uuid.uuid4().hex[:10]}"
+    with DagsterInstance.ephemeral() as instance, \
+            ray_address(cluster.address, cluster.dashboard_url):
+        result = land_and_run(store, tmp_path_factory.mktemp("metrics-batch"), batch_id, instance)
+    assert result.success
+    completion = json.loads(store.get_bytes("data-lake", completion_key(batch_id)))
+    return {"batch_id": batch_id, "result": result, "completion": completion}
+
+
+def _expected_features(run) -> dict[tuple[str, str], int]:
+    shard = output_metadata(run["result"], "shard_batch")
+    load = output_metadata(run["result"], "load_and_join")
+    datasets = run["completion"]["datasets"]
+    join = next(name for name, d in datasets.items() if d["kind"] == "join")
+    expected = {}
+    for layer, rows in shard["rows_per_layer"].items():
+        expected[("shard", layer)] = rows
+        expected[("transform", layer)] = rows  # features in = rows sharded
+        expected[("load", layer)] = datasets[layer]["rows"]  # nothing rejected in the sample
+    expected[("join", join)] = load["rows"]
+    for name, dataset in datasets.items():
+        expected[("publish", name)] = dataset["rows"]
+    return expected
+
+
+def test_every_stage_exports_feature_counts_equal_to_the_row_counts(cluster, run):
+    features = ray_metrics.prometheus_name(ray_metrics.FEATURES)
+    assert features == "ray_spatial_etl_features_total"
+    expected = _expected_features(run)
+    assert all(expected.values())
+    urls = [cluster.metrics_url, cluster.worker(1).metrics_url]
+    started = time.monotonic()
+    while True:
+        per_node = [scrape(url, run["batch_id"]) for url in urls]
+        observed: dict[tuple[str, str], float] = defaultdict(float)
+        for node in per_node:
+            for (name, stage, layer), value in node.items():
+                if name == features:
+                    observed[(stage, layer)] += value
+        if observed == expected or time.monotonic() - started > SCRAPE_TIMEOUT:
+            break
+        time.sleep(1)
+    log.info("metrics complete after %.1fs: %s", time.monotonic() - started, dict(observed))
+    assert dict(observed) == expected
+    # transform tasks ran (and recorded) on both nodes; the other stages in the driver, which
+    # reports to the head
+    for node in per_node:
+        assert any(stage == "transform" for (_, stage, _) in node), per_node
+    assert {stage for (_, stage, _) in per_node[1]} == {"transform"}
+    run["scraped"] = per_node
+
+
+def test_bytes_and_chunks_are_exported_for_every_stage(run):
+    per_node = run.get("scraped")
+    if per_node is None:
+        pytest.skip("the feature counts never completed (see the test above)")
+    totals: dict[tuple[str, str], float] = defaultdict(float)
+    for node in per_node:
+        for (name, stage, _), value in node.items():
+            totals[(name, stage)] += value
+    for stage in ray_metrics.STAGES:
+        assert totals[(ray_metrics.prometheus_name(ray_metrics.BYTES), stage)] > 0, stage
+        assert totals[(ray_metrics.prometheus_name(ray_metrics.CHUNKS), stage)] > 0, stage
+    chunks = output_metadata(run["result"], "transform_chunks")["chunks"]
+    assert totals[(ray_metrics.prometheus_name(ray_metrics.CHUNKS), "transform")] == chunks
+    assert totals[(ray_metrics.prometheus_name(ray_metrics.CHUNKS), "shard")] == chunks
+    # the sample batch has no recipe that rejects anything: no reject series at all
+    assert not any(name == ray_metrics.prometheus_name(ray_metrics.REJECTS)
+                   for (name, _) in totals)

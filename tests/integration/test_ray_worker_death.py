@@ -1,0 +1,137 @@
+"""A worker node killed mid-transform: its tasks are retried on the surviving node, the run
+succeeds, and the lake holds exactly what a clean run on the same cluster published, nothing
+lost and nothing twice."""
+
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+from dagster import DagsterInstance
+from geopandas.testing import assert_geodataframe_equal
+
+from ray_cluster import local
+from tests.integration.ray_test_cluster import (
+    N_POINTS,
+    lake_dataset,
+    land_and_run,
+    output_metadata,
+    ray_address,
+    state_tasks,
+    transform_tasks,
+    two_node_cluster,
+)
+
+pytestmark = pytest.mark.integration
+log = logging.getLogger(__name__)
+
+
+def _finished_transform_tasks(head: local.RayHead, batch_id: str) -> int:
+    return sum(t["name"].startswith(f"transform:{batch_id}:")
+               for t in state_tasks(head, "state", "FINISHED"))
+
+
+def _running_on(root: int, batch_id: str) -> list[str]:
+    """Task names running right now in ``root``'s process tree (Ray titles a busy worker
+    process ``ray::<task name>``)."""
+    titles = (" ".join(local._cmdline(pid)) for pid in local.process_tree(root))
+    return [t.removeprefix("ray::") for t in titles if t.startswith(f"ray::transform:{batch_id}:")]
+
+
+class WorkerKiller(threading.Thread):
+    """Once a transform chunk of ``batch_id`` has finished and another one is running on the
+    worker node, SIGKILL the worker node's whole process tree (raylet, object store, task
+    worker processes, agents): a node lost mid-transform."""
+
+    def __init__(self, head: local.RayHead, batch_id: str, timeout: float = 120.0) -> None:
+        super().__init__(daemon=True)
+        self.head, self.batch_id, self.timeout = head, batch_id, timeout
+        self.killed: dict | None = None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        worker_pid = local.running_workers(self.head)[1]
+        finished = 0
+        while time.monotonic() < deadline:
+            if not finished:
+                finished = _finished_transform_tasks(self.head, self.batch_id)
+            running = _running_on(worker_pid, self.batch_id) if finished else []
+            if running:
+                tree = local.process_tree(worker_pid)
+                for pid in tree:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                self.killed = {"finished_before": finished, "interrupted": running,
+                               "processes": len(tree)}
+                return
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def cluster(stack_env, tmp_path_factory):
+    with two_node_cluster(tmp_path_factory.mktemp("ray-worker-death")) as head:
+        yield head
+
+
+@pytest.fixture(scope="module")
+def runs(stack_env, store, cluster, tmp_path_factory):
+    """A clean run, then the same data again with the worker node killed mid-transform."""
+    tmp = tmp_path_factory.mktemp("worker-death-batches")
+    suffix = uuid.uuid4().hex[:8]
+    batches = {"clean": f"clean-{suffix}", "killed": f"killed-{suffix}"}
+    results = {}
+    with DagsterInstance.ephemeral() as instance, \
+            ray_address(cluster.address, cluster.dashboard_url):
+        results["clean"] = land_and_run(store, tmp, batches["clean"], instance)
+        killer = WorkerKiller(cluster, batches["killed"])
+        killer.start()
+        started = time.monotonic()
+        results["killed"] = land_and_run(store, tmp, batches["killed"], instance,
+                                         raise_on_error=False)
+        seconds = time.monotonic() - started
+        killer.join(timeout=5)
+    log.info("run with the worker killed: %.1fs; %s", seconds, killer.killed)
+    return {"batches": batches, "results": results, "killed": killer.killed}
+
+
+def test_the_worker_node_died_mid_transform_and_tasks_were_retried(cluster, runs):
+    assert runs["killed"] is not None, "the worker node was never caught running a chunk"
+    assert runs["killed"]["finished_before"] >= 1 and runs["killed"]["interrupted"]
+    assert local.running_workers(cluster) == {}
+    result = runs["results"]["killed"]
+    assert result.success, result.get_step_failure_events()
+    metadata = output_metadata(result, "transform_chunks")
+    tasks = transform_tasks(cluster, metadata["ray_job_id"], runs["batches"]["killed"])
+    finished = [t for t in tasks if t["state"] == "FINISHED"]
+    assert len(finished) == metadata["chunks"] == len({t["name"] for t in finished})
+    interrupted = set(runs["killed"]["interrupted"])
+    retried = [t for t in finished if t["name"] in interrupted]
+    assert retried and all(t["attempt_number"] >= 1 for t in retried), retried
+    # every retry ran on the head, the only node left
+    heads = [n["node_id"] for n in local.alive_nodes(cluster) if n["is_head_node"]]
+    assert {t["node_id"] for t in retried} == set(heads)
+
+
+def test_counts_equal_the_clean_run(runs):
+    clean = output_metadata(runs["results"]["clean"], "transform_chunks")
+    killed = output_metadata(runs["results"]["killed"], "transform_chunks")
+    for key in ("rows_in", "rows_out", "rows_rejected", "chunks"):
+        assert killed[key] == clean[key], key
+    assert output_metadata(runs["results"]["killed"], "load_and_join")["loaded_rows"] == \
+        output_metadata(runs["results"]["clean"], "load_and_join")["loaded_rows"]
+
+
+@pytest.mark.parametrize("dataset, key", [("points", "point_id"), ("countries", "name"),
+                                          ("points_per_country", "name")])
+def test_lake_equals_the_clean_run_without_duplicates(store, runs, dataset, key):
+    killed = lake_dataset(store, runs["batches"]["killed"], dataset, key)
+    clean = lake_dataset(store, runs["batches"]["clean"], dataset, key)
+    assert killed[key].is_unique
+    if dataset == "points":
+        assert len(killed) == N_POINTS
+    assert_geodataframe_equal(killed, clean)
