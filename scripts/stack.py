@@ -9,9 +9,12 @@ service            process                              address (loopback only)
 postgis            private PostgreSQL 15 + PostGIS      127.0.0.1:55432
 s3                 SeaweedFS ``weed mini``              127.0.0.1:58333 (+ WEED_PORTS)
 mongo              SecantusDB ``secantusd-py``          127.0.0.1:57017
-ray                Ray head (``ray_cluster/local.py``)  127.0.0.1:56379-56383, :8265
+ray                Ray head (``ray_cluster/local.py``)  127.0.0.1:56379-56388, :8265
 dagster (opt-in)   dagster-daemon + dagster-webserver   127.0.0.1:3000
 =================  ===================================  ================================
+
+The head alone keeps the stack light on 2 cores; ``ray_cluster/local.py start --workers N``
+adds worker nodes to it (56389-56465) and ``down`` stops them before the head.
 
 Usage (from the repository root)::
 
