@@ -58,9 +58,11 @@ def run(stack_env, store, cluster, tmp_path_factory):
     with DagsterInstance.ephemeral() as instance, \
             ray_address(cluster.address, cluster.dashboard_url):
         result = land_and_run(store, tmp_path_factory.mktemp("metrics-batch"), batch_id, instance)
+        messages = [e.user_message for e in instance.all_logs(result.run_id)]
     assert result.success
     completion = json.loads(store.get_bytes("data-lake", completion_key(batch_id)))
-    return {"batch_id": batch_id, "result": result, "completion": completion}
+    return {"batch_id": batch_id, "result": result, "completion": completion,
+            "messages": messages}
 
 
 def _expected_features(run) -> dict[tuple[str, str], int]:
@@ -123,3 +125,25 @@ def test_bytes_and_chunks_are_exported_for_every_stage(run):
     # the sample batch has no recipe that rejects anything: no reject series at all
     assert not any(name == ray_metrics.prometheus_name(ray_metrics.REJECTS)
                    for (name, _) in totals)
+
+
+def test_each_stage_logs_one_shape_of_progress_line_up_to_its_total(run):
+    shape = re.compile(r"^(?P<stage>shard|transform|load|publish) (?P<done>\d+)/(?P<total>\d+|\?) "
+                       r"chunks, (?P<rows>[\d,]+) rows, [\d,]+ features/s")
+    lines: dict[str, list[re.Match]] = defaultdict(list)
+    for message in run["messages"]:
+        if match := shape.match(message):
+            lines[match["stage"]].append(match)
+    assert set(lines) == {"shard", "transform", "load", "publish"}
+    chunks = output_metadata(run["result"], "transform_chunks")["chunks"]
+    rows = output_metadata(run["result"], "shard_batch")["rows"]
+    for stage in ("shard", "transform", "load"):
+        done = [int(m["done"]) for m in lines[stage]]
+        assert done[-1] == chunks and done == sorted(done), (stage, done)
+        assert lines[stage][-1]["total"] == str(chunks)
+        assert int(lines[stage][-1]["rows"].replace(",", "")) == rows
+    # one line per chunk as it finishes (shard also ends with the total, once known)
+    assert len(lines["transform"]) == len(lines["load"]) == chunks
+    assert len(lines["shard"]) == chunks + 1
+    published = sum(len(d["objects"]) for d in run["completion"]["datasets"].values())
+    assert lines["publish"][-1]["done"] == lines["publish"][-1]["total"] == str(published)
