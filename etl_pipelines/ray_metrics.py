@@ -38,6 +38,11 @@ with ``?`` for a total not known yet (sharding streams chunks out before it has 
 
 The counters are for watching throughput, not for bookkeeping: a task retried after its
 node died may count twice, and a node killed before its agent was scraped loses its part.
+And in Ray 2.60 a process that connects again after ``ray.shutdown()`` exports each later
+increment once per earlier connection (a metric reader leaks per ``ray.init``): harmless for
+runs launched one process each (Dagster's run launchers), wrong for many
+``execute_in_process`` runs in one process (tests, notebooks) -- the driver-side stages
+over-count there; the transform counts, recorded in Ray's worker processes, do not.
 The counts that must reconcile are in the Dagster metadata and the ledger.
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import sys
 import urllib.parse
 import urllib.request
@@ -78,6 +79,31 @@ def land_and_run(store: ObjectStore, tmp: Path, batch_id: str, instance: Dagster
                                            tags=request.tags), **run_kwargs)
 
 
+def run_in_own_process(batch_id: str, folder: Path, address: str, dashboard_url: str) -> dict:
+    """Land and run a batch in a fresh Python process pointed at ``address``, as Dagster's run
+    launcher does (one process per run); returns ``summarize_run``'s dict.
+
+    Needed where driver-side Ray metrics are checked: in Ray 2.60 a process that calls
+    ``ray.init`` again after ``ray.shutdown`` exports every later counter increment once per
+    earlier session (a metric reader leaks per init), so a pytest process that already ran
+    other Ray tests would report multiples of the true counts.
+    """
+    env = {**os.environ, "RAY_ADDRESS": address, "RAY_DASHBOARD_URL": dashboard_url}
+    done = subprocess.run([sys.executable, "-m", __name__, batch_id, str(folder)], env=env,
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarize_run(result, instance: DagsterInstance) -> dict:
+    """What the metrics test needs from a run, as JSON-able values."""
+    return {"success": result.success, "run_id": result.run_id,
+            "metadata": {step: output_metadata(result, step) for step in
+                         ("shard_batch", "transform_chunks", "load_and_join")},
+            "messages": [e.user_message for e in instance.all_logs(result.run_id)]}
+
+
 def output_metadata(result, step: str) -> dict:
     """The output metadata ``step`` recorded, as plain values."""
     for event in result.events_for_node(step):
@@ -112,3 +138,18 @@ def transform_tasks(head: local.RayHead, job_id: str, batch_id: str) -> list[dic
     """Every attempt of this batch's transform tasks."""
     return [t for t in state_tasks(head, "job_id", job_id)
             if t["name"].startswith(f"transform:{batch_id}:")]
+
+
+if __name__ == "__main__":  # run_in_own_process: python -m tests.integration.ray_test_cluster
+    from tests.conftest import read_stack_env
+
+    for _key, _value in read_stack_env().items():
+        os.environ.setdefault(_key, _value)
+    from libs.object_store import ObjectStoreSettings
+
+    _store = ObjectStore(ObjectStoreSettings(os.environ["MINIO_ENDPOINT"],
+                                             os.environ["MINIO_ROOT_USER"],
+                                             os.environ["MINIO_ROOT_PASSWORD"]))
+    with DagsterInstance.ephemeral() as _instance:
+        _result = land_and_run(_store, Path(sys.argv[2]), sys.argv[1], _instance)
+        sys.stdout.write(json.dumps(summarize_run(_result, _instance), default=str) + "\n")
