@@ -1,5 +1,5 @@
 # Thin wrappers; the scripts do the work (and run on machines without make).
-.PHONY: setup up down status demo test bench
+.PHONY: setup up down status demo test bench bench-ci bench-baseline bench-ci-baseline
 setup:
 	bash scripts/setup.sh
 up:
@@ -12,5 +12,12 @@ demo:
 	bash scripts/demo.sh
 test:
 	bash scripts/test.sh
+# full benchmarks (10M features, ~15 min), the small CI set, and the deliberate baseline updates
 bench:
-	.venv/bin/python scripts/stack.py up && .venv/bin/pytest benchmarks --benchmark-json=.state/benchmarks.json
+	bash scripts/bench.sh
+bench-ci:
+	bash scripts/bench.sh --ci
+bench-baseline:
+	bash scripts/bench.sh --update-baseline
+bench-ci-baseline:
+	bash scripts/bench.sh --ci --update-baseline

@@ -114,12 +114,14 @@ def test_pipeline(benchmark, stack, tmp_path, size, pipeline):
     if pipeline == "sedonadb":
         pytest.importorskip("sedonadb", reason="the SedonaDB peer needs requirements-bench.txt")
     inputs = batch_inputs(size)
-    spec = {**inputs, "out": str(tmp_path)}
+    spec = dict(inputs)
     rounds: list[dict] = []
     children: list[Child] = []
 
     def setup():
-        child = Child(pipeline, spec, tmp_path / f"{pipeline}-{len(children)}.log")
+        out = tmp_path / f"round-{len(children)}"
+        out.mkdir()
+        child = Child(pipeline, {**spec, "out": str(out)}, tmp_path / f"{pipeline}-{len(children)}.log")
         children.append(child)
         ready = child.expect("ready", READY_TIMEOUT_S)
         return (child, ready), {}

@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     measured = summary["ratios"]
     baseline = load_baseline(args.baseline)
     if args.update:
+        if summary["profile"] != profile:
+            print(f"gate: the summary is of profile {summary['profile']!r}, not {profile!r}; "
+                  "refusing to record it as that profile's baseline", file=sys.stderr)
+            return 2
         new = updated_baseline(baseline, profile, measured, args.note)
         args.baseline.write_text(json.dumps(new, indent=2) + "\n")
         print(f"baseline {args.baseline}: profile {profile!r} now holds {len(measured)} ratios")
