@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# README command 2: set up everything, start the local stack, lint, run the whole test suite.
-# A stack this script started is stopped again at the end; one already running is left up.
+# README command 2: set up everything, start the local stack, lint, run the whole test suite,
+# then the CI benchmark step (small sizes) and its ratio gate against benchmarks/baseline.json
+# (BENCH_SKIP=1 leaves the benchmarks out). A stack this script started is stopped again at
+# the end; one already running is left up. Exits non-zero if a test, a benchmark or the gate fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -13,3 +15,6 @@ trap cleanup EXIT
 .venv/bin/python scripts/stack.py up
 .venv/bin/ruff check .
 .venv/bin/pytest "$@"
+if [ "${BENCH_SKIP:-0}" != 1 ]; then
+  bash scripts/bench.sh --ci
+fi
