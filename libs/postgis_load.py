@@ -365,16 +365,9 @@ def _loader_connection(settings: PostGISSettings) -> psycopg.Connection:
     return conn
 
 
-INDEX_BUILD_MEMORY = "256MB"
-
-
 def index_and_analyze(conn: psycopg.Connection, layer: LayerTable) -> None:
     ident = sql.SQL("{}.{}").format(sql.Identifier(layer.schema), sql.Identifier(layer.table))
     with conn.transaction():
-        # GiST builds sorted (PostGIS >= 3.1 sort support); a sort that fits in memory is
-        # about a fifth faster than one that spills (1M points: 71 MB of keys).
-        conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(
-            sql.Literal(INDEX_BUILD_MEMORY)))
         conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
             ident, sql.Identifier(ROW_ID)))
         conn.execute(sql.SQL("CREATE INDEX ON {} USING gist ({})").format(
