@@ -20,18 +20,12 @@ from tests.integration.ray_test_cluster import (
     land_and_run,
     output_metadata,
     ray_address,
-    state_tasks,
     transform_tasks,
     two_node_cluster,
 )
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
-
-
-def _finished_transform_tasks(head: local.RayHead, batch_id: str) -> int:
-    return sum(t["name"].startswith(f"transform:{batch_id}:")
-               for t in state_tasks(head, "state", "FINISHED"))
 
 
 def _running_on(root: int, batch_id: str) -> list[str]:
@@ -44,7 +38,11 @@ def _running_on(root: int, batch_id: str) -> list[str]:
 class WorkerKiller(threading.Thread):
     """Once a transform chunk of ``batch_id`` has finished and another one is running on the
     worker node, SIGKILL the worker node's whole process tree (raylet, object store, task
-    worker processes, agents): a node lost mid-transform."""
+    worker processes, agents): a node lost mid-transform.
+
+    Watches process titles (``/proc``, every few ms) rather than Ray's state API (a call
+    takes 100 ms or more; a chunk of the test's size takes tens of ms): a chunk seen running
+    and then no longer running anywhere has finished."""
 
     def __init__(self, head: local.RayHead, batch_id: str, timeout: float = 120.0) -> None:
         super().__init__(daemon=True)
@@ -53,23 +51,25 @@ class WorkerKiller(threading.Thread):
 
     def run(self) -> None:
         deadline = time.monotonic() + self.timeout
+        head_pid = local.running_pid(self.head)
         worker_pid = local.running_workers(self.head)[1]
-        finished = 0
+        seen: set[str] = set()
         while time.monotonic() < deadline:
-            if not finished:
-                finished = _finished_transform_tasks(self.head, self.batch_id)
-            running = _running_on(worker_pid, self.batch_id) if finished else []
-            if running:
+            on_head = set(_running_on(head_pid, self.batch_id)) if head_pid else set()
+            on_worker = set(_running_on(worker_pid, self.batch_id))
+            finished = seen - on_head - on_worker
+            seen |= on_head | on_worker
+            if finished and on_worker:
                 tree = local.process_tree(worker_pid)
                 for pid in tree:
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
-                self.killed = {"finished_before": finished, "interrupted": running,
+                self.killed = {"finished_before": len(finished), "interrupted": sorted(on_worker),
                                "processes": len(tree)}
                 return
-            time.sleep(0.05)
+            time.sleep(0.002)
 
 
 @pytest.fixture(scope="module")
