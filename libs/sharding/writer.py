@@ -168,7 +168,9 @@ class _ChunkWriter:
             [*(table.column(n) for n in self.output_columns), covering],
             schema=pa.schema([*(self.schema.field(n) for n in self.output_columns),
                               pa.field(COVERING, covering.type)]))
-        data = write_geoparquet(out, geo_metadata(self.projjson, types, bbox))
+        # staging chunks: statistics for the covering only (the transform writes the lake's)
+        data = write_geoparquet(out, geo_metadata(self.projjson, types, bbox),
+                                attribute_statistics=False)
         return _Encoded(table.num_rows, data, bbox, hashlib.sha256(data).hexdigest())
 
 
