@@ -69,7 +69,8 @@ def load_and_join(
                                      sum(len(layer.chunks) for layer in transformed.layers))
             for layer in transformed.layers:
                 tables[layer.layer] = _load_layer(context, conn, store, staging, postgis_db,
-                                                  transformed, layer, schema, srid, progress)
+                                                  transformed, layer, schema, srid, progress,
+                                                  joined=layer.layer in (join.left, join.right))
             load_seconds = time.monotonic() - load_started
             join_started = time.monotonic()
             result = postgis_join.run_spatial_join(conn, join, tables[join.left], tables[join.right])
@@ -109,9 +110,10 @@ def load_and_join(
 def _load_layer(
     context: OpExecutionContext, conn: psycopg.Connection, store: ObjectStore, staging: str,
     postgis_db: PostGISResource, transformed: ChunkIndex, layer: LayerChunks, schema: str,
-    srid: int, progress: StageProgress,
+    srid: int, progress: StageProgress, *, joined: bool,
 ) -> postgis_load.LayerTable:
-    """Create the layer's typed table, COPY its chunks in parallel, index, reconcile counts.
+    """Create the layer's typed table, COPY its chunks in parallel, index (GiST only when the
+    join uses the layer), reconcile counts.
 
     The first chunk is read here for the layer's columns (and then loaded as is); the others
     are fetched from the staging bucket inside the loader's workers, ``copy_parallelism`` at a
@@ -150,7 +152,7 @@ def _load_layer(
         postgis_db.settings(), table, sources, parallelism=postgis_db.copy_parallelism,
         retries=COPY_RETRIES, on_chunk=chunk_loaded)
     copy_seconds = time.monotonic() - copy_started
-    postgis_load.index_and_analyze(conn, table)
+    postgis_load.index_and_analyze(conn, table, spatial_index=joined)
     loaded = postgis.count_rows(conn, schema, layer.layer)
     if loaded != layer.rows or copied != layer.rows:
         raise ReconciliationError(f"layer {layer.layer!r}: {layer.rows} rows transformed, "

@@ -164,6 +164,26 @@ def test_parallel_load_fills_a_typed_point_column_exactly(pg, schema, postgis_se
     point = shapely.from_wkb(source[GEOMETRY])
     assert row == (source["point_id"], source["value"], source["category"], point.x, point.y)
     postgis_load.index_and_analyze(pg, layer)
+    assert _index_methods(pg, schema, "points") == ["btree", "gist"]
+
+
+def _index_methods(pg, schema: str, table: str) -> list[str]:
+    return sorted(r[0] for r in pg.execute(
+        "SELECT am.amname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "JOIN pg_am am ON am.oid = c.relam WHERE i.indrelid = %s::regclass",
+        (f"{schema}.{table}",)).fetchall())
+
+
+def test_a_layer_no_join_uses_gets_its_key_and_statistics_but_no_gist(pg, schema,
+                                                                        postgis_settings):
+    layer = create(pg, points_layer(schema))
+    with postgis.connect(postgis_settings) as conn:
+        postgis_load.copy_chunk_into_table(conn, layer, points_chunk(0, 1_000), (0, 1_000))
+    postgis_load.index_and_analyze(pg, layer, spatial_index=False)
+    assert _index_methods(pg, schema, "points") == ["btree"]
+    analyzed = pg.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
+                          (f"{schema}.points",)).fetchone()[0]
+    assert analyzed == 1_000
 
 
 def test_reloading_a_chunk_replaces_its_rows(pg, schema, postgis_settings):
