@@ -68,13 +68,13 @@ def ray_address(address: str, dashboard_url: str) -> Iterator[None]:
 
 
 def land_and_run(store: ObjectStore, tmp: Path, batch_id: str, instance: DagsterInstance,
-                 **run_kwargs):
+                 *, n_points: int = N_POINTS, chunk_rows: int = CHUNK_ROWS, **run_kwargs):
     """Land the sample batch, let the sensor request it, run it with small chunks."""
-    land_sample(store, tmp, batch_id, n_points=N_POINTS)
+    land_sample(store, tmp, batch_id, n_points=n_points)
     request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
     assert request is not None, f"the sensor did not request a run for {batch_id}"
     config = dict(request.run_config)
-    config["ops"] = {**config["ops"], "shard_batch": {"config": {"chunk_rows": CHUNK_ROWS}}}
+    config["ops"] = {**config["ops"], "shard_batch": {"config": {"chunk_rows": chunk_rows}}}
     return run_ingest(instance, RunRequest(run_key=request.run_key, run_config=config,
                                            tags=request.tags), **run_kwargs)
 

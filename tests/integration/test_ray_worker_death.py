@@ -15,7 +15,6 @@ from geopandas.testing import assert_geodataframe_equal
 
 from ray_cluster import local
 from tests.integration.ray_test_cluster import (
-    N_POINTS,
     lake_dataset,
     land_and_run,
     output_metadata,
@@ -25,14 +24,19 @@ from tests.integration.ray_test_cluster import (
 )
 
 pytestmark = pytest.mark.integration
+# Chunks big enough (~0.1-0.3 s of work each) that a chunk is caught running on the worker
+# node: 2,500-row point chunks take a few ms since the vectorised point paths.
+N_POINTS = 240_000
+CHUNK_ROWS = 40_000
 log = logging.getLogger(__name__)
 
 
-def _running_on(root: int, batch_id: str) -> list[str]:
-    """Task names running right now in ``root``'s process tree (Ray titles a busy worker
-    process ``ray::<task name>``)."""
-    titles = (" ".join(local._cmdline(pid)) for pid in local.process_tree(root))
-    return [t.removeprefix("ray::") for t in titles if t.startswith(f"ray::transform:{batch_id}:")]
+def _running_in(pids: set[int], batch_id: str) -> set[str]:
+    """Task names running right now in ``pids`` (Ray titles a busy worker process
+    ``ray::<task name>``): one read of /proc/<pid>/cmdline each, well under a millisecond."""
+    prefix = f"ray::transform:{batch_id}:"
+    titles = (" ".join(local._cmdline(pid)) for pid in pids)
+    return {t.removeprefix("ray::") for t in titles if t.startswith(prefix)}
 
 
 class WorkerKiller(threading.Thread):
@@ -40,9 +44,10 @@ class WorkerKiller(threading.Thread):
     worker node, SIGKILL the worker node's whole process tree (raylet, object store, task
     worker processes, agents): a node lost mid-transform.
 
-    Watches process titles (``/proc``, every few ms) rather than Ray's state API (a call
-    takes 100 ms or more; a chunk of the test's size takes tens of ms): a chunk seen running
-    and then no longer running anywhere has finished."""
+    Watches process titles (``/proc/<pid>/cmdline`` of both nodes' processes, every half
+    millisecond) rather than Ray's state API (a call takes 100 ms or more; a chunk of the
+    test's size takes tens of ms): a chunk seen running and then no longer running anywhere
+    has finished."""
 
     def __init__(self, head: local.RayHead, batch_id: str, timeout: float = 120.0) -> None:
         super().__init__(daemon=True)
@@ -54,9 +59,14 @@ class WorkerKiller(threading.Thread):
         head_pid = local.running_pid(self.head)
         worker_pid = local.running_workers(self.head)[1]
         seen: set[str] = set()
+        refreshed = 0.0
         while time.monotonic() < deadline:
-            on_head = set(_running_on(head_pid, self.batch_id)) if head_pid else set()
-            on_worker = set(_running_on(worker_pid, self.batch_id))
+            if time.monotonic() - refreshed > 0.05:  # new worker processes appear rarely
+                head_tree = local.process_tree(head_pid) if head_pid else set()
+                worker_tree = local.process_tree(worker_pid)
+                refreshed = time.monotonic()
+            on_head = _running_in(head_tree, self.batch_id)
+            on_worker = _running_in(worker_tree, self.batch_id)
             finished = seen - on_head - on_worker
             seen |= on_head | on_worker
             if finished and on_worker:
@@ -69,7 +79,7 @@ class WorkerKiller(threading.Thread):
                 self.killed = {"finished_before": len(finished), "interrupted": sorted(on_worker),
                                "processes": len(tree)}
                 return
-            time.sleep(0.002)
+            time.sleep(0.0005)
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +97,13 @@ def runs(stack_env, store, cluster, tmp_path_factory):
     results = {}
     with DagsterInstance.ephemeral() as instance, \
             ray_address(cluster.address, cluster.dashboard_url):
-        results["clean"] = land_and_run(store, tmp, batches["clean"], instance)
+        results["clean"] = land_and_run(store, tmp, batches["clean"], instance,
+                                        n_points=N_POINTS, chunk_rows=CHUNK_ROWS)
         killer = WorkerKiller(cluster, batches["killed"])
         killer.start()
         started = time.monotonic()
         results["killed"] = land_and_run(store, tmp, batches["killed"], instance,
+                                         n_points=N_POINTS, chunk_rows=CHUNK_ROWS,
                                          raise_on_error=False)
         seconds = time.monotonic() - started
         killer.join(timeout=5)
