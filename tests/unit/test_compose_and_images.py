@@ -252,7 +252,8 @@ def requirement_names(path: Path) -> set[str]:
 # ------------------------------------------------------------- (a) docker-compose config
 
 
-def _run_compose_config(env_file: Path) -> subprocess.CompletedProcess[str]:
+def run_compose_config(env_file: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``docker-compose --env-file F -f docker-compose.yaml [extra...] config -q``."""
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.fail(
@@ -262,7 +263,7 @@ def _run_compose_config(env_file: Path) -> subprocess.CompletedProcess[str]:
     # A minimal environment: variables from the caller's shell would override the env file.
     env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
     return subprocess.run(
-        [binary, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "config", "-q"],
+        [binary, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), *extra, "config", "-q"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -272,19 +273,24 @@ def _run_compose_config(env_file: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_compose_config_is_valid_with_env_example() -> None:
-    result = _run_compose_config(ENV_EXAMPLE)
+    result = run_compose_config(ENV_EXAMPLE)
     assert result.returncode == 0, (
         "`docker-compose --env-file .env.example -f docker-compose.yaml config -q` failed:\n"
         f"{result.stdout}{result.stderr}"
     )
 
 
-def test_compose_refuses_to_start_without_the_ray_token(tmp_path: Path) -> None:
+def compose_config_without(tmp_path: Path, key: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``config -q`` with .env.example less ``key``."""
     values = read_env_file(ENV_EXAMPLE)
-    del values["RAY_AUTH_TOKEN"]
-    env_file = tmp_path / "no-token.env"
-    env_file.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
-    result = _run_compose_config(env_file)
+    del values[key]
+    env_file = tmp_path / f"without-{key}.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    return run_compose_config(env_file, *extra)
+
+
+def test_compose_refuses_to_start_without_the_ray_token(tmp_path: Path) -> None:
+    result = compose_config_without(tmp_path, "RAY_AUTH_TOKEN")
     assert result.returncode != 0, "compose accepted a configuration without RAY_AUTH_TOKEN"
     assert "RAY_AUTH_TOKEN" in result.stdout + result.stderr
 
