@@ -56,9 +56,10 @@ def plain_points(geoms: np.ndarray) -> bool:
         and not shapely.is_empty(geoms).any())
 
 
-def geometries_to_wkb(geoms: np.ndarray) -> pa.Array:
-    """ISO WKB (little-endian) of shapely geometries as an Arrow binary array, NULL for None."""
-    if plain_points(geoms):
+def geometries_to_wkb(geoms: np.ndarray, *, points: bool | None = None) -> pa.Array:
+    """ISO WKB (little-endian) of shapely geometries as an Arrow binary array, NULL for None.
+    ``points``: ``plain_points(geoms)`` when the caller knows it already."""
+    if plain_points(geoms) if points is None else points:
         xy = shapely.get_coordinates(geoms)
         records = np.empty(len(geoms), dtype=_POINT_WKB)
         records["order"], records["type"] = 1, 1
@@ -105,9 +106,9 @@ def geometry_type_names(geoms: np.ndarray) -> list[str]:
     return sorted(_TYPE_NAMES[int(c) // 2] + (" Z" if c % 2 else "") for c in codes)
 
 
-def geometry_bounds(geoms: np.ndarray) -> np.ndarray:
+def geometry_bounds(geoms: np.ndarray, *, points: bool | None = None) -> np.ndarray:
     """(n, 4) xmin, ymin, xmax, ymax; NaN for NULL and empty geometries."""
-    if plain_points(geoms):
+    if plain_points(geoms) if points is None else points:
         xy = shapely.get_coordinates(geoms)
         return np.column_stack([xy, xy])
     return shapely.bounds(geoms)
@@ -195,7 +196,8 @@ def encode_frame(frame: gpd.GeoDataFrame, *, row_group_rows: int = ROW_GROUP_ROW
     """GeoParquet bytes of ``frame`` (attribute columns in order, then the geometry), with its
     bbox and geometry types, which callers record in the chunk index."""
     geoms = np.asarray(frame.geometry.values, dtype=object)
-    bounds = geometry_bounds(geoms)
+    points = plain_points(geoms)
+    bounds = geometry_bounds(geoms, points=points)
     bbox = total_bbox(bounds)
     types = geometry_type_names(geoms)
     attributes = pd.DataFrame(frame.drop(columns=[frame.geometry.name]))
@@ -204,7 +206,7 @@ def encode_frame(frame: gpd.GeoDataFrame, *, row_group_rows: int = ROW_GROUP_ROW
     else:
         table = pa.table({})
     missing = shapely.is_missing(geoms)
-    columns = [*table.columns, geometries_to_wkb(geoms),
+    columns = [*table.columns, geometries_to_wkb(geoms, points=points),
                covering_column([bounds[:, i] for i in range(4)], missing)]
     names = [*table.column_names, GEOMETRY, COVERING]
     crs = None if frame.crs is None else _projjson(frame.crs.to_wkt())

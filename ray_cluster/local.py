@@ -403,26 +403,25 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def running_pid(head: RayHead) -> int | None:
-    """PID of our running head, or None. Removes a stale PID file."""
-    pid = _read_pid(head.pid_file)
+def _live_pid(pid_file: Path, is_ours) -> int | None:
+    """The PID in ``pid_file`` if ``is_ours(pid)``, else None; a stale file is removed."""
+    pid = _read_pid(pid_file)
     if pid is None:
         return None
-    if _is_our_head(head, pid):
+    if is_ours(pid):
         return pid
-    head.pid_file.unlink(missing_ok=True)
+    pid_file.unlink(missing_ok=True)
     return None
+
+
+def running_pid(head: RayHead) -> int | None:
+    """PID of our running head, or None. Removes a stale PID file."""
+    return _live_pid(head.pid_file, lambda pid: _is_our_head(head, pid))
 
 
 def worker_pid(worker: RayWorker) -> int | None:
     """PID of the worker's running ``ray start``, or None. Removes a stale PID file."""
-    pid = _read_pid(worker.pid_file)
-    if pid is None:
-        return None
-    if _is_our_worker(worker, pid):
-        return pid
-    worker.pid_file.unlink(missing_ok=True)
-    return None
+    return _live_pid(worker.pid_file, lambda pid: _is_our_worker(worker, pid))
 
 
 def running_workers(head: RayHead) -> dict[int, int]:
