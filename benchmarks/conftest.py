@@ -21,6 +21,7 @@ from pyogrio.raw import write_arrow
 from pyproj import Transformer
 
 from benchmarks import summary
+from libs.geoparquet import geometries_to_wkb
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_POINTS = int(os.environ.get("BENCH_POINTS", "1000000"))
@@ -42,12 +43,7 @@ def _point_batches(n: int, seed: int) -> Iterator[pa.RecordBatch]:
     for start in range(0, n, _GENERATE_BATCH):
         size = min(_GENERATE_BATCH, n - start)
         x, y = to_mercator.transform(rng.uniform(-180.0, 180.0, size), rng.uniform(-60.0, 75.0, size))
-        records = np.zeros((size, 21), dtype=np.uint8)
-        records[:, 0] = 1  # little endian
-        records[:, 1] = 1  # wkbPoint
-        records[:, 5:21] = np.column_stack([x, y]).astype("<f8").view(np.uint8)
-        offsets = pa.py_buffer((np.arange(size + 1, dtype=np.int32) * 21).tobytes())
-        wkb = pa.Array.from_buffers(pa.binary(), size, [None, offsets, pa.py_buffer(records.tobytes())])
+        wkb = geometries_to_wkb(shapely.points(x, y), points=True)
         yield pa.RecordBatch.from_arrays(
             [pa.array(np.arange(start, start + size, dtype=np.int64)),
              pa.array(np.round(rng.gamma(2.0, 50.0, size), 3)),
