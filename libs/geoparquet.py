@@ -61,17 +61,22 @@ def geometries_to_wkb(geoms: np.ndarray, *, points: bool | None = None) -> pa.Ar
     ``points``: ``plain_points(geoms)`` when the caller knows it already."""
     if plain_points(geoms) if points is None else points:
         xy = shapely.get_coordinates(geoms)
-        records = np.empty(len(geoms), dtype=_POINT_WKB)
-        records["order"], records["type"] = 1, 1
-        records["x"], records["y"] = xy[:, 0], xy[:, 1]
-        offsets = np.arange(0, (len(geoms) + 1) * _POINT_WKB.itemsize, _POINT_WKB.itemsize,
-                            dtype=np.int32)
-        return pa.Array.from_buffers(pa.binary(), len(geoms),
-                                     [None, pa.py_buffer(offsets), pa.py_buffer(records)])
+        return point_wkb(xy[:, 0], xy[:, 1])
     return pa.array(shapely.to_wkb(geoms, flavor="iso"), pa.binary())
 
 
-def _point_records(array: pa.Array) -> np.ndarray | None:
+def point_wkb(x: np.ndarray, y: np.ndarray) -> pa.Array:
+    """ISO WKB (little-endian) of the 2D points ``(x[i], y[i])`` as an Arrow binary array."""
+    records = np.empty(len(x), dtype=_POINT_WKB)
+    records["order"], records["type"] = 1, 1
+    records["x"], records["y"] = x, y
+    offsets = np.arange(0, (len(x) + 1) * _POINT_WKB.itemsize, _POINT_WKB.itemsize,
+                        dtype=np.int32)
+    return pa.Array.from_buffers(pa.binary(), len(x),
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(records)])
+
+
+def point_records(array: pa.Array) -> np.ndarray | None:
     """The WKB values as one strided array of 2D points, or None when they are not all that."""
     if array.null_count or not len(array) or not pa.types.is_binary(array.type):
         return None
@@ -93,7 +98,7 @@ def wkb_to_geometries(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if pa.types.is_large_binary(array.type):
         array = array.cast(pa.binary())
-    records = _point_records(array)
+    records = point_records(array)
     if records is not None:
         return shapely.points(records["x"], records["y"])
     return shapely.from_wkb(array.to_numpy(zero_copy_only=False))
@@ -197,22 +202,27 @@ def encode_frame(frame: gpd.GeoDataFrame, *, row_group_rows: int = ROW_GROUP_ROW
     bbox and geometry types, which callers record in the chunk index."""
     geoms = np.asarray(frame.geometry.values, dtype=object)
     points = plain_points(geoms)
-    bounds = geometry_bounds(geoms, points=points)
+    return encode_columns(
+        pd.DataFrame(frame.drop(columns=[frame.geometry.name])),
+        geometries_to_wkb(geoms, points=points), geometry_bounds(geoms, points=points),
+        shapely.is_missing(geoms), geometry_type_names(geoms), frame.crs,
+        row_group_rows=row_group_rows)
+
+
+def encode_columns(attributes: pd.DataFrame, wkb: pa.Array, bounds: np.ndarray,
+                   missing: np.ndarray, types: list[str], crs: CRS | None, *,
+                   row_group_rows: int = ROW_GROUP_ROWS) -> tuple[bytes, BBox | None, list[str]]:
+    """``encode_frame`` from its parts: the attribute columns, the geometries as WKB with their
+    (n, 4) bounds (NaN where NULL or empty), NULL mask and type names, and the CRS."""
+    table = (pa.Table.from_pandas(attributes, preserve_index=False) if len(attributes.columns)
+             else pa.table({}))
     bbox = total_bbox(bounds)
-    types = geometry_type_names(geoms)
-    attributes = pd.DataFrame(frame.drop(columns=[frame.geometry.name]))
-    if len(attributes.columns):
-        table = pa.Table.from_pandas(attributes, preserve_index=False)
-    else:
-        table = pa.table({})
-    missing = shapely.is_missing(geoms)
-    columns = [*table.columns, geometries_to_wkb(geoms, points=points),
-               covering_column([bounds[:, i] for i in range(4)], missing)]
+    columns = [*table.columns, wkb, covering_column([bounds[:, i] for i in range(4)], missing)]
     names = [*table.column_names, GEOMETRY, COVERING]
-    crs = None if frame.crs is None else _projjson(frame.crs.to_wkt())
+    projjson = None if crs is None else _projjson(crs.to_wkt())
     out = pa.Table.from_arrays(columns, names=names)
-    return write_geoparquet(out, geo_metadata(crs, types, bbox), row_group_rows=row_group_rows), \
-        bbox, types
+    return write_geoparquet(out, geo_metadata(projjson, types, bbox),
+                            row_group_rows=row_group_rows), bbox, types
 
 
 def to_geoparquet_bytes(frame: gpd.GeoDataFrame, row_group_rows: int = ROW_GROUP_ROWS) -> bytes:
@@ -223,22 +233,34 @@ def to_geoparquet_bytes(frame: gpd.GeoDataFrame, row_group_rows: int = ROW_GROUP
 def read_geoparquet(data: bytes) -> gpd.GeoDataFrame:
     """Decode GeoParquet bytes (WKB encoding) into a GeoDataFrame with Arrow-backed attribute
     columns and without the covering column. Single-threaded: one chunk is one task's work."""
+    parts = read_wkb_parts(data)
+    if parts is None:
+        frame = gpd.read_parquet(io.BytesIO(data),
+                                 to_pandas_kwargs={"types_mapper": pd.ArrowDtype})
+        frame = frame.drop(columns=[COVERING], errors="ignore")
+        return frame if frame.geometry.name == GEOMETRY else frame.rename_geometry(GEOMETRY)
+    attributes, wkb, crs = parts
+    geometry = gpd.GeoSeries(wkb_to_geometries(wkb), crs=crs, index=attributes.index,
+                             name=GEOMETRY)
+    return gpd.GeoDataFrame(attributes, geometry=geometry)
+
+
+def read_wkb_parts(data: bytes) -> tuple[pd.DataFrame, pa.Array, CRS | None] | None:
+    """What ``read_geoparquet`` builds its frame from: the attribute columns (Arrow-backed,
+    without the covering), the primary geometry column as one WKB array, and its CRS. None
+    when the file is not GeoParquet with WKB encoding."""
     table = pq.read_table(pa.BufferReader(data), use_threads=False)
     raw = (table.schema.metadata or {}).get(b"geo")
     geo = json.loads(raw) if raw else None
     primary = geo["primary_column"] if geo else None
     column = geo["columns"][primary] if geo else {}
     if geo is None or str(column.get("encoding", "WKB")).upper() != "WKB":
-        frame = gpd.read_parquet(io.BytesIO(data),
-                                 to_pandas_kwargs={"types_mapper": pd.ArrowDtype})
-        frame = frame.drop(columns=[COVERING], errors="ignore")
-        return frame if frame.geometry.name == GEOMETRY else frame.rename_geometry(GEOMETRY)
+        return None
     covering = column.get("covering", {}).get("bbox", {}).get("xmin", [None])[0]
     drop = [primary, *(c for c in {covering, COVERING} if c in table.column_names)]
     attributes = table.drop_columns(drop).to_pandas(types_mapper=pd.ArrowDtype)
-    geometry = gpd.GeoSeries(wkb_to_geometries(table.column(primary)), crs=crs_of(geo),
-                             index=attributes.index, name=GEOMETRY)
-    return gpd.GeoDataFrame(attributes, geometry=geometry)
+    wkb = table.column(primary).combine_chunks()
+    return attributes, wkb, crs_of(geo)
 
 
 def read_parquet_table(data: bytes) -> pa.Table:

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from libs.errors import ReconciliationError, TransformError
 from libs.geoparquet import encode_frame, read_geoparquet
 from libs.transformations.plan import parse_crs, plan_recipe
+from libs.transformations.points import transform_point_chunk
 from libs.transformations.recipe import ROW_ID, RecipeStep, effective_recipe
 from libs.transformations.steps import add_row_ids, apply_step
 
@@ -157,6 +158,12 @@ def transform_chunk_bytes(data: bytes, steps: Sequence[RecipeStep], target_crs: 
     """
     steps = effective_recipe(steps)
     planned = plan_recipe(steps, pq.read_schema(pa.BufferReader(data)), target_crs)
+    points = transform_point_chunk(data, steps, target_crs, row_offset, planned)
+    if points is not None:
+        encoded, bbox, rows = points
+        return ChunkTransformResult(data=encoded, rejects=None, rows_in=rows, rows_out=rows,
+                                    rows_rejected=0, reject_reasons={}, bbox=bbox,
+                                    geometry_types=["Point"], rejects_bbox=None)
     frame = add_row_ids(read_chunk(data), row_offset)
     rows_in = len(frame)
     source_geoms = np.asarray(frame.geometry.values, dtype=object)
