@@ -11,6 +11,7 @@ import io
 import re
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -169,3 +170,47 @@ class ObjectStore:
 
     def delete(self, bucket: str, key: str) -> None:
         self._client.remove_object(bucket, key)
+
+
+class BackgroundPuts:
+    """``put_bytes`` on ``threads`` worker threads so that producing the next object overlaps
+    writing the last one; at most ``max_pending`` objects are held in memory at once (``put``
+    blocks until one is written). ``then`` callbacks run on the worker thread after the write.
+    The first error is raised from the next ``put`` or from ``wait``; leaving the ``with``
+    block on an error drops the writes not yet started."""
+
+    def __init__(self, store: ObjectStore, *, threads: int = 2, max_pending: int = 3):
+        self._store = store
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="object-put")
+        self._pending: list[Future] = []
+        self._max_pending = max(1, max_pending)
+
+    def put(self, bucket: str, key: str, data: bytes, content_type: str,
+            then: Callable[[], None] | None = None) -> None:
+        self._reap(block=len(self._pending) >= self._max_pending)
+
+        def write() -> None:
+            self._store.put_bytes(bucket, key, data, content_type)
+            if then is not None:
+                then()
+
+        self._pending.append(self._pool.submit(write))
+
+    def wait(self) -> None:
+        """Every write done; raises the first error."""
+        while self._pending:
+            self._reap(block=True)
+
+    def _reap(self, *, block: bool) -> None:
+        if not self._pending:
+            return
+        done, _ = wait(self._pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for future in done:
+            self._pending.remove(future)
+            future.result()
+
+    def __enter__(self) -> BackgroundPuts:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=kind is not None)

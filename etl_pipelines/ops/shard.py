@@ -15,6 +15,7 @@ from etl_pipelines.ray_metrics import StageProgress
 from etl_pipelines.resources import ObjectStoreResource
 from libs.chunk_index import ChunkIndex, SourceFile
 from libs.errors import InputDataError
+from libs.object_store import BackgroundPuts
 from libs.sharding import ShardLimits, plan_layers, shard_layer
 from libs.transformations import plan_recipe
 
@@ -41,7 +42,9 @@ def shard_batch(
     # chunks stream out as the sort emits them: their total is known once every layer is done
     progress = StageProgress(context.log.info, "shard", manifest.batch_id, None)
     layers, sources, types = [], [], {}
-    with tempfile.TemporaryDirectory(prefix="shard-") as scratch:
+    # chunk writes overlap sorting and encoding the next chunks
+    with tempfile.TemporaryDirectory(prefix="shard-") as scratch, \
+            BackgroundPuts(store, threads=2, max_pending=3) as puts:
         landed = Path(scratch) / "landed"
         landed.mkdir()
         downloads = []
@@ -65,15 +68,17 @@ def shard_batch(
 
             def sink(ordinal: int, data: bytes, layer: str = layer_name) -> str:
                 chunk_key = f"{plan.staging_prefix}chunks/{layer}/chunk-{ordinal:05d}.parquet"
-                store.put_bytes(staging, chunk_key, data, "application/vnd.apache.parquet")
                 rows = pq.read_metadata(pa.BufferReader(data)).num_rows  # the footer only
-                progress.chunk_done(layer, rows=rows, bytes_=len(data), detail=f"{layer} chunk {ordinal}")
+                puts.put(staging, chunk_key, data, "application/vnd.apache.parquet",
+                         then=lambda: progress.chunk_done(
+                             layer, rows=rows, bytes_=len(data), detail=f"{layer} chunk {ordinal}"))
                 return chunk_key
 
             layer_scratch = Path(scratch) / "spill" / layer_name
             layer_scratch.mkdir(parents=True)
             sharded = shard_layer(layer_name, layer_sources, sink, scratch_dir=layer_scratch,
                                   limits=limits)
+            puts.wait()
             plan_recipe(manifest.recipe_for(layer_name), sharded.schema, manifest.target_crs)
             layers.append(sharded.chunks)
             types[layer_name] = list(sharded.geometry_types)
