@@ -12,6 +12,7 @@ node a failure would take down. SPREAD hands them out round-robin over the nodes
 a free CPU. ``"DEFAULT"`` is still available (RayResource.scheduling_strategy).
 """
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,22 @@ class TaskSpec:
     args: tuple[Any, ...]
 
 
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError)
+
+# Tasks an op started for a later op of the same run (EarlyTasks.hand_over): run id ->
+# task name -> (spec, ref). The job runs in one process (in_process_executor), so the later
+# op finds them here; a re-execution is a new run and a new process, and starts its own.
+_HANDED_OVER: dict[str, dict[str, tuple[TaskSpec, Any]]] = {}
+_HANDED_OVER_LOCK = threading.Lock()
+
+
+def _submit(remote: Any, spec: TaskSpec, *, max_retries: int,
+            retry_exceptions: Sequence[type[BaseException]], scheduling_strategy: str) -> Any:
+    return remote.options(name=spec.name, num_cpus=1, max_retries=max_retries,
+                          retry_exceptions=list(retry_exceptions),
+                          scheduling_strategy=scheduling_strategy).remote(*spec.args)
+
+
 def run_bounded(
     fn: Callable[..., Any],
     tasks: Sequence[TaskSpec],
@@ -33,40 +50,116 @@ def run_bounded(
     max_in_flight: int,
     max_retries: int,
     on_done: Callable[[TaskSpec, Any, float], None],
-    retry_exceptions: Sequence[type[BaseException]] = (OSError, ConnectionError, TimeoutError),
+    retry_exceptions: Sequence[type[BaseException]] = TRANSIENT_ERRORS,
     scheduling_strategy: str = "SPREAD",
+    started: dict[str, tuple[TaskSpec, Any]] | None = None,
 ) -> None:
     """Run ``fn(*task.args)`` as one Ray task per spec, at most ``max_in_flight`` at once.
 
     Ray retries a task whose worker died (``max_retries``) and one that raised one of the
     declared transient ``retry_exceptions``; any other error fails the whole call, after
     the tasks still in flight are cancelled. ``scheduling_strategy`` is Ray's ("SPREAD" or
-    "DEFAULT").
+    "DEFAULT"). ``started`` (``take_started``): tasks an earlier op already submitted with
+    the same options; a spec equal to one of them waits for that task instead of running
+    again.
     """
     import ray
 
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
     remote = ray.remote(fn)
+    early = dict(started or {})
     todo = list(tasks)
     todo.reverse()
     pending: dict[Any, TaskSpec] = {}
-    started = time.monotonic()
+    clock = time.monotonic()
     try:
         while todo or pending:
             while todo and len(pending) < max_in_flight:
                 spec = todo.pop()
-                ref = remote.options(name=spec.name, num_cpus=1, max_retries=max_retries,
-                                     retry_exceptions=list(retry_exceptions),
-                                     scheduling_strategy=scheduling_strategy).remote(*spec.args)
-                pending[ref] = spec
+                earlier = early.pop(spec.name, None)
+                if earlier is not None and earlier[0] == spec:
+                    pending[earlier[1]] = spec
+                    continue
+                pending[_submit(remote, spec, max_retries=max_retries,
+                                retry_exceptions=retry_exceptions,
+                                scheduling_strategy=scheduling_strategy)] = spec
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 spec = pending.pop(ref)
-                on_done(spec, ray.get(ref), time.monotonic() - started)
+                on_done(spec, ray.get(ref), time.monotonic() - clock)
     finally:
-        for ref in pending:
+        for ref in [*pending, *(ref for _, ref in early.values())]:
             ray.cancel(ref)
+
+
+class EarlyTasks:
+    """Start a later op's tasks while this op still produces their inputs (the transform of
+    the chunks already written while the shard op cuts the next ones).
+
+    ``offer`` submits a task when fewer than ``max_in_flight`` of those already started are
+    unfinished, and otherwise declines it: the later op runs every task not started here.
+    Thread-safe (offers come from the object-store writer threads). ``hand_over`` parks the
+    started tasks for ``take_started`` in the later op; ``cancel`` cancels them when this op
+    fails. Same task options as ``run_bounded``."""
+
+    def __init__(self, fn: Callable[..., Any], *, max_in_flight: int, max_retries: int,
+                 retry_exceptions: Sequence[type[BaseException]] = TRANSIENT_ERRORS,
+                 scheduling_strategy: str = "SPREAD") -> None:
+        import ray
+
+        self._remote = ray.remote(fn)
+        self._options = {"max_retries": max_retries, "retry_exceptions": retry_exceptions,
+                         "scheduling_strategy": scheduling_strategy}
+        self._max_in_flight = max_in_flight
+        self._started: dict[str, tuple[TaskSpec, Any]] = {}
+        self._unfinished: list[Any] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def count(self) -> int:
+        return len(self._started)
+
+    def offer(self, spec: TaskSpec) -> bool:
+        """Submit ``spec`` now if a slot is free; True when it was submitted."""
+        import ray
+
+        with self._lock:
+            if self._closed:
+                return False
+            if self._unfinished:
+                _, self._unfinished = ray.wait(self._unfinished,
+                                               num_returns=len(self._unfinished), timeout=0)
+            if len(self._unfinished) >= self._max_in_flight:
+                return False
+            ref = _submit(self._remote, spec, **self._options)
+            self._started[spec.name] = (spec, ref)
+            self._unfinished.append(ref)
+            return True
+
+    def hand_over(self, run_id: str) -> int:
+        """Park the started tasks for ``take_started(run_id)``; no offer is taken after."""
+        with self._lock:
+            self._closed = True
+            with _HANDED_OVER_LOCK:
+                _HANDED_OVER[run_id] = dict(self._started)
+            return len(self._started)
+
+    def cancel(self) -> None:
+        """Cancel every started task; no offer is taken after."""
+        import ray
+
+        with self._lock:
+            self._closed = True
+            for _, ref in self._started.values():
+                ray.cancel(ref)
+
+
+def take_started(run_id: str) -> dict[str, tuple[TaskSpec, Any]]:
+    """The tasks an earlier op of run ``run_id`` handed over (empty when none; once only)."""
+    with _HANDED_OVER_LOCK:
+        return _HANDED_OVER.pop(run_id, {})
 
 
 def _import_modules(modules: Sequence[str]) -> int:

@@ -186,7 +186,8 @@ class BackgroundPuts:
         self._max_pending = max(1, max_pending)
 
     def put(self, bucket: str, key: str, data: bytes, content_type: str,
-            then: Callable[[], None] | None = None) -> None:
+            then: Callable[[], None] | None = None) -> Future:
+        """Queue the write; the returned future is done when the object is written."""
         self._reap(block=len(self._pending) >= self._max_pending)
 
         def write() -> None:
@@ -194,7 +195,9 @@ class BackgroundPuts:
             if then is not None:
                 then()
 
-        self._pending.append(self._pool.submit(write))
+        future = self._pool.submit(write)
+        self._pending.append(future)
+        return future
 
     def wait(self) -> None:
         """Every write done; raises the first error."""

@@ -1,8 +1,15 @@
 """Shard op: stream the landed files of each layer into Hilbert-ordered GeoParquet chunks in the
-run's staging prefix, and check every layer's recipe against its columns before any Ray task."""
+run's staging prefix, and check every layer's recipe against its columns before any Ray task.
+
+Chunks are written by background threads, and (``ShardConfig.transform_early``) each written
+chunk's transform task starts on Ray at once, up to ``max_tasks_in_flight``: on a 2-core
+machine the sort and encoding keep about one core busy, and the transform of the chunks
+already cut takes the other. The transform op waits for these tasks and runs the rest."""
 
 import tempfile
 import time
+from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,10 +17,12 @@ import pyarrow.parquet as pq
 from dagster import Config, MetadataValue, OpExecutionContext, Out, op
 from pydantic import Field
 
+from etl_pipelines.ops.transform import transform_task
 from etl_pipelines.ops.validate import BatchPlan
-from etl_pipelines.ray_metrics import StageProgress
-from etl_pipelines.resources import ObjectStoreResource
-from libs.chunk_index import ChunkIndex, SourceFile
+from etl_pipelines.ray_exec import EarlyTasks
+from etl_pipelines.ray_metrics import StageProgress, transform_chunk_with_metrics
+from etl_pipelines.resources import ObjectStoreResource, RayResource
+from libs.chunk_index import Chunk, ChunkIndex, SourceFile
 from libs.errors import InputDataError
 from libs.object_store import BackgroundPuts
 from libs.sharding import ShardLimits, plan_layers, shard_layer
@@ -27,14 +36,36 @@ class ShardConfig(Config):
     )
     chunk_megabytes: int = Field(
         default=128, ge=1, le=4096, description="upper bound of a chunk's in-memory size (MiB)")
+    transform_early: bool = Field(
+        default=True, description="start the transform of each chunk on Ray as soon as it is "
+        "written, while the next chunks are cut (at most max_tasks_in_flight at once; the "
+        "transform op runs the rest and waits for these)")
+
+
+@contextmanager
+def _early_transforms(enabled: bool, ray_cluster: RayResource, run_id: str):
+    """EarlyTasks for the transform op, handed over when the shard op succeeds and cancelled
+    when it fails."""
+    early = EarlyTasks(transform_chunk_with_metrics, max_in_flight=ray_cluster.max_tasks_in_flight,
+                       max_retries=ray_cluster.task_max_retries,
+                       scheduling_strategy=ray_cluster.scheduling_strategy) if enabled else None
+    try:
+        yield early
+    except BaseException:
+        if early is not None:
+            early.cancel()
+        raise
+    if early is not None:
+        early.hand_over(run_id)
 
 
 @op(out=Out(ChunkIndex), tags={"stage": "shard"})
 def shard_batch(
     context: OpExecutionContext, config: ShardConfig, plan: BatchPlan,
-    object_store: ObjectStoreResource,
+    object_store: ObjectStoreResource, ray_cluster: RayResource,
 ) -> ChunkIndex:
     store = object_store.store
+    settings = object_store.settings()
     staging = object_store.staging_bucket
     manifest = plan.manifest
     limits = ShardLimits(chunk_rows=config.chunk_rows, chunk_bytes=config.chunk_megabytes * 2**20)
@@ -42,8 +73,25 @@ def shard_batch(
     # chunks stream out as the sort emits them: their total is known once every layer is done
     progress = StageProgress(context.log.info, "shard", manifest.batch_id, None)
     layers, sources, types = [], [], {}
-    # chunk writes overlap sorting and encoding the next chunks
-    with tempfile.TemporaryDirectory(prefix="shard-") as scratch, \
+    written: dict[tuple[str, int], Future] = {}
+
+    def start_transform(chunk: Chunk) -> None:
+        """Offer the chunk's transform task to Ray once its object is written."""
+        spec = transform_task(plan, settings, staging, chunk)
+
+        def offer(write: Future) -> None:
+            if write.exception() is None and early is not None:
+                try:
+                    early.offer(spec)
+                except Exception as exc:  # the transform op runs it then
+                    context.log.warning(f"could not start {spec.name} early: {exc}")
+
+        written.pop((chunk.layer, chunk.ordinal)).add_done_callback(offer)
+
+    # chunk writes overlap sorting and encoding the next chunks, and (transform_early) each
+    # written chunk's transform starts on Ray at once
+    with _early_transforms(config.transform_early, ray_cluster, context.run_id) as early, \
+            tempfile.TemporaryDirectory(prefix="shard-") as scratch, \
             BackgroundPuts(store, threads=2, max_pending=3) as puts:
         landed = Path(scratch) / "landed"
         landed.mkdir()
@@ -68,16 +116,21 @@ def shard_batch(
 
             def sink(ordinal: int, data: bytes, layer: str = layer_name) -> str:
                 chunk_key = f"{plan.staging_prefix}chunks/{layer}/chunk-{ordinal:05d}.parquet"
-                rows = pq.read_metadata(pa.BufferReader(data)).num_rows  # the footer only
-                puts.put(staging, chunk_key, data, "application/vnd.apache.parquet",
-                         then=lambda: progress.chunk_done(
-                             layer, rows=rows, bytes_=len(data), detail=f"{layer} chunk {ordinal}"))
+                footer = pq.read_metadata(pa.BufferReader(data))  # the footer only
+                rows = footer.num_rows
+                if ordinal == 0:  # the layer's recipe fits its columns, before any Ray task
+                    plan_recipe(manifest.recipe_for(layer), pq.read_schema(pa.BufferReader(data)),
+                                manifest.target_crs)
+                written[(layer, ordinal)] = puts.put(
+                    staging, chunk_key, data, "application/vnd.apache.parquet",
+                    then=lambda: progress.chunk_done(
+                        layer, rows=rows, bytes_=len(data), detail=f"{layer} chunk {ordinal}"))
                 return chunk_key
 
             layer_scratch = Path(scratch) / "spill" / layer_name
             layer_scratch.mkdir(parents=True)
             sharded = shard_layer(layer_name, layer_sources, sink, scratch_dir=layer_scratch,
-                                  limits=limits)
+                                  limits=limits, on_chunk=start_transform)
             puts.wait()
             plan_recipe(manifest.recipe_for(layer_name), sharded.schema, manifest.target_crs)
             layers.append(sharded.chunks)
@@ -105,5 +158,6 @@ def shard_batch(
         "landed_bytes": sum(size for _, _, size in checksums.values()),
         "geometry_types": MetadataValue.json(types),
         "crs": MetadataValue.json({x.layer: x.crs for x in layers}),
+        "transforms_started": early.count if early is not None else 0,
     })
     return index

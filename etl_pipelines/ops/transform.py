@@ -6,11 +6,23 @@ run. Each task records its chunk's counts as Ray application metrics (etl_pipeli
 from dagster import MetadataValue, OpExecutionContext, Out, op
 
 from etl_pipelines.ops.validate import BatchPlan
-from etl_pipelines.ray_exec import TaskSpec, run_bounded
+from etl_pipelines.ray_exec import TaskSpec, run_bounded, take_started
 from etl_pipelines.ray_metrics import StageProgress, transform_chunk_with_metrics
 from etl_pipelines.resources import ObjectStoreResource, RayResource
 from libs.chunk_index import Chunk, ChunkIndex, LayerChunks, TransformedChunk
 from libs.errors import ReconciliationError
+from libs.object_store import ObjectStoreSettings
+
+
+def transform_task(plan: BatchPlan, settings: ObjectStoreSettings, bucket: str,
+                   chunk: Chunk) -> TaskSpec:
+    """The Ray task that transforms one sharded chunk (named for the dashboard)."""
+    manifest = plan.manifest
+    stem = f"{plan.staging_prefix}{{}}/{chunk.layer}/chunk-{chunk.ordinal:05d}.parquet"
+    return TaskSpec(
+        name=f"transform:{manifest.batch_id}:{chunk.layer}:{chunk.ordinal:05d}",
+        args=(manifest.batch_id, settings, bucket, chunk, stem.format("transformed"),
+              stem.format("rejects"), manifest.recipe_for(chunk.layer), manifest.target_crs))
 
 
 @op(out=Out(ChunkIndex), tags={"stage": "transform"})
@@ -22,15 +34,10 @@ def transform_chunks(
     manifest = plan.manifest
     batch_id = manifest.batch_id
     settings = object_store.settings()
-    tasks = []
-    for layer in sharded.layers:
-        steps = manifest.recipe_for(layer.layer)
-        for chunk in layer.chunks:
-            stem = f"{plan.staging_prefix}{{}}/{layer.layer}/chunk-{chunk.ordinal:05d}.parquet"
-            tasks.append(TaskSpec(
-                name=f"transform:{batch_id}:{layer.layer}:{chunk.ordinal:05d}",
-                args=(batch_id, settings, sharded.staging_bucket, chunk, stem.format("transformed"),
-                      stem.format("rejects"), steps, manifest.target_crs)))
+    tasks = [transform_task(plan, settings, sharded.staging_bucket, chunk)
+             for layer in sharded.layers for chunk in layer.chunks]
+    # chunks the shard op already started (ShardConfig.transform_early), in this process
+    started = take_started(context.run_id)
     sources = {(c.layer, c.ordinal): c for layer in sharded.layers for c in layer.chunks}
     results: dict[tuple[str, int], TransformedChunk] = {}
     totals = {"in": 0, "out": 0, "rejected": 0, "seconds": 0.0}
@@ -60,7 +67,7 @@ def transform_chunks(
     run_bounded(transform_chunk_with_metrics, tasks,
                 max_in_flight=ray_cluster.max_tasks_in_flight,
                 max_retries=ray_cluster.task_max_retries, on_done=on_done,
-                scheduling_strategy=ray_cluster.scheduling_strategy)
+                scheduling_strategy=ray_cluster.scheduling_strategy, started=started)
     if sorted(results) != sorted(sources):
         raise ReconciliationError(f"batch {batch_id!r}: {len(sources)} chunks sharded but "
                                   f"{len(results)} transformed")
@@ -91,6 +98,7 @@ def transform_chunks(
         "rows_rejected": rows_rejected,
         "rejects_by_step": MetadataValue.json(reasons),
         "chunks": len(tasks),
+        "chunks_started_during_shard": len(started),
         "rows_per_second": round(totals["in"] / totals["seconds"], 1) if totals["seconds"] else 0.0,
         "crs": manifest.target_crs,
         "geometry_types": MetadataValue.json(types),

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
-from libs.chunk_index import LayerChunks
+from libs.chunk_index import Chunk, LayerChunks
 from libs.errors import ReconciliationError
 from libs.sharding.collect import _read_sources
 from libs.sharding.crs import _crs_text
@@ -38,11 +39,14 @@ class ShardedLayer:
 
 
 def shard_layer(layer: str, sources: list[LayerSource], sink: ChunkSink, *, scratch_dir: Path,
-                limits: ShardLimits | None = None) -> ShardedLayer:
+                limits: ShardLimits | None = None,
+                on_chunk: Callable[[Chunk], None] | None = None) -> ShardedLayer:
     """Shard every source of ``layer`` into Hilbert-ordered GeoParquet chunks handed to ``sink``.
 
     ``scratch_dir`` receives the spill files (removed as they are consumed); the caller owns
-    the directory. Raises :class:`InputDataError` for any problem with the input.
+    the directory. ``on_chunk`` gets each chunk's index entry as soon as ``sink`` has taken
+    it, while the next chunks are still being cut. Raises :class:`InputDataError` for any
+    problem with the input.
     """
     limits = limits or ShardLimits()
     if not sources:
@@ -50,7 +54,7 @@ def shard_layer(layer: str, sources: list[LayerSource], sink: ChunkSink, *, scra
     work = Path(tempfile.mkdtemp(prefix=f"shard-{layer}-", dir=scratch_dir))
     try:
         first = _read_sources(layer, sources, work, limits)
-        writer = _ChunkWriter(layer, first.crs, first.schema, sink, limits)
+        writer = _ChunkWriter(layer, first.crs, first.schema, sink, limits, on_chunk)
         try:
             _sort_and_emit(first, writer, work, limits)
         except BaseException:

@@ -64,8 +64,8 @@ class _ChunkWriter:
     """Cuts the sorted row stream into bounded chunks and encodes them (GeoParquet 1.1)."""
 
     def __init__(self, layer: str, crs: CRS, schema: pa.Schema, sink: ChunkSink,
-                 limits: ShardLimits):
-        self.layer, self.sink, self.limits = layer, sink, limits
+                 limits: ShardLimits, on_chunk: Callable[[Chunk], None] | None = None):
+        self.layer, self.sink, self.limits, self.on_chunk = layer, sink, limits, on_chunk
         self.crs_text = _crs_text(crs)
         self.projjson = crs.to_json_dict()
         self.schema = schema
@@ -139,6 +139,8 @@ class _ChunkWriter:
                 rows=encoded.rows, bbox=encoded.bbox, crs=self.crs_text, bytes=len(encoded.data),
                 sha256=encoded.sha256))
             self.row_offset += encoded.rows
+            if self.on_chunk is not None:
+                self.on_chunk(self.chunks[-1])
 
     def _gather_and_encode(self, pieces: list[tuple[pa.Table, np.ndarray]]) -> list[_Encoded]:
         # Runs on an encoder thread: Arrow's take and Parquet writing release the GIL.
