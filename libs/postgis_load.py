@@ -20,7 +20,6 @@ crash fails the run anyway).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import queue
@@ -381,33 +380,3 @@ def index_and_analyze(conn: psycopg.Connection, layer: LayerTable, *,
                 ident, sql.Identifier(GEOM)))
     conn.execute(sql.SQL("ANALYZE {}").format(ident))
     conn.commit()
-
-
-def index_and_analyze_in_parallel(settings: PostGISSettings, layer: LayerTable, *,
-                                  spatial_index: bool = True) -> None:
-    """``index_and_analyze`` with the two index builds on two connections at once.
-
-    PostgreSQL builds an index on one core, and ``CREATE INDEX`` takes a SHARE lock, so the
-    btree on ``_row_id`` and the GiST build side by side (``ADD PRIMARY KEY`` would take an
-    exclusive lock and wait for the GiST). The unique btree then becomes the primary key
-    (``USING INDEX``: a catalog change, no second build), and ANALYZE runs."""
-    ident = sql.SQL("{}.{}").format(sql.Identifier(layer.schema), sql.Identifier(layer.table))
-    # index names are per schema: derived from the table's, and never over 63 bytes
-    key = sql.Identifier(f"pk_{hashlib.sha1(layer.table.encode()).hexdigest()[:24]}")
-    builds = [sql.SQL("CREATE UNIQUE INDEX {} ON {} ({})").format(
-        key, ident, sql.Identifier(ROW_ID))]
-    if spatial_index:
-        builds.append(sql.SQL("CREATE INDEX ON {} USING gist ({})").format(
-            ident, sql.Identifier(GEOM)))
-
-    def build(statement: sql.Composed) -> None:
-        with connect(settings, autocommit=True) as conn:
-            conn.execute(statement)
-
-    with ThreadPoolExecutor(max_workers=len(builds), thread_name_prefix="index") as pool:
-        for future in [pool.submit(build, statement) for statement in builds]:
-            future.result()
-    with connect(settings, autocommit=True) as conn:
-        conn.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}").format(
-            ident, key, key))
-        conn.execute(sql.SQL("ANALYZE {}").format(ident))

@@ -7,7 +7,6 @@ outright is caught by the schema janitor sensor.
 
 import hashlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import geopandas as gpd
@@ -68,23 +67,10 @@ def load_and_join(
             load_started = time.monotonic()
             progress = StageProgress(context.log.info, "load", plan.manifest.batch_id,
                                      sum(len(layer.chunks) for layer in transformed.layers))
-            # a layer's indexes build (two at once) while the next layers COPY
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="index") as indexer:
-                indexed = []
-                for layer in transformed.layers:
-                    table, copied = _load_layer(context, conn, store, staging, postgis_db,
-                                                transformed, layer, schema, srid, progress)
-                    tables[layer.layer] = table
-                    indexed.append((layer, copied, indexer.submit(
-                        postgis_load.index_and_analyze_in_parallel, postgis_db.settings(),
-                        table, spatial_index=layer.layer in (join.left, join.right))))
-                for layer, copied, future in indexed:
-                    future.result()
-                    loaded = postgis.count_rows(conn, schema, layer.layer)
-                    if loaded != layer.rows or copied != layer.rows:
-                        raise ReconciliationError(
-                            f"layer {layer.layer!r}: {layer.rows} rows transformed, "
-                            f"{copied} copied, {loaded} in the table")
+            for layer in transformed.layers:
+                tables[layer.layer] = _load_layer(context, conn, store, staging, postgis_db,
+                                                  transformed, layer, schema, srid, progress,
+                                                  joined=layer.layer in (join.left, join.right))
             load_seconds = time.monotonic() - load_started
             join_started = time.monotonic()
             result = postgis_join.run_spatial_join(conn, join, tables[join.left], tables[join.right])
@@ -124,11 +110,10 @@ def load_and_join(
 def _load_layer(
     context: OpExecutionContext, conn: psycopg.Connection, store: ObjectStore, staging: str,
     postgis_db: PostGISResource, transformed: ChunkIndex, layer: LayerChunks, schema: str,
-    srid: int, progress: StageProgress,
-) -> tuple[postgis_load.LayerTable, int]:
-    """Create the layer's typed table and COPY its chunks in parallel; returns the table and
-    the rows copied (the caller indexes it, GiST only when the join uses the layer, and
-    reconciles the counts).
+    srid: int, progress: StageProgress, *, joined: bool,
+) -> postgis_load.LayerTable:
+    """Create the layer's typed table, COPY its chunks in parallel, index (GiST only when the
+    join uses the layer), reconcile counts.
 
     The first chunk is read here for the layer's columns (and then loaded as is); the others
     are fetched from the staging bucket inside the loader's workers, ``copy_parallelism`` at a
@@ -167,10 +152,15 @@ def _load_layer(
         postgis_db.settings(), table, sources, parallelism=postgis_db.copy_parallelism,
         retries=COPY_RETRIES, on_chunk=chunk_loaded)
     copy_seconds = time.monotonic() - copy_started
-    context.log.info(f"loaded layer {layer.layer}: {copied} rows, COPY at "
-                     f"{copied / copy_seconds if copy_seconds else 0:,.0f} rows/s with "
+    postgis_load.index_and_analyze(conn, table, spatial_index=joined)
+    loaded = postgis.count_rows(conn, schema, layer.layer)
+    if loaded != layer.rows or copied != layer.rows:
+        raise ReconciliationError(f"layer {layer.layer!r}: {layer.rows} rows transformed, "
+                                  f"{copied} copied, {loaded} in the table")
+    context.log.info(f"loaded layer {layer.layer}: {loaded} rows, COPY at "
+                     f"{loaded / copy_seconds if copy_seconds else 0:,.0f} rows/s with "
                      f"{postgis_db.copy_parallelism} connection(s)")
-    return table, copied
+    return table
 
 
 def _encode(batch: pa.Table, crs: str) -> bytes:

@@ -375,21 +375,3 @@ def test_overlapping_spans_are_refused_before_loading(postgis_settings):
     with pytest.raises(LoadError, match=r"spans 0-99 and 50-149 overlap"):
         load_layer_chunks(postgis_settings, layer, [((0, 100), lambda: None),
                                                     ((50, 150), lambda: None)])
-
-
-def test_indexes_built_side_by_side_give_the_primary_key_gist_and_statistics(
-        pg, schema, postgis_settings):
-    layer = create(pg, points_layer(schema))
-    with postgis.connect(postgis_settings) as conn:
-        postgis_load.copy_chunk_into_table(conn, layer, points_chunk(0, 3_000), (0, 3_000))
-    pg.commit()
-    postgis_load.index_and_analyze_in_parallel(postgis_settings, layer)
-    assert _index_methods(pg, schema, "points") == ["btree", "gist"]
-    assert pg.execute("SELECT contype, pg_get_constraintdef(oid) FROM pg_constraint "
-                      "WHERE conrelid = %s::regclass", (f"{schema}.points",)).fetchall() == [
-        ("p", "PRIMARY KEY (_row_id)")]
-    assert pg.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
-                      (f"{schema}.points",)).fetchone()[0] == 3_000
-    postgis_load.index_and_analyze_in_parallel(postgis_settings, create(
-        pg, points_layer(schema, table="other")), spatial_index=False)
-    assert _index_methods(pg, schema, "other") == ["btree"]
