@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import psycopg
@@ -366,57 +365,18 @@ def _loader_connection(settings: PostGISSettings) -> psycopg.Connection:
     return conn
 
 
-#: BRIN pages per range: 32 pages of points (~2,900 rows) cover a small patch of a
-#: Hilbert-ordered layer; at 10M points, 8 made the join 10% faster and 128 2% slower
-BRIN_PAGES_PER_RANGE = 32
-
-
 def index_and_analyze(conn: psycopg.Connection, layer: LayerTable, *,
-                      spatial_index: bool | Literal["gist", "brin"] = True) -> None:
-    """Primary key on ``_row_id``, a spatial index on the geometry when ``spatial_index`` (a
-    join probes the layer; True means GiST), then ANALYZE.
-
-    A layer no join touches gets no spatial index: the run schema is dropped at the end of
-    the op and nothing else queries it, and a sorted GiST build costs ~2 s per million
-    points on one core. ``"brin"`` (see ``spatial_index_for``) builds in a single scan
-    (3.2 s for 10M points instead of 20 s) and only pays off on rows stored in spatial
-    order, which every loaded layer is (the sharder's Hilbert order, chunk by chunk)."""
+                      spatial_index: bool = True) -> None:
+    """Primary key on ``_row_id``, a GiST index on the geometry when ``spatial_index`` (a
+    join probes the layer), then ANALYZE. A layer no join touches gets no GiST index: the
+    run schema is dropped at the end of the op and nothing else queries it, and a sorted
+    GiST build costs ~2.5 s per million points on one core."""
     ident = sql.SQL("{}.{}").format(sql.Identifier(layer.schema), sql.Identifier(layer.table))
-    method = "gist" if spatial_index is True else spatial_index or None
-    if method not in (None, "gist", "brin"):
-        raise ValueError(f"spatial_index must be True, False, 'gist' or 'brin', got {spatial_index!r}")
     with conn.transaction():
         conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
             ident, sql.Identifier(ROW_ID)))
-        if method == "gist":
+        if spatial_index:
             conn.execute(sql.SQL("CREATE INDEX ON {} USING gist ({})").format(
                 ident, sql.Identifier(GEOM)))
-        elif method == "brin":
-            conn.execute(sql.SQL("CREATE INDEX ON {} USING brin ({}) WITH (pages_per_range = {})")
-                         .format(ident, sql.Identifier(GEOM), sql.Literal(BRIN_PAGES_PER_RANGE)))
     conn.execute(sql.SQL("ANALYZE {}").format(ident))
     conn.commit()
-
-
-#: Most probes (rows of the join's left layer) for which a BRIN index beats a GiST one. A
-#: BRIN probe reads the whole (small) index: ~20 ns per range, one range per ~2,900 points,
-#: so a probe costs about what building GiST costs per 140 points; past ~70k probes GiST
-#: is cheaper whatever the size. 10k leaves room for ST_Subdivide's extra pieces.
-BRIN_MAX_PROBES = 10_000
-
-
-def spatial_index_for(layer: LayerTable, *, role: Literal["left", "right", "none"],
-                      predicate: str, left_rows: int) -> Literal["gist", "brin"] | None:
-    """The spatial index a layer gets for the join: none when the join does not use it, BRIN
-    for a point layer that a few left rows probe with a box predicate (intersects,
-    contains, within, dwithin), GiST otherwise (``nearest`` needs GiST's KNN ordering; a
-    BRIN over lines or polygons summarises large boxes and rechecks too many rows).
-
-    Measured at 10M Hilbert-ordered points probed by the 177 countries (300 pieces after
-    ST_Subdivide): GiST build 20-22 s + join 5.8 s; BRIN build 3.2 s + join 6.0 s."""
-    if role == "none":
-        return None
-    if (role == "right" and predicate != "nearest" and layer.geometry_type == "Point"
-            and left_rows <= BRIN_MAX_PROBES):
-        return "brin"
-    return "gist"

@@ -7,9 +7,7 @@ outright is caught by the schema janitor sensor.
 
 import hashlib
 import time
-from collections.abc import Callable
 from functools import partial
-from typing import Literal
 
 import geopandas as gpd
 import psycopg
@@ -69,14 +67,10 @@ def load_and_join(
             load_started = time.monotonic()
             progress = StageProgress(context.log.info, "load", plan.manifest.batch_id,
                                      sum(len(layer.chunks) for layer in transformed.layers))
-            left_rows = next(x.rows for x in transformed.layers if x.layer == join.left)
             for layer in transformed.layers:
-                role = ("right" if layer.layer == join.right else
-                        "left" if layer.layer == join.left else "none")
-                tables[layer.layer] = _load_layer(
-                    context, conn, store, staging, postgis_db, transformed, layer, schema, srid,
-                    progress, index=partial(postgis_load.spatial_index_for, role=role,
-                                            predicate=join.predicate, left_rows=left_rows))
+                tables[layer.layer] = _load_layer(context, conn, store, staging, postgis_db,
+                                                  transformed, layer, schema, srid, progress,
+                                                  joined=layer.layer in (join.left, join.right))
             load_seconds = time.monotonic() - load_started
             join_started = time.monotonic()
             result = postgis_join.run_spatial_join(conn, join, tables[join.left], tables[join.right])
@@ -116,11 +110,10 @@ def load_and_join(
 def _load_layer(
     context: OpExecutionContext, conn: psycopg.Connection, store: ObjectStore, staging: str,
     postgis_db: PostGISResource, transformed: ChunkIndex, layer: LayerChunks, schema: str,
-    srid: int, progress: StageProgress, *,
-    index: Callable[[postgis_load.LayerTable], Literal["gist", "brin"] | None],
+    srid: int, progress: StageProgress, *, joined: bool,
 ) -> postgis_load.LayerTable:
-    """Create the layer's typed table, COPY its chunks in parallel, index (``index`` picks
-    the spatial index, none when the join does not use the layer), reconcile counts.
+    """Create the layer's typed table, COPY its chunks in parallel, index (GiST only when the
+    join uses the layer), reconcile counts.
 
     The first chunk is read here for the layer's columns (and then loaded as is); the others
     are fetched from the staging bucket inside the loader's workers, ``copy_parallelism`` at a
@@ -159,19 +152,14 @@ def _load_layer(
         postgis_db.settings(), table, sources, parallelism=postgis_db.copy_parallelism,
         retries=COPY_RETRIES, on_chunk=chunk_loaded)
     copy_seconds = time.monotonic() - copy_started
-    spatial_index = index(table)
-    index_started = time.monotonic()
-    postgis_load.index_and_analyze(conn, table, spatial_index=spatial_index or False)
-    index_seconds = time.monotonic() - index_started
+    postgis_load.index_and_analyze(conn, table, spatial_index=joined)
     loaded = postgis.count_rows(conn, schema, layer.layer)
     if loaded != layer.rows or copied != layer.rows:
         raise ReconciliationError(f"layer {layer.layer!r}: {layer.rows} rows transformed, "
                                   f"{copied} copied, {loaded} in the table")
     context.log.info(f"loaded layer {layer.layer}: {loaded} rows, COPY at "
                      f"{loaded / copy_seconds if copy_seconds else 0:,.0f} rows/s with "
-                     f"{postgis_db.copy_parallelism} connection(s); primary key"
-                     f"{f', {spatial_index.upper()} index' if spatial_index else ''} and "
-                     f"statistics in {index_seconds:.1f}s")
+                     f"{postgis_db.copy_parallelism} connection(s)")
     return table
 
 

@@ -39,14 +39,12 @@ from libs.postgis_join import (
     subdivides,
 )
 from libs.postgis_load import (
-    BRIN_MAX_PROBES,
     LayerTable,
     attribute_schema,
     column_geometry_type,
     copy_chunk_into_table,
     create_layer_table,
     index_and_analyze,
-    spatial_index_for,
 )
 from libs.sample_batch import NATURAL_EARTH_DIR, synthetic_points
 from tests.integration.pipeline import land_sample, request_for, run_ingest, sensor_tick
@@ -94,8 +92,7 @@ def _stations() -> gpd.GeoDataFrame:
     return _lonlat(300, 12, (5.0, 9.0), (44.0, 48.0), "station_id")
 
 
-def _load(conn, schema: str, name: str, frame: gpd.GeoDataFrame, *,
-          point_index: str = "gist") -> LayerTable:
+def _load(conn, schema: str, name: str, frame: gpd.GeoDataFrame) -> LayerTable:
     attributes = pa.Table.from_pandas(pd.DataFrame(frame.drop(columns="geometry")),
                                       preserve_index=False)
     chunk = attributes.append_column(
@@ -104,8 +101,7 @@ def _load(conn, schema: str, name: str, frame: gpd.GeoDataFrame, *,
                        column_geometry_type(sorted(set(frame.geom_type))))
     create_layer_table(conn, layer)
     copy_chunk_into_table(conn, layer, chunk, (0, len(frame)))
-    index_and_analyze(conn, layer, spatial_index=point_index if layer.geometry_type == "Point"
-                      else "gist")
+    index_and_analyze(conn, layer)
     return layer
 
 
@@ -119,27 +115,17 @@ def frames() -> dict[str, gpd.GeoDataFrame]:
     }
 
 
-def _loaded(postgis_settings, frames, point_index: str):
+@pytest.fixture(scope="module")
+def db(postgis_settings, frames):
+    """A connection holding this module's run schema with every layer loaded."""
     schema = run_schema_name(str(uuid.uuid4()))
     with connect(postgis_settings, autocommit=True) as conn:
         create_schema(conn, schema)
         try:
-            yield conn, {name: _load(conn, schema, name, frame, point_index=point_index)
-                         for name, frame in frames.items()}
+            layers = {name: _load(conn, schema, name, frame) for name, frame in frames.items()}
+            yield conn, layers
         finally:
             drop_schema(conn, schema)
-
-
-@pytest.fixture(scope="module")
-def db(postgis_settings, frames):
-    """A connection holding this module's run schema with every layer loaded (GiST)."""
-    yield from _loaded(postgis_settings, frames, "gist")
-
-
-@pytest.fixture(scope="module")
-def db_brin(postgis_settings, frames):
-    """The same layers in another schema, the point layers with a BRIN index instead."""
-    yield from _loaded(postgis_settings, frames, "brin")
 
 
 def _join(**fields) -> SpatialJoin:
@@ -610,46 +596,3 @@ def test_reconciliation_catches_rows_lost_in_streaming(db):
     reconcile_join(conn, join, layers["sites"], result, 240)
     with pytest.raises(ReconciliationError, match="240 result rows but 239 streamed out"):
         reconcile_join(conn, join, layers["sites"], result, 239)
-
-
-# --- BRIN on point layers ---------------------------------------------------------------------
-
-@pytest.mark.parametrize("how", ["left", "inner"])
-@pytest.mark.parametrize(("predicate", "left", "right", "distance"), [
-    ("intersects", "countries", "points", None),
-    ("contains", "countries", "points", None),
-    ("within", "points", "countries", None),
-    ("dwithin", "sites_utm", "stations_utm", DWITHIN_M),
-    ("dwithin", "sites", "stations", DWITHIN_M),  # geographic: measured on the ellipsoid
-])
-@pytest.mark.parametrize("shape", ["aggregate", "carry"])
-def test_a_brin_index_on_the_points_gives_the_same_join_as_gist(db, db_brin, predicate, left,
-                                                                 right, distance, how, shape):
-    conn, layers = db_brin
-    brin = conn.execute("SELECT count(*) FROM pg_indexes WHERE schemaname = %s AND tablename = %s "
-                        "AND indexdef LIKE '%%USING brin%%'",
-                        (layers[right].schema, layers[right].table)).fetchone()[0]
-    assert brin == (1 if layers[right].geometry_type == "Point" else 0)
-    fields = {"left": left, "right": right, "predicate": predicate, "how": how}
-    if distance is not None:
-        fields["distance"] = distance
-    right_id = {"points": "point_id", "countries": "country_id"}.get(right, "station_id")
-    if shape == "aggregate":
-        fields["aggregations"] = [{"function": "count", "output": "n"}]
-    else:
-        fields["carry"] = [right_id]
-    join = _join(**fields)
-    assert _run(db_brin, join).equals(_run(db, join))
-
-
-def test_the_join_picks_brin_only_for_points_probed_by_a_few_left_rows():
-    points = LayerTable("s", "p", pa.schema([]), 3857, "Point")
-    polygons = LayerTable("s", "q", pa.schema([]), 3857, "MultiPolygon")
-    pick = spatial_index_for
-    assert pick(points, role="right", predicate="intersects", left_rows=177) == "brin"
-    assert pick(points, role="right", predicate="dwithin", left_rows=BRIN_MAX_PROBES) == "brin"
-    assert pick(points, role="right", predicate="intersects", left_rows=BRIN_MAX_PROBES + 1) == "gist"
-    assert pick(points, role="right", predicate="nearest", left_rows=177) == "gist"  # KNN
-    assert pick(points, role="left", predicate="within", left_rows=177) == "gist"
-    assert pick(polygons, role="right", predicate="intersects", left_rows=177) == "gist"
-    assert pick(points, role="none", predicate="intersects", left_rows=177) is None
