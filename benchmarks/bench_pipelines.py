@@ -149,14 +149,18 @@ def test_pipeline(benchmark, stack, tmp_path, size, pipeline):
     best = min(rounds, key=lambda r: r["seconds"])
     peak = max(r["peak"].total_mib for r in rounds)
     parts = max(rounds, key=lambda r: r["peak"].total_mib)["peak"].parts_mib
+    pss = max(rounds, key=lambda r: r["peak"].pss_mib)["peak"]
     result = summary.CaseResult(
         pipeline=pipeline, size=size, features=inputs["features"], input_bytes=inputs["input_bytes"],
         seconds=best["seconds"], stages={k: v for k, v in best["stages"].items() if k in summary.STAGES},
-        peak_rss_mib=round(peak, 1), rss_parts_mib=parts, check=checks[0])
+        peak_rss_mib=round(peak, 1), rss_parts_mib=parts, check=checks[0],
+        peak_pss_mib=round(pss.pss_mib, 1) or None, pss_parts_mib=pss.pss_parts_mib)
     summary.record_case(result)
     benchmark.extra_info.update(features=inputs["features"], features_per_s=round(result.features_per_s),
                                 mb_per_s=round(result.mb_per_s, 2), peak_rss_mib=result.peak_rss_mib,
-                                rss_parts_mib=parts, stages=best["stages"], check=checks[0])
+                                rss_parts_mib=parts, peak_pss_mib=result.peak_pss_mib,
+                                pss_parts_mib=pss.pss_parts_mib, stages=best["stages"],
+                                check=checks[0])
 
 
 @pytest.mark.parametrize("size", SIZES, ids=summary.size_label)

@@ -38,6 +38,8 @@ class CaseResult:
     peak_rss_mib: float | None = None
     rss_parts_mib: dict[str, float] = field(default_factory=dict)
     check: dict = field(default_factory=dict)
+    peak_pss_mib: float | None = None  # shared pages counted once (benchmarks/rss.py)
+    pss_parts_mib: dict[str, float] = field(default_factory=dict)
 
     @property
     def features_per_s(self) -> float:
@@ -126,7 +128,13 @@ def derived_ratios(cases: list[CaseResult]) -> list[Ratio]:
         if small.peak_rss_mib and large.peak_rss_mib:
             ratios.append(Ratio(f"rss_{size_label(large.size)}_vs_{size_label(small.size)}",
                                 large.peak_rss_mib / small.peak_rss_mib, better="lower", target=1.25,
-                                note="peak RSS of ours end to end, all processes"))
+                                note="peak RSS of ours end to end, all processes (summed: "
+                                     "shared pages counted once per process)"))
+        if small.peak_pss_mib and large.peak_pss_mib:
+            ratios.append(Ratio(f"pss_{size_label(large.size)}_vs_{size_label(small.size)}",
+                                large.peak_pss_mib / small.peak_pss_mib, better="lower", target=1.25,
+                                note="peak PSS of ours end to end, all processes (shared pages "
+                                     "divided among their sharers)"))
     return ratios
 
 
@@ -158,15 +166,16 @@ def render_markdown(data: dict) -> str:
                       "profile's own baseline", ""]
     if cases:
         ours = {c["size"]: c for c in cases if c["pipeline"] == OURS}
-        lines += ["| pipeline | size | features | s | features/s | MB/s | peak RSS MiB | ours ÷ this |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["| pipeline | size | features | s | features/s | MB/s | peak RSS MiB | peak PSS MiB "
+                  "| ours ÷ this |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for c in sorted(cases, key=lambda c: (c["size"], c["pipeline"] != OURS, c["pipeline"])):
             mine = ours.get(c["size"])
             vs = "" if c["pipeline"] == OURS or mine is None else \
                 f"{mine['features_per_s'] / c['features_per_s']:.2f}x"
             lines.append(f"| {c['pipeline']} | {size_label(c['size'])} | {c['features']:,} | "
                          f"{c['seconds']:.2f} | {_fmt(c['features_per_s'])} | {_fmt(c['mb_per_s'], 1)} | "
-                         f"{_fmt(c['peak_rss_mib'])} | {vs} |")
+                         f"{_fmt(c['peak_rss_mib'])} | {_fmt(c.get('peak_pss_mib'))} | {vs} |")
         lines.append("")
     lines += ["| ratio | value | better | target | result | note |", "| --- | --- | --- | --- | --- | --- |"]
     for r in data["ratios"].values():

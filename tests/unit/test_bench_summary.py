@@ -17,10 +17,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _case(pipeline: str, size: int, seconds: float, *, lake: float | None = None,
-          rss: float | None = None) -> summary.CaseResult:
+          rss: float | None = None, pss: float | None = None) -> summary.CaseResult:
     stages = {"lake": lake} if lake is not None else {}
     return summary.CaseResult(pipeline=pipeline, size=size, features=size, input_bytes=size * 100,
-                              seconds=seconds, stages=stages, peak_rss_mib=rss)
+                              seconds=seconds, stages=stages, peak_rss_mib=rss, peak_pss_mib=pss)
 
 
 @pytest.fixture(autouse=True)
@@ -37,11 +37,11 @@ def test_size_labels():
 
 def test_ratios_against_each_peer_and_targets_at_the_largest_size():
     cases = [
-        _case("ours", 1_000_000, 10.0, lake=4.0, rss=800.0),
+        _case("ours", 1_000_000, 10.0, lake=4.0, rss=800.0, pss=500.0),
         _case("ogr2ogr", 1_000_000, 40.0),
         _case("geopandas", 1_000_000, 20.0),
         _case("sedonadb", 1_000_000, 2.0, lake=1.0),
-        _case("ours", 10_000_000, 50.0, lake=20.0, rss=900.0),
+        _case("ours", 10_000_000, 50.0, lake=20.0, rss=900.0, pss=700.0),
         _case("ogr2ogr", 10_000_000, 400.0),
         _case("dask_geopandas", 10_000_000, 100.0),
         _case("sedonadb", 10_000_000, 20.0, lake=8.0),
@@ -60,6 +60,23 @@ def test_ratios_against_each_peer_and_targets_at_the_largest_size():
     assert ratios["lake_vs_sedonadb@10M"].verdict == "MISS"
     rss = ratios["rss_10M_vs_1M"]
     assert rss.value == pytest.approx(1.125) and rss.better == "lower" and rss.verdict == "PASS"
+    pss = ratios["pss_10M_vs_1M"]
+    assert pss.value == pytest.approx(1.4) and pss.better == "lower" and pss.verdict == "MISS"
+
+
+def test_the_sampler_reads_rss_and_pss_of_a_process_tree():
+    import os
+
+    from benchmarks.rss import ProcessTreeSampler
+
+    with ProcessTreeSampler(os.getpid(), interval_s=0.01) as sampler:
+        ballast = bytearray(64 * 2**20)  # touched: 64 MiB of private pages
+        ballast[::4096] = b"x" * len(ballast[::4096])
+    peak = sampler.peak
+    assert peak.samples >= 1 and peak.total_mib >= 64
+    # private pages count whole in both; shared library pages only partly in PSS
+    assert 64 <= peak.pss_mib <= peak.total_mib
+    assert peak.pss_parts_mib["tree"] == pytest.approx(peak.pss_mib, abs=0.1)
 
 
 def test_recorded_stage_ratios_join_the_summary_and_the_table():
