@@ -157,6 +157,8 @@ def test_parallel_load_fills_a_typed_point_column_exactly(pg, schema, postgis_se
                       (schema,)).fetchone() == ("POINT", 3857)
     assert pg.execute("SELECT relpersistence FROM pg_class WHERE oid = %s::regclass",
                       (f"{schema}.points",)).fetchone() == ("u",)  # scratch data: UNLOGGED
+    assert pg.execute("SELECT reloptions FROM pg_class WHERE oid = %s::regclass",
+                      (f"{schema}.points",)).fetchone() == (["autovacuum_enabled=false"],)
     row = pg.execute(sql.SQL("SELECT point_id, value, category, ST_X(geom), ST_Y(geom) "
                              "FROM {}.points WHERE _row_id = 9500").format(
         sql.Identifier(schema))).fetchone()
