@@ -134,6 +134,13 @@ class Ours:
 
         request = request_for(sensor_tick(self.instance, self.cursor), self.batch_id)
         assert request is not None, f"the sensor requested no run for {self.batch_id}"
+        chunk_rows = os.environ.get("BENCH_OURS_CHUNK_ROWS")
+        if chunk_rows:  # what the sensor's run config leaves at its default (250k)
+            config = dict(request.run_config)
+            config["ops"] = {**config.get("ops", {}), "shard_batch": {
+                "config": {**config.get("ops", {}).get("shard_batch", {}).get("config", {}),
+                           "chunk_rows": int(chunk_rows)}}}
+            request = request.with_replaced_attrs(run_config=config)
         result = run_ingest(self.instance, request)
         assert result.success
         self.run_id = result.run_id
