@@ -68,9 +68,11 @@ def ray_address(address: str, dashboard_url: str) -> Iterator[None]:
 
 
 def land_and_run(store: ObjectStore, tmp: Path, batch_id: str, instance: DagsterInstance,
-                 *, n_points: int = N_POINTS, chunk_rows: int = CHUNK_ROWS, **run_kwargs):
-    """Land the sample batch, let the sensor request it, run it with small chunks."""
-    land_sample(store, tmp, batch_id, n_points=n_points)
+                 *, n_points: int = N_POINTS, chunk_rows: int = CHUNK_ROWS, edit=None,
+                 **run_kwargs):
+    """Land the sample batch (``edit`` may change its manifest), let the sensor request it,
+    run it with small chunks."""
+    land_sample(store, tmp, batch_id, n_points=n_points, edit=edit)
     request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
     assert request is not None, f"the sensor did not request a run for {batch_id}"
     config = dict(request.run_config)
