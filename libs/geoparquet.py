@@ -239,6 +239,11 @@ def read_geoparquet(data: bytes) -> gpd.GeoDataFrame:
                                  to_pandas_kwargs={"types_mapper": pd.ArrowDtype})
         frame = frame.drop(columns=[COVERING], errors="ignore")
         return frame if frame.geometry.name == GEOMETRY else frame.rename_geometry(GEOMETRY)
+    return frame_of_parts(parts)
+
+
+def frame_of_parts(parts: tuple[pd.DataFrame, pa.Array, CRS | None]) -> gpd.GeoDataFrame:
+    """The GeoDataFrame of ``read_wkb_parts``' result (what ``read_geoparquet`` returns)."""
     attributes, wkb, crs = parts
     geometry = gpd.GeoSeries(wkb_to_geometries(wkb), crs=crs, index=attributes.index,
                              name=GEOMETRY)

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from libs.errors import ReconciliationError, TransformError
-from libs.geoparquet import encode_frame, read_geoparquet
+from libs.geoparquet import encode_frame, frame_of_parts, read_geoparquet, read_wkb_parts
 from libs.transformations.plan import parse_crs, plan_recipe
 from libs.transformations.points import transform_point_chunk
 from libs.transformations.recipe import ROW_ID, RecipeStep, effective_recipe
@@ -158,13 +158,16 @@ def transform_chunk_bytes(data: bytes, steps: Sequence[RecipeStep], target_crs: 
     """
     steps = effective_recipe(steps)
     planned = plan_recipe(steps, pq.read_schema(pa.BufferReader(data)), target_crs)
-    points = transform_point_chunk(data, steps, target_crs, row_offset, planned)
+    # decoded once, for the point-array path and, when it steps aside, the general one
+    parts = read_wkb_parts(data)
+    points = None if parts is None else transform_point_chunk(parts, steps, target_crs,
+                                                              row_offset, planned)
     if points is not None:
         encoded, bbox, rows = points
         return ChunkTransformResult(data=encoded, rejects=None, rows_in=rows, rows_out=rows,
                                     rows_rejected=0, reject_reasons={}, bbox=bbox,
                                     geometry_types=["Point"], rejects_bbox=None)
-    frame = add_row_ids(read_chunk(data), row_offset)
+    frame = add_row_ids(read_chunk(data) if parts is None else frame_of_parts(parts), row_offset)
     rows_in = len(frame)
     source_geoms = np.asarray(frame.geometry.values, dtype=object)
     source_crs = frame.crs

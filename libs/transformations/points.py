@@ -24,10 +24,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 from pyproj import CRS
 
-from libs.geoparquet import GEOMETRY, encode_columns, point_records, point_wkb, read_wkb_parts
+from libs.geoparquet import GEOMETRY, encode_columns, point_records, point_wkb
 from libs.transformations.plan import parse_crs
 from libs.transformations.recipe import ROW_ID, DropEmpty, MakeValid, RecipeStep, Reproject
 from libs.transformations.steps import _transformer, add_row_ids
@@ -35,21 +36,18 @@ from libs.transformations.steps import _transformer, add_row_ids
 _NO_OP_ON_POINTS = (MakeValid, DropEmpty)
 
 
-def transform_point_chunk(data: bytes, steps: Sequence[RecipeStep], target_crs: str,
-                          row_offset: int, planned: pa.Schema
+def transform_point_chunk(parts: tuple[pd.DataFrame, pa.Array, CRS | None],
+                          steps: Sequence[RecipeStep], target_crs: str, row_offset: int,
+                          planned: pa.Schema
                           ) -> tuple[bytes, tuple[float, float, float, float] | None, int] | None:
-    """(GeoParquet bytes, bbox, rows) of the transformed chunk, or None when the chunk or
-    the recipe is outside this path (see the module docstring)."""
+    """(GeoParquet bytes, bbox, rows) of the transformed chunk (decoded by
+    ``libs.geoparquet.read_wkb_parts``), or None when the chunk or the recipe is outside
+    this path (see the module docstring)."""
     if not all(isinstance(s, (Reproject, *_NO_OP_ON_POINTS)) for s in steps):
         return None
-    parts = read_wkb_parts(data)
-    if parts is None:
-        return None
     attributes, wkb, crs = parts
-    if crs is None or pa.types.is_large_binary(wkb.type):
-        return None
-    records = point_records(wkb)
-    if records is None:
+    records = point_records(wkb)  # None unless every value is a plain 2D point
+    if crs is None or records is None:
         return None
     x, y = np.ascontiguousarray(records["x"]), np.ascontiguousarray(records["y"])
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
