@@ -85,8 +85,9 @@ class ProcessTreeSampler:
         if total >= self._rss_at_pss * 1.03:
             self._rss_at_pss = total
             pss = {name: sum(_pss(p) for p in procs) for name, procs in groups.items()}
-            if sum(pss.values()) / _MIB > self.peak.pss_mib:
-                self.peak.pss_mib = sum(pss.values()) / _MIB
+            pss_total = sum(pss.values()) / _MIB
+            if pss_total > self.peak.pss_mib:
+                self.peak.pss_mib = pss_total
                 self.peak.pss_parts_mib = {k: round(v / _MIB, 1) for k, v in pss.items()}
 
     def _tree(self) -> list[psutil.Process]:
@@ -149,7 +150,6 @@ def _rss(proc: psutil.Process) -> int:
         return proc.memory_info().rss
     except psutil.Error:
         return 0
-
 
 
 def _pss(proc: psutil.Process) -> int:

@@ -38,7 +38,7 @@ class CaseResult:
     peak_rss_mib: float | None = None
     rss_parts_mib: dict[str, float] = field(default_factory=dict)
     check: dict = field(default_factory=dict)
-    peak_pss_mib: float | None = None  # shared pages counted once (benchmarks/rss.py)
+    peak_pss_mib: float | None = None  # shared pages divided among their sharers (rss.py)
     pss_parts_mib: dict[str, float] = field(default_factory=dict)
 
     @property
