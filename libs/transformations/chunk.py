@@ -43,8 +43,8 @@ import pyarrow.parquet as pq
 
 from libs.errors import ReconciliationError, TransformError
 from libs.geoparquet import encode_frame, frame_of_parts, read_geoparquet, read_wkb_parts
+from libs.transformations.arrays import transform_array_chunk
 from libs.transformations.plan import parse_crs, plan_recipe
-from libs.transformations.points import transform_point_chunk
 from libs.transformations.recipe import ROW_ID, RecipeStep, effective_recipe
 from libs.transformations.steps import add_row_ids, apply_step
 
@@ -158,15 +158,15 @@ def transform_chunk_bytes(data: bytes, steps: Sequence[RecipeStep], target_crs: 
     """
     steps = effective_recipe(steps)
     planned = plan_recipe(steps, pq.read_schema(pa.BufferReader(data)), target_crs)
-    # decoded once, for the point-array path and, when it steps aside, the general one
+    # decoded once, for the coordinate-array path and, when it steps aside, the general one
     parts = read_wkb_parts(data)
-    points = None if parts is None else transform_point_chunk(parts, steps, target_crs,
+    arrays = None if parts is None else transform_array_chunk(parts, steps, target_crs,
                                                               row_offset, planned)
-    if points is not None:
-        encoded, bbox, rows = points
+    if arrays is not None:
+        encoded, bbox, rows, types = arrays
         return ChunkTransformResult(data=encoded, rejects=None, rows_in=rows, rows_out=rows,
                                     rows_rejected=0, reject_reasons={}, bbox=bbox,
-                                    geometry_types=["Point"], rejects_bbox=None)
+                                    geometry_types=types, rejects_bbox=None)
     frame = add_row_ids(read_chunk(data) if parts is None else frame_of_parts(parts), row_offset)
     rows_in = len(frame)
     source_geoms = np.asarray(frame.geometry.values, dtype=object)
