@@ -26,7 +26,7 @@ from tests.integration.ray_test_cluster import (
 pytestmark = pytest.mark.integration
 # Chunks big enough (~0.1-0.3 s of work each) that a chunk is caught running on the worker
 # node: 2,500-row point chunks take a few ms since the vectorised point paths, and under the
-# default recipe a 40k-point chunk takes the point-array path (~15 ms of CPU), so the
+# default recipe a 40k-point chunk takes the coordinate-array path (~15 ms of CPU), so the
 # points also get a derived centroid column, which keeps them on the general (GEOS) path.
 N_POINTS = 240_000
 CHUNK_ROWS = 40_000
