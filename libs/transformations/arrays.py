@@ -17,10 +17,12 @@ Taken only when the result is the general path's, byte for byte (tests compare t
   MultiLineString or MultiPolygon in little-endian ISO WKB with finite coordinates, every
   part non-empty, every ring closed with at least 4 points, every line with at least 2. On
   such a chunk ``drop_empty`` finds nothing to do;
-- ``make_valid`` finds every geometry valid when it runs (points always are; a line, or
+- ``make_valid`` checks every geometry when it runs (points always are valid; a line, or
   each line of a MultiLineString, needs two distinct consecutive points, checked on the
-  arrays; polygons are asked of GEOS, a slice at a time). One invalid geometry sends the
-  chunk to the general path, which repairs or rejects it;
+  arrays; polygons are asked of GEOS, a slice at a time). Under ``policy: repair`` the rows
+  it finds invalid are repaired by the general path's GEOS call and spliced into the output;
+  the chunk goes to the general path when the policy rejects or fails them, when a repair
+  comes out empty, or when a reprojection would follow a repair;
 - the reprojection leaves every coordinate finite (a geometry outside the target CRS's area
   of use is rejected by the general path);
 - the plan's columns are ``_row_id`` and the chunk's attributes, in order.
@@ -42,6 +44,7 @@ from pyproj import CRS, Transformer
 
 from libs.geoparquet import (
     GEOMETRY,
+    BBox,
     encode_columns,
     geometry_type_names,
     point_records,
@@ -50,8 +53,6 @@ from libs.geoparquet import (
 from libs.transformations.plan import parse_crs
 from libs.transformations.recipe import ROW_ID, DropEmpty, MakeValid, RecipeStep, Reproject
 from libs.transformations.steps import _transformer, add_row_ids, keep_multi
-
-BBox = tuple[float, float, float, float]
 
 _TYPE_NAMES = {1: "Point", 2: "LineString", 3: "Polygon", 4: "MultiPoint",
                5: "MultiLineString", 6: "MultiPolygon"}
@@ -86,6 +87,11 @@ class WkbLayout:
         delta[self.start] = 1
         delta[self.start + 16 * self.count] = -1  # blocks never touch: a header lies between
         return np.cumsum(delta[:-1], dtype=np.int8).view(bool)
+
+    def coordinate_ranges(self) -> tuple[np.ndarray, np.ndarray]:
+        """(first, last) index of each block's coordinates among all, in buffer order."""
+        ends = np.cumsum(self.count)
+        return ends - self.count, ends - 1
 
     def with_coordinates(self, mask: np.ndarray, xy: np.ndarray) -> pa.Array:
         """The WKB array with its coordinates replaced by ``xy`` ((m, 2), buffer order)."""
@@ -197,20 +203,19 @@ def wkb_layout(array: pa.Array) -> WkbLayout | None:
                      geometry[order], kind[order])
 
 
-def _invalid(layout: WkbLayout, mask: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Per geometry, invalid per GEOS at coordinates ``x, y``. Points always are valid; a
-    line (each line of a MultiLineString) needs two distinct consecutive points, checked here;
-    polygons are asked of GEOS, a slice at a time."""
+def _invalid(layout: WkbLayout, wkb: pa.Array, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per geometry, invalid per GEOS at coordinates ``x, y`` (``wkb``: the values with
+    those coordinates). Points always are valid; a line (each line of a MultiLineString)
+    needs two distinct consecutive points, checked here; polygons are asked of GEOS, a slice
+    at a time."""
     invalid = np.zeros(len(layout.types), dtype=bool)
     lines = layout.kind == _LINE
     if lines.any():
-        first = (np.cumsum(layout.count) - layout.count)[lines]
-        last = first + layout.count[lines] - 1
+        first, last = (ends[lines] for ends in layout.coordinate_ranges())
         moves = np.concatenate([[0], np.cumsum((x[1:] != x[:-1]) | (y[1:] != y[:-1]))])
         invalid[layout.geometry[lines][moves[last] == moves[first]]] = True
     polygons = np.flatnonzero(np.isin(layout.types, (3, 6)))
     if len(polygons):
-        wkb = layout.with_coordinates(mask, np.column_stack([x, y]))
         for begin in range(0, len(polygons), _VALIDITY_SLICE):
             chosen = polygons[begin:begin + _VALIDITY_SLICE]
             geoms = shapely.from_wkb(wkb.take(pa.array(chosen)).to_numpy(zero_copy_only=False))
@@ -218,12 +223,10 @@ def _invalid(layout: WkbLayout, mask: np.ndarray, x: np.ndarray, y: np.ndarray) 
     return invalid
 
 
-def _repaired(layout: WkbLayout, mask: np.ndarray, x: np.ndarray, y: np.ndarray,
-              rows: np.ndarray) -> np.ndarray | None:
-    """``make_valid(policy="repair")`` of the geometries ``rows`` as the general path repairs
-    them (the same GEOS call, Multi* kept), or None when a repair comes out empty (the
-    general path's later steps may reject it)."""
-    wkb = layout.with_coordinates(mask, np.column_stack([x, y]))
+def _repaired(wkb: pa.Array, rows: np.ndarray) -> np.ndarray | None:
+    """``make_valid(policy="repair")`` of the values ``rows`` of ``wkb`` as the general path
+    repairs them (the same GEOS call, Multi* kept), or None when a repair comes out empty
+    (the general path's later steps may reject it)."""
     before = shapely.from_wkb(wkb.take(pa.array(rows)).to_numpy(zero_copy_only=False))
     after = keep_multi(before, shapely.make_valid(before, method="structure",
                                                   keep_collapsed=False))
@@ -294,8 +297,7 @@ def transform_array_chunk(parts: tuple[pd.DataFrame, pa.Array, CRS | None],
         xy = layout.data[mask].view("<f8").reshape(-1, 2)
         x, y = np.ascontiguousarray(xy[:, 0]), np.ascontiguousarray(xy[:, 1])
         rings = layout.kind >= _SHELL
-        ends = np.cumsum(layout.count)
-        last, first = ends[rings] - 1, (ends - layout.count)[rings]
+        first, last = (ends[rings] for ends in layout.coordinate_ranges())
         if not ((x[first] == x[last]) & (y[first] == y[last])).all():
             return None  # an unclosed ring: GEOS refuses to read it
     else:
@@ -306,25 +308,28 @@ def transform_array_chunk(parts: tuple[pd.DataFrame, pa.Array, CRS | None],
     current: CRS = crs
     # rows make_valid repaired (sorted) and their GEOS geometries; never moved again
     patched, repairs = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object)
+    current_wkb = None  # the WKB at the current coordinates, once something needed it
     for step in steps:
         if isinstance(step, Reproject) and not current.equals(target):
             if len(patched):
                 return None  # a repaired geometry would need reprojecting: the general path
             x, y = _transform(layout, current, target, x, y)
-            current = target
+            current, current_wkb = target, None
             if not (np.isfinite(x).all() and np.isfinite(y).all()):
                 return None
         elif isinstance(step, MakeValid) and layout is not None:
             if len(patched) and not shapely.is_valid(repairs).all():
                 return None
-            invalid = _invalid(layout, mask, x, y)
+            if current_wkb is None:
+                current_wkb = layout.with_coordinates(mask, np.column_stack([x, y]))
+            invalid = _invalid(layout, current_wkb, x, y)
             invalid[patched] = False
             if not invalid.any():
                 continue
             if step.policy != "repair":
                 return None  # rejects, or the failure naming the row: the general path's
             rows = np.flatnonzero(invalid)
-            repaired = _repaired(layout, mask, x, y, rows)
+            repaired = _repaired(current_wkb, rows)
             if repaired is None:
                 return None
             order = np.argsort(np.concatenate([patched, rows]), kind="stable")
@@ -340,7 +345,8 @@ def transform_array_chunk(parts: tuple[pd.DataFrame, pa.Array, CRS | None],
         xy = np.column_stack([x, y])
         out_wkb, bounds, types = point_wkb(x, y), np.column_stack([xy, xy]), ["Point"]
     else:
-        out_wkb = layout.with_coordinates(mask, np.column_stack([x, y]))
+        out_wkb = (layout.with_coordinates(mask, np.column_stack([x, y])) if current_wkb is None
+                   else current_wkb)
         bounds = _bounds(layout, x, y)
         kept = np.ones(len(layout.types), dtype=bool)
         kept[patched] = False

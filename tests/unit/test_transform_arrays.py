@@ -64,12 +64,15 @@ def both_paths(data: bytes, steps, target: str, row_offset: int = 0):
     return (fast if taken == [True] else None), general
 
 
-@pytest.mark.parametrize("steps, target", [
+RECIPES = [
     (effective_recipe(DEFAULT_RECIPE), "EPSG:8857"),  # reproject + make_valid repair
     ([Reproject()], "EPSG:3857"),  # already in the target CRS: nothing moves
     ([Reproject(), MakeValid(policy="fail"), DropEmpty(policy="fail")], "EPSG:4326"),
     ([MakeValid(policy="reject"), Reproject(), DropEmpty(), Reproject()], "EPSG:3395"),
-])
+]
+
+
+@pytest.mark.parametrize("steps, target", RECIPES)
 def test_point_path_output_is_byte_identical_to_the_general_path(steps, target):
     data = points_chunk()
     fast, general = both_paths(data, steps, target, row_offset=12_345)
@@ -112,14 +115,6 @@ def test_point_path_with_no_attributes_and_a_zero_row_offset():
     frame = synthetic_points(10, 1)[["geometry"]]
     fast, general = both_paths(to_geoparquet_bytes(frame), [Reproject()], "EPSG:4326")
     assert fast is not None and fast.data == general.data
-
-
-RECIPES = [
-    (effective_recipe(DEFAULT_RECIPE), "EPSG:8857"),  # reproject + make_valid repair
-    ([Reproject()], "EPSG:3857"),  # already in the target CRS: nothing moves
-    ([Reproject(), MakeValid(policy="fail"), DropEmpty(policy="fail")], "EPSG:4326"),
-    ([MakeValid(policy="reject"), Reproject(), DropEmpty(), Reproject()], "EPSG:3395"),
-]
 
 
 def _ring(rng: np.random.Generator, x: float, y: float, size: float) -> np.ndarray:
