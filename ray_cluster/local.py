@@ -8,7 +8,7 @@ object store and dashboard agent), all bound to loopback, each with its PID in a
 machine, including other people's clusters); it stops only the process trees it started.
 
 Ports: a cluster takes a block of 100 ports starting at its GCS port ``P`` (the stack's is
-56379), so two clusters (the stack's and a test's at 56479) never clash, and nothing falls
+56379), so two clusters (the stack's and a test's at 26479) never clash, and nothing falls
 back to Ray's machine-wide defaults (52365 for the dashboard agent, 44217/44227 for the
 autoscaler and dashboard metrics, 10001 for Ray Client)::
 
@@ -185,7 +185,7 @@ class RayHead:
     """Where and how the local cluster runs: the head, and the shape of its worker nodes.
 
     ``in_state_root`` is the stack's layout (GCS 56379, dashboard 8265, 2 CPUs);
-    ``port_block`` makes a separate cluster (e.g. a test's at 56479) from one base port.
+    ``port_block`` makes a separate cluster (e.g. a test's at 26479) from one base port.
     """
 
     state_dir: Path
@@ -700,20 +700,51 @@ def stop(head: RayHead, timeout: float = 45.0) -> bool:
     return True
 
 
+def _log_tails(head: RayHead, lines: int = 15) -> str:
+    """The last lines of the head's own log and of its GCS and raylet logs, for an error."""
+    parts = []
+    for path in (head.log_path, head.session_logs / "gcs_server.out",
+                 head.session_logs / "raylet.out", head.session_logs / "raylet.err"):
+        try:
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            continue
+        parts.append(f"--- {path}\n" + "\n".join(tail))
+    return "\n".join(parts)
+
+
 @contextmanager
 def running_cluster(head: RayHead, workers: int, *, timeout: float = 120.0,
-                    remove_temp_dir: bool = True) -> Iterator[RayHead]:
+                    remove_temp_dir: bool = True, start_attempts: int = 2) -> Iterator[RayHead]:
     """A cluster of our own for the length of a ``with`` block (tests): the head and
     ``workers`` worker nodes started, ready and all ALIVE; stopped by PID on exit, and its
-    temp dir (session logs) removed unless ``remove_temp_dir`` is False."""
+    temp dir (session logs) removed unless ``remove_temp_dir`` is False.
+
+    A start that fails (now and then on a loaded 2-core machine, ``ray start`` gives up with
+    "The current node timed out during startup": the raylet never registered with the GCS)
+    is logged with the tails of the head, GCS and raylet logs, stopped, and tried afresh, up
+    to ``start_attempts`` times in all."""
     if running_pid(head) is not None:
         raise RayHeadError(f"a cluster is already running from {head.state_dir}; a test "
                            "cluster must be its own")
     try:
-        start(head)
-        wait_until_ready(head, timeout=timeout)
-        scale_workers(head, workers)
-        wait_for_nodes(head, 1 + workers, timeout=timeout)
+        for attempt in range(1, start_attempts + 1):
+            pid = None
+            try:
+                pid = start(head)
+                wait_until_ready(head, timeout=timeout)
+                scale_workers(head, workers)
+                wait_for_nodes(head, 1 + workers, timeout=timeout)
+                break
+            except RayHeadError as exc:
+                if attempt == start_attempts:
+                    raise RayHeadError(f"{exc}\n{_log_tails(head)}") from exc
+                log.warning("ray cluster start %s of %s failed, starting afresh: %s\n%s",
+                            attempt, start_attempts, exc, _log_tails(head))
+                stop(head, timeout=30)
+                if pid is not None:  # a `ray start` that gave up may leave its GCS behind
+                    terminate_tree(pid, 30, signal_group=True)
+                shutil.rmtree(head.temp_dir, ignore_errors=True)
         yield head
     finally:
         stop(head, timeout=30)

@@ -1,9 +1,14 @@
 """A separate two-node Ray cluster for the multi-node tests, and how to run a batch on it.
 
-The cluster is ours alone: its own state dir and temp dir, its own port block (GCS 56479,
-dashboard 56569, every other port in 56479..56578), a head with one CPU and one worker node
+The cluster is ours alone: its own state dir and temp dir, its own port block (GCS 26479,
+dashboard 26569, every other port in 26479..26578), a head with one CPU and one worker node
 (its own raylet) with one CPU; started and stopped by PID through ray_cluster/local.py. The
 stack's Ray (56379) is never touched.
+
+The block lies below Linux's ephemeral port range (32768-60999): the cluster starts in the
+middle of the suite, when hundreds of client sockets to the object store sit in TIME_WAIT or
+are open on random local ports, and in the old block (56479..) one of them now and then held
+a port a raylet or agent had to bind ("The current node timed out during startup").
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from libs.object_store import ObjectStore
 from ray_cluster import local
 from tests.integration.pipeline import land_sample, request_for, run_ingest, sensor_tick
 
-TEST_GCS_PORT = 56479
+TEST_GCS_PORT = 26479
 N_POINTS = 50_000
 #: 20 point chunks (+ 1 countries chunk): enough to keep two 1-CPU nodes busy
 CHUNK_ROWS = 2_500
