@@ -30,11 +30,11 @@ Two result shapes, both materialised as a table in the run schema:
 
 An aggregating ``intersects`` of polygonal left rows with right points (the sample batch's
 points per country) runs part by part instead (``subdivides``): the left geometries are split
-into their parts (``ST_Dump``) in an UNLOGGED helper table with its own GiST index, and
+into their parts (``ST_Dump``) in an UNLOGGED helper table, and
 ``SELECT count(*), sum(..), count(..) FROM parts p JOIN right r ON ST_Intersects(p.geom, r.geom)
 GROUP BY p._lid`` is aggregated per left row. Why: the parts table is a regular table with a
 ``parallel_workers`` reloption, so PostgreSQL runs that join as a Parallel Seq Scan over the parts,
-each probing the right GiST index, with partial aggregates per worker (a LATERAL over a
+each probing the right layer's index, with partial aggregates per worker (a LATERAL over a
 177-row left table always runs in one process, and a temp table cannot be scanned by workers);
 and each part's bbox is tighter than its multipolygon's. A point where two parts of one left
 row touch intersects both: the "seams" (``ST_Intersection`` of touching parts, padded) find
@@ -42,7 +42,10 @@ those few points, and their repeats are subtracted from count, sums and non-null
 parts are exactly the left geometry's coordinates, so results equal the whole-row join.
 ``ST_Subdivide`` (≤ 64 vertices a piece) was measured about 25 % faster still, but is not
 exact: a vertex it creates where a cut meets the outline is rounded, and a point there
-matched a piece but not the polygon (``sjoin`` agrees with the polygon). If GEOS fails on a
+matched a piece but not the polygon (``sjoin`` agrees with the polygon). The parts get no
+spatial index on purpose: with one, PostgreSQL may instead scan every right point and probe the
+parts (it costs a BRIN probe of the right layer far above what it takes, having no correlation
+statistics for geometries), 20x slower on 1M points. If GEOS fails on a
 left geometry the plain LATERAL query runs. Every join runs with ``jit = off``: JIT spent
 ~0.3 s compiling a plan whose time is all in PostGIS functions it cannot inline.
 
@@ -260,6 +263,25 @@ def spatial_join_query(join: SpatialJoin, left: LayerTable, right: LayerTable) -
 _SUBDIVIDABLE = frozenset({"Polygon", "MultiPolygon", "Geometry"})
 
 
+def spatial_index_for(join: SpatialJoin, layer: str, geometry_type: str) -> str | None:
+    """The spatial index the join needs on ``layer`` (see ``postgis_load.index_and_analyze``).
+
+    Only the right layer is probed: the left one is scanned (the ``LATERAL`` query), or split
+    into parts with their own index (``subdivides``), so it gets none. A right point layer
+    that only bbox operators probe (intersects, contains, within) gets ``brin``, for which its
+    chunks must be COPYed one after another in chunk order (``load_layer_chunks`` with
+    ``parallelism=1``), so that the heap keeps the shard's Hilbert order: 10M
+    points index in ~1.5 s instead of ~12 s for GiST, and the join takes the same time. Any
+    other right layer (lines and polygons widen the summaries; dwithin and nearest rank or
+    expand) gets ``gist``.
+    """
+    if layer != join.right:
+        return None
+    if join.predicate in _PREDICATES and geometry_type == "Point":
+        return "brin"
+    return "gist"
+
+
 def subdivides(join: SpatialJoin, left: LayerTable, right: LayerTable) -> bool:
     """Whether the join runs part by part over the left geometries (see the module docstring):
     an aggregating ``intersects`` of polygonal left rows with right points."""
@@ -275,14 +297,13 @@ def _helper_name(join: SpatialJoin, left: LayerTable, what: str) -> sql.Composed
 
 def _build_pieces(conn: psycopg.Connection, left: LayerTable, pieces: sql.Composed,
                   seams: sql.Composed) -> None:
-    """The left rows' parts (``ST_Dump``: ``_lid``, ``_pid``, ``geom``, GiST-indexed) and the
+    """The left rows' parts (``ST_Dump``: ``_lid``, ``_pid``, ``geom``, no index) and the
     seams where two parts of one left row touch (``_lid``, ``box``, padded for rounding)."""
     g = sql.Identifier(GEOM)
     conn.execute(sql.SQL(
         "CREATE UNLOGGED TABLE {pieces} AS SELECT _lid, row_number() OVER () AS _pid, {g} FROM "
         "(SELECT {rid} AS _lid, (ST_Dump({g})).geom AS {g} FROM {left}) s").format(
         pieces=pieces, g=g, rid=sql.Identifier(ROW_ID), left=_qualified(left)))
-    conn.execute(sql.SQL("CREATE INDEX ON {} USING gist ({})").format(pieces, g))
     # the table is a few hundred rows, below min_parallel_table_scan_size: without this
     # PostgreSQL would probe every piece from one process
     workers = int(conn.execute("SHOW max_parallel_workers_per_gather").fetchone()[0])
@@ -297,6 +318,9 @@ def _build_pieces(conn: psycopg.Connection, left: LayerTable, pieces: sql.Compos
         "abs(ST_YMax(seam)))))::geometry AS box FROM (SELECT p._lid, ST_Intersection(p.{g}, q.{g}) "
         "AS seam FROM {pieces} p JOIN {pieces} q ON p._lid = q._lid AND p._pid < q._pid "
         "AND p.{g} && q.{g}) s").format(seams=seams, pieces=pieces, g=g))
+    # a handful of rows: without statistics the planner guesses ~1,000 and may scan the
+    # whole right layer once per seam instead of probing its index
+    conn.execute(sql.SQL("ANALYZE {}").format(seams))
 
 
 def _subdivided_query(join: SpatialJoin, left: LayerTable, right: LayerTable,

@@ -268,10 +268,13 @@ def load_layer_chunks(
     error (or exhausted retries) cancels the chunks not yet started and raises ``LoadError``.
     ``on_chunk`` is called in the caller's thread as chunks finish. Returns the rows copied.
 
-    The spans must not overlap. When the table is empty as the load starts, a chunk's first
-    attempt skips the DELETE of its span: no other chunk can have written there, and the
-    DELETE would scan the whole (unindexed) table once per chunk, quadratic in the layer's
-    size. Every retry, and every chunk of a load into a non-empty table, deletes first.
+    With ``parallelism=1`` the chunks are COPYed one after another in the order given, so the
+    table's pages hold the rows in chunk order (what a BRIN index needs; a retried chunk's
+    rows go to the end). The spans must not overlap. When the table is empty as the load
+    starts, a chunk's first attempt skips the DELETE of its span: no other chunk can have
+    written there, and the DELETE would scan the whole (unindexed) table once per chunk,
+    quadratic in the layer's size. Every retry, and every chunk of a load into a non-empty
+    table, deletes first.
     """
     if parallelism < 1:
         raise ValueError(f"parallelism must be >= 1, got {parallelism}")
@@ -370,18 +373,41 @@ def _loader_connection(settings: PostGISSettings) -> psycopg.Connection:
     return conn
 
 
+#: Spatial indexes a layer can get: ``gist`` (any probe, KNN) or ``brin`` (bbox probes of a
+#: layer whose rows lie in the table in spatial order).
+SPATIAL_INDEXES = ("gist", "brin")
+#: Heap pages per BRIN summary: ~500-1,000 points of a layer a few attributes wide. Measured on
+#: 10M Hilbert-ordered points joined with 177 countries: 8 pages 2.4 s, 32 pages 2.8 s, 128
+#: pages 3.9 s (GiST: 2.6 s); every size builds in ~1.5 s.
+BRIN_PAGES_PER_RANGE = 8
+
+
 def index_and_analyze(conn: psycopg.Connection, layer: LayerTable, *,
-                      spatial_index: bool = True) -> None:
-    """Primary key on ``_row_id``, a GiST index on the geometry when ``spatial_index`` (a
-    join probes the layer), then ANALYZE. A layer no join touches gets no GiST index: the
-    run schema is dropped at the end of the op and nothing else queries it, and a sorted
-    GiST build costs ~2.5 s per million points on one core."""
+                      spatial_index: str | None = "gist") -> None:
+    """Primary key on ``_row_id``, the ``spatial_index`` on the geometry (None: none), then
+    ANALYZE.
+
+    ``gist`` serves every probe a join makes, KNN included; a sorted GiST build costs ~1.2 s
+    per million points on one core. ``brin`` keeps one bbox per ``BRIN_PAGES_PER_RANGE``
+    heap pages and builds in ~0.15 s per million: a probe reads the pages of every summary
+    its bbox overlaps, so it pays only when the rows lie in the table in spatial order (a
+    layer's chunks COPYed one after another in the shard's Hilbert order) and the geometries
+    are small against the layer (points); it answers bbox operators (``&&``, ``~``, ``@``)
+    and no KNN. A layer no join touches gets no spatial index: the run schema is dropped at
+    the end of the op and nothing else queries it.
+    """
+    if spatial_index not in (None, *SPATIAL_INDEXES):
+        raise ValueError(f"spatial_index must be one of {SPATIAL_INDEXES} or None, "
+                         f"got {spatial_index!r}")
     ident = sql.SQL("{}.{}").format(sql.Identifier(layer.schema), sql.Identifier(layer.table))
     with conn.transaction():
         conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
             ident, sql.Identifier(ROW_ID)))
-        if spatial_index:
+        if spatial_index == "gist":
             conn.execute(sql.SQL("CREATE INDEX ON {} USING gist ({})").format(
                 ident, sql.Identifier(GEOM)))
+        elif spatial_index == "brin":
+            conn.execute(sql.SQL("CREATE INDEX ON {} USING brin ({}) WITH (pages_per_range = {})")
+                         .format(ident, sql.Identifier(GEOM), sql.Literal(BRIN_PAGES_PER_RANGE)))
     conn.execute(sql.SQL("ANALYZE {}").format(ident))
     conn.commit()

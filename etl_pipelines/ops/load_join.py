@@ -24,6 +24,7 @@ from libs.chunk_index import ChunkIndex, LayerChunks
 from libs.errors import LoadError, ReconciliationError
 from libs.geoparquet import GEOMETRY, read_parquet_table, to_geoparquet_bytes
 from libs.lake import StagedPart
+from libs.manifest import SpatialJoin
 from libs.object_store import ObjectStore
 
 #: Extra attempts for a chunk whose connection broke mid-COPY (each on a fresh connection).
@@ -70,7 +71,7 @@ def load_and_join(
             for layer in transformed.layers:
                 tables[layer.layer] = _load_layer(context, conn, store, staging, postgis_db,
                                                   transformed, layer, schema, srid, progress,
-                                                  joined=layer.layer in (join.left, join.right))
+                                                  join=join)
             load_seconds = time.monotonic() - load_started
             join_started = time.monotonic()
             result = postgis_join.run_spatial_join(conn, join, tables[join.left], tables[join.right])
@@ -110,14 +111,16 @@ def load_and_join(
 def _load_layer(
     context: OpExecutionContext, conn: psycopg.Connection, store: ObjectStore, staging: str,
     postgis_db: PostGISResource, transformed: ChunkIndex, layer: LayerChunks, schema: str,
-    srid: int, progress: StageProgress, *, joined: bool,
+    srid: int, progress: StageProgress, *, join: SpatialJoin,
 ) -> postgis_load.LayerTable:
-    """Create the layer's typed table, COPY its chunks in parallel, index (GiST only when the
-    join uses the layer), reconcile counts.
+    """Create the layer's typed table, COPY its chunks, index it for the join
+    (``postgis_join.spatial_index_for``: the probed layer only), reconcile counts.
 
     The first chunk is read here for the layer's columns (and then loaded as is); the others
     are fetched from the staging bucket inside the loader's workers, ``copy_parallelism`` at a
-    time, each in its own transaction on its own connection.
+    time, each in its own transaction on its own connection. A layer that gets a BRIN index
+    is COPYed by one connection, chunk after chunk, so that its pages keep the shard's
+    Hilbert order.
     """
     if not layer.chunks:
         raise LoadError(f"layer {layer.layer!r} has no chunks to load; the transform stage "
@@ -126,6 +129,8 @@ def _load_layer(
     table = postgis_load.LayerTable(
         schema, layer.layer, postgis_load.attribute_schema(first), srid,
         postgis_load.column_geometry_type(transformed.geometry_types.get(layer.layer, [])))
+    spatial_index = postgis_join.spatial_index_for(join, layer.layer, table.geometry_type)
+    parallelism = 1 if spatial_index == "brin" else postgis_db.copy_parallelism
     # the loader's own connections must see the table: end any implicit transaction (a
     # previous layer's count) so that CREATE TABLE commits instead of becoming a savepoint
     conn.commit()
@@ -149,17 +154,21 @@ def _load_layer(
 
     copy_started = time.monotonic()
     copied = postgis_load.load_layer_chunks(
-        postgis_db.settings(), table, sources, parallelism=postgis_db.copy_parallelism,
+        postgis_db.settings(), table, sources, parallelism=parallelism,
         retries=COPY_RETRIES, on_chunk=chunk_loaded)
     copy_seconds = time.monotonic() - copy_started
-    postgis_load.index_and_analyze(conn, table, spatial_index=joined)
+    index_started = time.monotonic()
+    postgis_load.index_and_analyze(conn, table, spatial_index=spatial_index)
+    index_seconds = time.monotonic() - index_started
     loaded = postgis.count_rows(conn, schema, layer.layer)
     if loaded != layer.rows or copied != layer.rows:
         raise ReconciliationError(f"layer {layer.layer!r}: {layer.rows} rows transformed, "
                                   f"{copied} copied, {loaded} in the table")
+    index = f"{spatial_index.upper()} + " if spatial_index else ""
     context.log.info(f"loaded layer {layer.layer}: {loaded} rows, COPY at "
                      f"{loaded / copy_seconds if copy_seconds else 0:,.0f} rows/s with "
-                     f"{postgis_db.copy_parallelism} connection(s)")
+                     f"{parallelism} connection(s), {index}primary key + ANALYZE in "
+                     f"{index_seconds:.1f}s")
     return table
 
 

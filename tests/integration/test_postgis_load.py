@@ -181,11 +181,31 @@ def test_a_layer_no_join_uses_gets_its_key_and_statistics_but_no_gist(pg, schema
     layer = create(pg, points_layer(schema))
     with postgis.connect(postgis_settings) as conn:
         postgis_load.copy_chunk_into_table(conn, layer, points_chunk(0, 1_000), (0, 1_000))
-    postgis_load.index_and_analyze(pg, layer, spatial_index=False)
+    postgis_load.index_and_analyze(pg, layer, spatial_index=None)
     assert _index_methods(pg, schema, "points") == ["btree"]
     analyzed = pg.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
                           (f"{schema}.points",)).fetchone()[0]
     assert analyzed == 1_000
+
+
+def test_a_brin_index_summarises_a_few_pages_per_range(pg, schema, postgis_settings):
+    layer = create(pg, points_layer(schema))
+    with postgis.connect(postgis_settings) as conn:
+        postgis_load.copy_chunk_into_table(conn, layer, points_chunk(0, 1_000), (0, 1_000))
+    postgis_load.index_and_analyze(pg, layer, spatial_index="brin")
+    assert _index_methods(pg, schema, "points") == ["brin", "btree"]
+    options = pg.execute(
+        "SELECT c.reloptions FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "JOIN pg_am am ON am.oid = c.relam WHERE i.indrelid = %s::regclass AND am.amname = "
+        "'brin'", (f"{schema}.points",)).fetchone()[0]
+    assert options == [f"pages_per_range={postgis_load.BRIN_PAGES_PER_RANGE}"]
+
+
+def test_an_unknown_spatial_index_is_refused_before_any_index_is_built(pg, schema):
+    layer = create(pg, points_layer(schema))
+    with pytest.raises(ValueError, match=r"spatial_index must be one of \('gist', 'brin'\)"):
+        postgis_load.index_and_analyze(pg, layer, spatial_index="rtree")
+    assert _index_methods(pg, schema, "points") == []
 
 
 def test_reloading_a_chunk_replaces_its_rows(pg, schema, postgis_settings):

@@ -22,6 +22,7 @@ import pyogrio
 import pytest
 import shapely
 from dagster import DagsterInstance
+from psycopg import sql
 from pyproj import Geod
 
 from etl_pipelines.sensors.manifests import CURSOR_VERSION
@@ -31,9 +32,11 @@ from libs.lake import completion_key
 from libs.manifest import MANIFEST_FILENAME, SpatialJoin
 from libs.postgis import connect, create_schema, drop_schema, run_schema_name
 from libs.postgis_join import (
+    _subdivided_or_none,
     join_output_schema,
     reconcile_join,
     run_spatial_join,
+    spatial_index_for,
     spatial_join_query,
     stream_table,
     subdivides,
@@ -92,7 +95,8 @@ def _stations() -> gpd.GeoDataFrame:
     return _lonlat(300, 12, (5.0, 9.0), (44.0, 48.0), "station_id")
 
 
-def _load(conn, schema: str, name: str, frame: gpd.GeoDataFrame) -> LayerTable:
+def _load(conn, schema: str, name: str, frame: gpd.GeoDataFrame,
+          spatial_index: str = "gist") -> LayerTable:
     attributes = pa.Table.from_pandas(pd.DataFrame(frame.drop(columns="geometry")),
                                       preserve_index=False)
     chunk = attributes.append_column(
@@ -101,15 +105,16 @@ def _load(conn, schema: str, name: str, frame: gpd.GeoDataFrame) -> LayerTable:
                        column_geometry_type(sorted(set(frame.geom_type))))
     create_layer_table(conn, layer)
     copy_chunk_into_table(conn, layer, chunk, (0, len(frame)))
-    index_and_analyze(conn, layer)
+    index_and_analyze(conn, layer, spatial_index=spatial_index)
     return layer
 
 
 @pytest.fixture(scope="module")
 def frames() -> dict[str, gpd.GeoDataFrame]:
     sites, stations = _sites(), _stations()
+    points = _points()
     return {
-        "countries": _countries(), "points": _points(),
+        "countries": _countries(), "points": points, "points_brin": points,
         "sites": sites, "stations": stations,
         "sites_utm": sites.to_crs(epsg=UTM_32N), "stations_utm": stations.to_crs(epsg=UTM_32N),
     }
@@ -122,7 +127,9 @@ def db(postgis_settings, frames):
     with connect(postgis_settings, autocommit=True) as conn:
         create_schema(conn, schema)
         try:
-            layers = {name: _load(conn, schema, name, frame) for name, frame in frames.items()}
+            layers = {name: _load(conn, schema, name, frame,
+                                  "brin" if name.endswith("_brin") else "gist")
+                      for name, frame in frames.items()}
             yield conn, layers
         finally:
             drop_schema(conn, schema)
@@ -243,6 +250,10 @@ PREDICATE_CASES = [
     ("intersects", "countries", "points", "country_id", "point_id", "value"),
     ("contains", "countries", "points", "country_id", "point_id", "value"),
     ("within", "points", "countries", "point_id", "country_id", "pop_est"),
+    # the probed points behind a BRIN index instead of GiST (what the load op gives a point
+    # layer that only bbox operators probe)
+    ("intersects", "countries", "points_brin", "country_id", "point_id", "value"),
+    ("contains", "countries", "points_brin", "country_id", "point_id", "value"),
 ]
 
 
@@ -493,6 +504,52 @@ def test_nearest_walks_the_gist_index_in_knn_order(db, left, right, knn):
         plan = "\n".join(r[0] for r in conn.execute(
             b"EXPLAIN " + spatial_join_query(join, layers[left], layers[right]).as_bytes(conn)))
     assert knn in plan and "Index Scan using" in plan, plan
+
+
+@pytest.mark.parametrize(("predicate", "geometry_type", "layer", "index"), [
+    ("intersects", "Point", "right", "brin"),
+    ("contains", "Point", "right", "brin"),
+    ("within", "Point", "right", "brin"),
+    ("intersects", "MultiPolygon", "right", "gist"),
+    ("intersects", "Geometry", "right", "gist"),
+    ("dwithin", "Point", "right", "gist"),
+    ("nearest", "Point", "right", "gist"),
+    ("intersects", "Point", "left", None),
+    ("intersects", "Point", "other", None),
+])
+def test_only_the_probed_layer_is_indexed_and_bbox_probed_points_get_brin(
+        predicate, geometry_type, layer, index):
+    extra = {"dwithin": {"distance": 10.0}, "nearest": {"k": 1}}.get(predicate, {})
+    join = _join(left="left", right="right", predicate=predicate, how="left",
+                 aggregations=[{"function": "count", "output": "n"}], **extra)
+    assert spatial_index_for(join, layer, geometry_type) == index
+
+
+def test_intersects_by_parts_probes_a_brin_indexed_point_layer(db, frames):
+    """200k points in spatial order behind BRIN: the parts are scanned in parallel and each
+    probes the points' BRIN index (scanning every point and testing it against the parts,
+    which PostgreSQL preferred while the parts had a GiST index, was 20x slower)."""
+    conn, layers = db
+    schema = layers["countries"].schema
+    grid = LayerTable(schema, "grid_brin", pa.schema([pa.field("value", pa.float64())]),
+                      EQUAL_EARTH, "Point")
+    create_layer_table(conn, grid)
+    conn.execute(sql.SQL(
+        "INSERT INTO {}.grid_brin (_row_id, value, geom) SELECT row_number() OVER (ORDER BY "
+        "ST_GeoHash(ST_Transform(geom, 4326))) - 1, value, geom FROM (SELECT (i % 97)::float8 "
+        "AS value, ST_SetSRID(ST_MakePoint(-1.6e7 + (i % 500) * 64000.0, -7.5e6 + (i / 500) "
+        "* 37500.0), 8857) AS geom FROM generate_series(0, 199999) i) g ORDER BY 1").format(
+        sql.Identifier(schema)))
+    index_and_analyze(conn, grid, spatial_index="brin")
+    join = _join(left="countries", right="grid_brin", predicate="intersects", how="left",
+                 aggregations=_aggregates_of("value"))
+    with conn.transaction(force_rollback=True):  # the parts tables go with the rollback
+        query = _subdivided_or_none(conn, join, layers["countries"], grid)
+        assert query is not None
+        plan = "\n".join(r[0] for r in conn.execute(b"EXPLAIN " + query.as_bytes(conn)))
+    assert "Bitmap Index Scan on grid_brin_geom_idx" in plan, plan
+    assert "Seq Scan on grid_brin" not in plan, plan
+    assert "Parallel Seq Scan on" in plan and "_pieces p" in plan, plan
 
 
 def test_result_streams_in_batches_in_deterministic_order(db):
