@@ -194,7 +194,9 @@ def copy_chunk_into_table(
 
 
 def _row_ids(layer: LayerTable, chunk: pa.Table, id_span: tuple[int, int]) -> pa.Array:
-    """The chunk's row ids, checked to lie in its span (else a retry could not replace them)."""
+    """The chunk's row ids, checked to lie in its span (else a retry could not replace them)
+    and to be distinct. With disjoint spans (``load_layer_chunks`` checks them) that makes
+    every id in the table distinct, which the primary key would otherwise have to prove."""
     start, end = id_span
     if ROW_ID not in chunk.column_names:
         if chunk.num_rows > end - start:
@@ -213,6 +215,15 @@ def _row_ids(layer: LayerTable, chunk: pa.Table, id_span: tuple[int, int]) -> pa
                 f"layer {layer.table!r}: the chunk owning _row_id {start}-{end - 1} holds rows "
                 f"with _row_id {low}-{high}; a chunk's rows must stay inside its span so that a "
                 "retry replaces them")
+        values = ids.to_numpy()
+        if not (values[1:] > values[:-1]).all():  # the transform keeps them ascending
+            ordered = np.sort(values)
+            repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+            if len(repeated):
+                raise LoadError(
+                    f"layer {layer.table!r}: the chunk owning _row_id {start}-{end - 1} holds "
+                    f"_row_id {repeated[0]} more than once ({len(np.unique(repeated))} id(s) "
+                    "repeated); every row needs an id of its own")
     return ids
 
 
@@ -383,9 +394,14 @@ BRIN_PAGES_PER_RANGE = 8
 
 
 def index_and_analyze(conn: psycopg.Connection, layer: LayerTable, *,
-                      spatial_index: str | None = "gist") -> None:
-    """Primary key on ``_row_id``, the ``spatial_index`` on the geometry (None: none), then
-    ANALYZE.
+                      spatial_index: str | None = "gist", primary_key: bool = True) -> None:
+    """Primary key on ``_row_id`` (when ``primary_key``), the ``spatial_index`` on the
+    geometry (None: none), then ANALYZE.
+
+    The loader already proved the ids distinct (each chunk's ids lie in its own span and
+    repeat none), so the key is for queries that read the layer in ``_row_id`` order (a
+    join's left layer); elsewhere it would cost ~0.3 s per million rows on one core for
+    nothing.
 
     ``gist`` serves every probe a join makes, KNN included; a sorted GiST build costs ~1.2 s
     per million points on one core. ``brin`` keeps one bbox per ``BRIN_PAGES_PER_RANGE``
@@ -401,8 +417,9 @@ def index_and_analyze(conn: psycopg.Connection, layer: LayerTable, *,
                          f"got {spatial_index!r}")
     ident = sql.SQL("{}.{}").format(sql.Identifier(layer.schema), sql.Identifier(layer.table))
     with conn.transaction():
-        conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
-            ident, sql.Identifier(ROW_ID)))
+        if primary_key:
+            conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
+                ident, sql.Identifier(ROW_ID)))
         if spatial_index == "gist":
             conn.execute(sql.SQL("CREATE INDEX ON {} USING gist ({})").format(
                 ident, sql.Identifier(GEOM)))

@@ -114,7 +114,8 @@ def _load_layer(
     srid: int, progress: StageProgress, *, join: SpatialJoin,
 ) -> postgis_load.LayerTable:
     """Create the layer's typed table, COPY its chunks, index it for the join
-    (``postgis_join.spatial_index_for``: the probed layer only), reconcile counts.
+    (``postgis_join.spatial_index_for``: the probed layer only; the primary key on the left
+    layer only, which the join reads in ``_row_id`` order), reconcile counts.
 
     The first chunk is read here for the layer's columns (and then loaded as is); the others
     are fetched from the staging bucket inside the loader's workers, ``copy_parallelism`` at a
@@ -158,17 +159,18 @@ def _load_layer(
         retries=COPY_RETRIES, on_chunk=chunk_loaded)
     copy_seconds = time.monotonic() - copy_started
     index_started = time.monotonic()
-    postgis_load.index_and_analyze(conn, table, spatial_index=spatial_index)
+    postgis_load.index_and_analyze(conn, table, spatial_index=spatial_index,
+                                   primary_key=layer.layer == join.left)
     index_seconds = time.monotonic() - index_started
     loaded = postgis.count_rows(conn, schema, layer.layer)
     if loaded != layer.rows or copied != layer.rows:
         raise ReconciliationError(f"layer {layer.layer!r}: {layer.rows} rows transformed, "
                                   f"{copied} copied, {loaded} in the table")
-    index = f"{spatial_index.upper()} + " if spatial_index else ""
+    built = [*([spatial_index.upper()] if spatial_index else []),
+             *(["primary key"] if layer.layer == join.left else []), "ANALYZE"]
     context.log.info(f"loaded layer {layer.layer}: {loaded} rows, COPY at "
                      f"{loaded / copy_seconds if copy_seconds else 0:,.0f} rows/s with "
-                     f"{parallelism} connection(s), {index}primary key + ANALYZE in "
-                     f"{index_seconds:.1f}s")
+                     f"{parallelism} connection(s), {' + '.join(built)} in {index_seconds:.1f}s")
     return table
 
 

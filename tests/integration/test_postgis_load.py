@@ -176,13 +176,14 @@ def _index_methods(pg, schema: str, table: str) -> list[str]:
         (f"{schema}.{table}",)).fetchall())
 
 
-def test_a_layer_no_join_uses_gets_its_key_and_statistics_but_no_gist(pg, schema,
-                                                                        postgis_settings):
+@pytest.mark.parametrize(("primary_key", "indexes"), [(True, ["btree"]), (False, [])])
+def test_a_layer_no_join_probes_gets_statistics_but_no_spatial_index(
+        pg, schema, postgis_settings, primary_key, indexes):
     layer = create(pg, points_layer(schema))
     with postgis.connect(postgis_settings) as conn:
         postgis_load.copy_chunk_into_table(conn, layer, points_chunk(0, 1_000), (0, 1_000))
-    postgis_load.index_and_analyze(pg, layer, spatial_index=None)
-    assert _index_methods(pg, schema, "points") == ["btree"]
+    postgis_load.index_and_analyze(pg, layer, spatial_index=None, primary_key=primary_key)
+    assert _index_methods(pg, schema, "points") == indexes
     analyzed = pg.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
                           (f"{schema}.points",)).fetchone()[0]
     assert analyzed == 1_000
@@ -258,6 +259,22 @@ def test_row_ids_outside_the_chunks_span_are_refused(schema, pg, postgis_setting
     with postgis.connect(postgis_settings) as conn, pytest.raises(
             LoadError, match=r"owning _row_id 0-99 holds rows with _row_id 50-149"):
         postgis_load.copy_chunk_into_table(conn, layer, points_chunk(50, 100), (0, 100))
+
+
+def test_a_row_id_repeated_inside_a_chunk_is_refused(schema, pg, postgis_settings):
+    """What the primary key would catch, caught per chunk before the COPY (a layer only a
+    join probes gets no key): ids out of order are fine, a repeated one is not."""
+    layer = create(pg, points_layer(schema))
+    shuffled = points_chunk(0, 100).take(pa.array(np.random.default_rng(3).permutation(100)))
+    with postgis.connect(postgis_settings) as conn:
+        assert postgis_load.copy_chunk_into_table(conn, layer, shuffled, (0, 100)) == 100
+        ids = np.arange(100, 200)
+        ids[[10, 60, 61]] = [150, 170, 170]
+        chunk = points_chunk(100, 100).set_column(0, ROW_ID, pa.array(ids))
+        with pytest.raises(LoadError, match=r"owning _row_id 100-199 holds _row_id 150 more than "
+                           r"once \(2 id\(s\) repeated\); every row needs an id of its own"):
+            postgis_load.copy_chunk_into_table(conn, layer, chunk, (100, 200))
+    assert ids_and_count(pg, layer) == (100, 100, 0, 99)
 
 
 def test_layers_in_different_srids_cannot_be_joined(pg, schema, postgis_settings):
