@@ -7,6 +7,7 @@ outright is caught by the schema janitor sensor.
 
 import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import geopandas as gpd
@@ -68,10 +69,29 @@ def load_and_join(
             load_started = time.monotonic()
             progress = StageProgress(context.log.info, "load", plan.manifest.batch_id,
                                      sum(len(layer.chunks) for layer in transformed.layers))
-            for layer in transformed.layers:
-                tables[layer.layer] = _load_layer(context, conn, store, staging, postgis_db,
-                                                  transformed, layer, schema, srid, progress,
-                                                  join=join)
+            indexes = {layer.layer: postgis_join.spatial_index_for(
+                join, layer.layer, postgis_load.column_geometry_type(
+                    transformed.geometry_types.get(layer.layer, [])))
+                for layer in transformed.layers}
+            load = partial(_load_layer, context, store=store, staging=staging,
+                           postgis_db=postgis_db, transformed=transformed, schema=schema,
+                           srid=srid, progress=progress, join=join)
+
+            def load_beside(layer: LayerChunks) -> postgis_load.LayerTable:
+                with postgis_db.connect() as own:
+                    return load(own, layer, spatial_index=indexes[layer.layer])
+
+            # A BRIN layer COPYs on one connection (its pages must keep the chunk order), which
+            # leaves about a third of two cores idle: the other layers load beside it.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-ordered") as beside:
+                ordered = {layer.layer: beside.submit(load_beside, layer)
+                           for layer in transformed.layers if indexes[layer.layer] == "brin"}
+                for layer in transformed.layers:
+                    if layer.layer not in ordered:
+                        tables[layer.layer] = load(conn, layer,
+                                                   spatial_index=indexes[layer.layer])
+                for name, future in ordered.items():
+                    tables[name] = future.result()
             load_seconds = time.monotonic() - load_started
             join_started = time.monotonic()
             result = postgis_join.run_spatial_join(conn, join, tables[join.left], tables[join.right])
@@ -109,13 +129,15 @@ def load_and_join(
 
 
 def _load_layer(
-    context: OpExecutionContext, conn: psycopg.Connection, store: ObjectStore, staging: str,
-    postgis_db: PostGISResource, transformed: ChunkIndex, layer: LayerChunks, schema: str,
-    srid: int, progress: StageProgress, *, join: SpatialJoin,
+    context: OpExecutionContext, conn: psycopg.Connection, layer: LayerChunks, *,
+    store: ObjectStore, staging: str, postgis_db: PostGISResource, transformed: ChunkIndex,
+    schema: str, srid: int, progress: StageProgress, join: SpatialJoin,
+    spatial_index: str | None,
 ) -> postgis_load.LayerTable:
     """Create the layer's typed table, COPY its chunks, index it for the join
-    (``postgis_join.spatial_index_for``: the probed layer only; the primary key on the left
-    layer only, which the join reads in ``_row_id`` order), reconcile counts.
+    (``spatial_index``, from ``postgis_join.spatial_index_for``: the probed layer only; the
+    primary key on the left layer only, which the join reads in ``_row_id`` order), reconcile
+    counts. ``conn`` is this layer's alone while it loads.
 
     The first chunk is read here for the layer's columns (and then loaded as is); the others
     are fetched from the staging bucket inside the loader's workers, ``copy_parallelism`` at a
@@ -130,7 +152,6 @@ def _load_layer(
     table = postgis_load.LayerTable(
         schema, layer.layer, postgis_load.attribute_schema(first), srid,
         postgis_load.column_geometry_type(transformed.geometry_types.get(layer.layer, [])))
-    spatial_index = postgis_join.spatial_index_for(join, layer.layer, table.geometry_type)
     parallelism = 1 if spatial_index == "brin" else postgis_db.copy_parallelism
     # the loader's own connections must see the table: end any implicit transaction (a
     # previous layer's count) so that CREATE TABLE commits instead of becoming a savepoint
