@@ -55,6 +55,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from libs.chunk_index import Chunk, TransformedChunk
+from libs.memory import release_memory
 from libs.object_store import ObjectStoreSettings
 from libs.transformations import transform_staged_chunk
 
@@ -125,6 +126,7 @@ def transform_chunk_with_metrics(
     written = result.chunk.bytes + (result.rejects.bytes if result.rejects is not None else 0)
     record_stage("transform", batch_id, chunk.layer, features=result.rows_in, bytes_=written,
                  rejects=rejected, chunks=1)
+    release_memory()  # a worker runs many tasks: keep it near one task's memory, not its peak
     return result
 
 

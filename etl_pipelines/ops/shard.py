@@ -24,6 +24,7 @@ from etl_pipelines.ray_metrics import StageProgress, transform_chunk_with_metric
 from etl_pipelines.resources import ObjectStoreResource, RayResource
 from libs.chunk_index import Chunk, ChunkIndex, SourceFile
 from libs.errors import InputDataError
+from libs.memory import release_memory
 from libs.object_store import BackgroundPuts
 from libs.sharding import ShardLimits, plan_layers, shard_layer
 from libs.transformations import plan_recipe
@@ -132,6 +133,7 @@ def shard_batch(
             sharded = shard_layer(layer_name, layer_sources, sink, scratch_dir=layer_scratch,
                                   limits=limits, on_chunk=start_transform)
             puts.wait()
+            release_memory()  # the sort's buffers, before the next layer and the load op
             plan_recipe(manifest.recipe_for(layer_name), sharded.schema, manifest.target_crs)
             layers.append(sharded.chunks)
             types[layer_name] = list(sharded.geometry_types)
