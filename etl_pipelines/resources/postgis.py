@@ -24,7 +24,9 @@ class PostGISResource(ConfigurableResource):
     copy_parallelism: int = Field(
         default=2, ge=1, le=16,
         description="chunks of a layer COPYed at once, each on its own connection and in its own "
-        "transaction (1-16; 2 suits a 2-core machine, beyond that about one per database core)",
+        "transaction (1-16; 2 suits a 2-core machine, beyond that about one per database core); "
+        "a point layer the join probes with BRIN is COPYed by one connection, in chunk order, "
+        "while the other layers load beside it",
     )
 
     def settings(self) -> PostGISSettings:
