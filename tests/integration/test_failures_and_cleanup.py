@@ -53,6 +53,32 @@ def test_failed_join_drops_the_schema_and_publishes_nothing(
     assert store.exists("landing-zone", f"{batch_id}/points.fgb")
 
 
+def test_a_failed_load_of_the_layer_loaded_beside_drops_the_schema(
+        store, tmp_path, batch_id, instance, pg):
+    """The join's points get BRIN and load on their own connection beside the other layers;
+    when that load fails (here: a recipe names a points column ``geom``, which the loader
+    reserves), the step fails with the loader's message once the other layers are in, and
+    the schema goes."""
+    def points_column_named_geom(manifest):
+        manifest["recipes"] = {"points": [
+            {"step": "reproject"}, {"step": "rename", "columns": {"category": "geom"}}]}
+        return manifest
+
+    land_sample(store, tmp_path, batch_id, n_points=500, edit=points_column_named_geom)
+    request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
+    result = run_ingest(instance, request, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert failure.step_key == "load_and_join"
+    message = failure.event_specific_data.error.to_string()
+    assert "layer 'points': column 'geom' is reserved by the loader; rename it" in message
+    logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
+    assert any("loaded layer countries" in m for m in logs)  # loaded beside, not after
+    assert not any("loaded layer points" in m for m in logs)
+    assert postgis.run_schema_name(result.run_id) not in _schemas(pg)
+    assert not store.exists("data-lake", completion_key(batch_id))
+
+
 def test_invalid_landed_file_fails_in_shard_naming_the_file(
         store, tmp_path, batch_id, instance, pg):
     land_sample(store, tmp_path, batch_id, n_points=100)
