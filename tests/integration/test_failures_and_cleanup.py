@@ -32,6 +32,18 @@ def _schemas(pg) -> set[str]:
     return {r[0] for r in pg.execute("SELECT nspname FROM pg_namespace").fetchall()}
 
 
+def _fails_in_load_and_join(store, tmp_path, batch_id, instance, edit):
+    """Land the sample with ``edit`` applied to its manifest and run it: the run fails in
+    load_and_join; returns the result and the step's error text."""
+    land_sample(store, tmp_path, batch_id, n_points=500, edit=edit)
+    request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
+    result = run_ingest(instance, request, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert failure.step_key == "load_and_join"
+    return result, failure.event_specific_data.error.to_string()
+
+
 def test_failed_join_drops_the_schema_and_publishes_nothing(
         store, tmp_path, batch_id, instance, pg, ledger):
     def missing_column(manifest):
@@ -39,13 +51,8 @@ def test_failed_join_drops_the_schema_and_publishes_nothing(
             {"function": "sum", "column": "no_such_column", "output": "total"}]
         return manifest
 
-    land_sample(store, tmp_path, batch_id, n_points=500, edit=missing_column)
-    request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
-    result = run_ingest(instance, request, raise_on_error=False)
-    assert not result.success
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert failure.step_key == "load_and_join"
-    message = failure.event_specific_data.error.to_string()
+    result, message = _fails_in_load_and_join(store, tmp_path, batch_id, instance,
+                                              missing_column)
     assert "'no_such_column' does not exist in layer 'points'" in message
     assert postgis.run_schema_name(result.run_id) not in _schemas(pg)
     assert not store.exists("data-lake", completion_key(batch_id))
@@ -64,13 +71,8 @@ def test_a_failed_load_of_the_layer_loaded_beside_drops_the_schema(
             {"step": "reproject"}, {"step": "rename", "columns": {"category": "geom"}}]}
         return manifest
 
-    land_sample(store, tmp_path, batch_id, n_points=500, edit=points_column_named_geom)
-    request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
-    result = run_ingest(instance, request, raise_on_error=False)
-    assert not result.success
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert failure.step_key == "load_and_join"
-    message = failure.event_specific_data.error.to_string()
+    result, message = _fails_in_load_and_join(store, tmp_path, batch_id, instance,
+                                              points_column_named_geom)
     assert "layer 'points': column 'geom' is reserved by the loader; rename it" in message
     logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
     assert any("loaded layer countries" in m for m in logs)  # loaded beside, not after
