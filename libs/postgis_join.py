@@ -266,8 +266,8 @@ _SUBDIVIDABLE = frozenset({"Polygon", "MultiPolygon", "Geometry"})
 def spatial_index_for(join: SpatialJoin, layer: str, geometry_type: str) -> str | None:
     """The spatial index the join needs on ``layer`` (see ``postgis_load.index_and_analyze``).
 
-    Only the right layer is probed: the left one is scanned (the ``LATERAL`` query), or split
-    into parts with their own index (``subdivides``), so it gets none. A right point layer
+    Only the right layer is probed: the left one is scanned, whole (the ``LATERAL`` query) or
+    as its parts (``subdivides``), so it gets none. A right point layer
     that only bbox operators probe (intersects, contains, within) gets ``brin``, for which its
     chunks must be COPYed one after another in chunk order (``load_layer_chunks`` with
     ``parallelism=1``), so that the heap keeps the shard's Hilbert order: 10M

@@ -179,16 +179,16 @@ def _load_layer(
         postgis_db.settings(), table, sources, parallelism=parallelism,
         retries=COPY_RETRIES, on_chunk=chunk_loaded)
     copy_seconds = time.monotonic() - copy_started
+    keyed = layer.layer == join.left  # the join reads its left layer in _row_id order
     index_started = time.monotonic()
-    postgis_load.index_and_analyze(conn, table, spatial_index=spatial_index,
-                                   primary_key=layer.layer == join.left)
+    postgis_load.index_and_analyze(conn, table, spatial_index=spatial_index, primary_key=keyed)
     index_seconds = time.monotonic() - index_started
     loaded = postgis.count_rows(conn, schema, layer.layer)
     if loaded != layer.rows or copied != layer.rows:
         raise ReconciliationError(f"layer {layer.layer!r}: {layer.rows} rows transformed, "
                                   f"{copied} copied, {loaded} in the table")
     built = [*([spatial_index.upper()] if spatial_index else []),
-             *(["primary key"] if layer.layer == join.left else []), "ANALYZE"]
+             *(["primary key"] if keyed else []), "ANALYZE"]
     context.log.info(f"loaded layer {layer.layer}: {loaded} rows, COPY at "
                      f"{loaded / copy_seconds if copy_seconds else 0:,.0f} rows/s with "
                      f"{parallelism} connection(s), {' + '.join(built)} in {index_seconds:.1f}s")
