@@ -1,7 +1,10 @@
 """Geometry facts read from WKB, validated: type codes, bounds, one geometry family per layer.
 
-Point bounds come straight from the WKB bytes (strided numpy views, no parsing); other
-geometries are parsed with shapely, at most ``_PARSE_BYTES`` of WKB at a time.
+Point bounds come straight from the WKB bytes (strided numpy views, no parsing); plain
+lines and polygons (and their Multi* forms) from their coordinates, found by walking the WKB
+with numpy (``libs.wkb_layout``); anything else is parsed with shapely, at most
+``_PARSE_BYTES`` of WKB at a time, and so is a batch the walk or its checks refuse (a
+broken geometry then gets shapely's verdict, which the error message reports).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import pyarrow as pa
 import shapely
 
 from libs.errors import InputDataError
+from libs.wkb_layout import wkb_layout
 
 _PARSE_BYTES = 32 * 2**20
 _TYPE_NAMES = {1: "Point", 2: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "MultiLineString",
@@ -149,6 +153,9 @@ def _bounds(array: pa.Array, where: str, first_row: int) -> tuple[list[np.ndarra
         if bad.any():
             raise _not_finite(where, first_row + int(np.flatnonzero(bad)[0]))
         return [x, y, x, y], headers
+    walked = _walked_bounds(array, headers.valid)
+    if walked is not None:
+        return walked, headers
     bounds = np.empty((len(array), 4))
     # Parse at most ~_PARSE_BYTES of WKB at a time: a batch of large polygons would otherwise
     # hold several times its size in GEOS objects and coordinate copies.
@@ -161,6 +168,25 @@ def _bounds(array: pa.Array, where: str, first_row: int) -> tuple[list[np.ndarra
                       bounds[start:stop], where, first_row + start)
         start = stop
     return [np.ascontiguousarray(bounds[:, i]) for i in range(4)], headers
+
+
+def _walked_bounds(array: pa.Array, valid: np.ndarray) -> list[np.ndarray] | None:
+    """Bounds of a batch of plain geometries from their coordinates (NaN where ``valid`` is
+    False), or None when the walk refuses a value or GEOS would refuse to read one (an
+    unclosed ring, a coordinate that is not finite): the caller parses with shapely then."""
+    present = array if valid.all() else array.filter(pa.array(valid))
+    layout = wkb_layout(present) if len(present) else None
+    if layout is None:
+        return None
+    x, y = layout.coordinates()
+    if not (np.isfinite(x).all() and np.isfinite(y).all() and layout.rings_closed(x, y)):
+        return None
+    walked = layout.bounds(x, y)
+    if len(present) != len(array):
+        bounds = np.full((len(array), 4), np.nan)
+        bounds[valid] = walked
+        walked = bounds
+    return [np.ascontiguousarray(walked[:, i]) for i in range(4)]
 
 
 def _parse_bounds(array: pa.Array, valid: np.ndarray, out: np.ndarray, where: str,

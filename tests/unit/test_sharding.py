@@ -153,7 +153,8 @@ def test_every_format_shards_every_row(tmp_path, points, fmt):
 
 
 def test_zipped_shapefile_of_natural_earth(tmp_path, monkeypatch):
-    monkeypatch.setattr(wkb, "_PARSE_BYTES", 20_000)  # parse polygons in several slices
+    monkeypatch.setattr(wkb, "_PARSE_BYTES", 20_000)  # parse polygons in several slices...
+    monkeypatch.setattr(wkb, "wkb_layout", lambda array: None)  # ...with shapely, not the walk
     zipped = natural_earth_countries_zip(tmp_path / "countries.zip")
     result, sink = shard(tmp_path, [entry(zipped, "shapefile_zip", layer="countries")],
                          chunk_rows=50)
@@ -555,6 +556,65 @@ def test_mixed_geometry_types_across_files(tmp_path, points):
     pyogrio.write_dataframe(boxes, b, driver="FlatGeobuf")
     fails(tmp_path, [entry(a, "flatgeobuf"), entry(b, "flatgeobuf")],
           r"layer 'points' mixes Point \(file 'a.fgb', row 0\) and Polygon \(file 'b.fgb', row 0\)")
+
+
+def _wkb_array(geoms, **to_wkb) -> pa.Array:
+    return pa.array(list(shapely.to_wkb(np.asarray(geoms, dtype=object), **to_wkb)), pa.binary())
+
+
+def _walked_geometries() -> list:
+    """Lines, polygons with holes and their Multi* forms, Natural Earth's (multi)polygons,
+    NULLs: what the WKB walk reads."""
+    rng = np.random.default_rng(7)
+    lines = [shapely.LineString(rng.uniform(-50, 50, (int(rng.integers(2, 9)), 2)))
+             for _ in range(300)]
+    holed = [shapely.Polygon(shapely.box(x, y, x + 4, y + 3).exterior,
+                             [shapely.box(x + 1, y + 1, x + 2, y + 2).exterior])
+             for x, y in rng.uniform(-80, 80, (100, 2))]
+    countries = gpd.read_file(NATURAL_EARTH_DIR / "naturalearth_lowres.shp").geometry.tolist()
+    multi = [shapely.MultiLineString(lines[i:i + 3]) for i in range(0, 60, 3)]
+    multi += [shapely.MultiPolygon(holed[i:i + 2]) for i in range(0, 40, 2)]
+    multi += [shapely.MultiPoint(rng.uniform(-5, 5, (4, 2))) for _ in range(20)]
+    geoms = lines + holed + countries + multi
+    geoms[5] = geoms[77] = None
+    return geoms
+
+
+def test_bounds_of_lines_and_polygons_walk_the_wkb_and_equal_shapely():
+    geoms = _walked_geometries()
+    array = _wkb_array(geoms, flavor="iso")
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    assert wkb._walked_bounds(array, valid) is not None  # the walk took this batch
+    bounds, _ = wkb._bounds(array, "file 'x'", 0)
+    np.testing.assert_array_equal(np.column_stack(bounds), shapely.bounds(np.asarray(geoms)))
+
+
+def test_bounds_outside_the_walk_come_from_shapely():
+    geoms = _walked_geometries()
+    for case, array in {
+        "big-endian": _wkb_array(geoms, flavor="iso", byte_order=0),
+        "with Z": _wkb_array([shapely.force_3d(g, 5.0) if g is not None else None for g in geoms],
+                             flavor="iso"),
+    }.items():
+        valid = array.is_valid().to_numpy(zero_copy_only=False)
+        assert wkb._walked_bounds(array, valid) is None, case
+        bounds, _ = wkb._bounds(array, "file 'x'", 0)
+        np.testing.assert_array_equal(np.column_stack(bounds), shapely.bounds(np.asarray(geoms)),
+                                      err_msg=case)
+
+
+def test_geometries_geos_refuses_fail_as_before_the_walk():
+    """The walk reads these, but GEOS would not: shapely's verdict names the row."""
+    fine = shapely.to_wkb(shapely.box(0, 0, 1, 1), flavor="iso")
+    ring = [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0), (0.5, 0.5)]  # not closed
+    unclosed = b"\x01" + (3).to_bytes(4, "little") + (1).to_bytes(4, "little") + \
+        len(ring).to_bytes(4, "little") + np.asarray(ring, "<f8").tobytes()
+    array = pa.array([fine, fine, unclosed], pa.binary())
+    with pytest.raises(InputDataError, match=r"file 'x', row 12: the geometry is not valid WKB"):
+        wkb._bounds(array, "file 'x'", 10)
+    nan_line = shapely.to_wkb(shapely.LineString([(0, 0), (np.nan, 1)]), flavor="iso")
+    with pytest.raises(InputDataError, match=r"file 'x', row 11: coordinates are NaN or infinite"):
+        wkb._bounds(pa.array([fine, nan_line], pa.binary()), "file 'x'", 10)
 
 
 def test_geometry_collections_are_refused(tmp_path):

@@ -26,8 +26,8 @@ from libs.transformations import (
 )
 from libs.transformations import arrays as arrays_module
 from libs.transformations import chunk as chunk_module
-from libs.transformations.arrays import wkb_layout
 from libs.transformations.recipe import DEFAULT_RECIPE, effective_recipe
+from libs.wkb_layout import wkb_layout
 
 
 def points_chunk(n: int = 2_000, seed: int = 7, **extra) -> bytes:
