@@ -26,6 +26,7 @@ from libs.errors import LoadError, ReconciliationError
 from libs.geoparquet import GEOMETRY, read_parquet_table, to_geoparquet_bytes
 from libs.lake import StagedPart
 from libs.manifest import SpatialJoin
+from libs.memory import release_memory
 from libs.object_store import ObjectStore
 
 #: Extra attempts for a chunk whose connection broke mid-COPY (each on a fresh connection).
@@ -173,6 +174,7 @@ def _load_layer(
         progress.chunk_done(layer.layer, rows=done.rows, bytes_=chunk_bytes.get(done.id_span, 0),
                             detail=f"layer {layer.layer}: _row_id {start}-{end - 1}, {done.rows} "
                             f"rows in {done.seconds:.2f}s{retried}")
+        release_memory()
 
     copy_started = time.monotonic()
     copied = postgis_load.load_layer_chunks(
