@@ -24,7 +24,7 @@ def release_memory() -> None:
     Both allocators keep freed pages for reuse, so a long-lived process (a Ray worker, the
     run's process) stays at the high-water mark of its largest unit of work, and on a shared
     machine those retained peaks add up. Called after each transform task and each sharded
-    layer; costs a few milliseconds.
+    layer and each chunk the load step COPYs; costs a few milliseconds.
     """
     pa.default_memory_pool().release_unused()
     trim = _malloc_trim()
