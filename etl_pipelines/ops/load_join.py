@@ -162,7 +162,9 @@ def _load_layer(
     def fetch(key: str) -> pa.Table:
         return read_parquet_table(store.get_bytes(staging, key))
 
-    sources: list[postgis_load.ChunkSource] = [(layer.chunks[0].id_span, lambda: first)]
+    held = [first]  # handed over once: the loader's worker then holds the only reference
+    del first
+    sources: list[postgis_load.ChunkSource] = [(layer.chunks[0].id_span, held.pop)]
     sources += [(c.id_span, partial(fetch, c.key)) for c in layer.chunks[1:]]
 
     chunk_bytes = {c.id_span: c.bytes for c in layer.chunks}
