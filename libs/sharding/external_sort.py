@@ -10,8 +10,11 @@ streamed straight out.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +27,8 @@ from libs.sharding.limits import ShardLimits, _in_memory_bytes
 from libs.sharding.schema import _conform
 from libs.sharding.writer import _ChunkWriter, _fixed_size_geometry
 
+T = TypeVar("T")
+R = TypeVar("R")
 _MAX_BUCKETS = 256
 _BUCKET_FLUSH_ROWS = 16_384
 
@@ -46,11 +51,11 @@ class _Buckets:
         self.buffered_bytes = 0
 
     def add(self, batch: pa.RecordBatch, keys: np.ndarray) -> None:
-        bucket = np.searchsorted(self.boundaries, keys, side="right")
-        order = np.argsort(bucket, kind="stable")
-        counts = np.bincount(bucket, minlength=len(self.paths))
-        batch = batch.append_column(_KEY, pa.array(keys)).take(pa.array(order))
-        keys = keys[order]
+        self.add_partitioned(*_partition(batch, keys, self.boundaries))
+
+    def add_partitioned(self, batch: pa.RecordBatch, keys: np.ndarray,
+                        counts: np.ndarray) -> None:
+        """Append a ``_partition`` result: rows grouped by bucket, ``counts`` per bucket."""
         start = 0
         for index in np.flatnonzero(counts).tolist():
             stop = start + int(counts[index])
@@ -88,6 +93,35 @@ class _Buckets:
             if self.writers[index] is not None:
                 self.writers[index].close()
                 self.files[index].close()
+
+
+def _partition(batch: pa.RecordBatch, keys: np.ndarray, boundaries: np.ndarray
+               ) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray]:
+    """``batch`` with its ``_KEY`` column, rows grouped by bucket (stable within each), the
+    keys in that order, and the row count per bucket. Touches no shared state."""
+    bucket = np.searchsorted(boundaries, keys, side="right")
+    order = np.argsort(bucket, kind="stable")
+    counts = np.bincount(bucket, minlength=len(boundaries) + 1)
+    batch = batch.append_column(_KEY, pa.array(keys)).take(pa.array(order))
+    return batch, keys[order], counts
+
+
+def _in_order_ahead(items: Iterator[T], work: Callable[[T], R], *, threads: int,
+                    ahead: int) -> Iterator[R]:
+    """``work(item)`` for each item, on ``threads`` threads, yielded in the items' order,
+    at most ``ahead`` items in flight."""
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard-partition") as pool:
+        pending: deque[Future[R]] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(work, item))
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def _read_bucket(path: Path) -> Iterator[pa.RecordBatch]:
@@ -189,10 +223,19 @@ def _sort_and_emit(first: _Pass1, writer: _ChunkWriter, scratch_dir: Path,
     folder.mkdir()
     bucket_schema = full_schema.append(pa.field(_KEY, pa.uint64()))
     buckets = _Buckets(folder, boundaries, bucket_schema, target // 2)
-    for store in first.stores:
-        for batch in store.read():
-            batch = _conform(batch, full_schema)
-            buckets.add(batch, grid.batch_keys(batch))
+
+    def keyed_and_partitioned(batch: pa.RecordBatch
+                              ) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray]:
+        batch = _conform(batch, full_schema)
+        return _partition(batch, grid.batch_keys(batch), boundaries)
+
+    # Keying and grouping a batch (numpy and Arrow, which release the GIL) is most of this
+    # pass: on two threads it overlaps with reading the spill and writing the buckets, and
+    # with itself, while no chunk is out yet and Ray's workers wait.
+    spilled = (batch for store in first.stores for batch in store.read())
+    for partitioned in _in_order_ahead(spilled, keyed_and_partitioned,
+                                       threads=limits.encode_threads, ahead=4):
+        buckets.add_partitioned(*partitioned)
     buckets.close()
     for index, path in enumerate(buckets.paths):
         _emit_bucket(path, buckets.rows[index], buckets.nbytes[index], buckets.min_key[index],

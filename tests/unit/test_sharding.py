@@ -8,6 +8,7 @@ wheel. Small cases use inline WKT.
 import hashlib
 import io
 import json
+import time
 import zipfile
 from pathlib import Path
 
@@ -318,6 +319,36 @@ def test_hilbert_order_gives_compact_chunks(tmp_path):
     step = np.hypot(np.diff(out.geometry.x), np.diff(out.geometry.y))
     step_in = np.hypot(np.diff(frame.geometry.x), np.diff(frame.geometry.y))
     assert np.median(step) < 0.01 * np.median(step_in)
+
+
+def test_partition_pass_works_ahead_in_order_and_bounded():
+    started: list[int] = []
+    rng = np.random.default_rng(3)
+    delays = rng.uniform(0, 0.004, 40)
+
+    def work(item: int) -> int:
+        started.append(item)
+        time.sleep(delays[item])  # later items often finish first
+        return item * 10
+
+    def items():
+        for item in range(40):
+            # never more than `ahead` items handed out and not yet yielded back
+            assert item - len(consumed) <= 4
+            yield item
+
+    consumed: list[int] = []
+    for value in external_sort._in_order_ahead(items(), work, threads=2, ahead=4):
+        consumed.append(value)
+    assert consumed == [i * 10 for i in range(40)]
+
+    def fails(item: int) -> int:
+        if item == 7:
+            raise InputDataError("row 7 is broken")
+        return item
+
+    with pytest.raises(InputDataError, match="row 7"):
+        list(external_sort._in_order_ahead(iter(range(20)), fails, threads=2, ahead=3))
 
 
 def test_same_input_gives_byte_identical_chunks_in_memory_or_external(tmp_path, monkeypatch):
