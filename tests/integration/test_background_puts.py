@@ -37,3 +37,27 @@ def test_a_failed_write_is_raised_by_wait_and_names_the_bucket(store):
     with pytest.raises(Exception, match=missing), BackgroundPuts(store) as puts:
         puts.put(missing, "key", b"data", "text/plain")
         puts.wait()
+
+
+def test_put_bytes_sends_a_chunk_sized_object_in_one_put_and_a_larger_one_in_parts(
+        store, monkeypatch):
+    """A multipart object's ETag is "<md5 of the parts' md5s>-<parts>"; a single PUT's is
+    the object's md5. Chunks (10-30 MiB) go in one PUT; past the limit, in parts."""
+    import hashlib
+
+    from libs import object_store
+
+    prefix = f"tests/single-put-{uuid.uuid4().hex[:8]}/"
+    data = uuid.uuid4().bytes * (12 * 2**20 // 16)  # 12 MiB: the MinIO client's default
+    # would split it into 5 MiB parts
+    try:
+        sha256 = store.put_bytes(BUCKET, f"{prefix}chunk", data, "application/octet-stream")
+        assert sha256 == hashlib.sha256(data).hexdigest()
+        etags = {o.key: o.etag for o in store.list(BUCKET, prefix)}
+        assert etags[f"{prefix}chunk"] == hashlib.md5(data).hexdigest()
+        monkeypatch.setattr(object_store, "_SINGLE_PUT_BYTES", 5 * 2**20)
+        store.put_bytes(BUCKET, f"{prefix}big", data, "application/octet-stream")
+        assert {o.key: o.etag for o in store.list(BUCKET, prefix)}[f"{prefix}big"].endswith("-3")
+        assert store.get_bytes(BUCKET, f"{prefix}big") == data
+    finally:
+        store.delete_prefix(BUCKET, prefix)
