@@ -24,12 +24,14 @@ geometry come last, and the output is deterministic.
 
 1. Read: stream each source in ``read_batch_rows`` batches (GDAL decodes the next batch on
    a helper thread meanwhile); bboxes come straight from point WKB (strided numpy views, no
-   parsing) or from shapely otherwise; rows are validated; bounds and a geometry-type code
+   parsing), from a numpy walk of plain line and polygon WKB (``libs.wkb_layout``), or from
+   shapely otherwise; rows are validated; bounds and a geometry-type code
    are added as columns; the extent and a fixed-size random sample of centres are tracked.
    A layer that fits in half of ``sort_memory_bytes`` stays in memory; a larger one (or one
    whose files are already larger) goes to per-source Arrow IPC files in ``scratch_dir``.
 2. In memory: compute keys, ``argsort`` them, cut chunks by gathering rows. External:
-   stream the spill files once more, compute keys and range-partition the rows into K
+   stream the spill files once more, compute keys and range-partition the rows (on
+   ``encode_threads`` threads, a few batches ahead, appended in spill order) into K
    bucket files, at key boundaries taken from quantiles of the sampled keys (so clustered
    data still gives even buckets), with K such that a bucket is ~1/8 of the budget (<= 256).
 3. Load one bucket at a time, sort it and cut chunks, carrying the unfinished chunk over to
