@@ -1,10 +1,12 @@
 """BackgroundPuts (libs/object_store.py): the shard op's chunk writes off the main thread."""
 
+import hashlib
 import threading
 import uuid
 
 import pytest
 
+from libs import object_store
 from libs.object_store import BackgroundPuts
 
 BUCKET = "etl-staging"
@@ -43,10 +45,6 @@ def test_put_bytes_sends_a_chunk_sized_object_in_one_put_and_a_larger_one_in_par
         store, monkeypatch):
     """A multipart object's ETag is "<md5 of the parts' md5s>-<parts>"; a single PUT's is
     the object's md5. Chunks (10-30 MiB) go in one PUT; past the limit, in parts."""
-    import hashlib
-
-    from libs import object_store
-
     prefix = f"tests/single-put-{uuid.uuid4().hex[:8]}/"
     data = uuid.uuid4().bytes * (12 * 2**20 // 16)  # 12 MiB: the MinIO client's default
     # would split it into 5 MiB parts
