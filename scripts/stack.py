@@ -181,6 +181,8 @@ def stack_env(creds: Mapping[str, str]) -> dict[str, str]:
         "POSTGRES_DB": PG_DB,
         "RAY_ADDRESS": RAY_HEAD.address,
         "RAY_DASHBOARD_URL": RAY_HEAD.dashboard_url,
+        # not a contract variable: only the benchmarks use it, to compact volumes (untimed)
+        "SEAWEEDFS_MASTER_URL": f"http://{LOOPBACK}:{WEED_PORTS['master.port']}",
     }
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 and RAY_AUTH_MODE=disabled: drivers
     # must agree with the head, see ray_cluster/local.py for why.

@@ -190,3 +190,22 @@ def test_nothing_listens_beyond_loopback(env: dict[str, str]) -> None:
     ours = _our_pids()
     exposed = [(host, port) for host, port, pids in listeners if pids & ours and host not in LOOPBACK_HOSTS]
     assert not exposed, f"stack processes listen beyond loopback: {exposed}"
+
+
+def test_bench_compaction_keeps_live_objects(env: dict[str, str], store) -> None:
+    """The bench vacuums SeaweedFS between landing its batch and the timed run
+    (``benchmarks.pipelines.compact_object_store``): the landed objects must survive it."""
+    from benchmarks.pipelines import compact_object_store
+
+    assert env["SEAWEEDFS_MASTER_URL"] == "http://127.0.0.1:48335"
+    prefix = f"test-compaction-{os.getpid()}/"
+    live, dead = os.urandom(3 << 20), os.urandom(5 << 20)
+    try:
+        store.put_bytes("etl-staging", f"{prefix}live", live, "application/octet-stream")
+        store.put_bytes("etl-staging", f"{prefix}dead", dead, "application/octet-stream")
+        store.client.remove_object("etl-staging", f"{prefix}dead")
+        compact_object_store(env)
+        assert store.get_bytes("etl-staging", f"{prefix}live") == live
+        assert [o.key for o in store.list("etl-staging", prefix)] == [f"{prefix}live"]
+    finally:
+        store.delete_prefix("etl-staging", prefix)
