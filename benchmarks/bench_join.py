@@ -79,16 +79,19 @@ def loaded(frames):
 def test_join_postgis(benchmark, loaded):
     conn, tables = loaded
     def run():
-        with conn.transaction():
+        with conn.transaction():  # committed: stream_table reads on a connection of its own
             result = postgis_join.run_spatial_join(conn, JOIN, tables["countries"],
                                                    tables["points"])
-            rows = 0
+        rows = 0
+        try:
             for batch in postgis_join.stream_table(conn, result):
                 rows += batch.num_rows
                 for name, n in zip(batch.column("name").to_pylist(),
                                    batch.column("n").to_pylist(), strict=True):
                     _postgis_counts[name] = n
-            conn.execute(f'DROP TABLE "{result.schema}"."{result.table}"')
+        finally:
+            with conn.transaction():
+                conn.execute(f'DROP TABLE "{result.schema}"."{result.table}"')
         return rows
 
     rows = benchmark.pedantic(run, rounds=3, iterations=1)

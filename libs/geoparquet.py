@@ -209,13 +209,17 @@ def encode_frame(frame: gpd.GeoDataFrame, *, row_group_rows: int = ROW_GROUP_ROW
         row_group_rows=row_group_rows)
 
 
-def encode_columns(attributes: pd.DataFrame, wkb: pa.Array, bounds: np.ndarray,
+def encode_columns(attributes: pd.DataFrame | pa.Table, wkb: pa.Array, bounds: np.ndarray,
                    missing: np.ndarray, types: list[str], crs: CRS | None, *,
                    row_group_rows: int = ROW_GROUP_ROWS) -> tuple[bytes, BBox | None, list[str]]:
-    """``encode_frame`` from its parts: the attribute columns, the geometries as WKB with their
-    (n, 4) bounds (NaN where NULL or empty), NULL mask and type names, and the CRS."""
-    table = (pa.Table.from_pandas(attributes, preserve_index=False) if len(attributes.columns)
-             else pa.table({}))
+    """``encode_frame`` from its parts: the attribute columns (pandas or Arrow), the geometries
+    as WKB with their (n, 4) bounds (NaN where NULL or empty), NULL mask and type names, and
+    the CRS."""
+    if isinstance(attributes, pa.Table):
+        table = attributes
+    else:
+        table = (pa.Table.from_pandas(attributes, preserve_index=False)
+                 if len(attributes.columns) else pa.table({}))
     bbox = total_bbox(bounds)
     columns = [*table.columns, wkb, covering_column([bounds[:, i] for i in range(4)], missing)]
     names = [*table.column_names, GEOMETRY, COVERING]
@@ -228,6 +232,31 @@ def encode_columns(attributes: pd.DataFrame, wkb: pa.Array, bounds: np.ndarray,
 def to_geoparquet_bytes(frame: gpd.GeoDataFrame, row_group_rows: int = ROW_GROUP_ROWS) -> bytes:
     """Encode a GeoDataFrame as GeoParquet 1.1 with a float32 bbox covering column."""
     return encode_frame(frame, row_group_rows=row_group_rows)[0]
+
+
+def encode_wkb_table(table: pa.Table, crs: CRS | str | None,
+                     row_group_rows: int = ROW_GROUP_ROWS) -> bytes:
+    """GeoParquet bytes of an Arrow table whose ``GEOMETRY`` column is WKB (what
+    ``postgis_join.stream_table`` yields), in the CRS ``crs``: the bytes ``to_geoparquet_bytes``
+    writes for the same rows, without building a GeoDataFrame. 2D points pass through as they
+    are (their WKB is already what GEOS writes); other geometries are parsed and rewritten."""
+    if isinstance(crs, str):
+        crs = CRS.from_user_input(crs)
+    attributes = table.drop_columns([GEOMETRY])
+    column = table.column(GEOMETRY).combine_chunks()
+    if pa.types.is_large_binary(column.type):
+        column = column.cast(pa.binary())
+    records = point_records(column)
+    if records is not None:
+        bounds = np.column_stack([records["x"], records["y"], records["x"], records["y"]])
+        return encode_columns(attributes, column, bounds, np.zeros(len(column), dtype=bool),
+                              ["Point"], crs, row_group_rows=row_group_rows)[0]
+    geoms = wkb_to_geometries(column)
+    points = plain_points(geoms)
+    return encode_columns(
+        attributes, geometries_to_wkb(geoms, points=points),
+        geometry_bounds(geoms, points=points), shapely.is_missing(geoms),
+        geometry_type_names(geoms), crs, row_group_rows=row_group_rows)[0]
 
 
 def read_geoparquet(data: bytes) -> gpd.GeoDataFrame:

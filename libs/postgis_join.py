@@ -49,7 +49,9 @@ statistics for geometries), 20x slower on 1M points. If GEOS fails on a
 left geometry the plain LATERAL query runs. Every join runs with ``jit = off``: JIT spent
 ~0.3 s compiling a plan whose time is all in PostGIS functions it cannot inline.
 
-``stream_table`` reads the result in ``_row_id`` order through a binary server-side cursor.
+``stream_table`` reads the result in ``_row_id`` order as Arrow (ADBC: binary COPY decoded in C);
+``export_table`` writes what it yields to the staging bucket as GeoParquet parts, one per batch,
+ready for ``libs.lake.publish_to_lake``.
 """
 
 from __future__ import annotations
@@ -58,15 +60,21 @@ import hashlib
 import logging
 from collections.abc import Iterator
 
+import adbc_driver_postgresql.dbapi as adbc_postgresql
 import psycopg
 import pyarrow as pa
+from adbc_driver_postgresql import StatementOptions
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
+from psycopg.pq import TransactionStatus
 from pyproj import CRS
 from pyproj.exceptions import CRSError
 
 from libs.errors import LoadError, ReconciliationError
-from libs.geoparquet import GEOMETRY
+from libs.geoparquet import GEOMETRY, encode_wkb_table
+from libs.lake import StagedPart
 from libs.manifest import SpatialJoin, distance_unit_problem
+from libs.object_store import ObjectStore
 from libs.postgis import GEOM, ROW_ID
 from libs.postgis_load import LayerTable
 
@@ -470,23 +478,85 @@ def reconcile_join(conn: psycopg.Connection, join: SpatialJoin, left: LayerTable
         raise ReconciliationError(f"join {join.name!r}: " + "; ".join(problems))
 
 
+#: What the ADBC reader fills before it yields a batch (a hint: it stops at the row that
+#: crosses it). About 250k points with a few attributes; memory holds one such batch.
+STREAM_BATCH_BYTES = 16 << 20
+#: libpq settings of a psycopg connection that the export's own connection copies.
+_CONNINFO_KEYS = ("host", "hostaddr", "port", "user", "dbname", "options", "application_name",
+                  "sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout")
+
+
+def _conninfo_of(conn: psycopg.Connection) -> str:
+    """A libpq connection string for a second connection as ``conn`` is (password included)."""
+    params = {k: v for k, v in conn.info.get_parameters().items() if k in _CONNINFO_KEYS}
+    if conn.info.password:
+        params["password"] = conn.info.password
+    return make_conninfo(**params)
+
+
+def _conform(column: pa.Array, field: pa.Field, layer: LayerTable) -> pa.Array:
+    """ADBC's Arrow type for a column, cast to the type the layer was loaded from."""
+    if isinstance(column.type, pa.ExtensionType):  # numeric arrives as opaque text
+        column = column.storage
+    if column.type == field.type:
+        return column
+    try:
+        return column.cast(field.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise LoadError(
+            f"{layer.schema}.{layer.table}: column {field.name!r} came out of PostgreSQL as "
+            f"{column.type}, which does not cast to the loaded type {field.type}: {exc}") from exc
+
+
 def stream_table(
-    conn: psycopg.Connection, layer: LayerTable, batch_rows: int = 50_000
+    conn: psycopg.Connection, layer: LayerTable, batch_rows: int = 250_000
 ) -> Iterator[pa.Table]:
-    """Yield the table in ``_row_id`` order as Arrow tables (WKB ``geometry``), via a binary
-    server-side cursor so memory holds one batch, never the whole result."""
+    """Yield the table in ``_row_id`` order as Arrow tables of at most ``batch_rows`` rows: the
+    attributes as ``layer.attributes`` types them, then ``geometry`` as ISO WKB.
+
+    Read with ADBC's PostgreSQL driver: ``COPY (SELECT …) TO STDOUT (FORMAT BINARY)`` decoded
+    into Arrow in C, about 3x what a binary server-side cursor gives once Python has built its
+    row tuples and Arrow its arrays from them (1M points: 0.42 s against 1.45 s). It runs on a
+    connection of its own, opened with ``conn``'s settings, so it sees committed rows only:
+    ``conn`` must have no open transaction. Memory holds one reader batch
+    (``STREAM_BATCH_BYTES``), never the whole result."""
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        raise LoadError(
+            f"stream_table({layer.schema}.{layer.table}): the connection has an open transaction "
+            f"({conn.info.transaction_status.name}); commit first: the table is read on a "
+            "connection of its own, which sees committed rows only")
     names = layer.attributes.names
-    select = sql.SQL("SELECT {}, ST_AsBinary({}) FROM {} ORDER BY {}").format(
-        sql.SQL(", ").join(sql.Identifier(n) for n in names) if names else sql.SQL("1"),
-        sql.Identifier(GEOM), _qualified(layer), sql.Identifier(ROW_ID))
+    select = sql.SQL("SELECT {}ST_AsBinary({}) FROM {} ORDER BY {}").format(
+        sql.SQL("").join(sql.SQL("{}, ").format(sql.Identifier(n)) for n in names),
+        sql.Identifier(GEOM), _qualified(layer), sql.Identifier(ROW_ID)).as_string(conn)
     out_schema = pa.schema([*layer.attributes, pa.field(GEOMETRY, pa.binary())])
-    # binary: WKB and numbers arrive as bytes, not hex/decimal text to parse
-    with conn.transaction(), conn.cursor(name=f"stream_{layer.table}", binary=True) as cursor:
-        cursor.itersize = batch_rows
+    with adbc_postgresql.connect(_conninfo_of(conn)) as reader_conn, \
+            reader_conn.cursor() as cursor:
+        cursor.adbc_statement.set_options(
+            **{StatementOptions.BATCH_SIZE_HINT_BYTES.value: str(STREAM_BATCH_BYTES)})
         cursor.execute(select)
-        while rows := cursor.fetchmany(batch_rows):
-            columns = list(zip(*rows, strict=True))
-            if not names:
-                columns = columns[1:]
-            arrays = [pa.array(col, type=f.type) for col, f in zip(columns, out_schema, strict=True)]
-            yield pa.Table.from_arrays(arrays, schema=out_schema)
+        for batch in cursor.fetch_record_batch():
+            if not batch.num_rows:
+                continue
+            table = pa.Table.from_arrays(
+                [_conform(batch.column(i), field, layer) for i, field in enumerate(out_schema)],
+                schema=out_schema)
+            for start in range(0, table.num_rows, batch_rows):
+                yield table.slice(start, batch_rows)
+
+
+def export_table(
+    conn: psycopg.Connection, layer: LayerTable, crs: str, store: ObjectStore, bucket: str,
+    prefix: str, part_rows: int = 250_000,
+) -> list[StagedPart]:
+    """Stream ``layer`` out in ``_row_id`` order and stage it as GeoParquet parts in ``CRS``
+    ``crs``: ``<prefix>part-<NNNNN>.parquet`` in ``bucket``, one part per batch of
+    ``stream_table`` (at most ``part_rows`` rows; an empty table gives no part). Returns the
+    parts, with their rows, bytes and sha256, for ``libs.lake.publish_to_lake``."""
+    parts: list[StagedPart] = []
+    for number, batch in enumerate(stream_table(conn, layer, part_rows)):
+        data = encode_wkb_table(batch, crs)
+        key = f"{prefix}part-{number:05d}.parquet"
+        store.put_bytes(bucket, key, data, "application/vnd.apache.parquet")
+        parts.append(StagedPart(key, batch.num_rows, len(data), hashlib.sha256(data).hexdigest()))
+    return parts

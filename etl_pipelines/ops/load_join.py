@@ -5,12 +5,10 @@ whatever happens, so a re-execution from a later step never depends on it. A run
 outright is caught by the schema janitor sensor.
 """
 
-import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-import geopandas as gpd
 import psycopg
 import pyarrow as pa
 from dagster import OpExecutionContext, Out, op
@@ -23,7 +21,7 @@ from etl_pipelines.resources import ObjectStoreResource, PostGISResource
 from libs import postgis, postgis_join, postgis_load
 from libs.chunk_index import ChunkIndex, LayerChunks
 from libs.errors import LoadError, ReconciliationError
-from libs.geoparquet import GEOMETRY, read_parquet_table, to_geoparquet_bytes
+from libs.geoparquet import read_parquet_table
 from libs.lake import StagedPart
 from libs.manifest import SpatialJoin
 from libs.memory import release_memory
@@ -95,16 +93,14 @@ def load_and_join(
                     tables[name] = future.result()
             load_seconds = time.monotonic() - load_started
             join_started = time.monotonic()
+            # end the implicit transaction the layers' counts left open, so that the join's
+            # table commits (the export reads it on a connection of its own)
+            conn.commit()
             result = postgis_join.run_spatial_join(conn, join, tables[join.left], tables[join.right])
-            parts: list[StagedPart] = []
-            rows = 0
-            for number, batch in enumerate(postgis_join.stream_table(conn, result)):
-                data = _encode(batch, plan.manifest.target_crs)
-                key = f"{plan.staging_prefix}results/{join.name}/part-{number:05d}.parquet"
-                store.put_bytes(staging, key, data, "application/vnd.apache.parquet")
-                parts.append(StagedPart(key, batch.num_rows, len(data),
-                                        hashlib.sha256(data).hexdigest()))
-                rows += batch.num_rows
+            parts = postgis_join.export_table(
+                conn, result, plan.manifest.target_crs, store, staging,
+                f"{plan.staging_prefix}results/{join.name}/")
+            rows = sum(part.rows for part in parts)
             join_seconds = time.monotonic() - join_started
             record_stage("join", plan.manifest.batch_id, join.name, features=rows,
                          bytes_=sum(part.bytes for part in parts), chunks=len(parts))
@@ -197,12 +193,3 @@ def _load_layer(
                      f"{loaded / copy_seconds if copy_seconds else 0:,.0f} rows/s with "
                      f"{parallelism} connection(s), {' + '.join(built)} in {index_seconds:.1f}s")
     return table
-
-
-def _encode(batch: pa.Table, crs: str) -> bytes:
-    frame = gpd.GeoDataFrame(
-        batch.drop_columns([GEOMETRY]).to_pandas(),
-        geometry=gpd.GeoSeries.from_wkb(batch.column(GEOMETRY).to_numpy(zero_copy_only=False),
-                                        crs=crs),
-    )
-    return to_geoparquet_bytes(frame)

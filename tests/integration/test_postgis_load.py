@@ -102,6 +102,37 @@ def test_every_attribute_type_and_geometry_round_trips(pg, schema, postgis_setti
             assert shapely.equals(shapely.from_wkb(wkb), geom) and srid == 3857
 
 
+def test_every_attribute_type_streams_back_out_as_it_was_loaded(pg, schema, postgis_settings):
+    """``stream_table`` (ADBC) gives back each column in the Arrow type it was loaded from,
+    values and NULLs included, and the geometry as WKB, in ``_row_id`` order."""
+    geoms = np.array([shapely.Polygon([(0, 0), (1, 0), (1, 1)]), None,
+                      shapely.MultiLineString([[(0, 0), (1, 1)], [(2, 2), (3, 1)]]),
+                      shapely.Point(1.5, -2.5)], dtype=object)
+    chunk = pa.table({**ATTRIBUTES, GEOMETRY: pa.array(shapely.to_wkb(geoms), pa.binary())})
+    layer = LayerTable(schema, "everything", postgis_load.attribute_schema(chunk), 3857)
+    with postgis.connect(postgis_settings) as conn:
+        postgis_load.create_layer_table(conn, layer)
+        postgis_load.copy_chunk_into_table(conn, layer, chunk, (100, 104))
+    batches = list(postgis_join.stream_table(pg, layer, batch_rows=3))
+    assert [b.num_rows for b in batches] == [3, 1]
+    streamed = pa.concat_tables(batches)
+    assert streamed.schema == pa.schema([*layer.attributes, pa.field(GEOMETRY, pa.binary())])
+    for name in ATTRIBUTES:
+        want, have = chunk.column(name).to_pylist(), streamed.column(name).to_pylist()
+        assert all(_same(w, h) for w, h in zip(want, have, strict=True)), (name, want, have)
+    for wkb, geom in zip(streamed.column(GEOMETRY).to_pylist(), geoms, strict=True):
+        assert (wkb is None and geom is None) or shapely.equals(shapely.from_wkb(wkb), geom)
+
+
+def test_streaming_refuses_a_connection_with_an_open_transaction(pg, schema, postgis_settings):
+    """The stream reads on a connection of its own, which could not see uncommitted rows."""
+    layer = create(pg, points_layer(schema))
+    with postgis.connect(postgis_settings) as conn:
+        conn.execute("SELECT 1")
+        with pytest.raises(LoadError, match=r"open transaction \(INTRANS\); commit first"):
+            next(postgis_join.stream_table(conn, layer))
+
+
 def _same(want, have) -> bool:
     if want is None or have is None:
         return want is None and have is None

@@ -15,6 +15,7 @@ from libs.geoparquet import (
     COVERING,
     GEOMETRY,
     encode_frame,
+    encode_wkb_table,
     geometries_to_wkb,
     geometry_bounds,
     geometry_type_names,
@@ -102,6 +103,25 @@ def test_file_is_geoparquet_1_1_with_a_float32_covering_that_contains_each_geome
     assert ours["name"].dtype == pd.ArrowDtype(pa.string())
     assert ours["n"].tolist() == theirs["n"].tolist() == list(range(7))
     assert ours.geometry.is_empty.tolist() == theirs.geometry.is_empty.tolist()
+
+
+@pytest.mark.parametrize("geometries", ["points", "mixed"])
+def test_a_wkb_table_encodes_to_the_bytes_of_the_same_frame(geometries):
+    """What the export writes from Arrow (points passed through as WKB, other geometries
+    parsed and rewritten) is byte for byte what encoding the equivalent GeoDataFrame writes."""
+    if geometries == "points":
+        frame = synthetic_points(3000, seed=4).to_crs("EPSG:8857")
+    else:
+        frame = gpd.GeoDataFrame({"n": np.arange(len(MIXED)), "name": list("abcdefg")},
+                                 geometry=gpd.GeoSeries(MIXED), crs="EPSG:4326")
+    geoms = np.asarray(frame.geometry.values, dtype=object)
+    table = pa.Table.from_pandas(pd.DataFrame(frame.drop(columns="geometry")),
+                                 preserve_index=False)
+    table = table.append_column(GEOMETRY, pa.array(shapely.to_wkb(geoms, flavor="iso"),
+                                                   pa.binary()))
+    crs = frame.crs.to_string()
+    assert encode_wkb_table(table, crs) == to_geoparquet_bytes(frame)
+    assert encode_wkb_table(table.slice(5), crs) == to_geoparquet_bytes(frame.iloc[5:])
 
 
 @pytest.mark.parametrize("crs", ["EPSG:3857", None])
