@@ -253,11 +253,7 @@ class Ogr2ogr:
                         "-lco", "SPATIAL_INDEX=NO"], check=True, capture_output=True,
                        env={**os.environ, "PGPASSWORD": self.settings.password})
         with open_arrow(staged, use_pyarrow=True) as (meta, reader):
-            geometry = meta["geometry_name"] or "wkb_geometry"
-            geo = {"version": "1.1.0", "primary_column": geometry,
-                   "columns": {geometry: {"encoding": "WKB", "geometry_types": [],
-                                          "crs": json.loads(_projjson(meta["crs"]))}}}
-            schema = reader.schema.with_metadata({b"geo": json.dumps(geo).encode()})
+            schema = reader.schema.with_metadata({b"geo": ogr_geo_metadata(meta)})
             with pq.ParquetWriter(self.out / f"{table}.parquet", schema, compression="zstd") as writer:
                 for batch in reader:
                     writer.write_batch(batch)
@@ -291,6 +287,16 @@ class Ogr2ogr:
     def cleanup(self) -> None:
         self.conn.execute(f'DROP SCHEMA "{self.schema}" CASCADE')
         self.conn.close()
+
+
+def ogr_geo_metadata(meta: dict) -> bytes:
+    """The least GeoParquet ``geo`` metadata for what pyogrio's ``open_arrow`` reads (its
+    ``meta``): the ogr2ogr peer writes it beside the Arrow batches."""
+    geometry = meta["geometry_name"] or "wkb_geometry"
+    geo = {"version": "1.1.0", "primary_column": geometry,
+           "columns": {geometry: {"encoding": "WKB", "geometry_types": [],
+                                  "crs": json.loads(_projjson(meta["crs"]))}}}
+    return json.dumps(geo).encode()
 
 
 def _projjson(crs_text: str) -> str:

@@ -40,6 +40,7 @@ if [ "$profile" = ci ]; then
   export BENCH_TRANSFORM_POINTS="${BENCH_TRANSFORM_POINTS:-200000}"
   export BENCH_LOAD_POINTS="${BENCH_LOAD_POINTS:-200000}"
   export BENCH_JOIN_POINTS="${BENCH_JOIN_POINTS:-200000}"
+  export BENCH_EXPORT_POINTS="${BENCH_EXPORT_POINTS:-200000}"
 fi
 
 if [ "$gate_only" = 0 ]; then
