@@ -74,15 +74,26 @@ def ids_and_count(pg, layer: LayerTable) -> tuple[int, int, int, int]:
 # ------------------------------------------------------------------------- round trips
 
 
-def test_every_attribute_type_and_geometry_round_trips(pg, schema, postgis_settings):
-    geoms = np.array([shapely.Polygon([(0, 0), (1, 0), (1, 1)]), None,
-                      shapely.MultiLineString([[(0, 0), (1, 1)], [(2, 2), (3, 1)]]),
-                      shapely.Point(1.5, -2.5)], dtype=object)
-    chunk = pa.table({**ATTRIBUTES, GEOMETRY: pa.array(shapely.to_wkb(geoms), pa.binary())})
+EVERY_GEOMETRY = np.array([shapely.Polygon([(0, 0), (1, 0), (1, 1)]), None,
+                           shapely.MultiLineString([[(0, 0), (1, 1)], [(2, 2), (3, 1)]]),
+                           shapely.Point(1.5, -2.5)], dtype=object)
+
+
+def load_everything(schema: str, postgis_settings) -> tuple[LayerTable, pa.Table]:
+    """Every attribute type the loader maps, with NULLs, and mixed geometries, as _row_id
+    100-103 of table ``everything``."""
+    chunk = pa.table({**ATTRIBUTES,
+                      GEOMETRY: pa.array(shapely.to_wkb(EVERY_GEOMETRY), pa.binary())})
     layer = LayerTable(schema, "everything", postgis_load.attribute_schema(chunk), 3857)
     with postgis.connect(postgis_settings) as conn:
         postgis_load.create_layer_table(conn, layer)
         assert postgis_load.copy_chunk_into_table(conn, layer, chunk, (100, 104)) == 4
+    return layer, chunk
+
+
+def test_every_attribute_type_and_geometry_round_trips(pg, schema, postgis_settings):
+    load_everything(schema, postgis_settings)
+    geoms = EVERY_GEOMETRY
     names = list(ATTRIBUTES)
     pg.execute("SET TIME ZONE 'UTC'")
     rows = pg.execute(sql.SQL("SELECT {}, {}, ST_AsBinary(geom), ST_SRID(geom) FROM {}.{} "
@@ -105,14 +116,7 @@ def test_every_attribute_type_and_geometry_round_trips(pg, schema, postgis_setti
 def test_every_attribute_type_streams_back_out_as_it_was_loaded(pg, schema, postgis_settings):
     """``stream_table`` (ADBC) gives back each column in the Arrow type it was loaded from,
     values and NULLs included, and the geometry as WKB, in ``_row_id`` order."""
-    geoms = np.array([shapely.Polygon([(0, 0), (1, 0), (1, 1)]), None,
-                      shapely.MultiLineString([[(0, 0), (1, 1)], [(2, 2), (3, 1)]]),
-                      shapely.Point(1.5, -2.5)], dtype=object)
-    chunk = pa.table({**ATTRIBUTES, GEOMETRY: pa.array(shapely.to_wkb(geoms), pa.binary())})
-    layer = LayerTable(schema, "everything", postgis_load.attribute_schema(chunk), 3857)
-    with postgis.connect(postgis_settings) as conn:
-        postgis_load.create_layer_table(conn, layer)
-        postgis_load.copy_chunk_into_table(conn, layer, chunk, (100, 104))
+    layer, chunk = load_everything(schema, postgis_settings)
     batches = list(postgis_join.stream_table(pg, layer, batch_rows=3))
     assert [b.num_rows for b in batches] == [3, 1]
     streamed = pa.concat_tables(batches)
@@ -120,7 +124,7 @@ def test_every_attribute_type_streams_back_out_as_it_was_loaded(pg, schema, post
     for name in ATTRIBUTES:
         want, have = chunk.column(name).to_pylist(), streamed.column(name).to_pylist()
         assert all(_same(w, h) for w, h in zip(want, have, strict=True)), (name, want, have)
-    for wkb, geom in zip(streamed.column(GEOMETRY).to_pylist(), geoms, strict=True):
+    for wkb, geom in zip(streamed.column(GEOMETRY).to_pylist(), EVERY_GEOMETRY, strict=True):
         assert (wkb is None and geom is None) or shapely.equals(shapely.from_wkb(wkb), geom)
 
 
