@@ -74,7 +74,7 @@ from libs.errors import LoadError, ReconciliationError
 from libs.geoparquet import GEOMETRY, encode_wkb_table
 from libs.lake import StagedPart
 from libs.manifest import SpatialJoin, distance_unit_problem
-from libs.object_store import ObjectStore
+from libs.object_store import BackgroundPuts, ObjectStore
 from libs.postgis import GEOM, ROW_ID
 from libs.postgis_load import LayerTable
 
@@ -554,9 +554,13 @@ def export_table(
     ``stream_table`` (at most ``part_rows`` rows; an empty table gives no part). Returns the
     parts, with their rows, bytes and sha256, for ``libs.lake.publish_to_lake``."""
     parts: list[StagedPart] = []
-    for number, batch in enumerate(stream_table(conn, layer, part_rows)):
-        data = encode_wkb_table(batch, crs)
-        key = f"{prefix}part-{number:05d}.parquet"
-        store.put_bytes(bucket, key, data, "application/vnd.apache.parquet")
-        parts.append(StagedPart(key, batch.num_rows, len(data), hashlib.sha256(data).hexdigest()))
+    # each part's PUT overlaps reading and encoding the next (two parts in memory at most)
+    with BackgroundPuts(store, threads=1, max_pending=2) as puts:
+        for number, batch in enumerate(stream_table(conn, layer, part_rows)):
+            data = encode_wkb_table(batch, crs)
+            key = f"{prefix}part-{number:05d}.parquet"
+            puts.put(bucket, key, data, "application/vnd.apache.parquet")
+            parts.append(StagedPart(key, batch.num_rows, len(data),
+                                    hashlib.sha256(data).hexdigest()))
+        puts.wait()
     return parts

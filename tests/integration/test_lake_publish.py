@@ -74,3 +74,15 @@ def test_republishing_gives_the_same_object_set_and_removes_what_is_gone(store, 
     fewer = _publish(store, batch_id, staged[:1])
     listed = sorted(o.key for o in store.list("data-lake", f"things/{batch_id}/"))
     assert listed == [o["key"] for o in fewer["datasets"]["things"]["objects"]]
+
+
+def test_a_failed_copy_removes_the_copies_that_succeeded_beside_it(store, staged):
+    """Copies run several at a time: when one fails (a staged part that is not there), the
+    parts copied around it are removed again and no completion manifest is written."""
+    batch_id = f"publish-{uuid.uuid4().hex[:8]}"
+    missing = StagedPart(staged[0].staging_key.replace("part-0", "part-missing"), 1, 1, "0" * 64)
+    parts = [*staged, missing, *staged, *staged]
+    with pytest.raises(PublishError, match=f"batch '{batch_id}'.*part-missing"):
+        _publish(store, batch_id, parts, attempts=1, backoff_seconds=0.01, copy_threads=3)
+    assert not store.exists("data-lake", completion_key(batch_id))
+    assert list(store.list("data-lake", f"things/{batch_id}/")) == []
