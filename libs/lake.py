@@ -145,8 +145,9 @@ def _copy_all(store: ObjectStore, staging_bucket: str, lake_bucket: str,
     the copies not yet started, and its error is raised once the running ones end."""
 
     def copy(key: str, part: StagedPart) -> None:
-        retried(f"copy {part.staging_key} to {key}", lambda: store.client.copy_object(
-            lake_bucket, key, CopySource(staging_bucket, part.staging_key)))
+        source = CopySource(staging_bucket, part.staging_key)
+        retried(f"copy {part.staging_key} to {key}",
+                lambda: store.client.copy_object(lake_bucket, key, source))
 
     error: BaseException | None = None
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="lake-copy") as pool:
