@@ -200,12 +200,18 @@ def encode_frame(frame: gpd.GeoDataFrame, *, row_group_rows: int = ROW_GROUP_ROW
                  ) -> tuple[bytes, BBox | None, list[str]]:
     """GeoParquet bytes of ``frame`` (attribute columns in order, then the geometry), with its
     bbox and geometry types, which callers record in the chunk index."""
-    geoms = np.asarray(frame.geometry.values, dtype=object)
+    return _encode_geometries(pd.DataFrame(frame.drop(columns=[frame.geometry.name])),
+                              np.asarray(frame.geometry.values, dtype=object), frame.crs,
+                              row_group_rows)
+
+
+def _encode_geometries(attributes: pd.DataFrame | pa.Table, geoms: np.ndarray, crs: CRS | None,
+                       row_group_rows: int) -> tuple[bytes, BBox | None, list[str]]:
+    """``encode_columns`` for shapely geometries: their WKB, bounds, NULL mask and types."""
     points = plain_points(geoms)
     return encode_columns(
-        pd.DataFrame(frame.drop(columns=[frame.geometry.name])),
-        geometries_to_wkb(geoms, points=points), geometry_bounds(geoms, points=points),
-        shapely.is_missing(geoms), geometry_type_names(geoms), frame.crs,
+        attributes, geometries_to_wkb(geoms, points=points), geometry_bounds(geoms, points=points),
+        shapely.is_missing(geoms), geometry_type_names(geoms), crs,
         row_group_rows=row_group_rows)
 
 
@@ -251,12 +257,7 @@ def encode_wkb_table(table: pa.Table, crs: CRS | str | None,
         bounds = np.column_stack([records["x"], records["y"], records["x"], records["y"]])
         return encode_columns(attributes, column, bounds, np.zeros(len(column), dtype=bool),
                               ["Point"], crs, row_group_rows=row_group_rows)[0]
-    geoms = wkb_to_geometries(column)
-    points = plain_points(geoms)
-    return encode_columns(
-        attributes, geometries_to_wkb(geoms, points=points),
-        geometry_bounds(geoms, points=points), shapely.is_missing(geoms),
-        geometry_type_names(geoms), crs, row_group_rows=row_group_rows)[0]
+    return _encode_geometries(attributes, wkb_to_geometries(column), crs, row_group_rows)[0]
 
 
 def read_geoparquet(data: bytes) -> gpd.GeoDataFrame:
