@@ -147,24 +147,29 @@ def covering_column(bounds: Sequence[np.ndarray],
                                       mask=mask)
 
 
-def geo_metadata(crs: dict | None, types: Sequence[str], bbox: BBox | None) -> bytes:
-    """The ``geo`` schema metadata of a chunk whose covering column is ``COVERING``."""
+def geo_metadata(crs: dict | None, types: Sequence[str], bbox: BBox | None, *,
+                 covering: bool = True) -> bytes:
+    """The ``geo`` schema metadata of a chunk whose covering column is ``COVERING`` (or, with
+    ``covering=False``, that has none)."""
     column: dict = {"encoding": "WKB", "geometry_types": sorted(types), "crs": crs}
     if bbox is not None:
         column["bbox"] = list(bbox)
-    column["covering"] = {COVERING: {n: [COVERING, n] for n in COVERING_FIELDS}}
+    if covering:
+        column["covering"] = {COVERING: {n: [COVERING, n] for n in COVERING_FIELDS}}
     geo = {"version": "1.1.0", "primary_column": GEOMETRY, "columns": {GEOMETRY: column}}
     return json.dumps(geo).encode()
 
 
 def write_geoparquet(table: pa.Table, geo: bytes, *, row_group_rows: int = ROW_GROUP_ROWS,
                      attribute_statistics: bool = True) -> bytes:
-    """Write ``table`` (attributes, ``GEOMETRY`` WKB, ``COVERING``) with the ``geo`` metadata.
+    """Write ``table`` (attributes, ``GEOMETRY`` WKB, ``COVERING`` if any) with the ``geo``
+    metadata.
 
     ``attribute_statistics=False`` keeps statistics for the covering only: for intermediate
     chunks that no reader prunes by attribute (computing them costs the sharder ~15%)."""
     table = table.replace_schema_metadata({b"geo": geo})
     attributes = [f.name for f in table.schema if f.name not in (GEOMETRY, COVERING)]
+    covered = COVERING in table.column_names
     buffer = pa.BufferOutputStream()
     pq.write_table(
         table, buffer, compression="zstd", row_group_size=row_group_rows,
@@ -172,7 +177,7 @@ def write_geoparquet(table: pa.Table, geo: bytes, *, row_group_rows: int = ROW_G
                         if pa.types.is_string(table.schema.field(n).type)
                         or pa.types.is_large_string(table.schema.field(n).type)] or False,
         write_statistics=[*(attributes if attribute_statistics else []),
-                          *(f"{COVERING}.{n}" for n in COVERING_FIELDS)])
+                          *(f"{COVERING}.{n}" for n in COVERING_FIELDS if covered)] or False)
     return buffer.getvalue().to_pybytes()
 
 

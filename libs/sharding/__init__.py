@@ -44,7 +44,7 @@ Chunks are cut where either ``chunk_rows`` or ``chunk_bytes`` (estimated from th
 size of the rows, which zstd Parquet does not exceed in practice) would be exceeded; a
 chunk whose encoding still exceeds ``chunk_bytes`` is split in half. Chunks are written
 with pyarrow directly (zstd, ``geo`` metadata with the CRS as PROJJSON, geometry_types and
-bbox, a ``bbox`` covering column of float32 rounded outwards, with statistics);
+bbox; no covering column: the transform, their only reader, adds it to its output);
 ``encode_threads`` threads gather and
 encode chunks while the next one is cut; ``sink`` is called from the calling thread, in order.
 

@@ -3,8 +3,14 @@
 Chunks are cut where ``chunk_rows`` or ``chunk_bytes`` (estimated from the rows' Arrow size)
 would be exceeded, and split in half if the encoding still exceeds ``chunk_bytes``. Each is
 written with pyarrow (zstd, ``geo`` metadata with the CRS as PROJJSON, geometry_types and
-bbox, a float32 ``bbox`` covering column rounded outwards: ``libs.geoparquet``) on
-``encode_threads`` encoder threads; the sink is called from the calling thread, in order.
+bbox: ``libs.geoparquet``) on ``encode_threads`` encoder threads; the sink is called from the
+calling thread, in order.
+
+Staging chunks carry no covering column: their only reader is the transform task, which
+reads every row, and the chunk index already holds each chunk's bbox. Per row the covering
+would be 16 of ~36 bytes of a point chunk, each one written to and read back from the object
+store (whose PUTs cost ~12 CPU-s per GB on the local SeaweedFS). The transform writes the
+covering into its output, which is what the lake publishes.
 """
 
 from __future__ import annotations
@@ -18,11 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pyproj import CRS
 
 from libs.chunk_index import BBox, Chunk
-from libs.geoparquet import COVERING, GEOMETRY, covering_column, geo_metadata, write_geoparquet
+from libs.geoparquet import GEOMETRY, geo_metadata, write_geoparquet
 from libs.sharding.columns import _BOUNDS, _TYPE, _float_column
 from libs.sharding.crs import _crs_text
 from libs.sharding.limits import ShardLimits
@@ -165,13 +170,11 @@ class _ChunkWriter:
             box = (np.nanmin(values[0]), np.nanmin(values[1]), np.nanmax(values[2]),
                    np.nanmax(values[3]))
         bbox = None if np.isnan(box).any() else tuple(float(v) for v in box)
-        covering = covering_column(values, pc.invert(table.column(GEOMETRY).is_valid()))
         out = pa.Table.from_arrays(
-            [*(table.column(n) for n in self.output_columns), covering],
-            schema=pa.schema([*(self.schema.field(n) for n in self.output_columns),
-                              pa.field(COVERING, covering.type)]))
-        # staging chunks: statistics for the covering only (the transform writes the lake's)
-        data = write_geoparquet(out, geo_metadata(self.projjson, types, bbox),
+            [table.column(n) for n in self.output_columns],
+            schema=pa.schema([self.schema.field(n) for n in self.output_columns]))
+        # staging chunks: no covering and no statistics (the transform writes the lake's)
+        data = write_geoparquet(out, geo_metadata(self.projjson, types, bbox, covering=False),
                                 attribute_statistics=False)
         return _Encoded(table.num_rows, data, bbox, hashlib.sha256(data).hexdigest())
 
