@@ -125,7 +125,8 @@ class Ours:
 
         env = stack_env()
         self.batch_id = f"bench-{spec['size']}-{uuid.uuid4().hex[:8]}"
-        folder = Path(spec["out"]) / self.batch_id
+        self.out = Path(spec["out"])
+        folder = self.out / self.batch_id
         folder.mkdir(parents=True)
         files = []
         for layer in LAYERS:
@@ -169,7 +170,14 @@ class Ours:
         self.run_id = result.run_id
         started: dict[str, float] = {}
         seconds: dict[str, float] = {}
-        for entry in self.instance.all_logs(result.run_id):
+        entries = self.instance.all_logs(result.run_id)
+        # the run's own log beside the bench's output: where a slow run spent its seconds
+        first = entries[0].timestamp if entries else 0.0
+        (self.out / f"{self.batch_id}-run.log").write_text("".join(
+            f"{entry.timestamp - first:8.2f} {entry.step_key or '-':18s} "
+            f"{(entry.user_message or '').splitlines()[0] if entry.user_message else ''}\n"
+            for entry in entries))
+        for entry in entries:
             event = entry.dagster_event
             if event is None or entry.step_key is None:
                 continue
