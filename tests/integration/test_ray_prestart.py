@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from etl_pipelines.ray_exec import TaskSpec, prestart_workers, run_bounded
+from etl_pipelines.ray_exec import TaskSpec, prestart_workers, release_worker_memory, run_bounded
 from etl_pipelines.resources.ray import PRESTART_MODULES
 
 pytestmark = pytest.mark.integration
@@ -32,5 +32,7 @@ def test_prestarted_workers_run_the_chunks_with_their_imports_done(stack_env):
                     on_done=lambda spec, result, elapsed: seen.append(result))
         assert {pid for pid, _ in seen} <= warm
         assert all(loaded for _, loaded in seen)
+        # once the chunks are done, every worker that ran them hands its memory back
+        assert release_worker_memory() == warm
     finally:
         ray.shutdown()
