@@ -37,6 +37,11 @@ class ShardConfig(Config):
     )
     chunk_megabytes: int = Field(
         default=128, ge=1, le=4096, description="upper bound of a chunk's in-memory size (MiB)")
+    encode_threads: int = Field(
+        default=1, ge=1, le=16, description="threads that key the external sort's rows and "
+        "gather and encode chunks: 1 where the run shares its cores with the Ray workers (a "
+        "second one added no throughput on 2 cores and held another chunk in memory, "
+        "~100-170 MiB at 250k rows), more where the run worker has cores of its own")
     transform_early: bool = Field(
         default=True, description="start the transform of each chunk on Ray as soon as it is "
         "written, while the next chunks are cut (at most max_tasks_in_flight at once; the "
@@ -69,7 +74,8 @@ def shard_batch(
     settings = object_store.settings()
     staging = object_store.staging_bucket
     manifest = plan.manifest
-    limits = ShardLimits(chunk_rows=config.chunk_rows, chunk_bytes=config.chunk_megabytes * 2**20)
+    limits = ShardLimits(chunk_rows=config.chunk_rows, chunk_bytes=config.chunk_megabytes * 2**20,
+                         encode_threads=config.encode_threads)
     started = time.monotonic()
     # chunks stream out as the sort emits them: their total is known once every layer is done
     progress = StageProgress(context.log.info, "shard", manifest.batch_id, None)
