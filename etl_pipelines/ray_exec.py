@@ -188,34 +188,33 @@ def prestart_workers(modules: Sequence[str], *, scheduling_strategy: str = "SPRE
             for _ in range(max(cpus, 1))]
 
 
-def _release_memory(hold_s: float) -> int:
+def _retire(hold_s: float) -> int:
     import os
 
-    from libs.memory import release_memory
-
-    release_memory()
     time.sleep(hold_s)  # keep this CPU a moment, so that the other calls land on other workers
     return os.getpid()
 
 
-def release_worker_memory(*, scheduling_strategy: str = "SPREAD", hold_s: float = 0.2,
-                          timeout_s: float = 30.0) -> set[int]:
-    """Hand back to the operating system what this job's idle workers' allocators keep.
+def retire_workers(*, scheduling_strategy: str = "SPREAD", hold_s: float = 0.2,
+                   timeout_s: float = 30.0) -> set[int]:
+    """End this job's idle worker processes once its last Ray stage is done.
 
-    A chunk task leaves its freed memory in its worker, because the worker's next chunk reuses
-    those pages: returning them after every task and faulting fresh ones in for the next cost
-    a 250k-point task ~10% more CPU (0.19 against 0.17 CPU-s in one process; a VM that hands
-    freed guest pages back to its host charges more). Once a stage's last chunk is done that
-    memory is only held, through the stages that follow, so the op calls this: one task per
-    cluster CPU, submitted together and each holding its CPU for ``hold_s``, so that every
-    idle worker takes one (as ``prestart_workers`` relies on). Best effort: waits at most
-    ``timeout_s`` and returns the pids of the workers that released; a worker missed keeps
-    its pages until the job ends."""
+    A worker keeps its imports (~230 MiB: GEOS, PROJ, pandas, pyarrow) and the pages of its
+    largest chunk (a chunk task leaves its freed memory to the worker's next chunk, which
+    reuses those pages: faulting fresh ones in cost a 250k-point task ~10% more CPU). After
+    the transform stage nothing of the run runs on Ray, but the job's workers would stay
+    idle in its pool through the load, the join and the publish, the stages where PostgreSQL
+    needs the memory; the driver stays connected (those stages still record their Ray
+    metrics). So the op calls this: one task per cluster CPU, submitted together and each
+    holding its CPU for ``hold_s`` so that every idle worker takes one, declared with
+    ``max_calls=1``, which makes the worker that ran it exit (Ray's own way of recycling a
+    worker). Best effort: waits at most ``timeout_s`` and returns the pids of the workers
+    that took one; a worker missed stays until the job ends."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    remote = ray.remote(_release_memory)
-    refs = [remote.options(name="release:memory", num_cpus=1, max_retries=0,
+    remote = ray.remote(max_calls=1)(_retire)
+    refs = [remote.options(name="retire:worker", num_cpus=1, max_retries=0,
                            scheduling_strategy=scheduling_strategy).remote(hold_s)
             for _ in range(max(cpus, 1))]
     done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
@@ -225,6 +224,6 @@ def release_worker_memory(*, scheduling_strategy: str = "SPREAD", hold_s: float 
     for ref in done:
         try:
             pids.add(ray.get(ref))
-        except Exception:  # a worker that died meanwhile has nothing left to release
+        except Exception:  # a worker that died meanwhile is gone already
             continue
     return pids

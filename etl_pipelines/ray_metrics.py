@@ -127,7 +127,7 @@ def transform_chunk_with_metrics(
                  rejects=rejected, chunks=1)
     # no release_memory() here: the worker's next chunk reuses these pages, and fresh ones
     # cost it ~10% more CPU (more on a VM that hands freed pages back to its host); the op
-    # releases every worker's memory once its last chunk is done (release_worker_memory)
+    # ends the idle workers once the stage's last chunk is done (retire_workers)
     return result
 
 

@@ -24,9 +24,9 @@ def release_memory() -> None:
     Both allocators keep freed pages for reuse, so a long-lived process (a Ray worker, the
     run's process) stays at the high-water mark of its largest unit of work, and on a shared
     machine those retained peaks add up. Called after each sharded layer and each chunk the
-    load step COPYs, and in each Ray worker once its stage has no chunk left for it
-    (``etl_pipelines.ray_exec.release_worker_memory``; not after every chunk task, whose
-    successor reuses the pages); costs a few milliseconds.
+    load step COPYs; not in the Ray workers after every chunk task, whose successor reuses
+    the pages (the transform op ends the idle workers once its stage is done:
+    ``etl_pipelines.ray_exec.retire_workers``); costs a few milliseconds.
     """
     pa.default_memory_pool().release_unused()
     trim = _malloc_trim()

@@ -6,7 +6,7 @@ run. Each task records its chunk's counts as Ray application metrics (etl_pipeli
 from dagster import MetadataValue, OpExecutionContext, Out, op
 
 from etl_pipelines.ops.validate import BatchPlan
-from etl_pipelines.ray_exec import TaskSpec, release_worker_memory, run_bounded, take_started
+from etl_pipelines.ray_exec import TaskSpec, retire_workers, run_bounded, take_started
 from etl_pipelines.ray_metrics import StageProgress, transform_chunk_with_metrics
 from etl_pipelines.resources import ObjectStoreResource, RayResource
 from libs.chunk_index import Chunk, ChunkIndex, LayerChunks, TransformedChunk
@@ -68,8 +68,9 @@ def transform_chunks(
                 max_in_flight=ray_cluster.max_tasks_in_flight,
                 max_retries=ray_cluster.task_max_retries, on_done=on_done,
                 scheduling_strategy=ray_cluster.scheduling_strategy, started=started)
-    released = release_worker_memory(scheduling_strategy=ray_cluster.scheduling_strategy)
-    context.log.debug(f"released the memory of {len(released)} Ray worker(s)")
+    # nothing after this stage runs on Ray: the job's idle workers would only hold memory
+    retired = retire_workers(scheduling_strategy=ray_cluster.scheduling_strategy)
+    context.log.debug(f"retired {len(retired)} idle Ray worker(s) of job {job_id}")
     if sorted(results) != sorted(sources):
         raise ReconciliationError(f"batch {batch_id!r}: {len(sources)} chunks sharded but "
                                   f"{len(results)} transformed")

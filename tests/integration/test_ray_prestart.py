@@ -1,10 +1,12 @@
 """Workers started when a run connects have the transform's modules loaded before its first chunk."""
 
 import os
+import time
 
+import psutil
 import pytest
 
-from etl_pipelines.ray_exec import TaskSpec, prestart_workers, release_worker_memory, run_bounded
+from etl_pipelines.ray_exec import TaskSpec, prestart_workers, retire_workers, run_bounded
 from etl_pipelines.resources.ray import PRESTART_MODULES
 
 pytestmark = pytest.mark.integration
@@ -32,7 +34,13 @@ def test_prestarted_workers_run_the_chunks_with_their_imports_done(stack_env):
                     on_done=lambda spec, result, elapsed: seen.append(result))
         assert {pid for pid, _ in seen} <= warm
         assert all(loaded for _, loaded in seen)
-        # once the chunks are done, every worker that ran them hands its memory back
-        assert release_worker_memory() == warm
+        # once the chunks are done, every worker that ran them is ended, the driver stays
+        assert retire_workers() == warm
+        deadline = time.monotonic() + 20
+        while (alive := {pid for pid in warm if psutil.pid_exists(pid)}) and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive, f"workers {sorted(alive)} still run after retire_workers()"
+        assert ray.is_initialized()
     finally:
         ray.shutdown()
