@@ -73,12 +73,16 @@ class WkbLayout:
     def bounds(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """(n, 4) minx, miny, maxx, maxy per geometry at coordinates ``x, y``, of every
         point but the interior rings' (GEOS's envelope, which ``shapely.bounds`` returns)."""
-        counted = np.repeat(self.kind != HOLE, self.count)
-        geometry = np.repeat(self.geometry, self.count)[counted]
-        x, y = x[counted], y[counted]
-        first = np.searchsorted(geometry, np.arange(len(self.types)))
-        return np.column_stack([np.minimum.reduceat(x, first), np.minimum.reduceat(y, first),
-                                np.maximum.reduceat(x, first), np.maximum.reduceat(y, first)])
+        # per block first (blocks are non-empty and in buffer order), then per geometry over
+        # its points, lines and exterior rings: no array as long as the coordinates but x, y
+        first, _ = self.coordinate_ranges()
+        counted = self.kind != HOLE
+        geometry = self.geometry[counted]
+        starts = np.searchsorted(geometry, np.arange(len(self.types)))
+        return np.column_stack([
+            reduce.reduceat(reduce.reduceat(values, first)[counted], starts)
+            for reduce, values in ((np.minimum, x), (np.minimum, y), (np.maximum, x),
+                                   (np.maximum, y))])
 
     def coordinate_ranges(self) -> tuple[np.ndarray, np.ndarray]:
         """(first, last) index of each block's coordinates among all, in buffer order."""

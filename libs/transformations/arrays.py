@@ -182,13 +182,18 @@ def transform_array_chunk(parts: tuple[pd.DataFrame, pa.Array, CRS | None],
     names = [n for n in planned.names if n != GEOMETRY]
     if names != list(attributes.columns) or names[:1] != [ROW_ID]:
         return None
+    # the coordinate-sized arrays go as soon as they are used: a worker keeps the pages of its
+    # largest chunk, so this task's peak is what it holds through the stage
     if layout is None:
         xy = np.column_stack([x, y])
         out_wkb, bounds, types = point_wkb(x, y), np.column_stack([xy, xy]), ["Point"]
+        del x, y, xy
     else:
         out_wkb = (layout.with_coordinates(mask, np.column_stack([x, y])) if current_wkb is None
                    else current_wkb)
+        del mask, current_wkb
         bounds = layout.bounds(x, y)
+        del x, y
         kept = np.ones(len(layout.types), dtype=bool)
         kept[patched] = False
         types = sorted({TYPE_NAMES[int(c)] for c in np.unique(layout.types[kept])}
