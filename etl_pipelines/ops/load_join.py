@@ -24,7 +24,7 @@ from libs.errors import LoadError, ReconciliationError
 from libs.geoparquet import read_parquet_table
 from libs.lake import StagedPart
 from libs.manifest import SpatialJoin
-from libs.memory import release_memory
+from libs.memory import release_memory, use_jemalloc_pool
 from libs.object_store import ObjectStore
 
 #: Extra attempts for a chunk whose connection broke mid-COPY (each on a fresh connection).
@@ -55,6 +55,7 @@ def load_and_join(
     context: OpExecutionContext, plan: BatchPlan, transformed: ChunkIndex,
     object_store: ObjectStoreResource, postgis_db: PostGISResource,
 ) -> JoinResult:
+    use_jemalloc_pool()  # as the shard op does: this op may run alone (re-execution)
     store = object_store.store
     staging = object_store.staging_bucket
     join = plan.manifest.join

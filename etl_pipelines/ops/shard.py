@@ -24,7 +24,7 @@ from etl_pipelines.ray_metrics import StageProgress, transform_chunk_with_metric
 from etl_pipelines.resources import ObjectStoreResource, RayResource
 from libs.chunk_index import Chunk, ChunkIndex, SourceFile
 from libs.errors import InputDataError
-from libs.memory import release_memory
+from libs.memory import release_memory, use_jemalloc_pool
 from libs.object_store import BackgroundPuts
 from libs.sharding import ShardLimits, plan_layers, shard_layer
 from libs.transformations import plan_recipe
@@ -70,6 +70,7 @@ def shard_batch(
     context: OpExecutionContext, config: ShardConfig, plan: BatchPlan,
     object_store: ObjectStoreResource, ray_cluster: RayResource,
 ) -> ChunkIndex:
+    context.log.debug(f"Arrow memory pool of the run process: {use_jemalloc_pool()}")
     store = object_store.store
     settings = object_store.settings()
     staging = object_store.staging_bucket
