@@ -36,7 +36,11 @@ class ShardConfig(Config):
         description="rows per chunk (one Ray task each); 100k-1M suits 2-8 GiB workers",
     )
     chunk_megabytes: int = Field(
-        default=128, ge=1, le=4096, description="upper bound of a chunk's in-memory size (MiB)")
+        default=20, ge=1, le=4096, description="upper bound of a chunk's in-memory (Arrow) size "
+        "in MiB, whatever its rows: a transform task holds several times its chunk (coordinates, "
+        "validity checks, the encoded output), so this bounds a worker's memory for layers of "
+        "heavy geometries; 20 keeps 250k points in one chunk and a worker's task within "
+        "~150-200 MiB on top of its imports (8-512)")
     encode_threads: int = Field(
         default=1, ge=1, le=16, description="threads that key the external sort's rows and "
         "gather and encode chunks: 1 where the run shares its cores with the Ray workers (a "

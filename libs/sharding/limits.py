@@ -9,8 +9,10 @@ from dataclasses import dataclass
 class ShardLimits:
     """Bounds of the shard stage; the defaults suit a 2-core worker with 2-8 GiB.
 
-    * ``chunk_rows`` (100k-1M) and ``chunk_bytes`` (32-512 MiB) bound every chunk: rows, and
-      encoded bytes (a single row larger than ``chunk_bytes`` still makes a chunk).
+    * ``chunk_rows`` (100k-1M) and ``chunk_bytes`` (8-512 MiB) bound every chunk: rows, and
+      in-memory (Arrow) bytes, checked again on the encoding (a single row larger than
+      ``chunk_bytes`` still makes a chunk). The bytes bound a transform task's memory for heavy
+      geometries: 20 MiB holds 250k points, 184k three-point lines, 140k small polygons.
     * ``read_batch_rows`` (16k-256k): rows per streamed batch.
     * ``max_zip_bytes`` / ``max_zip_ratio``: what a zip may inflate to, in total and as a
       multiple of the archive's size; checked before GDAL opens it.
@@ -20,7 +22,7 @@ class ShardLimits:
     """
 
     chunk_rows: int = 250_000
-    chunk_bytes: int = 128 * 2**20
+    chunk_bytes: int = 20 * 2**20
     read_batch_rows: int = 65_536
     max_zip_bytes: int = 20 * 2**30
     max_zip_ratio: float = 100.0
