@@ -171,6 +171,17 @@ def _import_modules(modules: Sequence[str]) -> int:
     return os.getpid()
 
 
+def _one_task_per_cpu(remote: Any, name: str, scheduling_strategy: str, *args: Any) -> list[Any]:
+    """Submit ``remote(*args)`` once per CPU of the cluster, all at once, one CPU each: with
+    every worker of the job idle, each takes one (the prestart and the retirement rely on it)."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return [remote.options(name=name, num_cpus=1, max_retries=0,
+                           scheduling_strategy=scheduling_strategy).remote(*args)
+            for _ in range(max(cpus, 1))]
+
+
 def prestart_workers(modules: Sequence[str], *, scheduling_strategy: str = "SPREAD") -> list[Any]:
     """Start one worker per CPU of the cluster and import ``modules`` in it, without waiting.
 
@@ -181,11 +192,8 @@ def prestart_workers(modules: Sequence[str], *, scheduling_strategy: str = "SPRE
     wait on them; the run does not)."""
     import ray
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    remote = ray.remote(_import_modules)
-    return [remote.options(name="prestart:import", num_cpus=1, max_retries=0,
-                           scheduling_strategy=scheduling_strategy).remote(list(modules))
-            for _ in range(max(cpus, 1))]
+    return _one_task_per_cpu(ray.remote(_import_modules), "prestart:import", scheduling_strategy,
+                             list(modules))
 
 
 def _retire(hold_s: float) -> int:
@@ -212,11 +220,8 @@ def retire_workers(*, scheduling_strategy: str = "SPREAD", hold_s: float = 0.2,
     that took one; a worker missed stays until the job ends."""
     import ray
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    remote = ray.remote(max_calls=1)(_retire)
-    refs = [remote.options(name="retire:worker", num_cpus=1, max_retries=0,
-                           scheduling_strategy=scheduling_strategy).remote(hold_s)
-            for _ in range(max(cpus, 1))]
+    refs = _one_task_per_cpu(ray.remote(max_calls=1)(_retire), "retire:worker",
+                             scheduling_strategy, hold_s)
     done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     for ref in pending:
         ray.cancel(ref)

@@ -191,7 +191,7 @@ def transform_array_chunk(parts: tuple[pd.DataFrame, pa.Array, CRS | None],
     else:
         out_wkb = (layout.with_coordinates(mask, np.column_stack([x, y])) if current_wkb is None
                    else current_wkb)
-        del mask, current_wkb
+        del mask
         bounds = layout.bounds(x, y)
         del x, y
         kept = np.ones(len(layout.types), dtype=bool)
