@@ -149,11 +149,16 @@ class ObjectStore:
 
     def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str) -> str:
         """Write an object; returns the sha256 (hex) of what was written."""
+        self.write_bytes(bucket, key, data, content_type)
+        return hashlib.sha256(data).hexdigest()
+
+    def write_bytes(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
+        """Write an object whose checksum nobody records (intermediate chunks): hashing it
+        would cost ~1 CPU-s per GB for nothing."""
         self._client.put_object(
             bucket, key, io.BytesIO(data), length=len(data), content_type=content_type,
             part_size=_SINGLE_PUT_BYTES,
         )
-        return hashlib.sha256(data).hexdigest()
 
     def upload(self, bucket: str, key: str, path: Path, content_type: str) -> str:
         """Upload a local file; returns its sha256 (hex)."""
@@ -179,7 +184,7 @@ class ObjectStore:
 
 
 class BackgroundPuts:
-    """``put_bytes`` on ``threads`` worker threads so that producing the next object overlaps
+    """``write_bytes`` on ``threads`` worker threads so that producing the next object overlaps
     writing the last one; at most ``max_pending`` objects are held in memory at once (``put``
     blocks until one is written). ``then`` callbacks run on the worker thread after the write.
     The first error is raised from the next ``put`` or from ``wait``; leaving the ``with``
@@ -197,7 +202,7 @@ class BackgroundPuts:
         self._reap(block=len(self._pending) >= self._max_pending)
 
         def write() -> None:
-            self._store.put_bytes(bucket, key, data, content_type)
+            self._store.write_bytes(bucket, key, data, content_type)
             if then is not None:
                 then()
 

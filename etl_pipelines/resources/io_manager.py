@@ -25,7 +25,7 @@ class StagingIOManager(ConfigurableIOManager):
 
     def handle_output(self, context: OutputContext, obj: object) -> None:
         payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        self.object_store.store.put_bytes(
+        self.object_store.store.write_bytes(
             self.object_store.staging_bucket, self._key(context), payload,
             "application/octet-stream")
 
