@@ -28,7 +28,8 @@ geometry come last, and the output is deterministic.
    shapely otherwise; rows are validated; bounds and a geometry-type code
    are added as columns; the extent and a fixed-size random sample of centres are tracked.
    A layer that fits in half of ``sort_memory_bytes`` stays in memory; a larger one (or one
-   whose files are already larger) goes to per-source Arrow IPC files in ``scratch_dir``.
+   whose files are already larger) goes to Arrow IPC files in ``scratch_dir`` (64 MiB each,
+   per source).
 2. In memory: compute keys, ``argsort`` them, cut chunks by gathering rows. External:
    stream the spill files once more, compute keys and range-partition the rows (on
    ``encode_threads`` threads, a few batches ahead, appended in spill order) into K
@@ -52,7 +53,8 @@ Memory (measured in ``benchmarks/README.md``): the interpreter and libraries, pl
 half of ``sort_memory_bytes`` of rows (the in-memory layer, or about a quarter of that for
 the bucket being sorted), plus ``encode_threads`` chunks being gathered and encoded, plus
 two read batches. None of it grows with the input, which only sets the number of buckets
-and the scratch disk used (about the input's Arrow size, twice while partitioning).
+and the scratch disk used (about the input's Arrow size: the partition pass deletes each
+spill file once read, as its buckets grow).
 
 Modules
 -------

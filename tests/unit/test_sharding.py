@@ -350,6 +350,7 @@ def test_same_input_gives_byte_identical_chunks_in_memory_or_external(tmp_path, 
     # Small enough to exercise the external sort's sampling and bucket flushing.
     monkeypatch.setattr(collect, "_SAMPLE_SIZE", 500)
     monkeypatch.setattr(external_sort, "_BUCKET_FLUSH_ROWS", 64)
+    monkeypatch.setattr(collect, "_SEGMENT_BYTES", 20_000)  # several spill files
     frame = clustered_points(3000, seed=5)
     # A pile of identical points: a bucket of one key, which the external sort streams out.
     pile = gpd.GeoDataFrame({"point_id": np.arange(3000, 3600)},
@@ -363,6 +364,26 @@ def test_same_input_gives_byte_identical_chunks_in_memory_or_external(tmp_path, 
     assert chunk_bytes[0] == chunk_bytes[1]  # deterministic
     assert chunk_bytes[0] == chunk_bytes[2]  # the external sort gives the same order and cuts
     assert [c.rows for c in runs[2][0].chunks.chunks] == [400] * 9
+
+
+def test_a_spilled_source_is_read_back_in_order_and_each_file_deleted_once_read(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(collect, "_SEGMENT_BYTES", 500)
+    store = collect._SourceStore(tmp_path / "source-0000.arrows")
+    batches = [pa.record_batch({"n": np.arange(i * 100, (i + 1) * 100)}) for i in range(5)]
+    store.add(batches[0])
+    store.spill()
+    for batch in batches[1:]:
+        store.add(batch)
+    store.close()
+    assert len(store.segments) == 5  # 800 bytes a batch: a new file once one holds 500
+    assert sorted(tmp_path.iterdir()) == store.segments
+    read = store.read()
+    assert next(read).equals(batches[0])
+    assert next(read).equals(batches[1])  # the first file is gone once the second is read
+    assert sorted(tmp_path.iterdir()) == store.segments[1:]
+    assert [b.equals(want) for b, want in zip(read, batches[2:], strict=True)] == [True] * 3
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_several_files_feed_one_layer_in_one_order(tmp_path):
