@@ -348,12 +348,16 @@ def test_a_connection_terminated_mid_copy_is_retried_without_duplicates(
     stop = threading.Event()
 
     def terminate_the_first_copy() -> None:
+        # only the big COPY (past the small chunk's 1,000 rows) and at most halfway through: a
+        # backend terminated as its COPY commits has nothing left to retry (a race that once
+        # failed CI, when the small chunk's backend was the one terminated)
         with postgis.connect(postgis_settings, autocommit=True) as watcher:
             while not stop.is_set() and not killed:
                 pid = watcher.execute(
-                    "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND state = "
-                    "'active' AND query ILIKE 'COPY%%' AND query LIKE '%%points%%'",
-                    (app,)).fetchone()
+                    "SELECT a.pid FROM pg_stat_activity a JOIN pg_stat_progress_copy c "
+                    "USING (pid) WHERE a.application_name = %s AND a.state = 'active' "
+                    "AND a.query ILIKE 'COPY%%' AND a.query LIKE '%%points%%' "
+                    "AND c.tuples_processed BETWEEN 1001 AND 300000", (app,)).fetchone()
                 if pid and watcher.execute("SELECT pg_terminate_backend(%s)", pid).fetchone()[0]:
                     killed.append(pid[0])
                 time.sleep(0.002)
