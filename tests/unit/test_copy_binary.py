@@ -189,6 +189,25 @@ def test_blocks_chunked_and_sliced_inputs_do_not_change_the_bytes():
     assert encode(padded, types) == whole
 
 
+def test_records_written_in_row_slices_equal_one_pass(monkeypatch):
+    """Fixed-width records are filled a slice of rows at a time (``_MATERIALISE_ROWS``): any
+    slice size gives the same bytes, scalars, NULLs and same-size EWKB bodies included."""
+    rng = np.random.default_rng(11)
+    n = 1_000
+    ids = pa.array(np.arange(n, dtype=np.int64))
+    values = pa.array([None if i % 13 == 0 else float(v) for i, v in enumerate(rng.random(n))])
+    letters = pa.array([chr(65 + i % 5) for i in range(n)])  # one length: a fixed piece
+    points = pa.array(shapely.to_wkb(shapely.points(rng.uniform(-50, 50, (n, 2)))), pa.binary())
+    columns, types = [ids, values, letters, points], ["int8", "float8", "text", Ewkb(8857)]
+    whole = encode(columns, types)
+    for rows in (1, 7, 999, 1_000, 4_096):
+        monkeypatch.setattr(copy_binary, "_MATERIALISE_ROWS", rows)
+        assert encode(columns, types) == whole, rows
+    parsed = parse_copy(whole)
+    assert [r[0] for r in parsed[:3]] == [struct.pack(">q", i) for i in range(3)]
+    assert parsed[0][1] is None and parsed[1][1] == struct.pack(">d", values[1].as_py())
+
+
 def test_points_get_the_srid_in_their_ewkb_header():
     points = shapely.points([[1.0, 2.0], [-3.5, 4.25], [0.0, 0.0]])
     rows = parse_copy(encode([pa.array(shapely.to_wkb(points), pa.binary())], [Ewkb(4326)]))
