@@ -21,6 +21,7 @@ from libs.geoparquet import (
     geometry_type_names,
     plain_points,
     read_geoparquet,
+    read_parquet_table,
     to_geoparquet_bytes,
     wkb_to_geometries,
 )
@@ -149,3 +150,18 @@ def test_an_absent_crs_means_crs84_and_other_encodings_go_through_geopandas():
     frame.to_parquet(native, geometry_encoding="geoarrow")
     back = read_geoparquet(native.getvalue())
     assert back.geometry.name == GEOMETRY and back.geometry.x.tolist() == [0.0, 1.0]
+
+
+def test_read_parquet_table_leaves_the_covering_out_and_keeps_the_rest():
+    frame = synthetic_points(1_000, seed=8)
+    data = to_geoparquet_bytes(frame)
+    stored = pq.read_table(pa.BufferReader(data))
+    assert COVERING in stored.column_names
+    table = read_parquet_table(data)
+    assert table.column_names == [c for c in stored.column_names if c != COVERING]
+    assert table.equals(stored.drop_columns([COVERING]), check_metadata=True)
+    assert b"geo" in table.schema.metadata
+    plain = pa.table({"a": [1, 2], GEOMETRY: pa.array([b"\x01", b"\x02"], pa.binary())})
+    sink = io.BytesIO()
+    pq.write_table(plain, sink)
+    assert read_parquet_table(sink.getvalue()).equals(plain)
