@@ -262,6 +262,7 @@ def load_layer_chunks(
     chunks: Sequence[ChunkSource],
     *,
     parallelism: int = 2,
+    prefetch: int | None = None,
     retries: int = 2,
     retry_backoff_seconds: float = 0.5,
     on_chunk: Callable[[ChunkLoaded], None] | None = None,
@@ -272,8 +273,10 @@ def load_layer_chunks(
     ``connection_factory`` makes the workers' connections (default: ``postgis.connect`` with
     ``synchronous_commit = off``).
 
-    Each chunk is fetched (its callable, e.g. a read from object storage) inside a worker and
-    copied in its own transaction on that worker's connection. A chunk that fails with
+    Each chunk is fetched (its callable, e.g. a read from object storage) on a thread of its
+    own, in order, up to ``prefetch`` chunks ahead of the workers (default: one per
+    connection; 0 fetches inside the worker, holding fewer tables), and copied in its own
+    transaction on a worker's connection. A chunk that fails with
     ``psycopg.OperationalError`` is retried up to ``retries`` times on a fresh connection,
     after ``retry_backoff_seconds`` × attempt; the fetched table is reused. The first data
     error (or exhausted retries) cancels the chunks not yet started and raises ``LoadError``.
@@ -304,10 +307,9 @@ def load_layer_chunks(
                 opened.append(conn)
             return conn
 
-    def load(span: tuple[int, int], fetch: Callable[[], pa.Table],
-             started_empty: bool) -> ChunkLoaded:
+    def load(index: int, span: tuple[int, int], started_empty: bool) -> ChunkLoaded:
         started = time.monotonic()
-        table = fetch()
+        table = ahead.take(index)
         errors: list[str] = []
         for attempt in range(1, retries + 2):
             conn = None
@@ -340,10 +342,13 @@ def load_layer_chunks(
     total = 0
     executor = ThreadPoolExecutor(max_workers=parallelism,
                                   thread_name_prefix=f"copy-{layer.table}")
+    ahead = _FetchAhead([fetch for _, fetch in chunks],
+                        limit=parallelism if prefetch is None else prefetch,
+                        name=f"fetch-{layer.table}")
     try:
         empty = _table_is_empty(settings, layer)
-        pending: set[Future[ChunkLoaded]] = {executor.submit(load, span, fetch, empty)
-                                             for span, fetch in chunks}
+        pending: set[Future[ChunkLoaded]] = {executor.submit(load, index, span, empty)
+                                             for index, (span, _) in enumerate(chunks)}
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
@@ -352,10 +357,59 @@ def load_layer_chunks(
                 if on_chunk is not None:
                     on_chunk(result)
     finally:
+        ahead.close()
         executor.shutdown(wait=True, cancel_futures=True)
         for conn in opened:
             conn.close()
     return total
+
+
+class _FetchAhead:
+    """Runs the chunks' fetches on one thread of its own, in order, while the COPY workers
+    load earlier chunks, so that no backend waits for its next chunk to be read and decoded
+    (a 125k-point GeoParquet chunk takes ~8 ms to decode, more with a GET in front of it).
+    At most ``limit`` fetched tables wait to be taken; ``limit=0`` fetches in ``take``."""
+
+    def __init__(self, fetches: list[Callable[[], pa.Table]], *, limit: int, name: str):
+        self._fetches: list[Callable[[], pa.Table] | None] = list(fetches)
+        self._futures: list[Future[pa.Table] | None] = [None] * len(fetches)
+        self._stop = threading.Event()
+        self._pool = None
+        if limit > 0 and fetches:
+            self._slots = threading.Semaphore(limit)
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+            self._futures = [self._pool.submit(self._fetch, index)
+                             for index in range(len(fetches))]
+
+    def _fetch(self, index: int) -> pa.Table | None:
+        while not self._slots.acquire(timeout=0.05):
+            if self._stop.is_set():
+                return None  # the load is over (failed): nobody will take it
+        try:
+            return self._fetches[index]()
+        except BaseException:
+            self._slots.release()
+            raise
+        finally:
+            self._fetches[index] = None
+
+    def take(self, index: int) -> pa.Table:
+        """Chunk ``index``'s table (once), raising what its fetch raised."""
+        future = self._futures[index]
+        if future is None:
+            fetch, self._fetches[index] = self._fetches[index], None
+            return fetch()
+        self._futures[index] = None  # the caller then holds the only reference
+        try:
+            return future.result()
+        finally:
+            if future.exception() is None:
+                self._slots.release()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _table_is_empty(settings: PostGISSettings, layer: LayerTable) -> bool:

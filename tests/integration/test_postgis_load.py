@@ -333,6 +333,56 @@ def test_a_data_error_stops_the_layer_load(pg, schema, postgis_settings):
         load_layer_chunks(postgis_settings, layer, chunks, parallelism=1, retries=3)
 
 
+def test_chunks_are_fetched_ahead_in_order_and_at_most_prefetch_ahead(pg, schema, postgis_settings):
+    """Fetches run on their own thread, in chunk order, while earlier chunks COPY; at most
+    ``prefetch`` fetched tables wait (the load's memory bound), checked from inside each fetch
+    against the chunks the loader has taken so far (a chunk is taken once its COPY starts)."""
+    layer = create(pg, points_layer(schema))
+    spans = [(i * 500, (i + 1) * 500) for i in range(8)]
+    fetched: list[int] = []
+    fetch_threads: set[str] = set()
+    lock = threading.Lock()
+
+    def fetch(index: int) -> pa.Table:
+        with lock:
+            fetched.append(index)
+            fetch_threads.add(threading.current_thread().name)
+            copied = pg.execute(sql.SQL("SELECT count(DISTINCT _row_id / 500) FROM {}.{}").format(
+                sql.Identifier(schema), sql.Identifier(layer.table))).fetchone()[0]
+        # a fetch starts once the previous table was taken (one slot), that is once the COPY
+        # of chunk index - 1 started, so after chunk index - 2 committed
+        assert index <= copied + 1, (index, copied)
+        time.sleep(0.02)
+        return points_chunk(spans[index][0], 500)
+
+    chunks = [(span, lambda i=i: fetch(i)) for i, span in enumerate(spans)]
+    assert load_layer_chunks(postgis_settings, layer, chunks, parallelism=1, prefetch=1) == 4_000
+    assert fetched == list(range(8))
+    assert len(fetch_threads) == 1 and next(iter(fetch_threads)).startswith("fetch-points")
+    assert ids_and_count(pg, layer) == (4_000, 4_000, 0, 3_999)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_failing_fetch_fails_the_load_with_its_error_and_leaves_no_thread_behind(
+        pg, schema, postgis_settings, prefetch):
+    layer = create(pg, points_layer(schema))
+    started: list[int] = []
+
+    def fetch(index: int) -> pa.Table:
+        started.append(index)
+        if index == 2:
+            raise LoadError("staging object chunk-2 is missing")
+        time.sleep(0.01)
+        return points_chunk(index * 100, 100)
+
+    chunks = [((i * 100, (i + 1) * 100), lambda i=i: fetch(i)) for i in range(30)]
+    before = set(threading.enumerate())
+    with pytest.raises(LoadError, match="chunk-2 is missing"):
+        load_layer_chunks(postgis_settings, layer, chunks, parallelism=2, prefetch=prefetch)
+    assert set(threading.enumerate()) <= before  # fetcher and workers have ended
+    assert 2 in started and len(started) < 30  # the chunks after the failure were not fetched
+
+
 # ---------------------------------------------------------------------------- retries
 
 
