@@ -22,7 +22,7 @@ such option) is UNLOGGED, as ``create_layer_table`` makes them (ogr2ogr gets
 ``ratio_vs_ogr2ogr`` (target >= 4) and ``ratio_vs_bare_loop`` (target >= 0.8).
 
 Needs the local stack (``scripts/stack.py up``). Sizes: ``BENCH_LOAD_POINTS`` (default
-1,000,000), ``BENCH_LOAD_CHUNKS`` (8), ``BENCH_LOAD_ROUNDS`` (3), e.g.
+1,000,000), ``BENCH_LOAD_CHUNKS`` (8), ``BENCH_LOAD_ROUNDS`` (5), e.g.
 ``BENCH_LOAD_POINTS=100000 BENCH_LOAD_ROUNDS=1 .venv/bin/pytest benchmarks/bench_load.py``.
 """
 
@@ -49,7 +49,7 @@ from tests.conftest import STACK_ENV, read_stack_env
 
 POINTS = int(os.environ.get("BENCH_LOAD_POINTS", "1000000"))
 CHUNKS = int(os.environ.get("BENCH_LOAD_CHUNKS", "8"))
-ROUNDS = int(os.environ.get("BENCH_LOAD_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("BENCH_LOAD_ROUNDS", "5"))
 SRID = 3857
 CASES = ["bare_copy_loop", "prebuilt_stream", "ogr2ogr", "to_postgis", "ours-p1", "ours-p2"]
 _rows_per_s: dict[str, float] = {}
