@@ -5,12 +5,14 @@ COMMIT. A retried chunk therefore replaces its rows and never duplicates them, w
 attempt failed and at which point (even after a COMMIT whose acknowledgement was lost).
 
 ``load_layer_chunks`` runs the chunks of a layer on a few threads, each with its own
-connection: reading a GeoParquet chunk, encoding it (``libs.copy_binary``, numpy/Arrow) and
-waiting on the socket all release the GIL, and the server parses each COPY stream on its own
-backend. A chunk whose connection breaks (``psycopg.OperationalError``: a terminated backend,
-a restart, a statement timeout) is retried on a fresh connection; any other database error is
-about the data and fails the load at once with a ``LoadError`` naming the layer, the chunk's
-``_row_id`` span and PostgreSQL's message.
+connection, while one more thread fetches (reads and decodes) the next chunks, so that a
+backend never waits for its next chunk: reading a GeoParquet chunk, encoding it
+(``libs.copy_binary``, numpy/Arrow) and waiting on the socket all release the GIL, and the
+server parses each COPY stream on its own backend. A chunk whose connection breaks
+(``psycopg.OperationalError``: a terminated backend, a restart, a statement timeout) is
+retried on a fresh connection; any other database error is about the data and fails the
+load at once with a ``LoadError`` naming the layer, the chunk's ``_row_id`` span and
+PostgreSQL's message.
 
 Layer tables are UNLOGGED and loader sessions run with ``synchronous_commit = off``: the
 tables live in a transient run schema that is dropped when the op ends and can be reloaded

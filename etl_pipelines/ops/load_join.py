@@ -138,8 +138,9 @@ def _load_layer(
     counts. ``conn`` is this layer's alone while it loads.
 
     The first chunk is read here for the layer's columns (and then loaded as is); the others
-    are fetched from the staging bucket inside the loader's workers, ``copy_parallelism`` at a
-    time, each in its own transaction on its own connection. A layer that gets a BRIN index
+    are fetched from the staging bucket by the loader's fetch thread, one per connection ahead
+    of the COPYs, and loaded ``copy_parallelism`` at a time, each in its own transaction on its
+    own connection. A layer that gets a BRIN index
     is COPYed by one connection, chunk after chunk, so that its pages keep the shard's
     Hilbert order.
     """
