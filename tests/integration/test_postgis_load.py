@@ -341,14 +341,12 @@ def test_chunks_are_fetched_ahead_in_order_and_at_most_prefetch_ahead(pg, schema
     spans = [(i * 500, (i + 1) * 500) for i in range(8)]
     fetched: list[int] = []
     fetch_threads: set[str] = set()
-    lock = threading.Lock()
 
-    def fetch(index: int) -> pa.Table:
-        with lock:
-            fetched.append(index)
-            fetch_threads.add(threading.current_thread().name)
-            copied = pg.execute(sql.SQL("SELECT count(DISTINCT _row_id / 500) FROM {}.{}").format(
-                sql.Identifier(schema), sql.Identifier(layer.table))).fetchone()[0]
+    def fetch(index: int) -> pa.Table:  # only the fetch thread calls it, and uses `pg` meanwhile
+        fetched.append(index)
+        fetch_threads.add(threading.current_thread().name)
+        copied = pg.execute(sql.SQL("SELECT count(DISTINCT _row_id / 500) FROM {}.{}").format(
+            sql.Identifier(schema), sql.Identifier(layer.table))).fetchone()[0]
         # a fetch starts once the previous table was taken (one slot), that is once the COPY
         # of chunk index - 1 started, so after chunk index - 2 committed
         assert index <= copied + 1, (index, copied)
