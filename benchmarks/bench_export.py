@@ -5,7 +5,7 @@ EPSG:8857), shaped like a carrying join's result (one row per feature), are COPY
 schema before timing. Then each case takes them out of PostGIS and leaves GeoParquet in the
 object store:
 
-* ``ours``: the pipeline's export as the job runs it: ``libs.postgis_join.export_table``
+* ``ours``: the pipeline's export as the job runs it: ``libs.postgis.join.export_table``
   (binary server-side cursor, 50k-row batches, GeoParquet 1.1 with the bbox covering, one PUT
   per part into the staging bucket), then ``libs.lake.publish_to_lake`` (server-side copies,
   completion manifest last).
@@ -29,6 +29,7 @@ import os
 import subprocess
 import tempfile
 import uuid
+from functools import partial
 from pathlib import Path
 
 import geopandas as gpd
@@ -41,9 +42,9 @@ from sqlalchemy import URL, create_engine
 
 from benchmarks import summary
 from benchmarks.pipelines import ogr_geo_metadata
-from libs import postgis, postgis_join, postgis_load
+from libs import postgis
 from libs.geoparquet import GEOMETRY, crs_of
-from libs.lake import publish_to_lake, read_completion_manifest
+from libs.lake import part_key, publish_to_lake, read_completion_manifest
 from libs.object_store import ObjectStore, ObjectStoreSettings
 from libs.postgis import PostGISSettings, connect
 from libs.sample_batch import synthetic_points
@@ -62,7 +63,7 @@ _features_per_s: dict[str, float] = {}
 class Exported:
     """The loaded table, the store, and what each case's rounds wrote (checked after timing)."""
 
-    def __init__(self, env: dict[str, str], layer: postgis_load.LayerTable, point_id_sum: int):
+    def __init__(self, env: dict[str, str], layer: postgis.LayerTable, point_id_sum: int):
         self.settings = PostGISSettings(env["POSTGRES_HOST"], int(env["POSTGRES_PORT"]),
                                         env["POSTGRES_USER"], env["POSTGRES_PASSWORD"])
         self.layer = layer
@@ -99,10 +100,10 @@ def exported():
     # autocommit: the peers read the table on connections of their own
     with connect(settings, autocommit=True) as conn:
         postgis.create_schema(conn, schema)
-        layer = postgis_load.LayerTable(schema, "points", postgis_load.attribute_schema(arrow),
+        layer = postgis.LayerTable(schema, "points", postgis.attribute_schema(arrow),
                                         SRID, "Point")
-        postgis_load.create_layer_table(conn, layer)
-        postgis_load.copy_chunk_into_table(conn, layer, arrow, (0, arrow.num_rows))
+        postgis.create_layer_table(conn, layer)
+        postgis.copy_chunk_into_table(conn, layer, arrow, (0, arrow.num_rows))
         conn.execute(f'ALTER TABLE "{schema}".points ADD PRIMARY KEY (_row_id)')
         conn.execute(f'VACUUM ANALYZE "{schema}".points')
         del arrow
@@ -123,8 +124,8 @@ def exported():
 
 def _ours(state: Exported, batch_id: str) -> None:
     with connect(state.settings) as conn:
-        parts = postgis_join.export_table(conn, state.layer, TARGET, state.store, STAGING,
-                                          f"{state.prefix}ours/{batch_id}/")
+        parts = postgis.export_table(conn, state.layer, TARGET, state.store, STAGING,
+                             partial(part_key, f"{state.prefix}ours/{batch_id}/"))
     publish_to_lake(state.store, staging_bucket=STAGING, lake_bucket=state.lake,
                     batch_id=batch_id, run_id=batch_id, datasets={"points": parts},
                     dataset_info={"points": {"kind": "join", "crs": TARGET}})

@@ -16,7 +16,7 @@ import pyogrio
 import pytest
 
 from benchmarks import summary
-from libs import postgis, postgis_join, postgis_load
+from libs import postgis
 from libs.geoparquet import GEOMETRY
 from libs.manifest import SpatialJoin
 from libs.postgis import PostGISSettings, connect
@@ -61,13 +61,13 @@ def loaded(frames):
                 arrow = arrow.rename_columns(
                     [GEOMETRY if c == frame.geometry.name else c for c in arrow.column_names])
                 # make_valid leaves countries a mix of Polygon and MultiPolygon
-                layer = postgis_load.LayerTable(
-                    schema, name, postgis_load.attribute_schema(arrow), SRID,
+                layer = postgis.LayerTable(
+                    schema, name, postgis.attribute_schema(arrow), SRID,
                     "Point" if name == "points" else "Geometry")
-                postgis_load.create_layer_table(conn, layer)
+                postgis.create_layer_table(conn, layer)
                 conn.commit()
-                postgis_load.copy_chunk_into_table(conn, layer, arrow, (0, arrow.num_rows))
-                postgis_load.index_and_analyze(conn, layer)
+                postgis.copy_chunk_into_table(conn, layer, arrow, (0, arrow.num_rows))
+                postgis.index_and_analyze(conn, layer)
                 tables[name] = layer
             yield conn, tables
         finally:
@@ -80,11 +80,11 @@ def test_join_postgis(benchmark, loaded):
     conn, tables = loaded
     def run():
         with conn.transaction():  # committed: stream_table reads on a connection of its own
-            result = postgis_join.run_spatial_join(conn, JOIN, tables["countries"],
+            result = postgis.run_spatial_join(conn, JOIN, tables["countries"],
                                                    tables["points"])
         rows = 0
         try:
-            for batch in postgis_join.stream_table(conn, result):
+            for batch in postgis.stream_table(conn, result):
                 rows += batch.num_rows
                 for name, n in zip(batch.column("name").to_pylist(),
                                    batch.column("n").to_pylist(), strict=True):

@@ -3,7 +3,7 @@
 The same points (``points_flatgeobuf``: point_id int64, value float64, category text,
 EPSG:3857) go into PostGIS four ways, each round into its own fresh run schema:
 
-* ``test_load[ours-pN]``: ``libs.postgis_load.load_layer_chunks`` over GeoParquet chunks held
+* ``test_load[ours-pN]``: ``libs.postgis.load.load_layer_chunks`` over GeoParquet chunks held
   in memory (read + encode + COPY, N connections, one transaction per chunk), into the typed
   table ``create_layer_table`` makes (``geometry(Point, 3857)``).
 * ``test_load[bare_copy_loop]``: the ceiling the issue names: one psycopg connection, ``COPY
@@ -42,9 +42,9 @@ import shapely
 
 from benchmarks import summary
 from benchmarks.conftest import points_flatgeobuf
-from libs import copy_binary, postgis, postgis_load
+from libs import postgis
 from libs.geoparquet import GEOMETRY, read_parquet_table, to_geoparquet_bytes
-from libs.postgis import PostGISSettings, connect
+from libs.postgis import PostGISSettings, connect, copy_binary
 from tests.conftest import STACK_ENV, read_stack_env
 
 POINTS = int(os.environ.get("BENCH_LOAD_POINTS", "1000000"))
@@ -74,7 +74,7 @@ class Inputs:
             part = self.frame.iloc[start:start + per_chunk]
             self.chunks.append(((start, start + len(part)), to_geoparquet_bytes(part)))
         first = read_parquet_table(self.chunks[0][1])
-        self.attributes = postgis_load.attribute_schema(first)
+        self.attributes = postgis.attribute_schema(first)
         ewkb = shapely.to_wkb(shapely.set_srid(self.frame.geometry.values, SRID), include_srid=True)
         self.rows = list(zip(range(POINTS), self.frame["point_id"].tolist(),
                              self.frame["value"].tolist(), self.frame["category"].tolist(),
@@ -105,27 +105,27 @@ def owner(inputs):
         yield conn
 
 
-def _fresh_layer(owner, schemas: list[str], inputs: Inputs, table: str) -> postgis_load.LayerTable:
+def _fresh_layer(owner, schemas: list[str], inputs: Inputs, table: str) -> postgis.LayerTable:
     schema = postgis.run_schema_name(str(uuid.uuid4()))
     postgis.create_schema(owner, schema)
     schemas.append(schema)
-    layer = postgis_load.LayerTable(schema, table, inputs.attributes, SRID, "Point")
-    postgis_load.create_layer_table(owner, layer)
+    layer = postgis.LayerTable(schema, table, inputs.attributes, SRID, "Point")
+    postgis.create_layer_table(owner, layer)
     return layer
 
 
-def _ours(inputs: Inputs, layer: postgis_load.LayerTable, parallelism: int) -> None:
+def _ours(inputs: Inputs, layer: postgis.LayerTable, parallelism: int) -> None:
     sources = [(span, partial(read_parquet_table, blob)) for span, blob in inputs.chunks]
-    rows = postgis_load.load_layer_chunks(inputs.settings, layer, sources, parallelism=parallelism)
+    rows = postgis.load_layer_chunks(inputs.settings, layer, sources, parallelism=parallelism)
     assert rows == POINTS
 
 
-def _copy_into(layer: postgis_load.LayerTable) -> str:
+def _copy_into(layer: postgis.LayerTable) -> str:
     return (f'COPY "{layer.schema}"."{layer.table}" (_row_id, point_id, value, category, geom) '
             "FROM STDIN (FORMAT BINARY)")
 
 
-def _bare_copy_loop(inputs: Inputs, layer: postgis_load.LayerTable) -> None:
+def _bare_copy_loop(inputs: Inputs, layer: postgis.LayerTable) -> None:
     with connect(inputs.settings) as conn:
         with conn.cursor().copy(_copy_into(layer)) as copy:
             copy.set_types(["int8", "int8", "float8", "text", "bytea"])
@@ -134,7 +134,7 @@ def _bare_copy_loop(inputs: Inputs, layer: postgis_load.LayerTable) -> None:
         conn.commit()
 
 
-def _prebuilt_stream(inputs: Inputs, layer: postgis_load.LayerTable) -> None:
+def _prebuilt_stream(inputs: Inputs, layer: postgis.LayerTable) -> None:
     view = memoryview(inputs.stream)
     with connect(inputs.settings) as conn:
         with conn.cursor().copy(_copy_into(layer)) as copy:
@@ -143,7 +143,7 @@ def _prebuilt_stream(inputs: Inputs, layer: postgis_load.LayerTable) -> None:
         conn.commit()
 
 
-def _ogr2ogr(inputs: Inputs, layer: postgis_load.LayerTable) -> None:
+def _ogr2ogr(inputs: Inputs, layer: postgis.LayerTable) -> None:
     s = inputs.settings
     target = f"PG:host={s.host} port={s.port} user={s.user} dbname={s.dbname}"
     subprocess.run(
@@ -154,7 +154,7 @@ def _ogr2ogr(inputs: Inputs, layer: postgis_load.LayerTable) -> None:
         check=True, env={**os.environ, "PGPASSWORD": s.password}, capture_output=True)
 
 
-def _to_postgis(inputs: Inputs, layer: postgis_load.LayerTable) -> None:
+def _to_postgis(inputs: Inputs, layer: postgis.LayerTable) -> None:
     from sqlalchemy import URL, create_engine
 
     s = inputs.settings
@@ -170,7 +170,7 @@ def _to_postgis(inputs: Inputs, layer: postgis_load.LayerTable) -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_load(benchmark, inputs, owner, case):
     schemas: list[str] = []
-    layers: list[postgis_load.LayerTable] = []
+    layers: list[postgis.LayerTable] = []
     own_table = case.startswith("ours") or case in ("bare_copy_loop", "prebuilt_stream")
 
     def setup():
@@ -180,7 +180,7 @@ def test_load(benchmark, inputs, owner, case):
             schema = postgis.run_schema_name(str(uuid.uuid4()))
             postgis.create_schema(owner, schema)
             schemas.append(schema)
-            layers.append(postgis_load.LayerTable(schema, "points", inputs.attributes, SRID))
+            layers.append(postgis.LayerTable(schema, "points", inputs.attributes, SRID))
         return (layers[-1],), {}
 
     runners = {"bare_copy_loop": partial(_bare_copy_loop, inputs),

@@ -13,12 +13,12 @@ import pytest
 
 from benchmarks import summary
 from etl_pipelines.ray_exec import TaskSpec, run_bounded
-from libs.chunk_index import Chunk
+from libs.descriptors import Chunk
 from libs.geoparquet import to_geoparquet_bytes
+from libs.manifest.recipe import DEFAULT_RECIPE, effective_recipe
 from libs.object_store import ObjectStore, ObjectStoreSettings
 from libs.sample_batch import synthetic_points
 from libs.transformations import transform_staged_chunk
-from libs.transformations.recipe import DEFAULT_RECIPE, effective_recipe
 from tests.conftest import STACK_ENV, read_stack_env
 
 POINTS = int(os.environ.get("BENCH_TRANSFORM_POINTS", "1000000"))

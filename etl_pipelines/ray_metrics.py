@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from libs.chunk_index import Chunk, TransformedChunk
+from libs.descriptors import Chunk, TransformedChunk
 from libs.object_store import ObjectStoreSettings
 from libs.transformations import transform_staged_chunk
 

@@ -248,7 +248,7 @@ def to_geoparquet_bytes(frame: gpd.GeoDataFrame, row_group_rows: int = ROW_GROUP
 def encode_wkb_table(table: pa.Table, crs: CRS | str | None,
                      row_group_rows: int = ROW_GROUP_ROWS) -> bytes:
     """GeoParquet bytes of an Arrow table whose ``GEOMETRY`` column is WKB (what
-    ``postgis_join.stream_table`` yields), in the CRS ``crs``: the bytes ``to_geoparquet_bytes``
+    ``libs.postgis.stream_table`` yields), in the CRS ``crs``: the bytes ``to_geoparquet_bytes``
     writes for the same rows, without building a GeoDataFrame. 2D points pass through as they
     are (their WKB is already what GEOS writes); other geometries are parsed and rewritten."""
     if isinstance(crs, str):

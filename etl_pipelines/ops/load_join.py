@@ -18,11 +18,11 @@ from pyproj import CRS
 from etl_pipelines.ops.validate import BatchPlan
 from etl_pipelines.ray_metrics import StageProgress, record_stage
 from etl_pipelines.resources import ObjectStoreResource, PostGISResource
-from libs import postgis, postgis_join, postgis_load
-from libs.chunk_index import ChunkIndex, LayerChunks
+from libs import postgis
+from libs.descriptors import ChunkIndex, LayerChunks, StagedPart
 from libs.errors import LoadError, ReconciliationError
 from libs.geoparquet import read_parquet_table
-from libs.lake import StagedPart
+from libs.lake import part_key, result_prefix
 from libs.manifest import SpatialJoin
 from libs.memory import release_memory, use_jemalloc_pool
 from libs.object_store import ObjectStore
@@ -61,7 +61,7 @@ def load_and_join(
     join = plan.manifest.join
     schema = postgis.run_schema_name(context.run_id)
     srid = _srid(plan.manifest.target_crs)
-    tables: dict[str, postgis_load.LayerTable] = {}
+    tables: dict[str, postgis.LayerTable] = {}
     with postgis_db.connect() as conn:
         try:
             postgis.create_schema(conn, schema)
@@ -69,15 +69,15 @@ def load_and_join(
             load_started = time.monotonic()
             progress = StageProgress(context.log.info, "load", plan.manifest.batch_id,
                                      sum(len(layer.chunks) for layer in transformed.layers))
-            indexes = {layer.layer: postgis_join.spatial_index_for(
-                join, layer.layer, postgis_load.column_geometry_type(
+            indexes = {layer.layer: postgis.spatial_index_for(
+                join, layer.layer, postgis.column_geometry_type(
                     transformed.geometry_types.get(layer.layer, [])))
                 for layer in transformed.layers}
             load = partial(_load_layer, context, store=store, staging=staging,
                            postgis_db=postgis_db, transformed=transformed, schema=schema,
                            srid=srid, progress=progress, join=join)
 
-            def load_beside(layer: LayerChunks) -> postgis_load.LayerTable:
+            def load_beside(layer: LayerChunks) -> postgis.LayerTable:
                 with postgis_db.connect() as own:
                     return load(own, layer, spatial_index=indexes[layer.layer])
 
@@ -97,17 +97,17 @@ def load_and_join(
             # end the implicit transaction the layers' counts left open, so that the join's
             # table commits (the export reads it on a connection of its own)
             conn.commit()
-            result = postgis_join.run_spatial_join(conn, join, tables[join.left], tables[join.right])
-            parts = postgis_join.export_table(
+            result = postgis.run_spatial_join(conn, join, tables[join.left], tables[join.right])
+            parts = postgis.export_table(
                 conn, result, plan.manifest.target_crs, store, staging,
-                f"{plan.staging_prefix}results/{join.name}/")
+                partial(part_key, result_prefix(plan.staging_prefix, join.name)))
             rows = sum(part.rows for part in parts)
             join_seconds = time.monotonic() - join_started
             record_stage("join", plan.manifest.batch_id, join.name, features=rows,
                          bytes_=sum(part.bytes for part in parts), chunks=len(parts))
             context.log.info(f"join {join.name}: {rows:,} rows in {len(parts)} part(s), "
                              f"{rows / join_seconds if join_seconds else 0:,.0f} features/s")
-            postgis_join.reconcile_join(conn, join, tables[join.left], result, rows)
+            postgis.reconcile_join(conn, join, tables[join.left], result, rows)
         finally:
             conn.rollback()
             postgis.drop_schema(conn, schema)
@@ -131,9 +131,9 @@ def _load_layer(
     store: ObjectStore, staging: str, postgis_db: PostGISResource, transformed: ChunkIndex,
     schema: str, srid: int, progress: StageProgress, join: SpatialJoin,
     spatial_index: str | None,
-) -> postgis_load.LayerTable:
+) -> postgis.LayerTable:
     """Create the layer's typed table, COPY its chunks, index it for the join
-    (``spatial_index``, from ``postgis_join.spatial_index_for``: the probed layer only; the
+    (``spatial_index``, from ``postgis.spatial_index_for``: the probed layer only; the
     primary key on the left layer only, which the join reads in ``_row_id`` order), reconcile
     counts. ``conn`` is this layer's alone while it loads.
 
@@ -148,26 +148,26 @@ def _load_layer(
         raise LoadError(f"layer {layer.layer!r} has no chunks to load; the transform stage "
                         "should have written at least one (possibly empty) chunk")
     first = read_parquet_table(store.get_bytes(staging, layer.chunks[0].key))
-    table = postgis_load.LayerTable(
-        schema, layer.layer, postgis_load.attribute_schema(first), srid,
-        postgis_load.column_geometry_type(transformed.geometry_types.get(layer.layer, [])))
+    table = postgis.LayerTable(
+        schema, layer.layer, postgis.attribute_schema(first), srid,
+        postgis.column_geometry_type(transformed.geometry_types.get(layer.layer, [])))
     parallelism = 1 if spatial_index == "brin" else postgis_db.copy_parallelism
     # the loader's own connections must see the table: end any implicit transaction (a
     # previous layer's count) so that CREATE TABLE commits instead of becoming a savepoint
     conn.commit()
-    postgis_load.create_layer_table(conn, table)
+    postgis.create_layer_table(conn, table)
 
     def fetch(key: str) -> pa.Table:
         return read_parquet_table(store.get_bytes(staging, key))
 
     held = [first]  # handed over once: the loader's worker then holds the only reference
     del first
-    sources: list[postgis_load.ChunkSource] = [(layer.chunks[0].id_span, held.pop)]
+    sources: list[postgis.ChunkSource] = [(layer.chunks[0].id_span, held.pop)]
     sources += [(c.id_span, partial(fetch, c.key)) for c in layer.chunks[1:]]
 
     chunk_bytes = {c.id_span: c.bytes for c in layer.chunks}
 
-    def chunk_loaded(done: postgis_load.ChunkLoaded) -> None:
+    def chunk_loaded(done: postgis.ChunkLoaded) -> None:
         start, end = done.id_span
         retried = f", after {done.attempts} attempts ({'; '.join(done.retried_errors)})" \
             if done.attempts > 1 else ""
@@ -177,13 +177,13 @@ def _load_layer(
         release_memory()
 
     copy_started = time.monotonic()
-    copied = postgis_load.load_layer_chunks(
+    copied = postgis.load_layer_chunks(
         postgis_db.settings(), table, sources, parallelism=parallelism,
         retries=COPY_RETRIES, on_chunk=chunk_loaded)
     copy_seconds = time.monotonic() - copy_started
     keyed = layer.layer == join.left  # the join reads its left layer in _row_id order
     index_started = time.monotonic()
-    postgis_load.index_and_analyze(conn, table, spatial_index=spatial_index, primary_key=keyed)
+    postgis.index_and_analyze(conn, table, spatial_index=spatial_index, primary_key=keyed)
     index_seconds = time.monotonic() - index_started
     loaded = postgis.count_rows(conn, schema, layer.layer)
     if loaded != layer.rows or copied != layer.rows:

@@ -7,8 +7,8 @@ from etl_pipelines.ops.load_join import JoinResult
 from etl_pipelines.ops.validate import BatchPlan
 from etl_pipelines.ray_metrics import StageProgress
 from etl_pipelines.resources import LedgerResource, ObjectStoreResource
-from libs.chunk_index import ChunkIndex
-from libs.lake import StagedPart, completion_key, publish_to_lake
+from libs.descriptors import ChunkIndex, StagedPart
+from libs.lake import completion_key, publish_to_lake
 
 REJECTS_SUFFIX = "_rejects"
 

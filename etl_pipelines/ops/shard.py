@@ -22,7 +22,7 @@ from etl_pipelines.ops.validate import BatchPlan
 from etl_pipelines.ray_exec import EarlyTasks
 from etl_pipelines.ray_metrics import StageProgress, transform_chunk_with_metrics
 from etl_pipelines.resources import ObjectStoreResource, RayResource
-from libs.chunk_index import Chunk, ChunkIndex, SourceFile
+from libs.descriptors import Chunk, ChunkIndex, SourceFile
 from libs.errors import InputDataError
 from libs.memory import release_memory, use_jemalloc_pool
 from libs.object_store import BackgroundPuts

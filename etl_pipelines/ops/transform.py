@@ -9,7 +9,7 @@ from etl_pipelines.ops.validate import BatchPlan
 from etl_pipelines.ray_exec import TaskSpec, retire_workers, run_bounded, take_started
 from etl_pipelines.ray_metrics import StageProgress, transform_chunk_with_metrics
 from etl_pipelines.resources import ObjectStoreResource, RayResource
-from libs.chunk_index import Chunk, ChunkIndex, LayerChunks, TransformedChunk
+from libs.descriptors import Chunk, ChunkIndex, LayerChunks, TransformedChunk
 from libs.errors import ReconciliationError
 from libs.object_store import ObjectStoreSettings
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from libs.chunk_index import Chunk, LayerChunks
+from libs.descriptors import Chunk, LayerChunks
 from libs.errors import ReconciliationError
 from libs.sharding.collect import _read_sources
 from libs.sharding.crs import _crs_text

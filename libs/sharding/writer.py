@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 from pyproj import CRS
 
-from libs.chunk_index import BBox, Chunk
+from libs.descriptors import BBox, Chunk
 from libs.geoparquet import GEOMETRY, geo_metadata, write_geoparquet
 from libs.sharding.columns import _BOUNDS, _TYPE, _float_column
 from libs.sharding.crs import _crs_text

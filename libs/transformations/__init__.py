@@ -1,28 +1,11 @@
-"""Transformation recipes: typed steps (``recipe``), their pure per-chunk functions
-(``steps``), up-front validation against a schema (``plan``), the per-chunk driver
-(``chunk``) and the object-storage task body (``staged``). No Dagster, no Ray."""
+"""The transform stage: the recipe steps a manifest declares (``libs.manifest.recipe``) as pure
+per-chunk functions (``steps``; ``arrays``, the default recipe's fast path), checked up front
+against a schema (``plan``), the per-chunk driver (``chunk``) and the object-storage task body
+(``staged``). No Dagster, no Ray."""
 
 from libs.transformations.chunk import ChunkTransformResult, read_chunk, transform_chunk_bytes
 from libs.transformations.naming import normalized_names, safe_identifier
 from libs.transformations.plan import plan_recipe
-from libs.transformations.recipe import (
-    DEFAULT_RECIPE,
-    ROW_ID,
-    Cast,
-    Derive,
-    DropDuplicates,
-    DropEmpty,
-    FilterAttribute,
-    FilterBBox,
-    MakeValid,
-    NormalizeColumnNames,
-    PromoteToMulti,
-    RecipeStep,
-    Rename,
-    Reproject,
-    Simplify,
-    effective_recipe,
-)
 from libs.transformations.staged import transform_staged_chunk
 from libs.transformations.steps import (
     StepResult,
@@ -43,22 +26,7 @@ from libs.transformations.steps import (
 )
 
 __all__ = [
-    "DEFAULT_RECIPE",
-    "ROW_ID",
-    "Cast",
     "ChunkTransformResult",
-    "Derive",
-    "DropDuplicates",
-    "DropEmpty",
-    "FilterAttribute",
-    "FilterBBox",
-    "MakeValid",
-    "NormalizeColumnNames",
-    "PromoteToMulti",
-    "RecipeStep",
-    "Rename",
-    "Reproject",
-    "Simplify",
     "StepResult",
     "add_row_ids",
     "apply_step",
@@ -66,7 +34,6 @@ __all__ = [
     "derive",
     "drop_duplicates",
     "drop_empty",
-    "effective_recipe",
     "filter_attribute",
     "filter_bbox",
     "make_valid",

@@ -49,8 +49,8 @@ from libs.geoparquet import (
     point_records,
     point_wkb,
 )
+from libs.manifest.recipe import ROW_ID, DropEmpty, MakeValid, RecipeStep, Reproject
 from libs.transformations.plan import parse_crs
-from libs.transformations.recipe import ROW_ID, DropEmpty, MakeValid, RecipeStep, Reproject
 from libs.transformations.steps import _transformer, add_row_ids, keep_multi
 from libs.wkb_layout import LINE, TYPE_NAMES, WkbLayout, wkb_layout
 

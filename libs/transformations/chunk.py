@@ -43,9 +43,9 @@ import pyarrow.parquet as pq
 
 from libs.errors import ReconciliationError, TransformError
 from libs.geoparquet import encode_frame, frame_of_parts, read_geoparquet, read_wkb_parts
+from libs.manifest.recipe import ROW_ID, RecipeStep, effective_recipe
 from libs.transformations.arrays import transform_array_chunk
 from libs.transformations.plan import parse_crs, plan_recipe
-from libs.transformations.recipe import ROW_ID, RecipeStep, effective_recipe
 from libs.transformations.steps import add_row_ids, apply_step
 
 BBox = tuple[float, float, float, float]

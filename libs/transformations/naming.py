@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from libs.transformations.recipe import RESERVED_COLUMNS
+from libs.manifest.recipe import RESERVED_COLUMNS
 
 MAX_IDENTIFIER_BYTES = 63
 _UNSAFE = re.compile(r"[^a-z0-9_]")

@@ -20,10 +20,7 @@ from pyproj.exceptions import CRSError
 
 from libs.errors import TransformError
 from libs.geoparquet import GEOMETRY
-from libs.transformations import predicates
-from libs.transformations.casting import CAST_TYPES, castable
-from libs.transformations.naming import normalized_names
-from libs.transformations.recipe import (
+from libs.manifest.recipe import (
     RESERVED_COLUMNS,
     ROW_ID,
     Cast,
@@ -37,6 +34,9 @@ from libs.transformations.recipe import (
     Simplify,
     effective_recipe,
 )
+from libs.transformations import predicates
+from libs.transformations.casting import CAST_TYPES, castable
+from libs.transformations.naming import normalized_names
 
 
 def parse_crs(value: str, what: str) -> CRS:

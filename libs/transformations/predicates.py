@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from libs.transformations.recipe import FilterAttribute
+from libs.manifest.recipe import FilterAttribute
 
 _COMPARE = {
     "==": pc.equal,

@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from libs.chunk_index import Chunk, TransformedChunk
+from libs.descriptors import Chunk, TransformedChunk
 from libs.errors import ReconciliationError, TransformError
+from libs.manifest.recipe import RecipeStep
 from libs.object_store import ObjectStore, ObjectStoreSettings
 from libs.transformations.chunk import transform_chunk_bytes
-from libs.transformations.recipe import RecipeStep
 
 PARQUET = "application/vnd.apache.parquet"
 

@@ -43,11 +43,7 @@ from pyproj import CRS, Transformer
 
 from libs.errors import TransformError
 from libs.geoparquet import plain_points
-from libs.transformations import predicates
-from libs.transformations.casting import cast_array, show_value
-from libs.transformations.naming import normalized_names
-from libs.transformations.plan import measuring_crs_problem, parse_crs
-from libs.transformations.recipe import (
+from libs.manifest.recipe import (
     ROW_ID,
     Cast,
     Derive,
@@ -63,6 +59,10 @@ from libs.transformations.recipe import (
     Reproject,
     Simplify,
 )
+from libs.transformations import predicates
+from libs.transformations.casting import cast_array, show_value
+from libs.transformations.naming import normalized_names
+from libs.transformations.plan import measuring_crs_problem, parse_crs
 
 
 @dataclass(frozen=True)

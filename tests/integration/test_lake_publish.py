@@ -8,9 +8,10 @@ import geopandas as gpd
 import pytest
 import shapely
 
+from libs.descriptors import StagedPart
 from libs.errors import PublishError
 from libs.geoparquet import to_geoparquet_bytes
-from libs.lake import StagedPart, completion_key, publish_to_lake
+from libs.lake import completion_key, publish_to_lake
 from libs.object_store import ObjectStore, ObjectStoreSettings
 from tests.integration.faulty_proxy import FaultyProxy
 

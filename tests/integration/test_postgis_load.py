@@ -21,12 +21,11 @@ import pytest
 import shapely
 from psycopg import sql
 
-from libs import postgis, postgis_join, postgis_load
+from libs import postgis
 from libs.errors import LoadError
 from libs.geoparquet import GEOMETRY
 from libs.manifest import SpatialJoin
-from libs.postgis import ROW_ID
-from libs.postgis_load import ChunkLoaded, LayerTable, load_layer_chunks
+from libs.postgis import ROW_ID, ChunkLoaded, LayerTable, load_layer_chunks
 from tests.unit.test_copy_binary import ATTRIBUTES
 
 pytestmark = pytest.mark.integration
@@ -55,12 +54,12 @@ def points_chunk(start: int, n: int, *, with_row_id: bool = True, seed: int = 0)
 
 
 def points_layer(schema: str, table: str = "points", srid: int = 3857) -> LayerTable:
-    attributes = postgis_load.attribute_schema(points_chunk(0, 1))
+    attributes = postgis.attribute_schema(points_chunk(0, 1))
     return LayerTable(schema, table, attributes, srid, "Point")
 
 
 def create(pg, layer: LayerTable) -> LayerTable:
-    postgis_load.create_layer_table(pg, layer)
+    postgis.create_layer_table(pg, layer)
     return layer
 
 
@@ -84,10 +83,10 @@ def load_everything(schema: str, postgis_settings) -> tuple[LayerTable, pa.Table
     100-103 of table ``everything``."""
     chunk = pa.table({**ATTRIBUTES,
                       GEOMETRY: pa.array(shapely.to_wkb(EVERY_GEOMETRY), pa.binary())})
-    layer = LayerTable(schema, "everything", postgis_load.attribute_schema(chunk), 3857)
+    layer = LayerTable(schema, "everything", postgis.attribute_schema(chunk), 3857)
     with postgis.connect(postgis_settings) as conn:
-        postgis_load.create_layer_table(conn, layer)
-        assert postgis_load.copy_chunk_into_table(conn, layer, chunk, (100, 104)) == 4
+        postgis.create_layer_table(conn, layer)
+        assert postgis.copy_chunk_into_table(conn, layer, chunk, (100, 104)) == 4
     return layer, chunk
 
 
@@ -117,7 +116,7 @@ def test_every_attribute_type_streams_back_out_as_it_was_loaded(pg, schema, post
     """``stream_table`` (ADBC) gives back each column in the Arrow type it was loaded from,
     values and NULLs included, and the geometry as WKB, in ``_row_id`` order."""
     layer, chunk = load_everything(schema, postgis_settings)
-    batches = list(postgis_join.stream_table(pg, layer, batch_rows=3))
+    batches = list(postgis.stream_table(pg, layer, batch_rows=3))
     assert [b.num_rows for b in batches] == [3, 1]
     streamed = pa.concat_tables(batches)
     assert streamed.schema == pa.schema([*layer.attributes, pa.field(GEOMETRY, pa.binary())])
@@ -134,7 +133,7 @@ def test_streaming_refuses_a_connection_with_an_open_transaction(pg, schema, pos
     with postgis.connect(postgis_settings) as conn:
         conn.execute("SELECT 1")
         with pytest.raises(LoadError, match=r"open transaction \(INTRANS\); commit first"):
-            next(postgis_join.stream_table(conn, layer))
+            next(postgis.stream_table(conn, layer))
 
 
 def _same(want, have) -> bool:
@@ -156,13 +155,13 @@ def test_big_endian_wkb_loads_and_z_is_refused_by_a_2d_column(pg, schema, postgi
     iso_z = pa.table({GEOMETRY: pa.array([shapely.to_wkb(shapely.Point(1, 2, 3), flavor="iso")],
                                          pa.binary())})
     with postgis.connect(postgis_settings) as conn:
-        postgis_load.create_layer_table(conn, layer)
-        postgis_load.copy_chunk_into_table(conn, layer, big_endian, (0, 1))
+        postgis.create_layer_table(conn, layer)
+        postgis.copy_chunk_into_table(conn, layer, big_endian, (0, 1))
         with pytest.raises(LoadError, match=r"rows with _row_id 1-1: PostgreSQL rejected the "
                                             r"data at _row_id 1: Geometry has Z dimension but "
                                             r"column does not \(column geom is "
                                             r"geometry\(Geometry, 4326\)"):
-            postgis_load.copy_chunk_into_table(conn, layer, iso_z, (1, 2))
+            postgis.copy_chunk_into_table(conn, layer, iso_z, (1, 2))
     got = pg.execute(sql.SQL("SELECT ST_AsText(geom), ST_SRID(geom) FROM {}.z ORDER BY _row_id")
                      .format(sql.Identifier(schema))).fetchall()
     assert got == [("POINT(4 5)", 4326)]
@@ -200,7 +199,7 @@ def test_parallel_load_fills_a_typed_point_column_exactly(pg, schema, postgis_se
     source = points_chunk(9_001, 2_999, with_row_id=False).slice(499, 1).to_pylist()[0]
     point = shapely.from_wkb(source[GEOMETRY])
     assert row == (source["point_id"], source["value"], source["category"], point.x, point.y)
-    postgis_load.index_and_analyze(pg, layer)
+    postgis.index_and_analyze(pg, layer)
     assert _index_methods(pg, schema, "points") == ["btree", "gist"]
 
 
@@ -216,8 +215,8 @@ def test_a_layer_no_join_probes_gets_statistics_but_no_spatial_index(
         pg, schema, postgis_settings, primary_key, indexes):
     layer = create(pg, points_layer(schema))
     with postgis.connect(postgis_settings) as conn:
-        postgis_load.copy_chunk_into_table(conn, layer, points_chunk(0, 1_000), (0, 1_000))
-    postgis_load.index_and_analyze(pg, layer, spatial_index=None, primary_key=primary_key)
+        postgis.copy_chunk_into_table(conn, layer, points_chunk(0, 1_000), (0, 1_000))
+    postgis.index_and_analyze(pg, layer, spatial_index=None, primary_key=primary_key)
     assert _index_methods(pg, schema, "points") == indexes
     analyzed = pg.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
                           (f"{schema}.points",)).fetchone()[0]
@@ -227,31 +226,31 @@ def test_a_layer_no_join_probes_gets_statistics_but_no_spatial_index(
 def test_a_brin_index_summarises_a_few_pages_per_range(pg, schema, postgis_settings):
     layer = create(pg, points_layer(schema))
     with postgis.connect(postgis_settings) as conn:
-        postgis_load.copy_chunk_into_table(conn, layer, points_chunk(0, 1_000), (0, 1_000))
-    postgis_load.index_and_analyze(pg, layer, spatial_index="brin")
+        postgis.copy_chunk_into_table(conn, layer, points_chunk(0, 1_000), (0, 1_000))
+    postgis.index_and_analyze(pg, layer, spatial_index="brin")
     assert _index_methods(pg, schema, "points") == ["brin", "btree"]
     options = pg.execute(
         "SELECT c.reloptions FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
         "JOIN pg_am am ON am.oid = c.relam WHERE i.indrelid = %s::regclass AND am.amname = "
         "'brin'", (f"{schema}.points",)).fetchone()[0]
-    assert options == [f"pages_per_range={postgis_load.BRIN_PAGES_PER_RANGE}"]
+    assert options == [f"pages_per_range={postgis.BRIN_PAGES_PER_RANGE}"]
 
 
 def test_an_unknown_spatial_index_is_refused_before_any_index_is_built(pg, schema):
     layer = create(pg, points_layer(schema))
     with pytest.raises(ValueError, match=r"spatial_index must be one of \('gist', 'brin'\)"):
-        postgis_load.index_and_analyze(pg, layer, spatial_index="rtree")
+        postgis.index_and_analyze(pg, layer, spatial_index="rtree")
     assert _index_methods(pg, schema, "points") == []
 
 
 def test_reloading_a_chunk_replaces_its_rows(pg, schema, postgis_settings):
     layer = create(pg, points_layer(schema))
     with postgis.connect(postgis_settings) as conn:
-        postgis_load.copy_chunk_into_table(conn, layer, points_chunk(0, 1_000), (0, 1_000))
-        postgis_load.copy_chunk_into_table(conn, layer, points_chunk(1_000, 500), (1_000, 1_500))
-        postgis_load.copy_chunk_into_table(conn, layer, points_chunk(0, 1_000), (0, 1_000))
+        postgis.copy_chunk_into_table(conn, layer, points_chunk(0, 1_000), (0, 1_000))
+        postgis.copy_chunk_into_table(conn, layer, points_chunk(1_000, 500), (1_000, 1_500))
+        postgis.copy_chunk_into_table(conn, layer, points_chunk(0, 1_000), (0, 1_000))
         # a re-run that now keeps fewer rows (a recipe rejected some) leaves none of the old
-        postgis_load.copy_chunk_into_table(conn, layer, points_chunk(1_000, 200), (1_000, 1_500))
+        postgis.copy_chunk_into_table(conn, layer, points_chunk(1_000, 200), (1_000, 1_500))
     assert ids_and_count(pg, layer) == (1_200, 1_200, 0, 1_199)
 
 
@@ -267,7 +266,7 @@ def test_a_polygon_in_a_point_column_names_layer_span_row_and_postgis_message(
     chunk = chunk.set_column(chunk.schema.get_field_index(GEOMETRY), GEOMETRY,
                              pa.array(geometry, pa.binary()))
     with postgis.connect(postgis_settings) as conn, pytest.raises(LoadError) as error:
-        postgis_load.copy_chunk_into_table(conn, layer, chunk, (500, 510))
+        postgis.copy_chunk_into_table(conn, layer, chunk, (500, 510))
     message = str(error.value)
     assert "layer 'points', rows with _row_id 500-509" in message
     assert "at _row_id 503" in message
@@ -286,14 +285,14 @@ def test_ewkb_with_another_srid_is_refused(pg, schema, postgis_settings):
     with postgis.connect(postgis_settings) as conn, pytest.raises(
             LoadError, match=r"layer 'points', rows with _row_id 0-2: geometry: row 0 is EWKB "
                              r"with SRID 4326 but the column's SRID is 3857"):
-        postgis_load.copy_chunk_into_table(conn, layer, chunk, (0, 3))
+        postgis.copy_chunk_into_table(conn, layer, chunk, (0, 3))
 
 
 def test_row_ids_outside_the_chunks_span_are_refused(schema, pg, postgis_settings):
     layer = create(pg, points_layer(schema))
     with postgis.connect(postgis_settings) as conn, pytest.raises(
             LoadError, match=r"owning _row_id 0-99 holds rows with _row_id 50-149"):
-        postgis_load.copy_chunk_into_table(conn, layer, points_chunk(50, 100), (0, 100))
+        postgis.copy_chunk_into_table(conn, layer, points_chunk(50, 100), (0, 100))
 
 
 def test_a_row_id_repeated_inside_a_chunk_is_refused(schema, pg, postgis_settings):
@@ -302,13 +301,13 @@ def test_a_row_id_repeated_inside_a_chunk_is_refused(schema, pg, postgis_setting
     layer = create(pg, points_layer(schema))
     shuffled = points_chunk(0, 100).take(pa.array(np.random.default_rng(3).permutation(100)))
     with postgis.connect(postgis_settings) as conn:
-        assert postgis_load.copy_chunk_into_table(conn, layer, shuffled, (0, 100)) == 100
+        assert postgis.copy_chunk_into_table(conn, layer, shuffled, (0, 100)) == 100
         ids = np.arange(100, 200)
         ids[[10, 60, 61]] = [150, 170, 170]
         chunk = points_chunk(100, 100).set_column(0, ROW_ID, pa.array(ids))
         with pytest.raises(LoadError, match=r"owning _row_id 100-199 holds _row_id 150 more than "
                            r"once \(2 id\(s\) repeated\); every row needs an id of its own"):
-            postgis_load.copy_chunk_into_table(conn, layer, chunk, (100, 200))
+            postgis.copy_chunk_into_table(conn, layer, chunk, (100, 200))
     assert ids_and_count(pg, layer) == (100, 100, 0, 99)
 
 
@@ -320,7 +319,7 @@ def test_layers_in_different_srids_cannot_be_joined(pg, schema, postgis_settings
     join = SpatialJoin(name="points_per_country", left="points", right="countries")
     with pytest.raises(LoadError, match=r"layer 'points' has SRID 3857 but 'countries' has "
                                         r"4326; both must be in the manifest's target_crs"):
-        postgis_join.run_spatial_join(pg, join, mercator, lonlat)
+        postgis.run_spatial_join(pg, join, mercator, lonlat)
 
 
 def test_a_data_error_stops_the_layer_load(pg, schema, postgis_settings):

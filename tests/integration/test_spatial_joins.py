@@ -1,7 +1,7 @@
 """Every join kind × how × result shape in PostGIS, against geopandas on the same data.
 
-Layers are loaded with ``libs.postgis_load`` into a run schema of this module's own, the join
-runs with ``libs.postgis_join`` and its result is streamed back as Arrow. Expected results
+Layers are loaded with ``libs.postgis.load`` into a run schema of this module's own, the join
+runs with ``libs.postgis.join`` and its result is streamed back as Arrow. Expected results
 come from ``geopandas.sjoin`` / ``sjoin_nearest``, or from brute force over every pair where
 geopandas has no equivalent (k > 1 nearest, distances on the ellipsoid via ``pyproj.Geod``).
 Row ids are positions in the frames, and every layer carries them as an id column too.
@@ -30,24 +30,27 @@ from libs.errors import LoadError, ReconciliationError
 from libs.geoparquet import GEOMETRY
 from libs.lake import completion_key
 from libs.manifest import MANIFEST_FILENAME, SpatialJoin
-from libs.postgis import connect, create_schema, drop_schema, run_schema_name
-from libs.postgis_join import (
-    _subdivided_or_none,
-    join_output_schema,
-    reconcile_join,
-    run_spatial_join,
-    spatial_index_for,
-    spatial_join_query,
-    stream_table,
-    subdivides,
-)
-from libs.postgis_load import (
+from libs.postgis import (
     LayerTable,
     attribute_schema,
     column_geometry_type,
+    connect,
     copy_chunk_into_table,
     create_layer_table,
+    create_schema,
+    drop_schema,
     index_and_analyze,
+    reconcile_join,
+    run_schema_name,
+    run_spatial_join,
+    spatial_index_for,
+    stream_table,
+)
+from libs.postgis.join import subdivided_query_or_none
+from libs.postgis.join_sql import (
+    join_output_schema,
+    spatial_join_query,
+    subdivides,
 )
 from libs.sample_batch import NATURAL_EARTH_DIR, synthetic_points
 from tests.integration.pipeline import land_sample, request_for, run_ingest, sensor_tick
@@ -544,7 +547,7 @@ def test_intersects_by_parts_probes_a_brin_indexed_point_layer(db, frames):
     join = _join(left="countries", right="grid_brin", predicate="intersects", how="left",
                  aggregations=_aggregates_of("value"))
     with conn.transaction(force_rollback=True):  # the parts tables go with the rollback
-        query = _subdivided_or_none(conn, join, layers["countries"], grid)
+        query = subdivided_query_or_none(conn, join, layers["countries"], grid)
         assert query is not None
         plan = "\n".join(r[0] for r in conn.execute(b"EXPLAIN " + query.as_bytes(conn)))
     assert "Bitmap Index Scan on grid_brin_geom_idx" in plan, plan

@@ -20,10 +20,10 @@ import shapely
 from psycopg.adapt import PyFormat, Transformer
 from psycopg.pq import Format
 
-from libs import copy_binary
-from libs.copy_binary import COPY_SIGNATURE, COPY_TRAILER, Ewkb, copy_stream
 from libs.errors import LoadError
-from libs.postgis_load import _pg_type
+from libs.postgis import copy_binary
+from libs.postgis.copy_binary import COPY_SIGNATURE, COPY_TRAILER, Ewkb, copy_stream
+from libs.postgis.tables import pg_type
 
 UTC = dt.UTC
 
@@ -118,7 +118,7 @@ def _python_values(array: pa.Array) -> list:
 @pytest.mark.parametrize("name", [n for n in ATTRIBUTES if n not in ("huge", "money")])
 def test_each_type_matches_psycopgs_binary_dumper(name):
     array = ATTRIBUTES[name]
-    kind = _pg_type(pa.field(name, array.type))[1]
+    kind = pg_type(pa.field(name, array.type))[1]
     rows = parse_copy(encode([array], [kind]))
     assert [r[0] for r in rows] == psycopg_fields(_python_values(array), kind)
 
@@ -158,7 +158,7 @@ def test_no_rows_is_signature_and_trailer():
 
 def _table_columns():
     names = list(ATTRIBUTES)
-    return names, [ATTRIBUTES[n] for n in names], [_pg_type(pa.field(n, ATTRIBUTES[n].type))[1]
+    return names, [ATTRIBUTES[n] for n in names], [pg_type(pa.field(n, ATTRIBUTES[n].type))[1]
                                                    for n in names]
 
 

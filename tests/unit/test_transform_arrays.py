@@ -14,19 +14,20 @@ import shapely
 from pyproj import CRS
 
 from libs.geoparquet import to_geoparquet_bytes
-from libs.sample_batch import synthetic_points
-from libs.transformations import (
+from libs.manifest.recipe import (
+    DEFAULT_RECIPE,
     DropEmpty,
     FilterBBox,
     MakeValid,
     PromoteToMulti,
     Rename,
     Reproject,
-    transform_chunk_bytes,
+    effective_recipe,
 )
+from libs.sample_batch import synthetic_points
 from libs.transformations import arrays as arrays_module
 from libs.transformations import chunk as chunk_module
-from libs.transformations.recipe import DEFAULT_RECIPE, effective_recipe
+from libs.transformations import transform_chunk_bytes
 from libs.wkb_layout import wkb_layout
 
 

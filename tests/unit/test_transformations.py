@@ -20,12 +20,10 @@ import shapely
 from geopandas.testing import assert_geodataframe_equal
 from pydantic import TypeAdapter, ValidationError
 
-from libs.chunk_index import Chunk
+from libs.descriptors import Chunk
 from libs.errors import ReconciliationError, TransformError
 from libs.geoparquet import to_geoparquet_bytes
-from libs.object_store import ObjectStoreSettings
-from libs.sample_batch import synthetic_points
-from libs.transformations import (
+from libs.manifest.recipe import (
     ROW_ID,
     Cast,
     Derive,
@@ -40,6 +38,10 @@ from libs.transformations import (
     Rename,
     Reproject,
     Simplify,
+)
+from libs.object_store import ObjectStoreSettings
+from libs.sample_batch import synthetic_points
+from libs.transformations import (
     StepResult,
     normalized_names,
     plan_recipe,

@@ -1,10 +1,12 @@
 """The small descriptions the stages hand each other: where chunks are, how many rows, what area.
 
 Ops pass these between each other (through the IO manager) and to Ray tasks; the data
-itself stays in object storage under the run's staging prefix.
+itself stays in object storage under the run's staging prefix (``libs.lake.keys`` names it).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -108,3 +110,14 @@ class TransformedChunk(_Frozen):
                                            description="rejected rows per recipe step")
     geometry_types: list[str] = Field(default_factory=list,
                                       description="geometry types of the output chunk")
+
+
+@dataclass(frozen=True)
+class StagedPart:
+    """One staged GeoParquet object destined for the lake (a chunk, a rejects chunk or a part
+    of a join result), with what the completion manifest lists of it."""
+
+    staging_key: str
+    rows: int
+    bytes: int
+    sha256: str

@@ -1,5 +1,5 @@
-"""PostGIS connections and transient run schemas (loading: ``postgis_load``; joins:
-``postgis_join``).
+"""PostGIS connections and transient run schemas (tables: ``libs.postgis.tables``; loading:
+``libs.postgis.load``; joins: ``libs.postgis.join``).
 
 Every identifier is composed with ``psycopg.sql``; nothing user-supplied is pasted into SQL.
 A run's schema is named from its run id (``etl_run_<uuid hex>``), so the janitor can map a

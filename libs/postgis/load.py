@@ -1,4 +1,4 @@
-"""Loading chunks into a run schema: typed tables, parallel COPY (FORMAT BINARY) of EWKB, indexes.
+"""Loading chunks into a layer table (``libs.postgis.tables``): parallel COPY (FORMAT BINARY) of EWKB.
 
 Each chunk is one transaction: DELETE the chunk's ``_row_id`` span, then COPY its rows, then
 COMMIT. A retried chunk therefore replaces its rows and never duplicates them, whichever
@@ -7,7 +7,7 @@ attempt failed and at which point (even after a COMMIT whose acknowledgement was
 ``load_layer_chunks`` runs the chunks of a layer on a few threads, each with its own
 connection, while one more thread fetches (reads and decodes) the next chunks, so that a
 backend never waits for its next chunk: reading a GeoParquet chunk, encoding it
-(``libs.copy_binary``, numpy/Arrow) and waiting on the socket all release the GIL, and the
+(``libs.postgis.copy_binary``, numpy/Arrow) and waiting on the socket all release the GIL, and the
 server parses each COPY stream on its own backend. A chunk whose connection breaks
 (``psycopg.OperationalError``: a terminated backend, a restart, a statement timeout) is
 retried on a fresh connection; any other database error is about the data and fails the
@@ -38,111 +38,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from psycopg import sql
 
-from libs import copy_binary
 from libs.errors import LoadError
 from libs.geoparquet import GEOMETRY
-from libs.postgis import GEOM, ROW_ID, PostGISSettings, connect
+from libs.postgis import copy_binary
+from libs.postgis.connection import GEOM, ROW_ID, PostGISSettings, connect
+from libs.postgis.tables import LayerTable, attribute_schema, pg_type
 
 log = logging.getLogger(__name__)
 
 #: A chunk to load: its ``_row_id`` span [start, end) and how to fetch its Arrow table.
 ChunkSource = tuple[tuple[int, int], Callable[[], pa.Table]]
-
-
-def _pg_type(field: pa.Field) -> tuple[str, str]:
-    """(column type, binary COPY type name) for an Arrow field; see ``libs.copy_binary``.
-
-    Dictionary-encoded columns (pandas categoricals) load as their value type. Unsigned
-    64-bit integers and decimals load as exact ``numeric``, never as a lossy float.
-    """
-    t = field.type
-    if pa.types.is_dictionary(t):
-        return _pg_type(pa.field(field.name, t.value_type))
-    if pa.types.is_boolean(t):
-        return "boolean", "bool"
-    if pa.types.is_int8(t) or pa.types.is_int16(t) or pa.types.is_uint8(t):
-        return "smallint", "int2"
-    if pa.types.is_int32(t) or pa.types.is_uint16(t):
-        return "integer", "int4"
-    if pa.types.is_int64(t) or pa.types.is_uint32(t):
-        return "bigint", "int8"
-    if pa.types.is_uint64(t) or pa.types.is_decimal(t):
-        return "numeric", "numeric"
-    if pa.types.is_float16(t) or pa.types.is_float32(t):
-        return "real", "float4"
-    if pa.types.is_floating(t):
-        return "double precision", "float8"
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
-        return "text", "text"
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-        return "bytea", "bytea"
-    if pa.types.is_date(t):
-        return "date", "date"
-    if pa.types.is_timestamp(t):
-        return ("timestamptz", "timestamptz") if t.tz else ("timestamp", "timestamp")
-    raise LoadError(
-        f"column {field.name!r} has Arrow type {t} which has no PostgreSQL mapping yet; "
-        "cast it to a number, text, boolean, date or timestamp"
-    )
-
-
-@dataclass(frozen=True)
-class LayerTable:
-    """A loaded layer: its table, attribute columns (Arrow schema) and SRID."""
-
-    schema: str
-    table: str
-    attributes: pa.Schema
-    srid: int
-    geometry_type: str = "Geometry"
-
-
-def attribute_schema(table: pa.Table) -> pa.Schema:
-    """The Arrow schema of a chunk's attributes (no geometry, row id or GeoParquet covering)."""
-    return pa.schema([f for f in table.schema if f.name not in (GEOMETRY, "bbox", ROW_ID)])
-
-
-_GEOMETRY_TYPES = {"Point", "LineString", "Polygon", "MultiPoint", "MultiLineString",
-                   "MultiPolygon", "GeometryCollection"}
-
-
-def column_geometry_type(geometry_types: list[str]) -> str:
-    """The typed column for a layer: its one geometry type, else the generic ``Geometry``."""
-    if len(geometry_types) == 1 and geometry_types[0] in _GEOMETRY_TYPES:
-        return geometry_types[0]
-    return "Geometry"
-
-
-def create_layer_table(conn: psycopg.Connection, layer: LayerTable, *, unlogged: bool = True) -> None:
-    """Create the layer's table: ``_row_id``, typed attributes, ``geometry(<type>, <srid>)``.
-
-    UNLOGGED by default: the table is scratch data in a run schema that lives only as long as
-    the load-and-join op and can be reloaded from the staged chunks, so writing it to the WAL
-    too buys nothing (a server crash fails the run either way) and costs about 15% of COPY
-    throughput. Pass ``unlogged=False`` for a table that must survive a crash or replicate.
-
-    Autovacuum is off for the table: the loader runs ANALYZE itself once the rows are in,
-    and nothing deletes or updates them, so an insert-triggered VACUUM (PostgreSQL 13+
-    starts one after every 20% of new rows) would only read the whole table again while the
-    index builds and the join want the cores.
-    """
-    reserved = {ROW_ID, GEOM}
-    columns = [sql.SQL("{} bigint NOT NULL").format(sql.Identifier(ROW_ID))]
-    for field in layer.attributes:
-        if field.name in reserved:
-            raise LoadError(
-                f"layer {layer.table!r}: column {field.name!r} is reserved by the loader; rename it"
-            )
-        columns.append(sql.SQL("{} {}").format(
-            sql.Identifier(field.name), sql.SQL(_pg_type(field)[0])))
-    if layer.geometry_type not in _GEOMETRY_TYPES | {"Geometry"}:
-        raise LoadError(f"layer {layer.table!r}: unknown geometry type {layer.geometry_type!r}")
-    columns.append(sql.SQL("{} geometry({}, {})").format(
-        sql.Identifier(GEOM), sql.SQL(layer.geometry_type), sql.Literal(layer.srid)))
-    with conn.transaction():
-        conn.execute(sql.SQL("CREATE {}TABLE {}.{} ({}) WITH (autovacuum_enabled = false)").format(
-            sql.SQL("UNLOGGED " if unlogged else ""), sql.Identifier(layer.schema),
-            sql.Identifier(layer.table), sql.SQL(", ").join(columns)))
 
 
 def copy_chunk_into_table(
@@ -170,8 +75,8 @@ def copy_chunk_into_table(
     row_ids = _row_ids(layer, chunk, id_span)
     names = [f.name for f in layer.attributes]
     columns = [row_ids, *(chunk.column(n) for n in names), chunk.column(GEOMETRY)]
-    types = ["int8", *(_pg_type(f)[1] for f in layer.attributes), copy_binary.Ewkb(layer.srid)]
-    table = sql.SQL("{}.{}").format(sql.Identifier(layer.schema), sql.Identifier(layer.table))
+    types = ["int8", *(pg_type(f)[1] for f in layer.attributes), copy_binary.Ewkb(layer.srid)]
+    table = layer.qualified
     target = sql.SQL("{} ({})").format(
         table, sql.SQL(", ").join(sql.Identifier(n) for n in [ROW_ID, *names, GEOM]))
     where = f"layer {layer.table!r}, rows with _row_id {start}-{end - 1}"
@@ -417,8 +322,8 @@ class _FetchAhead:
 def _table_is_empty(settings: PostGISSettings, layer: LayerTable) -> bool:
     try:
         with connect(settings, autocommit=True) as conn:
-            return conn.execute(sql.SQL("SELECT NOT EXISTS (SELECT FROM {}.{})").format(
-                sql.Identifier(layer.schema), sql.Identifier(layer.table))).fetchone()[0]
+            return conn.execute(sql.SQL("SELECT NOT EXISTS (SELECT FROM {})").format(
+                layer.qualified)).fetchone()[0]
     except psycopg.Error as exc:
         raise LoadError(f"layer {layer.table!r}: cannot start loading, PostGIS answered: "
                         f"{str(exc).strip()}") from exc
@@ -439,48 +344,3 @@ def _loader_connection(settings: PostGISSettings) -> psycopg.Connection:
     conn.commit()
     return conn
 
-
-#: Spatial indexes a layer can get: ``gist`` (any probe, KNN) or ``brin`` (bbox probes of a
-#: layer whose rows lie in the table in spatial order).
-SPATIAL_INDEXES = ("gist", "brin")
-#: Heap pages per BRIN summary: ~500-1,000 points of a layer a few attributes wide. Measured on
-#: 10M Hilbert-ordered points joined with 177 countries: 8 pages 2.4 s, 32 pages 2.8 s, 128
-#: pages 3.9 s (GiST: 2.6 s); every size builds in ~1.5 s.
-BRIN_PAGES_PER_RANGE = 8
-
-
-def index_and_analyze(conn: psycopg.Connection, layer: LayerTable, *,
-                      spatial_index: str | None = "gist", primary_key: bool = True) -> None:
-    """Primary key on ``_row_id`` (when ``primary_key``), the ``spatial_index`` on the
-    geometry (None: none), then ANALYZE.
-
-    The loader already proved the ids distinct (each chunk's ids lie in its own span and
-    repeat none), so the key is for queries that read the layer in ``_row_id`` order (a
-    join's left layer); elsewhere it would cost ~0.3 s per million rows on one core for
-    nothing.
-
-    ``gist`` serves every probe a join makes, KNN included; a sorted GiST build costs ~1.2 s
-    per million points on one core. ``brin`` keeps one bbox per ``BRIN_PAGES_PER_RANGE``
-    heap pages and builds in ~0.15 s per million: a probe reads the pages of every summary
-    its bbox overlaps, so it pays only when the rows lie in the table in spatial order (a
-    layer's chunks COPYed one after another in the shard's Hilbert order) and the geometries
-    are small against the layer (points); it answers bbox operators (``&&``, ``~``, ``@``)
-    and no KNN. A layer no join touches gets no spatial index: the run schema is dropped at
-    the end of the op and nothing else queries it.
-    """
-    if spatial_index not in (None, *SPATIAL_INDEXES):
-        raise ValueError(f"spatial_index must be one of {SPATIAL_INDEXES} or None, "
-                         f"got {spatial_index!r}")
-    ident = sql.SQL("{}.{}").format(sql.Identifier(layer.schema), sql.Identifier(layer.table))
-    with conn.transaction():
-        if primary_key:
-            conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
-                ident, sql.Identifier(ROW_ID)))
-        if spatial_index == "gist":
-            conn.execute(sql.SQL("CREATE INDEX ON {} USING gist ({})").format(
-                ident, sql.Identifier(GEOM)))
-        elif spatial_index == "brin":
-            conn.execute(sql.SQL("CREATE INDEX ON {} USING brin ({}) WITH (pages_per_range = {})")
-                         .format(ident, sql.Identifier(GEOM), sql.Literal(BRIN_PAGES_PER_RANGE)))
-    conn.execute(sql.SQL("ANALYZE {}").format(ident))
-    conn.commit()

@@ -1,9 +1,4 @@
-"""Publishing to the data lake: stable layout, completion manifest written last.
-
-Layout (bucket ``data-lake``)::
-
-    <dataset>/<batch_id>/part-<NNNNN>.parquet     GeoParquet 1.1, one dataset per layer/join
-    _batches/<batch_id>.json                      completion manifest, written last
+"""Publishing to the data lake (layout: ``libs.lake.keys``), completion manifest written last.
 
 A batch is published when, and only when, its completion manifest exists; readers that
 list ``_batches/`` and read only the objects a manifest names never see a partial batch.
@@ -13,35 +8,15 @@ Re-publishing a batch writes the same keys again and removes keys it no longer h
 from __future__ import annotations
 
 import json
-import posixpath
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from minio.commonconfig import CopySource
 
+from libs.descriptors import StagedPart
 from libs.errors import PublishError
+from libs.lake.keys import completion_key, dataset_prefix, part_key
 from libs.object_store import ObjectStore, with_retries
-
-COMPLETION_PREFIX = "_batches/"
-
-
-@dataclass(frozen=True)
-class StagedPart:
-    """One staged GeoParquet object destined for the lake."""
-
-    staging_key: str
-    rows: int
-    bytes: int
-    sha256: str
-
-
-def dataset_prefix(dataset: str, batch_id: str) -> str:
-    return f"{dataset}/{batch_id}/"
-
-
-def completion_key(batch_id: str) -> str:
-    return f"{COMPLETION_PREFIX}{batch_id}.json"
 
 
 def read_completion_manifest(store: ObjectStore, lake_bucket: str, batch_id: str) -> dict | None:
@@ -94,7 +69,7 @@ def publish_to_lake(
             prefix = dataset_prefix(dataset, batch_id)
             objects = []
             for number, part in enumerate(parts):
-                key = posixpath.join(prefix, f"part-{number:05d}.parquet")
+                key = part_key(prefix, number)
                 copies.append((key, part))
                 objects.append({"key": key, "rows": part.rows, "bytes": part.bytes,
                                 "sha256": part.sha256})

@@ -3,15 +3,14 @@
 A manifest lives at ``landing-zone/<batch_id>/manifest.json`` (any folder works; the
 ``batch_id`` inside is what identifies the batch). File paths are relative to the
 manifest's folder. The JSON Schema published in ``schemas/manifest.schema.json`` is
-generated from these models (``python -m libs.manifest``) and a test keeps it equal.
+generated from these models (``python -m libs.manifest``) and a test keeps it equal; parsing
+a landed document into them is ``libs.manifest.parse``.
 """
 
 from __future__ import annotations
 
 import codecs
-import json
 import posixpath
-import sys
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -21,7 +20,6 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -29,8 +27,7 @@ from pydantic import (
 from pyproj import CRS
 from pyproj.exceptions import CRSError
 
-from libs.errors import ManifestError
-from libs.transformations.recipe import DEFAULT_RECIPE, RecipeStep, effective_recipe
+from libs.manifest.recipe import DEFAULT_RECIPE, RecipeStep, effective_recipe
 
 MANIFEST_FILENAME = "manifest.json"
 
@@ -473,46 +470,3 @@ def cross_field_problems(document: object) -> list[str]:
             problems.append(f"join.predicate: {predicate!r} measures distances in metres, but "
                             f"target_crs {target_crs!r} {problem}")
     return problems
-
-
-def _describe(error: dict) -> str:
-    location = ".".join(str(part) for part in error["loc"]) or "(manifest)"
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] in ("missing", "extra_forbidden"):
-        return f"{location}: {message}"
-    received = error.get("input")
-    if isinstance(received, dict | list):
-        return f"{location}: {message}"
-    return f"{location}: {message} (received {received!r})"
-
-
-def parse_manifest(raw: bytes, manifest_key: str) -> Manifest:
-    """Parse and validate a manifest; raise :class:`ManifestError` listing every problem."""
-    try:
-        document = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(manifest_key, [f"not valid UTF-8 JSON: {exc}"]) from None
-    try:
-        return Manifest.model_validate(document)
-    except ValidationError as exc:
-        errors = [_describe(e) for e in exc.errors()]
-        errors += [p for p in cross_field_problems(document) if not any(p in e for e in errors)]
-        raise ManifestError(manifest_key, errors) from None
-
-
-def batch_folder(manifest_key: str) -> str:
-    """The key prefix the manifest's relative paths resolve against ('' at bucket root)."""
-    folder = posixpath.dirname(manifest_key)
-    return f"{folder}/" if folder else ""
-
-
-def manifest_json_schema() -> dict:
-    """The published JSON Schema of the manifest."""
-    schema = Manifest.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = "https://spatial-etl.example/schemas/manifest.schema.json"
-    return schema
-
-
-if __name__ == "__main__":
-    sys.stdout.write(json.dumps(manifest_json_schema(), indent=2, sort_keys=True) + "\n")

@@ -14,7 +14,7 @@ length) the matrix *is* the block. Otherwise Arrow's ``binary_join_element_wise`
 pieces out row after row in C. Either way the work per row is a handful of memcpys, in
 numpy/Arrow code that releases the GIL, so several chunks can be encoded in parallel threads.
 
-Type rules (the names are the ones ``libs.postgis_load`` maps Arrow types to):
+Type rules (the names are the ones ``libs.postgis.load`` maps Arrow types to):
 
 * ``bool``, ``int2``/``int4``/``int8``, ``float4``/``float8``: the value, widened where the
   PostgreSQL type is wider (``uint8`` → ``int2``, ``uint32`` → ``int8``, ``float16`` → ``float4``).

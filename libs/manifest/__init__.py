@@ -1,0 +1,38 @@
+"""The manifest stage: what a data team declares when it lands a batch (``model``), the
+recipe steps it may declare per layer (``recipe``), parsing a landed document (``parse``)
+and the published JSON Schema (``schema``; ``python -m libs.manifest`` prints it)."""
+
+from libs.manifest.model import (
+    CARRY_PREFIX,
+    DISTANCE_PREDICATES,
+    MANIFEST_FILENAME,
+    Aggregation,
+    CarryColumn,
+    CsvGeometry,
+    DataFile,
+    InputFormat,
+    Manifest,
+    SpatialJoin,
+    cross_field_problems,
+    distance_unit_problem,
+)
+from libs.manifest.parse import batch_folder, parse_manifest
+from libs.manifest.schema import manifest_json_schema
+
+__all__ = [
+    "CARRY_PREFIX",
+    "DISTANCE_PREDICATES",
+    "MANIFEST_FILENAME",
+    "Aggregation",
+    "CarryColumn",
+    "CsvGeometry",
+    "DataFile",
+    "InputFormat",
+    "Manifest",
+    "SpatialJoin",
+    "batch_folder",
+    "cross_field_problems",
+    "distance_unit_problem",
+    "manifest_json_schema",
+    "parse_manifest",
+]
