@@ -68,8 +68,7 @@ class SourceStore:
     """One source's validated batches: in memory until the layer outgrows the budget, then in
     spill files of about ``SEGMENT_BYTES`` each. :meth:`read` deletes each file as soon as it
     has read it, so the spill and the bucket files the partition pass writes from it are on
-    disk (and in the page cache) about once, not twice: 10M points peak at 846 MiB of scratch
-    instead of 1,568."""
+    disk (and in the page cache) about once, not twice (``docs/sharding.md``)."""
 
     def __init__(self, path: Path):
         self.path = path  # spill files are path.00000.arrows, path.00001.arrows, ...

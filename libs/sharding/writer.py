@@ -7,10 +7,9 @@ bbox: ``libs.geoparquet``) on ``encode_threads`` encoder threads; the sink is ca
 calling thread, in order.
 
 Staging chunks carry no covering column: their only reader is the transform task, which
-reads every row, and the chunk index already holds each chunk's bbox. Per row the covering
-would be 16 of ~36 bytes of a point chunk, each one written to and read back from the object
-store (whose PUTs cost ~12 CPU-s per GB on the local SeaweedFS). The transform writes the
-covering into its output, which is what the lake publishes.
+reads every row, and the chunk index already holds each chunk's bbox; the covering would be
+almost half of a point chunk's bytes, each stored and read back (``docs/sharding.md``). The
+transform writes the covering into its output, which is what the lake publishes.
 """
 
 from __future__ import annotations
