@@ -25,17 +25,19 @@ from pyproj import CRS
 from libs.errors import InputDataError
 from libs.geoparquet import GEOMETRY
 from libs.manifest import InputFormat
-from libs.sharding.columns import _BOUNDS, _TYPE
-from libs.sharding.crs import _layer_crs
-from libs.sharding.inputs import _probe
-from libs.sharding.limits import ShardLimits, _in_memory_bytes
-from libs.sharding.readers import _gdal_stream, _geoparquet_stream
-from libs.sharding.schema import _unify
-from libs.sharding.sources import LayerSource, _where
-from libs.sharding.wkb import _bounds, _check_families, _geometry_types
+from libs.sharding.columns import BOUNDS_COLUMNS, TYPE_CODE_COLUMN
+from libs.sharding.crs import layer_crs
+from libs.sharding.inputs import probe_source
+from libs.sharding.limits import ShardLimits
+from libs.sharding.readers import open_source_stream
+from libs.sharding.schema import unify_schemas
+from libs.sharding.sources import LayerSource, describe_source
+from libs.sharding.wkb import check_one_family, geometry_bounds
 
-_SAMPLE_SIZE = 65_536
-_SEGMENT_BYTES = 64 * 2**20
+#: Bbox centres sampled per layer; the external sort takes its bucket boundaries from them.
+SAMPLE_SIZE = 65_536
+#: Size of one spill file of a source.
+SEGMENT_BYTES = 64 * 2**20
 
 
 class _Sample:
@@ -62,11 +64,11 @@ class _Sample:
         self.priority, self.centres = priority, centres
 
 
-class _SourceStore:
+class SourceStore:
     """One source's validated batches: in memory until the layer outgrows the budget, then in
-    spill files of about ``_SEGMENT_BYTES`` each. The partition pass deletes each file as soon
-    as it has read it, so the spill and the bucket files it writes are on disk (and in the
-    page cache) about once, not twice: 10M points peak at 846 MiB of scratch instead of 1,568."""
+    spill files of about ``SEGMENT_BYTES`` each. :meth:`read` deletes each file as soon as it
+    has read it, so the spill and the bucket files the partition pass writes from it are on
+    disk (and in the page cache) about once, not twice (``docs/sharding.md``)."""
 
     def __init__(self, path: Path):
         self.path = path  # spill files are path.00000.arrows, path.00001.arrows, ...
@@ -100,7 +102,7 @@ class _SourceStore:
         self.segment_bytes = 0
 
     def _write(self, batch: pa.RecordBatch) -> None:
-        if self.segment_bytes >= _SEGMENT_BYTES:
+        if self.segment_bytes >= SEGMENT_BYTES:
             self.close()
             self._open_segment()
         self.writer.write_batch(batch)
@@ -113,6 +115,7 @@ class _SourceStore:
             self.writer = None
 
     def read(self) -> Iterator[pa.RecordBatch]:
+        """The batches in the order added; each spill file is deleted once read."""
         if not self.segments:
             yield from self.batches
             return
@@ -123,19 +126,33 @@ class _SourceStore:
 
 
 @dataclass
-class _Pass1:
-    """What reading a layer found, and where its validated rows are."""
+class CollectedLayer:
+    """What reading a layer found, and where its validated rows are (pass 1's result).
 
-    stores: list[_SourceStore]
+    Each row carries its bounds and type code (``columns``); :meth:`read` streams them in
+    source order, which is the order the sort keeps for equal keys.
+    """
+
+    stores: list[SourceStore]
     schema: pa.Schema  # attributes + geometry, unified over the sources
     crs: CRS
     rows: int
     nbytes: int
     in_memory: bool
     extent: np.ndarray  # of bbox centres: minx, miny, maxx, maxy (NaN when no geometry)
-    sample: _Sample
+    sample_centres: np.ndarray  # (n, 2): a uniform random sample of the bbox centres
     geometry_types: list[str]
     rows_per_source: dict[str, int]
+
+    def read(self) -> Iterator[pa.RecordBatch]:
+        """Every validated batch, source by source; spill files are deleted as they are read."""
+        for store in self.stores:
+            yield from store.read()
+
+    def release(self) -> None:
+        """Drop the batches held in memory (once the in-memory sort holds its own copy)."""
+        for store in self.stores:
+            store.batches = []
 
 
 class _Collector:
@@ -143,8 +160,8 @@ class _Collector:
 
     def __init__(self, layer: str, budget: int, spill_now: bool):
         self.layer, self.budget, self.spilled = layer, budget, spill_now
-        self.stores: list[_SourceStore] = []
-        self.sample = _Sample(_SAMPLE_SIZE)
+        self.stores: list[SourceStore] = []
+        self.sample = _Sample(SAMPLE_SIZE)
         self.extent = np.array([np.inf, np.inf, -np.inf, -np.inf])
         self.families: dict[str, tuple[str, str, int]] = {}  # family -> (file, type, row)
         self.types: set[str] = set()
@@ -152,19 +169,18 @@ class _Collector:
         self.nbytes = 0
 
     def add(self, batch: pa.RecordBatch, file: str, where: str, first_row: int) -> None:
-        bounds, headers = _bounds(batch.column(GEOMETRY), where, first_row)
-        _check_families(headers, self.families, file, where, first_row, self.layer)
-        self.types.update(_geometry_types(headers))
+        bounds, headers = geometry_bounds(batch.column(GEOMETRY), where, first_row)
+        check_one_family(headers, self.families, file, where, first_row, self.layer)
+        self.types.update(headers.type_names())
         cx, cy = (bounds[0] + bounds[2]) * 0.5, (bounds[1] + bounds[3]) * 0.5
         if not np.isnan(cx).all():
             low = np.minimum(self.extent[:2], [np.nanmin(cx), np.nanmin(cy)])
             high = np.maximum(self.extent[2:], [np.nanmax(cx), np.nanmax(cy)])
             self.extent = np.concatenate([low, high])
         self.sample.add(cx, cy)
-        codes = np.where(headers.valid, headers.kind * 2 + headers.has_z, 0).astype(np.uint8)
         full = pa.RecordBatch.from_arrays(
-            [*batch.columns, *(pa.array(b) for b in bounds), pa.array(codes)],
-            names=[*batch.schema.names, *_BOUNDS, _TYPE])
+            [*batch.columns, *(pa.array(b) for b in bounds), pa.array(headers.type_codes())],
+            names=[*batch.schema.names, *BOUNDS_COLUMNS, TYPE_CODE_COLUMN])
         store = self.stores[-1]
         store.add(full)
         self.nbytes += full.nbytes
@@ -177,11 +193,13 @@ class _Collector:
             store.spill()
 
 
-def _read_sources(layer: str, sources: list[LayerSource], scratch_dir: Path,
-                  limits: ShardLimits) -> _Pass1:
-    probes = [s.probe or _probe(s.path, s.data_file, s.source_layer, limits) for s in sources]
-    crs = _layer_crs(layer, sources, probes)
-    budget = _in_memory_bytes(limits)
+def collect_layer(layer: str, sources: list[LayerSource], scratch_dir: Path,
+                  limits: ShardLimits) -> CollectedLayer:
+    """Pass 1: read, validate and keep (in memory or spilled to ``scratch_dir``) every row of
+    ``layer``; raises :class:`~libs.errors.InputDataError` for anything wrong with the input."""
+    probes = [s.probe or probe_source(s.path, s.data_file, s.source_layer, limits) for s in sources]
+    crs = layer_crs(layer, sources, probes)
+    budget = limits.in_memory_sort_bytes
     # A layer whose files are already larger than the in-memory budget goes to disk from
     # the first batch: holding the budget's worth first would only leave it in the allocator.
     collector = _Collector(layer, budget, sum(_stored_bytes(s) for s in sources) > budget)
@@ -189,16 +207,16 @@ def _read_sources(layer: str, sources: list[LayerSource], scratch_dir: Path,
     schema_owner = ""
     rows_per_source: dict[str, int] = {}
     for index, (source, probe) in enumerate(zip(sources, probes, strict=True)):
-        where = _where(source.data_file, layer, source.source_layer)
-        collector.stores.append(_SourceStore(scratch_dir / f"source-{index:04d}.arrows"))
-        opener = (_geoparquet_stream(source, where, limits) if probe.gdal_path is None
-                  else _gdal_stream(source, probe, where, scratch_dir, limits, index))
+        where = describe_source(source.data_file, layer, source.source_layer)
+        collector.stores.append(SourceStore(scratch_dir / f"source-{index:04d}.arrows"))
         rows = 0
-        with opener as (source_schema, batches):
+        with open_source_stream(source, probe, where, scratch_dir, limits, index) as (
+                source_schema, batches):
             if schema is None:
                 schema, schema_owner = source_schema, source.data_file.path
             else:
-                schema = _unify(schema, schema_owner, source_schema, source.data_file.path, layer)
+                schema = unify_schemas(schema, schema_owner, source_schema,
+                                       source.data_file.path, layer)
             # GDAL reports unreadable CSV numbers only as a warning, which reaches Python on
             # the reading thread alone: CSV is read on this one. ``closing`` stops the helper
             # thread (on errors too) before the reader's dataset closes.
@@ -214,9 +232,9 @@ def _read_sources(layer: str, sources: list[LayerSource], scratch_dir: Path,
         rows_per_source[str(source.path)] = rows
     assert schema is not None
     extent = collector.extent if np.isfinite(collector.extent).all() else np.full(4, np.nan)
-    return _Pass1(collector.stores, schema, crs, collector.rows, collector.nbytes,
-                  not collector.spilled, extent, collector.sample, sorted(collector.types),
-                  rows_per_source)
+    return CollectedLayer(collector.stores, schema, crs, collector.rows, collector.nbytes,
+                          not collector.spilled, extent, collector.sample.centres,
+                          sorted(collector.types), rows_per_source)
 
 
 def _prefetched(items: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:

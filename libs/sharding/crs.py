@@ -9,7 +9,7 @@ from pyproj import CRS
 
 from libs.errors import InputDataError
 from libs.manifest import InputFormat
-from libs.sharding.sources import LayerSource, _Probe, _where
+from libs.sharding.sources import LayerSource, SourceProbe, describe_source
 
 
 def _crs(text: str) -> CRS:
@@ -28,12 +28,14 @@ def _same_crs(a: CRS, b: CRS) -> bool:
     return found_a is not None and found_a == found_b
 
 
-def _crs_text(crs: CRS) -> str:
+def crs_text(crs: CRS) -> str:
+    """How the chunk index records a CRS: ``EPSG:3857``-style when it has an authority code,
+    else WKT."""
     authority = crs.to_authority(min_confidence=90)
     return ":".join(authority) if authority else crs.to_wkt()
 
 
-def _layer_crs(layer: str, sources: list[LayerSource], probes: list[_Probe]) -> CRS:
+def layer_crs(layer: str, sources: list[LayerSource], probes: list[SourceProbe]) -> CRS:
     """The one CRS all sources of a layer share (each checked against the manifest)."""
     crs, first = None, sources[0]
     for source, probe in zip(sources, probes, strict=True):
@@ -50,8 +52,8 @@ def _layer_crs(layer: str, sources: list[LayerSource], probes: list[_Probe]) -> 
     return crs
 
 
-def _effective_crs(source: LayerSource, probe: _Probe, layer: str) -> CRS:
-    where = _where(source.data_file, layer, source.source_layer)
+def _effective_crs(source: LayerSource, probe: SourceProbe, layer: str) -> CRS:
+    where = describe_source(source.data_file, layer, source.source_layer)
     declared = source.data_file.source_crs
     found = _crs(probe.crs) if probe.crs else None
     if declared is not None:

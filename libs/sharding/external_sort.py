@@ -20,17 +20,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from libs.sharding.collect import _Pass1
-from libs.sharding.columns import _BOUNDS, _KEY, _TYPE
-from libs.sharding.hilbert import _Grid
-from libs.sharding.limits import ShardLimits, _in_memory_bytes
-from libs.sharding.schema import _conform
-from libs.sharding.writer import _ChunkWriter, _fixed_size_geometry
+from libs.sharding.collect import CollectedLayer
+from libs.sharding.columns import BOUNDS_COLUMNS, KEY_COLUMN, TYPE_CODE_COLUMN
+from libs.sharding.hilbert import HilbertGrid
+from libs.sharding.limits import ShardLimits
+from libs.sharding.schema import conform_batch
+from libs.sharding.writer import ChunkWriter, fixed_size_geometry
 
 T = TypeVar("T")
 R = TypeVar("R")
 _MAX_BUCKETS = 256
-_BUCKET_FLUSH_ROWS = 16_384
+#: Rows a bucket buffers before appending them to its file (fewer, larger IPC batches).
+BUCKET_FLUSH_ROWS = 16_384
 
 
 class _Buckets:
@@ -68,7 +69,7 @@ class _Buckets:
             self.buffered_bytes += size
             self.min_key[index] = min(self.min_key[index], keys[start:stop].min())
             self.max_key[index] = max(self.max_key[index], keys[start:stop].max())
-            if self.buffered_rows[index] >= _BUCKET_FLUSH_ROWS:
+            if self.buffered_rows[index] >= BUCKET_FLUSH_ROWS:
                 self._flush(index)
             start = stop
         if self.buffered_bytes > self.budget:
@@ -97,17 +98,17 @@ class _Buckets:
 
 def _partition(batch: pa.RecordBatch, keys: np.ndarray, boundaries: np.ndarray
                ) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray]:
-    """``batch`` with its ``_KEY`` column, rows grouped by bucket (stable within each), the
+    """``batch`` with its ``KEY_COLUMN`` column, rows grouped by bucket (stable within each), the
     keys in that order, and the row count per bucket. Touches no shared state."""
     bucket = np.searchsorted(boundaries, keys, side="right")
     order = np.argsort(bucket, kind="stable")
     counts = np.bincount(bucket, minlength=len(boundaries) + 1)
-    batch = batch.append_column(_KEY, pa.array(keys)).take(pa.array(order))
+    batch = batch.append_column(KEY_COLUMN, pa.array(keys)).take(pa.array(order))
     return batch, keys[order], counts
 
 
-def _in_order_ahead(items: Iterator[T], work: Callable[[T], R], *, threads: int,
-                    ahead: int) -> Iterator[R]:
+def map_in_order_ahead(items: Iterator[T], work: Callable[[T], R], *, threads: int,
+                       ahead: int) -> Iterator[R]:
     """``work(item)`` for each item, on ``threads`` threads, yielded in the items' order,
     at most ``ahead`` items in flight."""
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard-partition") as pool:
@@ -145,7 +146,7 @@ def _quantile_boundaries(keys: np.ndarray, count: int) -> np.ndarray:
 
 
 def _emit_bucket(path: Path, rows: int, nbytes: int, low: np.uint64, high: np.uint64,
-                 schema: pa.Schema, writer: _ChunkWriter, scratch: Path, limits: ShardLimits,
+                 schema: pa.Schema, writer: ChunkWriter, scratch: Path, limits: ShardLimits,
                  depth: int = 0) -> None:
     if not rows:
         return
@@ -156,13 +157,13 @@ def _emit_bucket(path: Path, rows: int, nbytes: int, low: np.uint64, high: np.ui
             writer.add_run(table, np.arange(batch.num_rows))
         path.unlink(missing_ok=True)
         return
-    if nbytes <= _in_memory_bytes(limits):
+    if nbytes <= limits.in_memory_sort_bytes:
         table = pa.Table.from_batches(list(_read_bucket(path)), schema=schema)
         path.unlink(missing_ok=True)
-        writer.add_run(_fixed_size_geometry(table), _sorted_order(_key_column(table)))
+        writer.add_run(fixed_size_geometry(table), stable_argsort(_key_column(table)))
         return
     # Too big to sort in memory (skewed data): split on this bucket's own key quantiles.
-    strided = [batch.column(_KEY).to_numpy()[:: max(1, batch.num_rows // 64)]
+    strided = [batch.column(KEY_COLUMN).to_numpy()[:: max(1, batch.num_rows // 64)]
                for batch in _read_bucket(path)]
     candidates = np.concatenate(strided)
     count = min(_MAX_BUCKETS, max(2, -(-nbytes // _bucket_bytes(limits))))
@@ -174,7 +175,7 @@ def _emit_bucket(path: Path, rows: int, nbytes: int, low: np.uint64, high: np.ui
     folder.mkdir()
     buckets = _Buckets(folder, boundaries, schema, _bucket_bytes(limits) // 2)
     for batch in _read_bucket(path):
-        buckets.add(batch.drop_columns([_KEY]), batch.column(_KEY).to_numpy())
+        buckets.add(batch.drop_columns([KEY_COLUMN]), batch.column(KEY_COLUMN).to_numpy())
     buckets.close()
     path.unlink(missing_ok=True)
     for index, sub in enumerate(buckets.paths):
@@ -182,7 +183,7 @@ def _emit_bucket(path: Path, rows: int, nbytes: int, low: np.uint64, high: np.ui
                      buckets.max_key[index], schema, writer, folder, limits, depth + 1)
 
 
-def _sorted_order(keys: np.ndarray) -> np.ndarray:
+def stable_argsort(keys: np.ndarray) -> np.ndarray:
     """Positions that sort ``keys``, equal keys in position order (a stable sort).
 
     numpy's stable sort of 64-bit integers is a merge sort, twice as slow as its quicksort;
@@ -198,43 +199,46 @@ def _sorted_order(keys: np.ndarray) -> np.ndarray:
 
 
 def _key_column(table: pa.Table) -> np.ndarray:
-    column = table.column(_KEY)
+    column = table.column(KEY_COLUMN)
     return (column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)).to_numpy()
 
 
-def _sort_and_emit(first: _Pass1, writer: _ChunkWriter, scratch_dir: Path,
-                   limits: ShardLimits) -> None:
-    grid = _Grid.over(first.extent) if np.isfinite(first.extent).all() else _Grid(0.0, 0.0, 0.0)
-    full_schema = pa.schema([*first.schema, *(pa.field(n, pa.float64()) for n in _BOUNDS),
-                             pa.field(_TYPE, pa.uint8())])
-    if first.in_memory:
-        batches = [_conform(b, full_schema) for store in first.stores for b in store.read()]
-        for store in first.stores:
-            store.batches = []
+def sort_and_emit(collected: CollectedLayer, writer: ChunkWriter, scratch_dir: Path,
+                  limits: ShardLimits) -> None:
+    """Passes 2 and 3: feed ``writer`` every row of ``collected`` in Hilbert key order (equal
+    keys in source order), in memory or through bucket files in ``scratch_dir``."""
+    grid = (HilbertGrid.over(collected.extent) if np.isfinite(collected.extent).all()
+            else HilbertGrid(0.0, 0.0, 0.0))
+    full_schema = pa.schema([*collected.schema,
+                             *(pa.field(n, pa.float64()) for n in BOUNDS_COLUMNS),
+                             pa.field(TYPE_CODE_COLUMN, pa.uint8())])
+    if collected.in_memory:
+        batches = [conform_batch(b, full_schema) for b in collected.read()]
+        collected.release()
         keys = np.concatenate([grid.batch_keys(b) for b in batches])
-        table = _fixed_size_geometry(pa.Table.from_batches(batches, schema=full_schema))
-        writer.add_run(table, _sorted_order(keys))
+        table = fixed_size_geometry(pa.Table.from_batches(batches, schema=full_schema))
+        writer.add_run(table, stable_argsort(keys))
         return
     target = _bucket_bytes(limits)
-    count = int(min(_MAX_BUCKETS, max(2, -(-first.nbytes // target))))
-    sample_keys = grid.keys(first.sample.centres[:, 0].copy(), first.sample.centres[:, 1].copy())
+    count = int(min(_MAX_BUCKETS, max(2, -(-collected.nbytes // target))))
+    centres = collected.sample_centres
+    sample_keys = grid.keys(centres[:, 0].copy(), centres[:, 1].copy())
     boundaries = _quantile_boundaries(sample_keys, count)
     folder = scratch_dir / "buckets"
     folder.mkdir()
-    bucket_schema = full_schema.append(pa.field(_KEY, pa.uint64()))
+    bucket_schema = full_schema.append(pa.field(KEY_COLUMN, pa.uint64()))
     buckets = _Buckets(folder, boundaries, bucket_schema, target // 2)
 
     def keyed_and_partitioned(batch: pa.RecordBatch
                               ) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray]:
-        batch = _conform(batch, full_schema)
+        batch = conform_batch(batch, full_schema)
         return _partition(batch, grid.batch_keys(batch), boundaries)
 
     # Keying and grouping a batch (numpy and Arrow, which release the GIL) is most of this
     # pass: on two threads it overlaps with reading the spill and writing the buckets, and
     # with itself, while no chunk is out yet and Ray's workers wait.
-    spilled = (batch for store in first.stores for batch in store.read())
-    for partitioned in _in_order_ahead(spilled, keyed_and_partitioned,
-                                       threads=limits.encode_threads, ahead=4):
+    for partitioned in map_in_order_ahead(collected.read(), keyed_and_partitioned,
+                                          threads=limits.encode_threads, ahead=4):
         buckets.add_partitioned(*partitioned)
     buckets.close()
     for index, path in enumerate(buckets.paths):

@@ -9,7 +9,7 @@ from functools import cache
 import numpy as np
 import pyarrow as pa
 
-from libs.sharding.columns import _BOUNDS, _float_column
+from libs.sharding.columns import BOUNDS_COLUMNS, column_values
 
 _EMPTY_KEY = np.uint64(2**64 - 1)  # rows without a geometry sort last
 _STEP_BITS = 8
@@ -58,7 +58,7 @@ def hilbert_index(ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _Grid:
+class HilbertGrid:
     """Maps bbox centres to Hilbert keys over a layer's extent (one scale for both axes)."""
 
     minx: float
@@ -66,7 +66,8 @@ class _Grid:
     scale: float
 
     @classmethod
-    def over(cls, extent: np.ndarray) -> _Grid:
+    def over(cls, extent: np.ndarray) -> HilbertGrid:
+        """The grid over ``extent`` (minx, miny, maxx, maxy of the centres, finite)."""
         minx, miny, maxx, maxy = (float(v) for v in extent)
         size = max(maxx - minx, maxy - miny)
         return cls(minx, miny, (2.0**32 - 1) / size if size > 0 else 0.0)
@@ -85,5 +86,6 @@ class _Grid:
         return keys
 
     def batch_keys(self, batch: pa.RecordBatch | pa.Table) -> np.ndarray:
-        minx, miny, maxx, maxy = (_float_column(batch, name) for name in _BOUNDS)
+        """Hilbert keys of the rows of ``batch``, from its bounds columns."""
+        minx, miny, maxx, maxy = (column_values(batch, name) for name in BOUNDS_COLUMNS)
         return self.keys((minx + maxx) * 0.5, (miny + maxy) * 0.5)

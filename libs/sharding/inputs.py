@@ -22,9 +22,9 @@ from pyogrio.errors import DataLayerError
 
 from libs.errors import InputDataError
 from libs.manifest import DataFile, InputFormat
-from libs.sharding.crs import _layer_crs
+from libs.sharding.crs import layer_crs
 from libs.sharding.limits import ShardLimits
-from libs.sharding.sources import _GDAL_ERRORS, _TEXT_FORMATS, LayerSource, _Probe, _where
+from libs.sharding.sources import GDAL_ERRORS, TEXT_FORMATS, LayerSource, SourceProbe, describe_source
 
 _DRIVERS = {
     InputFormat.GEOJSON: "GeoJSON",
@@ -77,7 +77,7 @@ def _sniff(path: Path) -> str:
 
 def _check_zip(path: Path, data_file: DataFile, limits: ShardLimits) -> list[str]:
     """Validate an archive from its central directory; return its member names."""
-    where = _where(data_file)
+    where = describe_source(data_file)
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
@@ -144,14 +144,14 @@ def _read_info(gdal_path: str, layer: str | None, **options: str) -> dict:
 
 def _detect_driver(gdal_path: str, path: Path, data_file: DataFile, layer: str | None) -> dict:
     """read_info of a GDAL source, with its driver checked against the declared format."""
-    where = _where(data_file, source_layer=layer)
+    where = describe_source(data_file, source_layer=layer)
     expected = _DRIVERS[data_file.format]
     try:
         info = _read_info(gdal_path, layer)
     except DataLayerError as exc:
         raise InputDataError(f"{where}: {exc}; expected an existing layer "
                              f"(available: {_list_layers(gdal_path)})") from None
-    except _GDAL_ERRORS as exc:
+    except GDAL_ERRORS as exc:
         if data_file.format is InputFormat.CSV and "not recognized" in str(exc):
             return {}  # GDAL recognises CSV by extension only; it is opened as "CSV:<path>"
         raise InputDataError(
@@ -173,28 +173,30 @@ def _detect_driver(gdal_path: str, path: Path, data_file: DataFile, layer: str |
 def _list_layers(gdal_path: str) -> list[str]:
     try:
         return [str(name) for name in pyogrio.list_layers(gdal_path)[:, 0]]
-    except _GDAL_ERRORS:
+    except GDAL_ERRORS:
         return []
 
 
-def _parquet_file(path: Path, data_file: DataFile) -> pq.ParquetFile:
+def open_parquet(path: Path, data_file: DataFile) -> pq.ParquetFile:
+    """Open a landed GeoParquet file for streaming, or say what the file looks like instead."""
     try:
         return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
     except (pa.ArrowInvalid, OSError) as exc:
         try:
             driver = pyogrio.read_info(str(path))["driver"]
             seen = f"GDAL reads it as {driver}"
-        except _GDAL_ERRORS:
+        except GDAL_ERRORS:
             seen = f"it looks like {_sniff(path)}"
         raise InputDataError(
-            f"{_where(data_file)}: declared geoparquet but it is not a Parquet file ({seen}; "
+            f"{describe_source(data_file)}: declared geoparquet but it is not a Parquet file ({seen}; "
             f"pyarrow says {exc}); expected a GeoParquet 1.0 or 1.1 file"
         ) from None
 
 
-def _geo_metadata(parquet: pq.ParquetFile, data_file: DataFile) -> dict:
+def read_geo_metadata(parquet: pq.ParquetFile, data_file: DataFile) -> dict:
+    """The file's GeoParquet ``geo`` metadata, checked: a primary WKB column the file has."""
     raw = (parquet.schema_arrow.metadata or {}).get(b"geo")
-    where = _where(data_file)
+    where = describe_source(data_file)
     if raw is None:
         raise InputDataError(
             f"{where} is Parquet without GeoParquet 'geo' metadata; expected a GeoParquet 1.0 "
@@ -228,14 +230,14 @@ def _geoparquet_crs(geo: dict) -> str | None:
     return json.dumps(crs) if isinstance(crs, dict) else str(crs)
 
 
-def _probe(path: Path, data_file: DataFile, source_layer: str | None,
-           limits: ShardLimits) -> _Probe:
+def probe_source(path: Path, data_file: DataFile, source_layer: str | None,
+                 limits: ShardLimits) -> SourceProbe:
     """Check a source is what the manifest says and find how to open it (no data is read)."""
-    where = _where(data_file, source_layer=source_layer)
+    where = describe_source(data_file, source_layer=source_layer)
     fmt = data_file.format
     if not path.is_file():
         raise InputDataError(f"{where}: no such file {str(path)!r}")
-    if data_file.encoding and fmt not in _TEXT_FORMATS | {InputFormat.SHAPEFILE_ZIP}:
+    if data_file.encoding and fmt not in TEXT_FORMATS | {InputFormat.SHAPEFILE_ZIP}:
         if codecs.lookup(data_file.encoding).name != "utf-8":
             raise InputDataError(
                 f"{where}: declares encoding {data_file.encoding!r}, but {fmt.value} stores text "
@@ -244,8 +246,8 @@ def _probe(path: Path, data_file: DataFile, source_layer: str | None,
     if fmt is InputFormat.GEOPARQUET:
         if source_layer is not None:
             raise InputDataError(f"{where}: a GeoParquet file has one layer; remove source_layer")
-        geo = _geo_metadata(_parquet_file(path, data_file), data_file)
-        return _Probe(None, None, _geoparquet_crs(geo), "UTF-8 (Parquet)")
+        geo = read_geo_metadata(open_parquet(path, data_file), data_file)
+        return SourceProbe(None, None, _geoparquet_crs(geo), "UTF-8 (Parquet)")
     gdal_path, encoding_note, options = str(path), "UTF-8", ()
     layer = source_layer
     if fmt is InputFormat.SHAPEFILE_ZIP:
@@ -290,7 +292,7 @@ def _probe(path: Path, data_file: DataFile, source_layer: str | None,
         layer = layers[0] if layers else None
     if info.get("geometry_type") is None and fmt is not InputFormat.CSV:
         raise InputDataError(f"{where}: the layer has no geometry column; expected spatial data")
-    return _Probe(gdal_path, layer, info.get("crs"), encoding_note, options)
+    return SourceProbe(gdal_path, layer, info.get("crs"), encoding_note, options)
 
 
 def _csv_options(data_file: DataFile, where: str, info: dict) -> tuple[tuple[str, str], ...]:
@@ -321,8 +323,8 @@ def _source_layers(path: Path, data_file: DataFile, limits: ShardLimits) -> list
         return list(_shapefiles_in_zip(_check_zip(path, data_file, limits)))
     try:
         listing = pyogrio.list_layers(str(path))
-    except _GDAL_ERRORS as exc:
-        raise InputDataError(f"{_where(data_file)} cannot be read as {data_file.format.value}: "
+    except GDAL_ERRORS as exc:
+        raise InputDataError(f"{describe_source(data_file)} cannot be read as {data_file.format.value}: "
                              f"GDAL says {exc} (the file looks like {_sniff(path)})") from None
     return [str(name) for name, geometry_type in listing if geometry_type is not None]
 
@@ -340,26 +342,26 @@ def plan_layers(files: list[tuple[Path, DataFile]],
     plan: dict[str, list[LayerSource]] = {}
     for path, data_file in files:
         if not data_file.all_layers:
-            probe = _probe(path, data_file, data_file.source_layer, limits)
+            probe = probe_source(path, data_file, data_file.source_layer, limits)
             plan.setdefault(data_file.layer, []).append(
                 LayerSource(path, data_file, data_file.source_layer, probe))
             continue
         names = _source_layers(path, data_file, limits)
         if not names:
-            raise InputDataError(f"{_where(data_file)} has no spatial layers; expected at least "
+            raise InputDataError(f"{describe_source(data_file)} has no spatial layers; expected at least "
                                  "one layer with a geometry column")
         produced: dict[str, str] = {}
         for name in names:
             layer = _expanded_layer_name(data_file.layer, name, data_file)
             if layer in produced:
                 raise InputDataError(
-                    f"{_where(data_file)}: source layers {produced[layer]!r} and {name!r} both "
+                    f"{describe_source(data_file)}: source layers {produced[layer]!r} and {name!r} both "
                     f"become layer {layer!r}; rename one of them in the file"
                 )
             produced[layer] = name
             source_layer = None if data_file.format is InputFormat.GEOPARQUET else name
-            probe = _probe(path, data_file, source_layer, limits)
+            probe = probe_source(path, data_file, source_layer, limits)
             plan.setdefault(layer, []).append(LayerSource(path, data_file, source_layer, probe))
     for layer, sources in plan.items():
-        _layer_crs(layer, sources, [s.probe for s in sources])
+        layer_crs(layer, sources, [s.probe for s in sources])
     return plan

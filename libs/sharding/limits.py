@@ -37,7 +37,8 @@ class ShardLimits:
         if self.max_zip_ratio <= 0:
             raise ValueError(f"ShardLimits.max_zip_ratio must be > 0, got {self.max_zip_ratio}")
 
+    @property
+    def in_memory_sort_bytes(self) -> int:
+        """A layer (or an external-sort bucket) up to this size is sorted in memory."""
+        return self.sort_memory_bytes // 2
 
-def _in_memory_bytes(limits: ShardLimits) -> int:
-    """A layer (or a bucket) up to this size is sorted in memory."""
-    return limits.sort_memory_bytes // 2

@@ -13,7 +13,7 @@ import codecs
 import re
 import warnings
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +24,27 @@ from pyogrio.raw import open_arrow
 from libs.errors import InputDataError
 from libs.geoparquet import GEOMETRY
 from libs.manifest import DataFile, InputFormat
-from libs.sharding.columns import _RESERVED
-from libs.sharding.inputs import _geo_metadata, _parquet_file
+from libs.sharding.columns import is_reserved_column
+from libs.sharding.inputs import open_parquet, read_geo_metadata
 from libs.sharding.limits import ShardLimits
-from libs.sharding.sources import _GDAL_ERRORS, _TEXT_FORMATS, LayerSource, _Probe
+from libs.sharding.sources import GDAL_ERRORS, TEXT_FORMATS, LayerSource, SourceProbe
+
+#: A source opened for reading: its normalised schema and an iterator of its batches.
+SourceStream = tuple[pa.Schema, Iterator[pa.RecordBatch]]
+
+
+def open_source_stream(source: LayerSource, probe: SourceProbe, where: str, scratch_dir: Path,
+                       limits: ShardLimits, index: int) -> AbstractContextManager[SourceStream]:
+    """Open ``source`` (the ``index``-th of its layer) as normalised batches of
+    ``limits.read_batch_rows`` rows: attributes with plain types, then WKB geometry.
+
+    A context manager: the file is closed on leaving it. GeoParquet is read with pyarrow,
+    everything else with GDAL; text in another encoding is first transcoded to UTF-8 in
+    ``scratch_dir``. Problems are :class:`InputDataError` naming ``where``.
+    """
+    if probe.gdal_path is None:
+        return _geoparquet_stream(source, where, limits)
+    return _gdal_stream(source, probe, where, scratch_dir, limits, index)
 
 
 def _plain_type(data_type: pa.DataType) -> pa.DataType:
@@ -54,7 +71,7 @@ class _Normaliser:
                 continue
             if item.name in drop:
                 continue
-            if item.name in _RESERVED or item.name.startswith("__shard_"):
+            if is_reserved_column(item.name):
                 raise InputDataError(
                     f"{where}: has an attribute column named {item.name!r}, which chunks use for "
                     "the geometry or its bbox; rename the column in the file"
@@ -188,14 +205,14 @@ class _CsvGeometryCheck:
 
 
 @contextmanager
-def _gdal_stream(source: LayerSource, probe: _Probe, where: str, scratch_dir: Path,
-                 limits: ShardLimits, index: int) -> Iterator[tuple[pa.Schema, Iterator]]:
+def _gdal_stream(source: LayerSource, probe: SourceProbe, where: str, scratch_dir: Path,
+                 limits: ShardLimits, index: int) -> Iterator[SourceStream]:
     data_file = source.data_file
     gdal_path, encoding = probe.gdal_path, None
     declared = data_file.encoding
     if data_file.format is InputFormat.SHAPEFILE_ZIP and declared:
         encoding = _gdal_encoding(declared)
-    elif data_file.format in _TEXT_FORMATS and declared and codecs.lookup(declared).name != "utf-8":
+    elif data_file.format in TEXT_FORMATS and declared and codecs.lookup(declared).name != "utf-8":
         suffix = source.path.suffix or ".txt"
         copy = _transcode_to_utf8(source.path, declared,
                                   scratch_dir / f"source-{index:04d}-utf8{suffix}", where)
@@ -217,7 +234,7 @@ def _gdal_stream(source: LayerSource, probe: _Probe, where: str, scratch_dir: Pa
                 f"({exc.reason}); set 'encoding' in the manifest to the file's real encoding "
                 "(e.g. 'cp1252')"
             ) from None
-        except _GDAL_ERRORS as exc:
+        except GDAL_ERRORS as exc:
             raise InputDataError(
                 f"{where} cannot be read as {data_file.format.value}: {exc}") from None
         geometry_name = meta.get("geometry_name") or "wkb_geometry"
@@ -231,7 +248,7 @@ def _gdal_stream(source: LayerSource, probe: _Probe, where: str, scratch_dir: Pa
                     batch = reader.read_next_batch()
                 except StopIteration:
                     return
-                except (pa.ArrowException, OSError, *_GDAL_ERRORS) as exc:
+                except (pa.ArrowException, OSError, *GDAL_ERRORS) as exc:
                     raise InputDataError(
                         f"{where}: reading failed after row {row} ({exc}); the file is corrupt or "
                         f"truncated, expected a valid {data_file.format.value} file"
@@ -249,9 +266,9 @@ def _gdal_stream(source: LayerSource, probe: _Probe, where: str, scratch_dir: Pa
 
 @contextmanager
 def _geoparquet_stream(source: LayerSource, where: str,
-                       limits: ShardLimits) -> Iterator[tuple[pa.Schema, Iterator]]:
-    parquet = _parquet_file(source.path, source.data_file)
-    geo = _geo_metadata(parquet, source.data_file)
+                       limits: ShardLimits) -> Iterator[SourceStream]:
+    parquet = open_parquet(source.path, source.data_file)
+    geo = read_geo_metadata(parquet, source.data_file)
     primary = geo["primary_column"]
     covering = geo["columns"][primary].get("covering") or {}
     skip = {path[0] for spec in covering.values() if isinstance(spec, dict)

@@ -21,7 +21,7 @@ def _promoted(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     return None
 
 
-def _unify(current: pa.Schema, current_name: str, new: pa.Schema, new_name: str,
+def unify_schemas(current: pa.Schema, current_name: str, new: pa.Schema, new_name: str,
            layer: str) -> pa.Schema:
     """The schema both files fit in (numbers widen), or an error naming the differences."""
     problems = []
@@ -51,7 +51,8 @@ def _unify(current: pa.Schema, current_name: str, new: pa.Schema, new_name: str,
     return pa.schema(fields)
 
 
-def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+def conform_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` cast to ``schema`` (from :func:`unify_schemas`), itself when it already fits."""
     if batch.schema.equals(schema):
         return batch
     arrays = [batch.column(item.name).cast(item.type) for item in schema]

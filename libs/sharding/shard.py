@@ -12,12 +12,12 @@ import pyarrow as pa
 
 from libs.descriptors import Chunk, LayerChunks
 from libs.errors import ReconciliationError
-from libs.sharding.collect import _read_sources
-from libs.sharding.crs import _crs_text
-from libs.sharding.external_sort import _sort_and_emit
+from libs.sharding.collect import collect_layer
+from libs.sharding.crs import crs_text
+from libs.sharding.external_sort import sort_and_emit
 from libs.sharding.limits import ShardLimits
 from libs.sharding.sources import LayerSource
-from libs.sharding.writer import ChunkSink, _ChunkWriter
+from libs.sharding.writer import ChunkSink, ChunkWriter
 
 
 @dataclass
@@ -53,20 +53,20 @@ def shard_layer(layer: str, sources: list[LayerSource], sink: ChunkSink, *, scra
         raise ValueError(f"layer {layer!r}: no sources to shard")
     work = Path(tempfile.mkdtemp(prefix=f"shard-{layer}-", dir=scratch_dir))
     try:
-        first = _read_sources(layer, sources, work, limits)
-        writer = _ChunkWriter(layer, first.crs, first.schema, sink, limits, on_chunk)
+        collected = collect_layer(layer, sources, work, limits)
+        writer = ChunkWriter(layer, collected.crs, collected.schema, sink, limits, on_chunk)
         try:
-            _sort_and_emit(first, writer, work, limits)
+            sort_and_emit(collected, writer, work, limits)
         except BaseException:
             writer.abort()
             raise
         chunks = writer.finish()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if sum(c.rows for c in chunks) != first.rows:
+    if sum(c.rows for c in chunks) != collected.rows:
         raise ReconciliationError(f"layer {layer!r}: the chunks hold {sum(c.rows for c in chunks)} "
-                                  f"rows but the sources {first.rows}")
+                                  f"rows but the sources {collected.rows}")
     return ShardedLayer(
-        chunks=LayerChunks(layer=layer, crs=_crs_text(first.crs), chunks=chunks),
-        schema=first.schema, geometry_types=first.geometry_types,
-        rows_per_source=first.rows_per_source)
+        chunks=LayerChunks(layer=layer, crs=crs_text(collected.crs), chunks=chunks),
+        schema=collected.schema, geometry_types=collected.geometry_types,
+        rows_per_source=collected.rows_per_source)

@@ -16,14 +16,17 @@ from pyogrio.errors import (
 
 from libs.manifest import DataFile, InputFormat
 
-_GDAL_ERRORS = (DataSourceError, DataLayerError, CRSError, FeatureError, FieldError, GeometryError,
+#: What pyogrio raises for a file GDAL cannot read (it also lets some plain errors through).
+GDAL_ERRORS = (DataSourceError, DataLayerError, CRSError, FeatureError, FieldError, GeometryError,
                 RuntimeError, ValueError, IndexError)
-_TEXT_FORMATS = {InputFormat.CSV, InputFormat.GEOJSON, InputFormat.GEOJSONSEQ}
+#: Formats that store text in a declared encoding (transcoded to UTF-8 before GDAL reads them).
+TEXT_FORMATS = {InputFormat.CSV, InputFormat.GEOJSON, InputFormat.GEOJSONSEQ}
 
 
 @dataclass(frozen=True)
-class _Probe:
-    """What a first look at a source found (driver, CRS, how to open it)."""
+class SourceProbe:
+    """What a first look at a source found (driver, CRS, how to open it), before any row is
+    read: made by ``inputs.probe_source``, used to check the CRS and to open the reader."""
 
     gdal_path: str | None  # None: read with pyarrow (GeoParquet)
     gdal_layer: str | None
@@ -39,10 +42,11 @@ class LayerSource:
     path: Path
     data_file: DataFile
     source_layer: str | None
-    probe: _Probe | None = field(default=None, repr=False, compare=False)
+    probe: SourceProbe | None = field(default=None, repr=False, compare=False)
 
 
-def _where(data_file: DataFile, layer: str | None = None, source_layer: str | None = None) -> str:
+def describe_source(data_file: DataFile, layer: str | None = None,
+                    source_layer: str | None = None) -> str:
     """How messages name a source: ``file 'a.gpkg' (source layer 'roads', layer 'base_roads')``."""
     inner = f"source layer {source_layer!r}, " if source_layer else ""
     return f"file {data_file.path!r} ({inner}layer {layer or data_file.layer!r})"

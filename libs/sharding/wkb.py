@@ -3,7 +3,7 @@
 Point bounds come straight from the WKB bytes (strided numpy views, no parsing); plain
 lines and polygons (and their Multi* forms) from their coordinates, found by walking the WKB
 with numpy (``libs.wkb_layout``); anything else is parsed with shapely, at most
-``_PARSE_BYTES`` of WKB at a time, and so is a batch the walk or its checks refuse (a
+``PARSE_BYTES`` of WKB at a time, and so is a batch the walk or its checks refuse (a
 broken geometry then gets shapely's verdict, which the error message reports).
 """
 
@@ -16,9 +16,12 @@ import pyarrow as pa
 import shapely
 
 from libs.errors import InputDataError
+from libs.sharding.columns import binary_parts
 from libs.wkb_layout import wkb_layout
 
-_PARSE_BYTES = 32 * 2**20
+#: WKB parsed with shapely at a time (GEOS objects and coordinate copies are several times
+#: the WKB's size).
+PARSE_BYTES = 32 * 2**20
 _TYPE_NAMES = {1: "Point", 2: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "MultiLineString",
                6: "MultiPolygon", 7: "GeometryCollection", 8: "CircularString",
                9: "CompoundCurve", 10: "CurvePolygon", 11: "MultiCurve", 12: "MultiSurface",
@@ -26,30 +29,28 @@ _TYPE_NAMES = {1: "Point", 2: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "M
 _FAMILIES = {1: "point", 4: "point", 2: "line", 5: "line", 3: "polygon", 6: "polygon"}
 
 
-def _binary_parts(array: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(starts, lengths, data bytes) of a binary/string array, without copying values."""
-    n = len(array)
-    offsets_buffer, data_buffer = array.buffers()[1], array.buffers()[2]
-    if n == 0 or offsets_buffer is None:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8)
-    offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[array.offset: array.offset + n + 1]
-    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else \
-        np.zeros(0, np.uint8)
-    starts = offsets[:-1].astype(np.int64)
-    return starts, np.diff(offsets).astype(np.int64), data
-
-
 @dataclass
-class _WkbHeaders:
+class WkbHeaders:
+    """The geometry type of each row of a WKB array, read from its first five bytes."""
+
     valid: np.ndarray  # bool: a geometry is present
     kind: np.ndarray  # int: 1..17 (0 where missing)
     has_z: np.ndarray  # bool
     dims_xy: np.ndarray  # bool: plain 2D/ISO Z without EWKB extras (point fast path)
     little: np.ndarray  # bool
 
+    def type_codes(self) -> np.ndarray:
+        """``kind * 2 + has_z`` per row as uint8, 0 where no geometry (the type code column)."""
+        return np.where(self.valid, self.kind * 2 + self.has_z, 0).astype(np.uint8)
 
-def _wkb_headers(array: pa.Array) -> tuple[_WkbHeaders, np.ndarray, np.ndarray, np.ndarray]:
-    starts, lengths, data = _binary_parts(array)
+    def type_names(self) -> list[str]:
+        """The sorted names of the geometry types present, e.g. ``['Point', 'Point Z']``."""
+        present = self.valid & (self.kind > 0)
+        return type_code_names(self.kind[present] * 2 + self.has_z[present])
+
+
+def _wkb_headers(array: pa.Array) -> tuple[WkbHeaders, np.ndarray, np.ndarray, np.ndarray]:
+    starts, lengths, data = binary_parts(array)
     valid = array.is_valid().to_numpy(zero_copy_only=False) & (lengths > 0)
     n = len(array)
     kind = np.zeros(n, np.int64)
@@ -75,19 +76,14 @@ def _wkb_headers(array: pa.Array) -> tuple[_WkbHeaders, np.ndarray, np.ndarray, 
         has_z[readable] = ewkb_z | (iso_dims == 1) | (iso_dims == 3)
         plain[readable] = ~ewkb_extra & ((iso_dims == 0) | (iso_dims == 1)) & (order <= 1)
         little[readable] = order == 1
-    return _WkbHeaders(valid, kind, has_z, plain, little), starts, lengths, data
+    return WkbHeaders(valid, kind, has_z, plain, little), starts, lengths, data
 
 
 def _type_name(kind: int, has_z: bool) -> str:
     return _TYPE_NAMES.get(kind, f"WKB type {kind}") + (" Z" if has_z else "")
 
 
-def _geometry_types(headers: _WkbHeaders) -> list[str]:
-    present = headers.valid & (headers.kind > 0)
-    return _type_names(headers.kind[present] * 2 + headers.has_z[present])
-
-
-def _type_names(codes: np.ndarray) -> list[str]:
+def type_code_names(codes: np.ndarray) -> list[str]:
     """Type names of ``kind * 2 + has_z`` codes (0: no geometry)."""
     present = np.flatnonzero(np.bincount(codes.astype(np.int64)))
     return sorted(_type_name(int(code) // 2, bool(code % 2)) for code in present if code)
@@ -98,7 +94,7 @@ def _not_finite(where: str, row: int) -> InputDataError:
                           "numbers")
 
 
-def _point_coordinates(headers: _WkbHeaders, starts: np.ndarray, lengths: np.ndarray,
+def _point_coordinates(headers: WkbHeaders, starts: np.ndarray, lengths: np.ndarray,
                        data: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """x and y of an all-point batch read straight from the WKB bytes, or None if not one."""
     valid = headers.valid
@@ -125,8 +121,10 @@ def _point_coordinates(headers: _WkbHeaders, starts: np.ndarray, lengths: np.nda
     return x, y
 
 
-def _bounds(array: pa.Array, where: str, first_row: int) -> tuple[list[np.ndarray], _WkbHeaders]:
-    """minx, miny, maxx, maxy per row (NaN for missing/empty geometries), rows validated."""
+def geometry_bounds(array: pa.Array, where: str,
+                    first_row: int) -> tuple[list[np.ndarray], WkbHeaders]:
+    """minx, miny, maxx, maxy per row (NaN for missing/empty geometries) and the rows' type
+    headers; raises :class:`InputDataError` naming the row for unsupported or broken WKB."""
     headers, starts, lengths, data = _wkb_headers(array)
     broken = headers.valid & (headers.kind == 0)
     unsupported = headers.valid & ~np.isin(headers.kind, list(_FAMILIES))
@@ -153,24 +151,24 @@ def _bounds(array: pa.Array, where: str, first_row: int) -> tuple[list[np.ndarra
         if bad.any():
             raise _not_finite(where, first_row + int(np.flatnonzero(bad)[0]))
         return [x, y, x, y], headers
-    walked = _walked_bounds(array, headers.valid)
+    walked = walked_bounds(array, headers.valid)
     if walked is not None:
         return walked, headers
     bounds = np.empty((len(array), 4))
-    # Parse at most ~_PARSE_BYTES of WKB at a time: a batch of large polygons would otherwise
+    # Parse at most ~PARSE_BYTES of WKB at a time: a batch of large polygons would otherwise
     # hold several times its size in GEOS objects and coordinate copies.
     start = 0
     cumulative = np.cumsum(lengths)
     while start < len(array):
         base = cumulative[start - 1] if start else 0
-        stop = max(start + 1, int(np.searchsorted(cumulative, base + _PARSE_BYTES, side="right")))
+        stop = max(start + 1, int(np.searchsorted(cumulative, base + PARSE_BYTES, side="right")))
         _parse_bounds(array.slice(start, stop - start), headers.valid[start:stop],
                       bounds[start:stop], where, first_row + start)
         start = stop
     return [np.ascontiguousarray(bounds[:, i]) for i in range(4)], headers
 
 
-def _walked_bounds(array: pa.Array, valid: np.ndarray) -> list[np.ndarray] | None:
+def walked_bounds(array: pa.Array, valid: np.ndarray) -> list[np.ndarray] | None:
     """Bounds of a batch of plain geometries from their coordinates (NaN where ``valid`` is
     False), or None when the walk refuses a value or GEOS would refuse to read one (an
     unclosed ring, a coordinate that is not finite): the caller parses with shapely then."""
@@ -203,8 +201,10 @@ def _parse_bounds(array: pa.Array, valid: np.ndarray, out: np.ndarray, where: st
     out[:] = shapely.bounds(geoms)
 
 
-def _check_families(headers: _WkbHeaders, families: dict[str, tuple[str, str, int]], file: str,
-                    where: str, first_row: int, layer: str) -> None:
+def check_one_family(headers: WkbHeaders, families: dict[str, tuple[str, str, int]], file: str,
+                     where: str, first_row: int, layer: str) -> None:
+    """Record the geometry families of a batch in ``families`` (family -> first file, type and
+    row seen) and raise :class:`InputDataError` once a layer holds more than one."""
     present = headers.valid
     kinds = headers.kind[present]
     if not len(kinds):

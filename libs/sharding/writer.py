@@ -7,10 +7,9 @@ bbox: ``libs.geoparquet``) on ``encode_threads`` encoder threads; the sink is ca
 calling thread, in order.
 
 Staging chunks carry no covering column: their only reader is the transform task, which
-reads every row, and the chunk index already holds each chunk's bbox. Per row the covering
-would be 16 of ~36 bytes of a point chunk, each one written to and read back from the object
-store (whose PUTs cost ~12 CPU-s per GB on the local SeaweedFS). The transform writes the
-covering into its output, which is what the lake publishes.
+reads every row, and the chunk index already holds each chunk's bbox; the covering would be
+almost half of a point chunk's bytes, each stored and read back (``docs/sharding.md``). The
+transform writes the covering into its output, which is what the lake publishes.
 """
 
 from __future__ import annotations
@@ -28,10 +27,10 @@ from pyproj import CRS
 
 from libs.descriptors import BBox, Chunk
 from libs.geoparquet import GEOMETRY, geo_metadata, write_geoparquet
-from libs.sharding.columns import _BOUNDS, _TYPE, _float_column
-from libs.sharding.crs import _crs_text
+from libs.sharding.columns import BOUNDS_COLUMNS, TYPE_CODE_COLUMN, column_values
+from libs.sharding.crs import crs_text
 from libs.sharding.limits import ShardLimits
-from libs.sharding.wkb import _binary_parts, _type_names
+from libs.sharding.wkb import binary_parts, type_code_names
 
 #: A sink stores one encoded chunk under its ordinal and returns the object key.
 ChunkSink = Callable[[int, bytes], str]
@@ -44,7 +43,7 @@ def _row_sizes(table: pa.Table, columns: list[str]) -> np.ndarray:
         column = table.column(name)
         data_type = column.type
         if pa.types.is_binary(data_type) or pa.types.is_string(data_type):
-            parts = [_binary_parts(chunk)[1] + 4 for chunk in column.chunks]
+            parts = [binary_parts(chunk)[1] + 4 for chunk in column.chunks]
             sizes += np.concatenate(parts) if parts else 0
         elif pa.types.is_fixed_size_binary(data_type):
             sizes += data_type.byte_width + 4  # as the binary column it is written as
@@ -65,18 +64,23 @@ class _Encoded:
     sha256: str
 
 
-class _ChunkWriter:
-    """Cuts the sorted row stream into bounded chunks and encodes them (GeoParquet 1.1)."""
+class ChunkWriter:
+    """Cuts the sorted row stream into bounded chunks and encodes them (GeoParquet 1.1).
+
+    Feed it runs of rows in output order (:meth:`add_run`), then :meth:`finish` (or
+    :meth:`abort` on an error). Rows carry the bounds and type code columns (``columns``);
+    chunk boundaries depend only on the rows, not on how they were split into runs.
+    """
 
     def __init__(self, layer: str, crs: CRS, schema: pa.Schema, sink: ChunkSink,
                  limits: ShardLimits, on_chunk: Callable[[Chunk], None] | None = None):
         self.layer, self.sink, self.limits, self.on_chunk = layer, sink, limits, on_chunk
-        self.crs_text = _crs_text(crs)
+        self.crs_text = crs_text(crs)
         self.projjson = crs.to_json_dict()
         self.schema = schema
         self.attributes = [n for n in schema.names if n != GEOMETRY]
         self.output_columns = [*self.attributes, GEOMETRY]
-        self.gathered = [*self.output_columns, *_BOUNDS, _TYPE]
+        self.gathered = [*self.output_columns, *BOUNDS_COLUMNS, TYPE_CODE_COLUMN]
         # Rows of the next chunk, as (table, row indices) pieces gathered by the encoder.
         self.pending: list[tuple[pa.Table, np.ndarray]] = []
         self.pending_rows = 0
@@ -116,6 +120,7 @@ class _ChunkWriter:
                         if piece is table else (piece, rows) for piece, rows in self.pending]
 
     def finish(self) -> list[Chunk]:
+        """Write the last chunk, wait for every chunk to reach the sink; their index entries."""
         try:
             if self.pending_rows:
                 self._flush()
@@ -126,6 +131,7 @@ class _ChunkWriter:
         return self.chunks
 
     def abort(self) -> None:
+        """Stop the encoder threads without delivering what is still pending."""
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _flush(self) -> None:
@@ -163,8 +169,8 @@ class _ChunkWriter:
             self._encode_bounded(table.slice(half))
 
     def _encode(self, table: pa.Table) -> _Encoded:
-        values = [_float_column(table, name) for name in _BOUNDS]
-        types = _type_names(_float_column(table, _TYPE))
+        values = [column_values(table, name) for name in BOUNDS_COLUMNS]
+        types = type_code_names(column_values(table, TYPE_CODE_COLUMN))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: every geometry empty
             box = (np.nanmin(values[0]), np.nanmin(values[1]), np.nanmax(values[2]),
@@ -179,7 +185,7 @@ class _ChunkWriter:
         return _Encoded(table.num_rows, data, bbox, hashlib.sha256(data).hexdigest())
 
 
-def _fixed_size_geometry(table: pa.Table) -> pa.Table:
+def fixed_size_geometry(table: pa.Table) -> pa.Table:
     """The geometry column as fixed-size binary when every WKB has the same size (points).
 
     Gathering rows of fixed-size values is a plain strided copy, several times faster than
@@ -189,7 +195,7 @@ def _fixed_size_geometry(table: pa.Table) -> pa.Table:
     for chunk in column.chunks:
         if not len(chunk):
             continue
-        starts, lengths, _ = _binary_parts(chunk)
+        starts, lengths, _ = binary_parts(chunk)
         if chunk.null_count or not (lengths == lengths[0]).all() or width not in (None, lengths[0]):
             return table
         width = int(lengths[0])
@@ -202,7 +208,7 @@ def _fixed_size_geometry(table: pa.Table) -> pa.Table:
 
 
 def _binary_geometry(table: pa.Table) -> pa.Table:
-    """Undo :func:`_fixed_size_geometry` (GeoParquet stores WKB as variable-size binary)."""
+    """Undo :func:`fixed_size_geometry` (GeoParquet stores WKB as variable-size binary)."""
     column = table.column(GEOMETRY)
     if not pa.types.is_fixed_size_binary(column.type):
         return table

@@ -28,14 +28,14 @@ from libs.sample_batch import NATURAL_EARTH_DIR, natural_earth_countries_zip, sy
 from libs.sharding import (
     LayerSource,
     ShardLimits,
-    collect,
-    external_sort,
     hilbert_index,
     normalised_layer_name,
     plan_layers,
     shard_layer,
-    wkb,
 )
+from libs.sharding.collect import SourceStore
+from libs.sharding.external_sort import map_in_order_ahead, stable_argsort
+from libs.sharding.wkb import geometry_bounds, walked_bounds
 
 PYOGRIO_FIXTURES = NATURAL_EARTH_DIR.parent
 
@@ -154,8 +154,8 @@ def test_every_format_shards_every_row(tmp_path, points, fmt):
 
 
 def test_zipped_shapefile_of_natural_earth(tmp_path, monkeypatch):
-    monkeypatch.setattr(wkb, "_PARSE_BYTES", 20_000)  # parse polygons in several slices...
-    monkeypatch.setattr(wkb, "wkb_layout", lambda array: None)  # ...with shapely, not the walk
+    monkeypatch.setattr("libs.sharding.wkb.PARSE_BYTES", 20_000)  # parse polygons in several slices...
+    monkeypatch.setattr("libs.sharding.wkb.wkb_layout", lambda array: None)  # ...with shapely, not the walk
     zipped = natural_earth_countries_zip(tmp_path / "countries.zip")
     result, sink = shard(tmp_path, [entry(zipped, "shapefile_zip", layer="countries")],
                          chunk_rows=50)
@@ -277,7 +277,7 @@ def test_equal_keys_keep_source_order():
     for _ in range(50):
         keys = rng.integers(0, rng.integers(1, 40), rng.integers(1, 500)).astype(np.uint64)
         keys[rng.random(len(keys)) < 0.2] = np.uint64(2**64 - 1)  # rows without a geometry
-        assert (external_sort._sorted_order(keys) == np.argsort(keys, kind="stable")).all()
+        assert (stable_argsort(keys) == np.argsort(keys, kind="stable")).all()
 
 
 def clustered_points(n: int, seed: int) -> gpd.GeoDataFrame:
@@ -333,7 +333,7 @@ def test_partition_pass_works_ahead_in_order_and_bounded():
             yield item
 
     consumed: list[int] = []
-    for value in external_sort._in_order_ahead(items(), work, threads=2, ahead=4):
+    for value in map_in_order_ahead(items(), work, threads=2, ahead=4):
         consumed.append(value)
     assert consumed == [i * 10 for i in range(40)]
 
@@ -343,14 +343,14 @@ def test_partition_pass_works_ahead_in_order_and_bounded():
         return item
 
     with pytest.raises(InputDataError, match="row 7"):
-        list(external_sort._in_order_ahead(iter(range(20)), fails, threads=2, ahead=3))
+        list(map_in_order_ahead(iter(range(20)), fails, threads=2, ahead=3))
 
 
 def test_same_input_gives_byte_identical_chunks_in_memory_or_external(tmp_path, monkeypatch):
     # Small enough to exercise the external sort's sampling and bucket flushing.
-    monkeypatch.setattr(collect, "_SAMPLE_SIZE", 500)
-    monkeypatch.setattr(external_sort, "_BUCKET_FLUSH_ROWS", 64)
-    monkeypatch.setattr(collect, "_SEGMENT_BYTES", 20_000)  # several spill files
+    monkeypatch.setattr("libs.sharding.collect.SAMPLE_SIZE", 500)
+    monkeypatch.setattr("libs.sharding.external_sort.BUCKET_FLUSH_ROWS", 64)
+    monkeypatch.setattr("libs.sharding.collect.SEGMENT_BYTES", 20_000)  # several spill files
     frame = clustered_points(3000, seed=5)
     # A pile of identical points: a bucket of one key, which the external sort streams out.
     pile = gpd.GeoDataFrame({"point_id": np.arange(3000, 3600)},
@@ -368,8 +368,8 @@ def test_same_input_gives_byte_identical_chunks_in_memory_or_external(tmp_path, 
 
 def test_a_spilled_source_is_read_back_in_order_and_each_file_deleted_once_read(
         tmp_path, monkeypatch):
-    monkeypatch.setattr(collect, "_SEGMENT_BYTES", 500)
-    store = collect._SourceStore(tmp_path / "source-0000.arrows")
+    monkeypatch.setattr("libs.sharding.collect.SEGMENT_BYTES", 500)
+    store = SourceStore(tmp_path / "source-0000.arrows")
     batches = [pa.record_batch({"n": np.arange(i * 100, (i + 1) * 100)}) for i in range(5)]
     store.add(batches[0])
     store.spill()
@@ -582,7 +582,7 @@ def test_nan_coordinates_name_the_row(tmp_path):
 
 
 def test_infinite_polygon_vertex_names_the_row(tmp_path, monkeypatch):
-    monkeypatch.setattr(wkb, "_PARSE_BYTES", 50)  # parse row by row: the row still counts
+    monkeypatch.setattr("libs.sharding.wkb.PARSE_BYTES", 50)  # parse row by row: the row still counts
     polygons = [shapely.box(0, 0, 1, 1), shapely.Polygon([(0, 0), (np.inf, 0), (1, 1)])]
     gpd.GeoDataFrame({"a": [1, 2]}, geometry=polygons, crs="EPSG:4326").to_parquet(tmp_path / "p.parquet")
     fails(tmp_path, [entry(tmp_path / "p.parquet", "geoparquet")], r"'p.parquet'.*row 1: coordinates")
@@ -631,8 +631,8 @@ def test_bounds_of_lines_and_polygons_walk_the_wkb_and_equal_shapely():
     geoms = _walked_geometries()
     array = _wkb_array(geoms, flavor="iso")
     valid = array.is_valid().to_numpy(zero_copy_only=False)
-    assert wkb._walked_bounds(array, valid) is not None  # the walk took this batch
-    bounds, _ = wkb._bounds(array, "file 'x'", 0)
+    assert walked_bounds(array, valid) is not None  # the walk took this batch
+    bounds, _ = geometry_bounds(array, "file 'x'", 0)
     np.testing.assert_array_equal(np.column_stack(bounds), shapely.bounds(np.asarray(geoms)))
 
 
@@ -644,8 +644,8 @@ def test_bounds_outside_the_walk_come_from_shapely():
                              flavor="iso"),
     }.items():
         valid = array.is_valid().to_numpy(zero_copy_only=False)
-        assert wkb._walked_bounds(array, valid) is None, case
-        bounds, _ = wkb._bounds(array, "file 'x'", 0)
+        assert walked_bounds(array, valid) is None, case
+        bounds, _ = geometry_bounds(array, "file 'x'", 0)
         np.testing.assert_array_equal(np.column_stack(bounds), shapely.bounds(np.asarray(geoms)),
                                       err_msg=case)
 
@@ -658,10 +658,10 @@ def test_geometries_geos_refuses_fail_as_before_the_walk():
         len(ring).to_bytes(4, "little") + np.asarray(ring, "<f8").tobytes()
     array = pa.array([fine, fine, unclosed], pa.binary())
     with pytest.raises(InputDataError, match=r"file 'x', row 12: the geometry is not valid WKB"):
-        wkb._bounds(array, "file 'x'", 10)
+        geometry_bounds(array, "file 'x'", 10)
     nan_line = shapely.to_wkb(shapely.LineString([(0, 0), (np.nan, 1)]), flavor="iso")
     with pytest.raises(InputDataError, match=r"file 'x', row 11: coordinates are NaN or infinite"):
-        wkb._bounds(pa.array([fine, nan_line], pa.binary()), "file 'x'", 10)
+        geometry_bounds(pa.array([fine, nan_line], pa.binary()), "file 'x'", 10)
 
 
 def test_geometry_collections_are_refused(tmp_path):
