@@ -5,9 +5,9 @@ EPSG:8857), shaped like a carrying join's result (one row per feature), are COPY
 schema before timing. Then each case takes them out of PostGIS and leaves GeoParquet in the
 object store:
 
-* ``ours``: the pipeline's export as the job runs it: ``libs.postgis.join.export_table``
-  (binary server-side cursor, 50k-row batches, GeoParquet 1.1 with the bbox covering, one PUT
-  per part into the staging bucket), then ``libs.lake.publish_to_lake`` (server-side copies,
+* ``ours``: the pipeline's export as the job runs it: ``libs.postgis.export_table``
+  (ADBC reads the table as Arrow, parts of at most 250k rows as GeoParquet 1.1 with the bbox
+  covering, one PUT per part into the staging bucket), then ``libs.lake.publish_to_lake`` (server-side copies,
   completion manifest last).
 * ``ogr2ogr``: the ogr2ogr peer's export (``benchmarks.pipelines.Ogr2ogr``): ``ogr2ogr -f
   FlatGeobuf`` out of PostGIS (Debian's GDAL has no Parquet driver), pyogrio reads that as

@@ -1,28 +1,25 @@
 """Load stage: our parallel COPY BINARY loader against a bare psycopg loop, ogr2ogr and to_postgis.
 
 The same points (``points_flatgeobuf``: point_id int64, value float64, category text,
-EPSG:3857) go into PostGIS four ways, each round into its own fresh run schema:
+EPSG:3857) go into PostGIS five ways, each round into its own fresh run schema:
 
 * ``test_load[ours-pN]``: ``libs.postgis.load.load_layer_chunks`` over GeoParquet chunks held
   in memory (read + encode + COPY, N connections, one transaction per chunk), into the typed
   table ``create_layer_table`` makes (``geometry(Point, 3857)``).
-* ``test_load[bare_copy_loop]``: the ceiling the issue names: one psycopg connection, ``COPY
-  … (FORMAT BINARY)`` with ``copy.write_row`` over rows whose EWKB was encoded before timing,
-  into the same typed table.
+* ``test_load[bare_copy_loop]``: the ceiling the issue names: one connection, ``copy.write_row``
+  over rows whose EWKB was encoded before timing, into the same typed table.
 * ``test_load[prebuilt_stream]``: the server's own bound for one connection: the whole binary
   COPY stream built before timing, sent with ``copy.write`` in large blocks.
 * ``test_load[ogr2ogr]``: ``ogr2ogr -f PostgreSQL`` of the FlatGeobuf with ``PG_USE_COPY YES``.
 * ``test_load[to_postgis]``: ``GeoDataFrame.to_postgis`` (geoalchemy2, COPY of CSV with hex EWKB).
 
-No case builds indexes while timed (ogr2ogr gets ``SPATIAL_INDEX=NONE``; our GiST index and
-ANALYZE are a separate step of the pipeline), and every table but to_postgis's (which has no
-such option) is UNLOGGED, as ``create_layer_table`` makes them (ogr2ogr gets
-``UNLOGGED=ON``). Inputs are materialised before timing; row counts (and for ours, distinct
-``_row_id``) are checked after. ``extra_info`` holds rows/s and, on the ``ours`` cases,
+No case builds indexes while timed, and every table but to_postgis's is UNLOGGED, as the
+pipeline's are (why: see docs/benchmark-methods.md). Row counts (and for ours, distinct
+``_row_id``) are checked after timing. ``extra_info``: rows/s and, on ``ours``,
 ``ratio_vs_ogr2ogr`` (target >= 4) and ``ratio_vs_bare_loop`` (target >= 0.8).
 
-Needs the local stack (``scripts/stack.py up``). Sizes: ``BENCH_LOAD_POINTS`` (default
-1,000,000), ``BENCH_LOAD_CHUNKS`` (8), ``BENCH_LOAD_ROUNDS`` (5), e.g.
+Needs the local stack (``make up``). Sizes: ``BENCH_LOAD_POINTS`` (default 1,000,000),
+``BENCH_LOAD_CHUNKS`` (8), ``BENCH_LOAD_ROUNDS`` (5), e.g.
 ``BENCH_LOAD_POINTS=100000 BENCH_LOAD_ROUNDS=1 .venv/bin/pytest benchmarks/bench_load.py``.
 """
 

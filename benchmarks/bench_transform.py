@@ -1,6 +1,6 @@
 """Transform throughput on Ray with 1 and 2 workers (tasks in flight), same chunks, same run.
 
-Needs the local stack (``scripts/stack.py up``): chunks are read from and written to the
+Needs the local stack (``make up``): chunks are read from and written to the
 staging bucket exactly as in a pipeline run, one Ray task per chunk. Inputs are staged
 before timing; row counts are checked after.
 """

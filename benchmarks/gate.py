@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "benchmarks" / "baseline.json"
-#: See benchmarks/README.md ("Baseline and gating") for how this was chosen.
+#: How this was chosen: docs/benchmarks-journal.md ("Baseline and gating"); the rule: benchmarks/README.md.
 DEFAULT_TOLERANCE = 0.35
 
 

@@ -69,12 +69,9 @@ def stack_env() -> dict[str, str]:
 def compact_object_store(env: dict[str, str]) -> None:
     """Have the local SeaweedFS rewrite its volumes without the objects deleted since.
 
-    SeaweedFS keeps a deleted object in its volume file until a vacuum compacts it. Every run
-    of ours lands, stages and deletes about as many bytes as its input (~4 GB at 10M), so a
-    session's later cases ran against a store several GB fuller than its first ones; after ten
-    10M runs the lake took 59-64 busy CPU-s instead of 53-54 with the same code. MinIO frees
-    a deleted object at once, so that cost belongs to the bench session, not to the pipeline:
-    it is paid here, before timing. The store of the compose stack (no
+    SeaweedFS keeps deleted objects until a vacuum, and a store grown by earlier cases made
+    later runs slower; MinIO frees them at once, so the bench pays that cost here, before
+    timing (see docs/benchmark-methods.md). The store of the compose stack (no
     ``SEAWEEDFS_MASTER_URL``) is left alone.
     """
     import urllib.request

@@ -1,31 +1,15 @@
 """Peak RSS of every process a pipeline run involves, sampled on a background thread.
 
-The set is re-discovered on every sample, because processes come and go during a run:
+The set is re-discovered during the run, because processes come and go: the pipeline's own
+process tree, the Ray workers of the run's Ray job (``RAY_JOB_ID`` in their environment) and
+the PostgreSQL backends serving the tree's connections (matched on the client port in their
+process title). The shared object store is not counted. The peak is the largest sum over one
+sample, not the sum of per-process peaks.
 
-* the pipeline's own process tree (the Dagster process, ogr2ogr children, dask workers);
-* Ray worker processes of the run's Ray job (matched on ``RAY_JOB_ID`` in their environment;
-  the shared head's daemons and other jobs' workers are not counted);
-* PostgreSQL backends serving the tree's connections: a backend's process title names its
-  client's address and port ("postgres: user db 127.0.0.1(51234) idle"), matched against the
-  local ports of the tree's TCP connections to the server.
-
-The object store (SeaweedFS) is a shared service and is not counted. The peak is the largest
-sum over one sample, not the sum of per-process peaks.
-
-Finding the Ray workers (every process's name, a new one's environment) and the backends
-(the tree's sockets, parsed from /proc/net/tcp, which holds hundreds of sockets while a run
-moves chunks) costs ~15 ms; done every 50 ms it took a quarter of a core from the 2-core
-machine the run is measured on, more from ours (Ray workers, several connections) than
-from a one-process peer. So those two sets are found again every ``discover_s`` (0.5 s) and
-only their RSS is read every sample; the tree (~1.5 ms) is walked every sample.
-
-Summed RSS counts every shared page once per process that maps it: PostgreSQL's shared
-buffers in each backend, Ray's object store and the same GDAL/PROJ/GEOS/Arrow libraries in
-each worker. The proportional set size (PSS: a shared page divided among its sharers) sums
-to the memory the processes really hold, so it is reported beside it. Reading PSS costs the
-kernel a page-table walk (~7 ms per large process), too much every 50 ms, so it is read
-whenever the RSS sum reaches 3% above its value at the last PSS reading: the PSS peak is
-taken at the RSS peaks, which is where it lies unless sharing changes much in between.
+Discovering the Ray workers and the backends is the expensive part, so it runs every
+``discover_s`` while their RSS is read every sample. PSS (shared pages divided among their
+sharers) is reported beside RSS, read only when the RSS sum has grown by 3%, because reading
+it walks page tables. What each step costs and why: see docs/benchmark-methods.md.
 """
 
 from __future__ import annotations

@@ -1,36 +1,20 @@
 """PostgreSQL binary COPY streams built straight from Arrow columns, without a per-row loop.
 
-The stream is the one ``COPY … FROM STDIN (FORMAT BINARY)`` reads: an 11-byte signature, a
-flags word and a header-extension length, then per row an ``int16`` field count and per
-field an ``int32`` byte length (``-1`` for NULL) followed by the value in network byte order,
-and a trailing ``int16 -1``.
+Every column becomes one or two *pieces* of bytes per row: fixed-width (a numpy uint8 matrix
+of big-endian values behind their length words) or variable-width (an Arrow binary array:
+text, bytea, WKB bodies). Fixed pieces are stacked side by side; when nothing variable is left
+the matrix *is* the block, otherwise Arrow's ``binary_join_element_wise`` lays the pieces out
+row after row in C. The work per row is a handful of memcpys in numpy/Arrow code that releases
+the GIL, so several chunks can be encoded in parallel threads.
 
-How a block of rows is built: every column becomes one or two *pieces*, each holding one
-slice of bytes per row. A piece is either fixed-width (a ``(rows, width)`` uint8 matrix made
-with numpy: big-endian values behind their length words) or variable-width (an Arrow binary
-array: text, bytea, WKB bodies). Neighbouring fixed pieces are stacked side by side into one
-matrix; if nothing variable is left (points, numbers, or text whose values all have one
-length) the matrix *is* the block. Otherwise Arrow's ``binary_join_element_wise`` lays the
-pieces out row after row in C. Either way the work per row is a handful of memcpys, in
-numpy/Arrow code that releases the GIL, so several chunks can be encoded in parallel threads.
+Types are the names ``libs.postgis.tables`` maps Arrow types to: ``bool``, ``int2``/``int4``/
+``int8``, ``float4``/``float8`` (widened where PostgreSQL's type is wider), ``text``/``bytea``
+(the bytes as stored), ``date``, ``timestamp``/``timestamptz`` (floored to microseconds),
+``numeric`` (exact, never a silent cast to float) and ``Ewkb(srid)``: WKB sent as EWKB by
+patching the SRID into each geometry's header instead of re-serialising it. A geometry that
+already carries another SRID is an error: it was never transformed to the target CRS.
 
-Type rules (the names are the ones ``libs.postgis.load`` maps Arrow types to):
-
-* ``bool``, ``int2``/``int4``/``int8``, ``float4``/``float8``: the value, widened where the
-  PostgreSQL type is wider (``uint8`` → ``int2``, ``uint32`` → ``int8``, ``float16`` → ``float4``).
-* ``text``/``bytea``: the bytes as stored (Arrow strings are UTF-8, which the server expects
-  from a UTF8 client encoding); dictionary-encoded columns are decoded first.
-* ``date``: days since 2000-01-01; ``timestamp``/``timestamptz``: microseconds since
-  2000-01-01 (Arrow keeps timezone-aware timestamps in UTC); nanoseconds are floored to
-  microseconds, PostgreSQL's resolution.
-* ``numeric``: exact binary numeric. ``uint64`` is vectorised (five base-10000 digits per
-  value); decimals are encoded per value in Python (exact, about a microsecond a value: fine
-  for the rare decimal attribute, and never a silent cast to float).
-* ``Ewkb(srid)``: a WKB column sent as EWKB. The SRID is patched into each geometry's header
-  (the SRID flag set in the type word, four SRID bytes after it, in the geometry's own byte
-  order) rather than parsing and re-serialising every geometry. EWKB input that already
-  carries the column's SRID (or 0) is re-stamped through shapely; any other SRID is an error,
-  since it means the geometries were never transformed to the target CRS.
+The stream layout, every type rule and what encoding costs per row: see docs/copy-encoding.md.
 """
 
 from __future__ import annotations
@@ -100,7 +84,7 @@ def copy_stream(
 ) -> Iterator[memoryview]:
     """The whole binary COPY stream for ``columns`` (signature, row blocks, trailer).
 
-    ``types`` gives each column's PostgreSQL binary type (see the module docstring);
+    ``types`` gives each column's PostgreSQL binary type (see docs/copy-encoding.md);
     ``names`` only serve error messages. Each yielded block can go to ``copy.write()`` as is;
     it stays valid after the next one is produced.
     """

@@ -2,32 +2,17 @@
 through a recipe of geometry-preserving steps, on coordinate arrays, with as few GEOS objects
 as the result allows (none for points and lines).
 
-For the large layers the general path's cost is mostly GEOS objects: one per geometry when
-the chunk is read, a clone per geometry to set the reprojected coordinates, a validity check,
-then the WKB written back, while the reprojection itself is one PROJ call over two float
-arrays. Here the chunk's WKB is walked with numpy (a cursor per geometry, one pass per
-ring or part index), its coordinates are reprojected in one call and written back into a
-copy of the same bytes: the headers and counts do not change, so the result is the WKB GEOS
-would write. Bounds come from the coordinates (of the exterior rings, as GEOS's envelope).
+The general path's cost for the large layers is GEOS objects (one per geometry read, a clone
+to set reprojected coordinates, the WKB written back), while the reprojection itself is one
+PROJ call. Here the WKB is walked with numpy, its coordinates reprojected in one call and
+written back into a copy of the same bytes, whose headers and counts do not change: the
+result is the WKB GEOS would write. ``make_valid`` asks GEOS about polygons only, and the rows
+it finds invalid are repaired by the general path's call and spliced in.
 
-Taken only when the result is the general path's, byte for byte (tests compare them):
-
-- every step is ``reproject``, ``make_valid`` or ``drop_empty``;
-- every geometry is a non-empty, non-NULL 2D Point, LineString, Polygon, MultiPoint,
-  MultiLineString or MultiPolygon in little-endian ISO WKB with finite coordinates, every
-  part non-empty, every ring closed with at least 4 points, every line with at least 2. On
-  such a chunk ``drop_empty`` finds nothing to do;
-- ``make_valid`` checks every geometry when it runs (points always are valid; a line, or
-  each line of a MultiLineString, needs two distinct consecutive points, checked on the
-  arrays; polygons are asked of GEOS, a slice at a time). Under ``policy: repair`` the rows
-  it finds invalid are repaired by the general path's GEOS call and spliced into the output;
-  the chunk goes to the general path when the policy rejects or fails them, when a repair
-  comes out empty, or when a reprojection would follow a repair;
-- the reprojection leaves every coordinate finite (a geometry outside the target CRS's area
-  of use is rejected by the general path);
-- the plan's columns are ``_row_id`` and the chunk's attributes, in order.
-
-Anything else returns None and the caller runs the general path.
+Taken only when the result is the general path's, byte for byte (tests compare them): steps
+``reproject``, ``make_valid`` or ``drop_empty`` only, non-empty finite 2D little-endian ISO
+WKB, attributes unchanged. Anything else returns None and the caller runs the general path.
+The exact conditions and what the path bought: see docs/transform-arrays.md.
 """
 
 from __future__ import annotations

@@ -5,9 +5,8 @@ a StepResult: the rows that go on, and the rows it took out (as they entered the
 with one reason each. A step never drops a row without rejecting it, and never reorders
 rows. The frame carries ``_row_id`` (see ``add_row_ids``), which reasons and errors quote.
 
-Attribute columns are expected Arrow-backed (``pandas.ArrowDtype``, as
-``libs.transformations.chunk`` reads them) so that types survive the round trip: an int64
-column with NULLs stays int64 instead of becoming float64. Numpy-backed columns work too.
+Attribute columns are expected Arrow-backed (``pandas.ArrowDtype``, as ``chunk`` reads them)
+so that an int64 column with NULLs stays int64 instead of becoming float64; numpy works too.
 
 GEOS behaviours worth knowing:
 
@@ -16,9 +15,9 @@ GEOS behaviours worth knowing:
   ``POLYGON EMPTY``, which ``drop_empty`` can then reject), so a layer keeps one geometry
   dimension. The default ``linework`` method can turn a polygon with a spike into a
   GEOMETRYCOLLECTION of a polygon and a line.
-- ``make_valid`` is applied to invalid geometries only: on a valid polygon GEOS's
-  ``structure`` method is not the identity (it rewrites the ring from another vertex, in the
-  other direction), which would change bytes for nothing.
+- ``make_valid`` is applied to invalid geometries only: on a valid polygon ``structure`` is
+  not the identity (it rewrites the ring from another vertex, the other way round), which
+  would change bytes for nothing.
 - GEOS ``simplify`` (and ``make_valid``) turn a one-part MultiPolygon into a Polygon (same
   for lines and points). Both steps put such results back into their Multi* type, so a
   ``promote_to_multi`` earlier in the recipe still holds at the end.
