@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from benchmarks import summary
-from etl_pipelines.ray_exec import TaskSpec, run_bounded
+from etl_pipelines.ray.submit import TaskSpec, run_bounded
 from libs.descriptors import Chunk
 from libs.geoparquet import to_geoparquet_bytes
 from libs.manifest.recipe import DEFAULT_RECIPE, effective_recipe

@@ -26,7 +26,7 @@ def release_memory() -> None:
     machine those retained peaks add up. Called after each sharded layer and each chunk the
     load step COPYs; not in the Ray workers after every chunk task, whose successor reuses
     the pages (the transform op ends the idle workers once its stage is done:
-    ``etl_pipelines.ray_exec.retire_workers``); costs a few milliseconds.
+    ``etl_pipelines.ray.workers.retire_workers``); costs a few milliseconds.
     """
     pa.default_memory_pool().release_unused()
     trim = _malloc_trim()

@@ -1,11 +1,13 @@
 """First op: re-read and validate the manifest, check the landed files, open the run's ledger entry."""
 
 from dagster import Config, MetadataValue, OpExecutionContext, Out, op
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from etl_pipelines.resources import LedgerResource, ObjectStoreResource
+from etl_pipelines.types import BatchPlan
 from libs.errors import InputDataError
-from libs.manifest import Manifest, batch_folder, parse_manifest
+from libs.lake import run_prefix
+from libs.manifest import batch_folder, parse_manifest
 
 
 class BatchConfig(Config):
@@ -13,21 +15,6 @@ class BatchConfig(Config):
 
     manifest_key: str = Field(description="key of the manifest in the landing bucket")
     batch_id: str = Field(description="batch id the sensor read from the manifest")
-
-
-class BatchPlan(BaseModel):
-    """What every later op needs to know about the batch."""
-
-    model_config = ConfigDict(frozen=True)
-
-    manifest: Manifest
-    manifest_key: str
-    folder: str
-    staging_prefix: str
-    run_id: str
-
-    def landing_key(self, path: str) -> str:
-        return f"{self.folder}{path}"
 
 
 @op(out=Out(BatchPlan), tags={"stage": "validate"})
@@ -54,7 +41,7 @@ def validate_batch(
             f"s3://{bucket}/{folder}: {missing}; land them before the manifest"
         )
     plan = BatchPlan(manifest=manifest, manifest_key=config.manifest_key, folder=folder,
-                     staging_prefix=f"runs/{context.run_id}/", run_id=context.run_id)
+                     staging_prefix=run_prefix(context.run_id), run_id=context.run_id)
     ledger.ledger.attach_run(manifest.batch_id, context.run_id)
     ledger.ledger.record_run(context.run_id, batch_id=manifest.batch_id,
                              manifest_key=config.manifest_key, status="STARTED",

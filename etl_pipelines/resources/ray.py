@@ -15,13 +15,17 @@ per-run clusters on Kubernetes stays a small change.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
 
 from dagster import ConfigurableResource, InitResourceContext
-from pydantic import Field
+from pydantic import Field, PrivateAttr
+
+from etl_pipelines.ray.submit import EarlyTasks, StartedTasks
 
 #: What a chunk task imports: loaded by the prestarted workers.
-PRESTART_MODULES = ("libs.transformations", "libs.object_store", "etl_pipelines.ray_metrics")
+PRESTART_MODULES = ("libs.transformations", "libs.object_store", "etl_pipelines.ray.tasks")
 
 
 class RayResource(ConfigurableResource):
@@ -52,6 +56,35 @@ class RayResource(ConfigurableResource):
         "import the transform's modules in it, so the workers are ready when the first chunk "
         "is (the import takes 1-3 s per worker)")
 
+    # tasks a step started for a later step of this run (``early_tasks``): the job runs in
+    # one process (in_process_executor), so the later step finds them on this resource; a
+    # re-execution is a new run with resources of its own, and starts its own
+    _handed_over: StartedTasks = PrivateAttr(default_factory=dict)
+
+    @contextmanager
+    def early_tasks(self, fn: Callable[..., Any], *, enabled: bool = True
+                    ) -> Iterator[EarlyTasks | None]:
+        """Start a later step's tasks of ``fn`` during this block (None when not ``enabled``):
+        on success they are handed over to ``take_early_tasks``, on failure cancelled. Same
+        task options as the later step's ``run_bounded``."""
+        if not enabled:
+            yield None
+            return
+        early = EarlyTasks(fn, max_in_flight=self.max_tasks_in_flight,
+                           max_retries=self.task_max_retries,
+                           scheduling_strategy=self.scheduling_strategy)
+        try:
+            yield early
+        except BaseException:
+            early.cancel()
+            raise
+        self._handed_over = early.close()
+
+    def take_early_tasks(self) -> StartedTasks:
+        """The tasks an earlier step of this run handed over (empty when none; once only)."""
+        started, self._handed_over = self._handed_over, {}
+        return started
+
     def job_id(self) -> str | None:
         """This run's Ray job id (hex), or None when not connected."""
         import ray
@@ -69,7 +102,7 @@ class RayResource(ConfigurableResource):
         else:
             ray.init(address=self.address, namespace=self.namespace, log_to_driver=False)
         if self.prestart_workers:
-            from etl_pipelines.ray_exec import prestart_workers
+            from etl_pipelines.ray.workers import prestart_workers
 
             prestart_workers(PRESTART_MODULES, scheduling_strategy=self.scheduling_strategy)
 

@@ -1,6 +1,8 @@
-"""The lake stage: the key of every staged and published object (``keys``), and publishing a
-batch's datasets with their completion manifest written last (``publish``)."""
+"""The lake stage: the key of every staged and published object (``keys``), publishing datasets
+with their completion manifest written last (``publish``), and a batch's datasets and lineage
+(``batch``)."""
 
+from libs.lake.batch import batch_datasets, lineage_records, publish_batch_to_lake
 from libs.lake.keys import (
     CHUNK_STAGES,
     chunk_key,
@@ -16,9 +18,12 @@ from libs.lake.publish import publish_to_lake, read_completion_manifest
 __all__ = [
     "CHUNK_STAGES",
     "chunk_key",
+    "batch_datasets",
     "completion_key",
     "dataset_prefix",
+    "lineage_records",
     "part_key",
+    "publish_batch_to_lake",
     "publish_to_lake",
     "read_completion_manifest",
     "rejects_dataset",

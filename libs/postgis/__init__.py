@@ -3,9 +3,11 @@ COPY of staged chunks into them, the spatial join, and the export of the result.
 
 Modules, in the order a run uses them: ``connection`` (settings, run schemas), ``tables``
 (types, tables, indexes), ``copy_binary`` (COPY encoding), ``load`` (COPY of chunks),
-``join_sql`` and ``join`` (the join), ``export`` (streaming a result out as GeoParquet).
+``join_sql`` and ``join`` (the join), ``export`` (streaming a result out as GeoParquet), and
+``batch``, which runs them for one batch.
 """
 
+from libs.postgis.batch import JoinedBatch, load_and_join, srid_of
 from libs.postgis.connection import (
     GEOM,
     ROW_ID,
@@ -37,6 +39,7 @@ __all__ = [
     "ROW_ID",
     "ChunkLoaded",
     "ChunkSource",
+    "JoinedBatch",
     "LayerTable",
     "PostGISSettings",
     "attribute_schema",
@@ -50,6 +53,7 @@ __all__ = [
     "export_table",
     "index_and_analyze",
     "list_run_schemas",
+    "load_and_join",
     "load_layer_chunks",
     "reconcile_join",
     "run_id_of_schema",
@@ -57,5 +61,6 @@ __all__ = [
     "run_spatial_join",
     "schema_in_use",
     "spatial_index_for",
+    "srid_of",
     "stream_table",
 ]

@@ -162,6 +162,13 @@ class ChunkLoaded:
     attempts: int
     retried_errors: tuple[str, ...] = ()
 
+    def describe(self) -> str:
+        """``_row_id <span>, <rows> rows in <s>s`` and, after retries, what failed."""
+        start, end = self.id_span
+        retried = (f", after {self.attempts} attempts ({'; '.join(self.retried_errors)})"
+                   if self.attempts > 1 else "")
+        return f"_row_id {start}-{end - 1}, {self.rows} rows in {self.seconds:.2f}s{retried}"
+
 
 def load_layer_chunks(
     settings: PostGISSettings,

@@ -18,6 +18,7 @@ Entry points: :func:`plan_layers` checks every landed file and groups the source
 modules' jobs and the measurements behind the design: ``docs/sharding.md``.
 """
 
+from libs.sharding.batch import LandedFile, download_landed, shard_landed_batch
 from libs.sharding.hilbert import hilbert_index
 from libs.sharding.inputs import normalised_layer_name, plan_layers
 from libs.sharding.limits import ShardLimits
@@ -27,11 +28,14 @@ from libs.sharding.writer import ChunkSink
 
 __all__ = [
     "ChunkSink",
+    "LandedFile",
     "LayerSource",
     "ShardLimits",
     "ShardedLayer",
+    "download_landed",
     "hilbert_index",
     "normalised_layer_name",
     "plan_layers",
+    "shard_landed_batch",
     "shard_layer",
 ]

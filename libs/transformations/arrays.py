@@ -36,7 +36,7 @@ from libs.geoparquet import (
 )
 from libs.manifest.recipe import ROW_ID, DropEmpty, MakeValid, RecipeStep, Reproject
 from libs.transformations.plan import parse_crs
-from libs.transformations.steps import _transformer, add_row_ids, keep_multi
+from libs.transformations.steps import add_row_ids, cached_transformer, keep_multi
 from libs.wkb_layout import LINE, TYPE_NAMES, WkbLayout, wkb_layout
 
 _VALIDITY_SLICE = 32_768  # polygons per GEOS validity call: bounds the GEOS objects alive
@@ -96,7 +96,7 @@ def _transform(layout: WkbLayout | None, source: CRS, target: CRS, x: np.ndarray
     # The transformers the general path uses: steps.reproject's for a chunk of plain points,
     # GeoDataFrame.to_crs's (from the CRS objects) for anything else.
     if layout is None or (layout.types == 1).all():
-        return _transformer(source.to_wkt(), target.to_wkt()).transform(x, y)
+        return cached_transformer(source.to_wkt(), target.to_wkt()).transform(x, y)
     return _crs_transformer(source, target).transform(x, y)
 
 

@@ -150,7 +150,8 @@ def _chunk_crs(frame: gpd.GeoDataFrame, step_name: str) -> CRS:
 
 
 @lru_cache(maxsize=32)
-def _transformer(source_wkt: str, target_wkt: str) -> Transformer:
+def cached_transformer(source_wkt: str, target_wkt: str) -> Transformer:
+    """An always-xy transformer between two CRSs (by WKT), built once per worker process."""
     return Transformer.from_crs(CRS.from_wkt(source_wkt), CRS.from_wkt(target_wkt), always_xy=True)
 
 
@@ -169,7 +170,7 @@ def reproject(frame: gpd.GeoDataFrame, step: Reproject, target_crs: str) -> Step
         # The same transformer as GeoDataFrame.to_crs, applied to one coordinate array and
         # the points made anew: half the GEOS work of cloning each point to set its coordinates.
         xy = shapely.get_coordinates(geoms)
-        x, y = _transformer(source.to_wkt(), target.to_wkt()).transform(xy[:, 0], xy[:, 1])
+        x, y = cached_transformer(source.to_wkt(), target.to_wkt()).transform(xy[:, 0], xy[:, 1])
         projected = frame.set_geometry(gpd.GeoSeries(shapely.points(x, y), crs=target,
                                                      index=frame.index, name=frame.geometry.name))
     else:

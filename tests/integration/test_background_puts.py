@@ -1,4 +1,4 @@
-"""BackgroundPuts (libs/object_store.py): the shard op's chunk writes off the main thread."""
+"""BackgroundPuts (libs/object_store.py): the shard stage's chunk writes off the main thread."""
 
 import hashlib
 import threading
@@ -8,6 +8,8 @@ import pytest
 
 from libs import object_store
 from libs.object_store import BackgroundPuts
+
+pytestmark = pytest.mark.integration
 
 BUCKET = "etl-staging"
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import pytest
 
-from etl_pipelines import ray_metrics
+from etl_pipelines.ray import metrics as ray_metrics
 from libs.lake import completion_key
 from tests.integration.ray_test_cluster import run_in_own_process, two_node_cluster
 

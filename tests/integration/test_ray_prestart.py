@@ -6,7 +6,8 @@ import time
 import psutil
 import pytest
 
-from etl_pipelines.ray_exec import TaskSpec, prestart_workers, retire_workers, run_bounded
+from etl_pipelines.ray.submit import TaskSpec, run_bounded
+from etl_pipelines.ray.workers import prestart_workers, retire_workers
 from etl_pipelines.resources.ray import PRESTART_MODULES
 
 pytestmark = pytest.mark.integration

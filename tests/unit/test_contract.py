@@ -25,9 +25,9 @@ def test_libs_import_nothing_from_dagster_or_ray():
 
 
 def test_only_the_publish_path_writes_to_the_lake():
-    """Only libs/lake/publish.py writes objects into the lake bucket, and only the publish op calls it."""
-    writers = set()
-    callers = set()
+    """Only libs/lake/publish.py writes objects into the lake bucket; only libs/lake/batch.py
+    calls it, and only the publish op calls that."""
+    writers, callers, op_callers = set(), set(), set()
     for path in _python_files("libs", "etl_pipelines"):
         text = path.read_text()
         rel = str(path.relative_to(REPO))
@@ -37,8 +37,11 @@ def test_only_the_publish_path_writes_to_the_lake():
             writers.add(rel)
         if "publish_to_lake(" in text and not rel.endswith("libs/lake/publish.py"):
             callers.add(rel)
+        if "publish_batch_to_lake(" in text and not rel.endswith("libs/lake/batch.py"):
+            op_callers.add(rel)
     assert writers == {"libs/lake/publish.py"}
-    assert callers == {"etl_pipelines/ops/publish.py"}
+    assert callers == {"libs/lake/batch.py"}
+    assert op_callers == {"etl_pipelines/ops/publish.py"}
 
 
 def test_no_service_setting_is_read_at_import_time():

@@ -1,0 +1,70 @@
+"""Publishing one batch: its layers, their rejects and the join result as lake datasets, and
+the lineage each lake object records (which landed files, run, recipe and join made it).
+
+Empty parts (every row of a chunk rejected) are counted but not published.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from libs.descriptors import ChunkIndex, StagedPart
+from libs.lake.keys import rejects_dataset
+from libs.lake.publish import publish_to_lake
+from libs.manifest import Manifest
+from libs.object_store import ObjectStore
+
+
+def batch_datasets(transformed: ChunkIndex, join_name: str, join_parts: list[StagedPart],
+                   manifest: Manifest) -> tuple[dict[str, list[StagedPart]], dict[str, dict]]:
+    """The batch's datasets (name -> staged parts) and what the completion manifest says of
+    each (kind, layer, CRS, bbox, geometry types, or the join)."""
+    datasets: dict[str, list[StagedPart]] = {
+        layer.layer: [StagedPart(c.key, c.rows, c.bytes, c.sha256) for c in layer.chunks if c.rows]
+        for layer in transformed.layers
+    }
+    info = {layer.layer: {"kind": "layer", "layer": layer.layer, "crs": layer.crs,
+                          "bbox": layer.bbox, "geometry_types":
+                              transformed.geometry_types.get(layer.layer, [])}
+            for layer in transformed.layers}
+    for rejects in transformed.rejects:
+        name = rejects_dataset(rejects.layer)
+        datasets[name] = [StagedPart(c.key, c.rows, c.bytes, c.sha256) for c in rejects.chunks]
+        info[name] = {"kind": "rejects", "layer": rejects.layer, "crs": rejects.crs}
+    datasets[join_name] = join_parts
+    info[join_name] = {"kind": "join", "crs": manifest.target_crs,
+                       "join": manifest.join.model_dump()}
+    return datasets, info
+
+
+def publish_batch_to_lake(store: ObjectStore, lake_bucket: str, transformed: ChunkIndex,
+                          join_name: str, join_parts: list[StagedPart], manifest: Manifest,
+                          run_id: str) -> dict:
+    """Publish every dataset of the batch, completion manifest last; returns the manifest."""
+    datasets, info = batch_datasets(transformed, join_name, join_parts, manifest)
+    return publish_to_lake(
+        store, staging_bucket=transformed.staging_bucket, lake_bucket=lake_bucket,
+        batch_id=manifest.batch_id, run_id=run_id, datasets=datasets, dataset_info=info)
+
+
+def lineage_records(completion: dict, transformed: ChunkIndex, manifest: Manifest,
+                    manifest_key: str, run_id: str,
+                    lake_uri: Callable[[str], str]) -> list[tuple[str, dict]]:
+    """(lake URI, lineage document) for every object the completion manifest lists: its
+    batch, run, dataset, checksum and rows, the landed files it came from (with their
+    sha256), the manifest, the layer's recipe and the join."""
+    inputs = [s.model_dump() for s in transformed.sources]
+    records = []
+    for dataset, entry in completion["datasets"].items():
+        layer_inputs = [i for i in inputs
+                        if entry["kind"] == "join" or i["layer"] == entry.get("layer")]
+        for obj in entry["objects"]:
+            records.append((lake_uri(obj["key"]), {
+                "batch_id": manifest.batch_id, "run_id": run_id, "dataset": dataset,
+                "kind": entry["kind"], "key": obj["key"], "sha256": obj["sha256"],
+                "rows": obj["rows"], "inputs": layer_inputs, "manifest_key": manifest_key,
+                "recipe": [step.model_dump() for step in manifest.recipe_for(entry["layer"])]
+                if "layer" in entry else None,
+                "join": manifest.join.model_dump(),
+            }))
+    return records

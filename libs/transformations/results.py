@@ -1,0 +1,75 @@
+"""Gathering a batch's transformed chunks into the index the later stages read, reconciling
+counts as they arrive: rows in = rows out + rows rejected, per chunk and per batch.
+
+The transform tasks finish in any order (on any node); ``TransformResults`` takes each
+result as it comes and, once every chunk is in, builds the transformed ``ChunkIndex`` in the
+sharded chunks' order, with each layer's rejects, reject reasons and geometry types.
+"""
+
+from __future__ import annotations
+
+from libs.descriptors import Chunk, ChunkIndex, LayerChunks, TransformedChunk
+from libs.errors import ReconciliationError
+
+
+class TransformResults:
+    """The transformed chunks of ``sharded``, added one by one (``add``), then ``index()``."""
+
+    def __init__(self, sharded: ChunkIndex, target_crs: str) -> None:
+        self.sharded = sharded
+        self.target_crs = target_crs
+        self._results: dict[tuple[str, int], TransformedChunk] = {}
+        self.rows_in = 0
+        self.rows_out = 0
+        self.rows_rejected = 0
+
+    def add(self, source: Chunk, result: TransformedChunk) -> None:
+        """Take the result of transforming ``source``; raise if its counts do not reconcile."""
+        rejected = result.rejects.rows if result.rejects else 0
+        if result.rows_in != source.rows or result.chunk.rows + rejected != source.rows:
+            raise ReconciliationError(
+                f"batch {self.sharded.batch_id!r}, layer {source.layer!r}, chunk "
+                f"{source.ordinal}: {source.rows} rows sharded, {result.rows_in} read, "
+                f"{result.chunk.rows} out, {rejected} rejected")
+        self._results[(source.layer, source.ordinal)] = result
+        self.rows_in += result.rows_in
+        self.rows_out += result.chunk.rows
+        self.rows_rejected += rejected
+
+    def reject_reasons(self) -> dict[str, dict[str, int]]:
+        """Rejected rows per layer (in the batch's order) and recipe step."""
+        reasons: dict[str, dict[str, int]] = {}
+        for layer in self.sharded.layers:
+            counts = reasons[layer.layer] = {}
+            for chunk in layer.chunks:
+                result = self._results.get((layer.layer, chunk.ordinal))
+                for reason, count in (result.reject_reasons if result else {}).items():
+                    counts[reason] = counts.get(reason, 0) + count
+        return reasons
+
+    def index(self) -> ChunkIndex:
+        """The transformed batch; raises unless every sharded chunk was added and the batch's
+        rows reconcile."""
+        batch_id = self.sharded.batch_id
+        expected = {(c.layer, c.ordinal) for layer in self.sharded.layers for c in layer.chunks}
+        if set(self._results) != expected:
+            raise ReconciliationError(f"batch {batch_id!r}: {len(expected)} chunks sharded but "
+                                      f"{len(self._results)} transformed")
+        layers, rejects, types = [], [], {}
+        for layer in self.sharded.layers:
+            done = [self._results[(layer.layer, c.ordinal)] for c in layer.chunks]
+            layers.append(LayerChunks(layer=layer.layer, crs=self.target_crs, chunks=[
+                r.chunk.model_copy(update={"source_rows": r.rows_in}) for r in done]))
+            layer_rejects = [r.rejects for r in done if r.rejects is not None]
+            if layer_rejects:
+                rejects.append(LayerChunks(layer=layer.layer, crs=layer.crs, chunks=layer_rejects))
+            types[layer.layer] = sorted({t for r in done for t in r.geometry_types})
+        index = ChunkIndex(batch_id=batch_id, staging_bucket=self.sharded.staging_bucket,
+                           prefix=self.sharded.prefix, layers=layers, sources=self.sharded.sources,
+                           rejects=rejects, geometry_types=types)
+        rows_rejected = sum(r.rows for r in rejects)
+        if self.sharded.rows != index.rows + rows_rejected:
+            raise ReconciliationError(
+                f"batch {batch_id!r}: {self.sharded.rows} rows sharded but {index.rows} "
+                f"transformed + {rows_rejected} rejected")
+        return index
