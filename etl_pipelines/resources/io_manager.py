@@ -12,6 +12,7 @@ from dagster import ConfigurableIOManager, InputContext, OutputContext
 from pydantic import Field
 
 from etl_pipelines.resources.object_store import ObjectStoreResource
+from libs.lake.keys import op_output_key
 
 
 class StagingIOManager(ConfigurableIOManager):
@@ -21,7 +22,7 @@ class StagingIOManager(ConfigurableIOManager):
     prefix: str = Field(default="dagster-io", description="key prefix in the staging bucket")
 
     def _key(self, context: OutputContext) -> str:
-        return "/".join([self.prefix, *context.get_identifier()]) + ".pickle"
+        return op_output_key(self.prefix, context.get_identifier())
 
     def handle_output(self, context: OutputContext, obj: object) -> None:
         payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
