@@ -21,7 +21,7 @@ such option) is UNLOGGED, as ``create_layer_table`` makes them (ogr2ogr gets
 ``_row_id``) are checked after. ``extra_info`` holds rows/s and, on the ``ours`` cases,
 ``ratio_vs_ogr2ogr`` (target >= 4) and ``ratio_vs_bare_loop`` (target >= 0.8).
 
-Needs the local stack (``scripts/stack.py up``). Sizes: ``BENCH_LOAD_POINTS`` (default
+Needs the local stack (``python -m devstack up``). Sizes: ``BENCH_LOAD_POINTS`` (default
 1,000,000), ``BENCH_LOAD_CHUNKS`` (8), ``BENCH_LOAD_ROUNDS`` (5), e.g.
 ``BENCH_LOAD_POINTS=100000 BENCH_LOAD_ROUNDS=1 .venv/bin/pytest benchmarks/bench_load.py``.
 """
@@ -42,10 +42,11 @@ import shapely
 
 from benchmarks import summary
 from benchmarks.conftest import points_flatgeobuf
+from devstack.envfile import read_env_file
+from devstack.layout import ENV_FILE
 from libs import copy_binary, postgis, postgis_load
 from libs.geoparquet import GEOMETRY, read_parquet_table, to_geoparquet_bytes
 from libs.postgis import PostGISSettings, connect
-from tests.conftest import STACK_ENV, read_stack_env
 
 POINTS = int(os.environ.get("BENCH_LOAD_POINTS", "1000000"))
 CHUNKS = int(os.environ.get("BENCH_LOAD_CHUNKS", "8"))
@@ -56,9 +57,9 @@ _rows_per_s: dict[str, float] = {}
 
 
 def _stack_env() -> dict[str, str]:
-    if not STACK_ENV.exists():
-        pytest.skip("the load benchmark needs the local stack: scripts/stack.py up")
-    return read_stack_env()
+    if not ENV_FILE.exists():
+        pytest.skip("the load benchmark needs the local stack: python -m devstack up")
+    return read_env_file(ENV_FILE)
 
 
 class Inputs:

@@ -7,7 +7,7 @@
 # .venv and installs requirements-dev.txt, requirements-bench.txt (the benchmarks'
 # peers and chart) and the project itself (editable),
 # skipping pip when nothing it depends on changed since the last run.
-# Nothing is started here: `scripts/stack.py up` runs the services, on their own
+# Nothing is started here: `python -m devstack up` runs the services, on their own
 # ports. In particular the Debian PostgreSQL cluster `main` (port 5432) that the
 # postgresql-15 package creates is not ours: we neither use, start nor stop it.
 set -euo pipefail
@@ -81,4 +81,4 @@ else
   printf '%s\n' "$wanted" > "$STAMP"
 fi
 
-log "done; next: .venv/bin/python scripts/stack.py up"
+log "done; next: .venv/bin/python -m devstack up"

@@ -11,19 +11,15 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
+from devstack.layout import REPO
+from devstack.procs import reset_signals
 from libs.lake import completion_key
 from libs.manifest import MANIFEST_FILENAME
-from tests.conftest import REPO
 from tests.integration.pipeline import land_sample
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DAGSTER_BIN = Path(sys.executable).parent
-
-
-def _reset_signals() -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_DFL)
 
 
 @pytest.fixture
@@ -49,7 +45,7 @@ def test_daemon_sensor_launches_a_run_that_publishes(store, tmp_path, batch_id, 
     log = open(tmp_path / "daemon.log", "wb")
     daemon = subprocess.Popen(
         [DAGSTER_BIN / "dagster-daemon", "run", "-m", "etl_pipelines.definitions"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_reset_signals,
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=reset_signals,
         start_new_session=True)
     try:
         land_sample(store, tmp_path, batch_id, n_points=5_000)

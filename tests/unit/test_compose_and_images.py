@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from devstack.envfile import read_env_file
+
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yaml"
 ENV_EXAMPLE = REPO / ".env.example"
@@ -104,18 +106,6 @@ HEAVY_PACKAGES = {
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    values: dict[str, str] = {}
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        assert sep, f"{path.name}: not KEY=VALUE: {raw!r}"
-        values[key.strip()] = value.strip()
-    return values
 
 
 _VAR = re.compile(r"\$\$|\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|\$(?P<bare>\w+)")

@@ -30,6 +30,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from devstack.envfile import read_env_file
 from tests.unit.test_compose_and_images import (
     COMPOSE_FILE,
     ENV_EXAMPLE,
@@ -40,7 +41,6 @@ from tests.unit.test_compose_and_images import (
     load_compose,
     parse_size,
     published_ports,
-    read_env_file,
     run_compose_config,
 )
 
