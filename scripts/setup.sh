@@ -15,7 +15,9 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
-APT_PACKAGES=(postgresql-15 postgresql-15-postgis-3 gdal-bin docker-compose python3-venv)
+# No container engine: docker-compose.yaml is checked against the Compose Specification's schema
+# in Python (tests/config/test_compose_and_images.py), not by `docker compose config`.
+APT_PACKAGES=(postgresql-15 postgresql-15-postgis-3 gdal-bin python3-venv)
 PYTHON="${PYTHON:-python3}"
 VENV="$REPO/.venv"
 STAMP="$VENV/.spatial-etl-requirements.sha256"

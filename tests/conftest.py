@@ -9,7 +9,6 @@ import pytest
 from devstack.envfile import read_env_file
 from devstack.layout import ENV_FILE
 
-
 INTEGRATION = Path(__file__).parent / "integration"
 
 
