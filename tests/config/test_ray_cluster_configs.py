@@ -31,7 +31,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from devstack.envfile import read_env_file
-from tests.unit.test_compose_and_images import (
+from tests.config.test_compose_and_images import (
     COMPOSE_FILE,
     ENV_EXAMPLE,
     command_args,
