@@ -81,6 +81,10 @@ def start(head: RayHead) -> int:
             f"{head.address} is already in use by a process we did not start "
             f"(see `ss -ltnp 'sport = :{head.port}'`)"
         )
+    # Left by our previous head (SIGTERM does not remove it): `ray start --head` refuses to
+    # start when it names a GCS address that some gcs_server on this machine uses, and that
+    # can be another network namespace's stack on the same loopback port.
+    (head.temp_dir / "ray_current_cluster").unlink(missing_ok=True)
     env = ray_env()
     env["AUTOSCALER_METRIC_PORT"] = str(head.autoscaler_metric_port)
     env["DASHBOARD_METRIC_PORT"] = str(head.dashboard_metric_port)
