@@ -170,5 +170,5 @@ def status(*, with_dagster: bool = False) -> int:
         state = "ready" if row.ready else "DOWN"
         pid = str(row.pid) if row.pid else "-"
         hint = "" if row.ready else f"   log: {row.log}"
-        say(f"{row.name:<18} pid {pid:<8} {row.address:<50} {state}{hint}")
+        say(f"{row.name:<20} pid {pid:<8} {row.address:<50} {state}{hint}")
     return 0 if all(row.ready for row in rows) else 1

@@ -27,14 +27,14 @@ pytestmark = pytest.mark.integration
 BUCKETS = {"landing-zone", "data-lake", "etl-staging"}
 # Every fixed port of the stack: PostGIS, S3 (+ the other weed mini components:
 # master, volume, filer, admin and their gRPC ports), MongoDB, Ray GCS, Ray
-# Client server, dashboard agent, metrics, dashboard, Dagster webserver.
+# Client server, dashboard agent, metrics, dashboard, Dagster code server and webserver.
 STACK_PORTS = {
     55432,
     58333, 58334, 48335, 58335, 48336, 58336, 48337, 58337, 48338, 58338,
     57017,
     56379, 56380, 56381, 56382, 56383, 8265,
     56384, 56385, 56386, 56387, 56388,  # head node: metrics export, raylet, object manager, agents
-    3000,
+    54000, 3000,
 }  # fmt: skip
 LOOPBACK_HOSTS = {"127.0.0.1", "::ffff:127.0.0.1"}
 
