@@ -8,8 +8,17 @@ import pytest
 
 from devstack.envfile import read_env_file
 from devstack.layout import ENV_FILE
+from devstack.ray_layout import RAY_ENV
 
 INTEGRATION = Path(__file__).parent / "integration"
+
+
+def pytest_configure(config):
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when first imported, and a config test
+    # (tests/config/, collected before integration/) imports it before any stack_env fixture
+    # runs: every driver in this process must keep 127.0.0.1, so set the stack's Ray env first.
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers
