@@ -201,6 +201,17 @@ class RayHead:
         return Path("/tmp") / f"ray-{hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:8]}"
 
     @property
+    def process_tmp(self) -> Path:
+        """TMPDIR of the cluster's processes, inside its temp dir: what they leave behind
+        when stopped (multiprocessing's pymp-* dirs, for one) goes with the temp dir."""
+        return self.temp_dir / "tmp"
+
+    def node_env(self) -> dict[str, str]:
+        """The environment of this cluster's ``ray start`` processes."""
+        self.process_tmp.mkdir(parents=True, exist_ok=True)
+        return {**ray_env(), "TMPDIR": str(self.process_tmp)}
+
+    @property
     def pid_file(self) -> Path:
         return self.pid_path or self.state_dir / "head.pid"
 

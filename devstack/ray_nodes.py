@@ -85,7 +85,7 @@ def start(head: RayHead) -> int:
     # start when it names a GCS address that some gcs_server on this machine uses, and that
     # can be another network namespace's stack on the same loopback port.
     (head.temp_dir / "ray_current_cluster").unlink(missing_ok=True)
-    env = ray_env()
+    env = head.node_env()
     env["AUTOSCALER_METRIC_PORT"] = str(head.autoscaler_metric_port)
     env["DASHBOARD_METRIC_PORT"] = str(head.dashboard_metric_port)
     return launch(head.command(), head.log_path, head.pid_file, cwd=head.state_dir, env=env)
@@ -104,7 +104,7 @@ def start_worker(worker: RayWorker) -> int:
         raise RayHeadError(f"cannot start {worker.name}: port(s) {busy} already in use by a "
                            f"process we did not start (see `ss -ltnp`)")
     return launch(worker.command(), worker.log_path, worker.pid_file, cwd=worker.head.state_dir,
-                  env=ray_env())
+                  env=worker.head.node_env())
 
 
 def scale_workers(head: RayHead, count: int, timeout: float = 45.0) -> dict[int, int]:
