@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from devstack.layout import REPO
-from devstack.procs import reset_signals
+from devstack.procs import reset_signals, terminate_tree
 from libs.lake import completion_key
 from libs.manifest import MANIFEST_FILENAME
 from tests.integration.pipeline import land_sample
@@ -66,10 +65,6 @@ def test_daemon_sensor_launches_a_run_that_publishes(store, tmp_path, batch_id, 
         assert len(instance.get_runs(RunsFilter(tags={"batch_id": batch_id}))) == 1
         assert store.exists("data-lake", completion_key(batch_id))
     finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        try:
-            daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait()
+        terminate_tree(daemon.pid, timeout=30, signal_group=True)
+        daemon.wait()
         log.close()

@@ -3,7 +3,6 @@ succeeds, and the lake holds exactly what a clean run on the same cluster publis
 lost and nothing twice."""
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -80,11 +79,7 @@ class WorkerKiller(threading.Thread):
             seen |= on_head | on_worker
             if finished and on_worker:
                 tree = procs.process_tree(worker_pid)
-                for pid in tree:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                procs.send_signal(tree, signal.SIGKILL)
                 self.killed = {"finished_before": len(finished), "interrupted": sorted(on_worker),
                                "processes": len(tree)}
                 return
