@@ -1,13 +1,15 @@
 # Thin wrappers; the scripts do the work (and run on machines without make).
-.PHONY: setup up down status demo test bench bench-ci bench-baseline bench-ci-baseline
+.PHONY: setup up down purge status demo test bench bench-ci bench-baseline bench-ci-baseline
 setup:
 	bash scripts/setup.sh
 up:
-	.venv/bin/python scripts/stack.py up --dagster
+	.venv/bin/python -m devstack up --dagster
 down:
-	.venv/bin/python scripts/stack.py down
+	.venv/bin/python -m devstack down
+purge:
+	.venv/bin/python -m devstack down --purge
 status:
-	.venv/bin/python scripts/stack.py status
+	.venv/bin/python -m devstack status
 demo:
 	bash scripts/demo.sh
 test:

@@ -42,13 +42,14 @@ from sqlalchemy import URL, create_engine
 
 from benchmarks import summary
 from benchmarks.pipelines import ogr_geo_metadata
+from devstack.envfile import read_env_file
+from devstack.layout import ENV_FILE
 from libs import postgis
 from libs.geoparquet import GEOMETRY, crs_of
 from libs.lake import part_key, publish_to_lake, read_completion_manifest
 from libs.object_store import ObjectStore, ObjectStoreSettings
 from libs.postgis import PostGISSettings, connect
 from libs.sample_batch import synthetic_points
-from tests.conftest import STACK_ENV, read_stack_env
 
 POINTS = int(os.environ.get("BENCH_EXPORT_POINTS", "1000000"))
 ROUNDS = int(os.environ.get("BENCH_EXPORT_ROUNDS", "3"))
@@ -85,9 +86,9 @@ class Exported:
 
 @pytest.fixture(scope="module")
 def exported():
-    if not STACK_ENV.exists():
-        pytest.skip("the export benchmark needs the local stack: scripts/stack.py up")
-    env = read_stack_env()
+    if not ENV_FILE.exists():
+        pytest.skip("the export benchmark needs the local stack: python -m devstack up")
+    env = read_env_file(ENV_FILE)
     frame = synthetic_points(POINTS, seed=5).to_crs(TARGET)
     arrow = pa.table(frame.to_arrow(geometry_encoding="WKB"))
     arrow = arrow.rename_columns([GEOMETRY if c == frame.geometry.name else c

@@ -16,12 +16,13 @@ import pyogrio
 import pytest
 
 from benchmarks import summary
+from devstack.envfile import read_env_file
+from devstack.layout import ENV_FILE
 from libs import postgis
 from libs.geoparquet import GEOMETRY
 from libs.manifest import SpatialJoin
 from libs.postgis import PostGISSettings, connect
 from libs.sample_batch import NATURAL_EARTH_DIR, synthetic_points
-from tests.conftest import STACK_ENV, read_stack_env
 
 POINTS = int(os.environ.get("BENCH_JOIN_POINTS", "1000000"))
 TARGET = "EPSG:8857"
@@ -46,9 +47,9 @@ def frames():
 
 @pytest.fixture(scope="module")
 def loaded(frames):
-    if not STACK_ENV.exists():
-        pytest.skip("the join benchmark needs the local stack: scripts/stack.py up")
-    env = read_stack_env()
+    if not ENV_FILE.exists():
+        pytest.skip("the join benchmark needs the local stack: python -m devstack up")
+    env = read_env_file(ENV_FILE)
     settings = PostGISSettings(env["POSTGRES_HOST"], int(env["POSTGRES_PORT"]),
                                env["POSTGRES_USER"], env["POSTGRES_PASSWORD"])
     schema = postgis.run_schema_name(str(uuid.uuid4()))

@@ -18,8 +18,8 @@ pipeline's are (why: see docs/benchmark-methods.md). Row counts (and for ours, d
 ``_row_id``) are checked after timing. ``extra_info``: rows/s and, on ``ours``,
 ``ratio_vs_ogr2ogr`` (target >= 4) and ``ratio_vs_bare_loop`` (target >= 0.8).
 
-Needs the local stack (``make up``). Sizes: ``BENCH_LOAD_POINTS`` (default 1,000,000),
-``BENCH_LOAD_CHUNKS`` (8), ``BENCH_LOAD_ROUNDS`` (5), e.g.
+Needs the local stack (``python -m devstack up``). Sizes: ``BENCH_LOAD_POINTS`` (default
+1,000,000), ``BENCH_LOAD_CHUNKS`` (8), ``BENCH_LOAD_ROUNDS`` (5), e.g.
 ``BENCH_LOAD_POINTS=100000 BENCH_LOAD_ROUNDS=1 .venv/bin/pytest benchmarks/bench_load.py``.
 """
 
@@ -39,10 +39,11 @@ import shapely
 
 from benchmarks import summary
 from benchmarks.conftest import points_flatgeobuf
+from devstack.envfile import read_env_file
+from devstack.layout import ENV_FILE
 from libs import postgis
 from libs.geoparquet import GEOMETRY, read_parquet_table, to_geoparquet_bytes
 from libs.postgis import PostGISSettings, connect, copy_binary
-from tests.conftest import STACK_ENV, read_stack_env
 
 POINTS = int(os.environ.get("BENCH_LOAD_POINTS", "1000000"))
 CHUNKS = int(os.environ.get("BENCH_LOAD_CHUNKS", "8"))
@@ -53,9 +54,9 @@ _rows_per_s: dict[str, float] = {}
 
 
 def _stack_env() -> dict[str, str]:
-    if not STACK_ENV.exists():
-        pytest.skip("the load benchmark needs the local stack: scripts/stack.py up")
-    return read_stack_env()
+    if not ENV_FILE.exists():
+        pytest.skip("the load benchmark needs the local stack: python -m devstack up")
+    return read_env_file(ENV_FILE)
 
 
 class Inputs:

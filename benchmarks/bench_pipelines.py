@@ -37,7 +37,8 @@ from benchmarks.conftest import (
     polygons_flatgeobuf,
 )
 from benchmarks.rss import ProcessTreeSampler
-from tests.conftest import STACK_ENV, read_stack_env
+from devstack.envfile import read_env_file
+from devstack.layout import ENV_FILE
 
 SIZES = [int(s) for s in os.environ.get("BENCH_PIPELINE_SIZES", "100000,1000000,10000000").split(",")]
 PIPELINES = os.environ.get("BENCH_PIPELINES", "ours,ogr2ogr,geopandas,dask_geopandas,sedonadb").split(",")
@@ -102,9 +103,9 @@ class Child:
 
 @pytest.fixture(scope="module")
 def stack():
-    if not STACK_ENV.exists():
-        pytest.skip("the pipeline benchmarks need the local stack: scripts/stack.py up")
-    return read_stack_env()
+    if not ENV_FILE.exists():
+        pytest.skip("the pipeline benchmarks need the local stack: python -m devstack up")
+    return read_env_file(ENV_FILE)
 
 
 @pytest.mark.benchmark(group="pipeline")

@@ -1,6 +1,6 @@
 """Transform throughput on Ray with 1 and 2 workers (tasks in flight), same chunks, same run.
 
-Needs the local stack (``make up``): chunks are read from and written to the
+Needs the local stack (``python -m devstack up``): chunks are read from and written to the
 staging bucket exactly as in a pipeline run, one Ray task per chunk. Inputs are staged
 before timing; row counts are checked after.
 """
@@ -12,6 +12,8 @@ import uuid
 import pytest
 
 from benchmarks import summary
+from devstack.envfile import read_env_file
+from devstack.layout import ENV_FILE
 from etl_pipelines.ray.submit import TaskSpec, run_bounded
 from libs.descriptors import Chunk
 from libs.geoparquet import to_geoparquet_bytes
@@ -19,7 +21,6 @@ from libs.manifest.recipe import DEFAULT_RECIPE, effective_recipe
 from libs.object_store import ObjectStore, ObjectStoreSettings
 from libs.sample_batch import synthetic_points
 from libs.transformations import transform_staged_chunk
-from tests.conftest import STACK_ENV, read_stack_env
 
 POINTS = int(os.environ.get("BENCH_TRANSFORM_POINTS", "1000000"))
 CHUNKS = int(os.environ.get("BENCH_TRANSFORM_CHUNKS", "8"))
@@ -29,9 +30,9 @@ _results: dict[int, float] = {}
 
 
 def _stack_env() -> dict[str, str]:
-    if not STACK_ENV.exists():
-        pytest.skip("the transform benchmark needs the local stack: scripts/stack.py up")
-    return read_stack_env()
+    if not ENV_FILE.exists():
+        pytest.skip("the transform benchmark needs the local stack: python -m devstack up")
+    return read_env_file(ENV_FILE)
 
 
 @pytest.fixture(scope="module")

@@ -58,9 +58,10 @@ class Protocol:
 
 
 def stack_env() -> dict[str, str]:
-    from tests.conftest import read_stack_env
+    from devstack.envfile import read_env_file
+    from devstack.layout import ENV_FILE
 
-    env = read_stack_env()
+    env = read_env_file(ENV_FILE)
     for key, value in env.items():
         os.environ.setdefault(key, value)
     return env

@@ -44,7 +44,7 @@ if [ "$profile" = ci ]; then
 fi
 
 if [ "$gate_only" = 0 ]; then
-  .venv/bin/python scripts/stack.py up
+  .venv/bin/python -m devstack up
   started=$(date +%s)
   status=0
   .venv/bin/pytest benchmarks -p no:cacheprovider --benchmark-json="$out/benchmarks.json" || status=$?

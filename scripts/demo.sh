@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python scripts/stack.py up --dagster
-.venv/bin/python scripts/demo.py "$@"
+.venv/bin/python -m devstack up --dagster
+.venv/bin/python -m devstack.demo "$@"

@@ -7,7 +7,7 @@
 # .venv and installs requirements-dev.txt, requirements-bench.txt (the benchmarks'
 # peers and chart) and the project itself (editable),
 # skipping pip when nothing it depends on changed since the last run.
-# Nothing is started here: `scripts/stack.py up` runs the services, on their own
+# Nothing is started here: `python -m devstack up` runs the services, on their own
 # ports. In particular the Debian PostgreSQL cluster `main` (port 5432) that the
 # postgresql-15 package creates is not ours: we neither use, start nor stop it.
 set -euo pipefail
@@ -15,7 +15,9 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
-APT_PACKAGES=(postgresql-15 postgresql-15-postgis-3 gdal-bin docker-compose python3-venv)
+# No container engine: docker-compose.yaml is checked against the Compose Specification's schema
+# in Python (tests/config/test_compose_and_images.py), not by `docker compose config`.
+APT_PACKAGES=(postgresql-15 postgresql-15-postgis-3 gdal-bin python3-venv)
 PYTHON="${PYTHON:-python3}"
 VENV="$REPO/.venv"
 STAMP="$VENV/.spatial-etl-requirements.sha256"
@@ -81,4 +83,4 @@ else
   printf '%s\n' "$wanted" > "$STAMP"
 fi
 
-log "done; next: .venv/bin/python scripts/stack.py up"
+log "done; next: .venv/bin/python -m devstack up"

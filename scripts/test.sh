@@ -7,12 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 started_here=0
-if ! .venv/bin/python scripts/stack.py status >/dev/null 2>&1; then
+if ! .venv/bin/python -m devstack status >/dev/null 2>&1; then
   started_here=1
 fi
-cleanup() { if [ "$started_here" = 1 ]; then .venv/bin/python scripts/stack.py down; fi; }
+cleanup() { if [ "$started_here" = 1 ]; then .venv/bin/python -m devstack down; fi; }
 trap cleanup EXIT
-.venv/bin/python scripts/stack.py up
+.venv/bin/python -m devstack up
 .venv/bin/ruff check .
 .venv/bin/pytest "$@"
 if [ "${BENCH_SKIP:-0}" != 1 ]; then

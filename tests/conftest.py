@@ -1,40 +1,42 @@
 """Shared test set-up: integration tests run against the local stack started by
-``scripts/stack.py up``; its environment file provides the contract's variables."""
+``python -m devstack up``; its env file provides the contract's variables."""
 
 import os
-import shlex
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-STACK_ENV = REPO / ".state" / "stack.env"
+from devstack.envfile import read_env_file
+from devstack.layout import ENV_FILE
+from devstack.ray_layout import RAY_ENV
+
+INTEGRATION = Path(__file__).parent / "integration"
 
 
-def read_stack_env(path: Path = STACK_ENV) -> dict[str, str]:
-    env = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        line = line.removeprefix("export ")
-        key, _, value = line.partition("=")
-        env[key] = shlex.split(value)[0] if value else ""
-    return env
+def pytest_configure(config):
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when first imported, and a config test
+    # (tests/config/, collected before integration/) imports it before any stack_env fixture
+    # runs: every driver in this process must keep 127.0.0.1, so set the stack's Ray env first.
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION in item.path.parents:
+            item.add_marker(pytest.mark.integration)
     wants_stack = any(item.get_closest_marker("integration") for item in items)
-    if wants_stack and not STACK_ENV.exists():
+    if wants_stack and not ENV_FILE.exists():
         pytest.exit(f"integration tests need the local stack: run `make test` or "
-                    f"`.venv/bin/python scripts/stack.py up` first ({STACK_ENV} is missing)",
+                    f"`.venv/bin/python -m devstack up` first ({ENV_FILE} is missing)",
                     returncode=4)
 
 
 @pytest.fixture(scope="session")
 def stack_env() -> dict[str, str]:
     """The stack's variables, also exported to this process (existing values win)."""
-    env = read_stack_env()
+    env = read_env_file(ENV_FILE)
     for key, value in env.items():
         os.environ.setdefault(key, value)
     return {key: os.environ[key] for key in env}

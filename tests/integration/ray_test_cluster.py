@@ -2,7 +2,7 @@
 
 The cluster is ours alone: its own state dir and temp dir, its own port block (GCS 26479,
 dashboard 26569, every other port in 26479..26578), a head with one CPU and one worker node
-(its own raylet) with one CPU; started and stopped by PID through ray_cluster/local.py. The
+(its own raylet) with one CPU; started and stopped by PID through devstack.ray_nodes. The
 stack's Ray (56379) is never touched.
 
 The block lies below Linux's ephemeral port range (32768-60999): the cluster starts in the
@@ -28,9 +28,10 @@ import geopandas as gpd
 import pandas as pd
 from dagster import DagsterInstance, RunRequest
 
+from devstack.ray_layout import RayHead
+from devstack.ray_nodes import running_cluster
 from libs.lake import completion_key
 from libs.object_store import ObjectStore
-from ray_cluster import local
 from tests.integration.pipeline import land_sample, request_for, run_ingest, sensor_tick
 
 TEST_GCS_PORT = 26479
@@ -40,9 +41,9 @@ CHUNK_ROWS = 2_500
 
 
 @contextmanager
-def two_node_cluster(state_dir: Path, workers: int = 1) -> Iterator[local.RayHead]:
-    head = local.RayHead.port_block(state_dir, TEST_GCS_PORT, num_cpus=1, worker_num_cpus=1)
-    with local.running_cluster(head, workers) as running:
+def two_node_cluster(state_dir: Path, workers: int = 1) -> Iterator[RayHead]:
+    head = RayHead.port_block(state_dir, TEST_GCS_PORT, num_cpus=1, worker_num_cpus=1)
+    with running_cluster(head, workers) as running:
         yield running
 
 
@@ -128,7 +129,7 @@ def lake_dataset(store: ObjectStore, batch_id: str, dataset: str, sort_by: str) 
     return frame.sort_values(sort_by, kind="stable").reset_index(drop=True)
 
 
-def state_tasks(head: local.RayHead, key: str, value: str) -> list[dict]:
+def state_tasks(head: RayHead, key: str, value: str) -> list[dict]:
     """Every task attempt whose ``key`` equals ``value`` (name, state, node_id, attempt_number,
     worker_pid...), from the cluster's state API.
 
@@ -141,16 +142,17 @@ def state_tasks(head: local.RayHead, key: str, value: str) -> list[dict]:
         return json.loads(resp.read())["data"]["result"]["result"]
 
 
-def transform_tasks(head: local.RayHead, job_id: str, batch_id: str) -> list[dict]:
+def transform_tasks(head: RayHead, job_id: str, batch_id: str) -> list[dict]:
     """Every attempt of this batch's transform tasks."""
     return [t for t in state_tasks(head, "job_id", job_id)
             if t["name"].startswith(f"transform:{batch_id}:")]
 
 
 if __name__ == "__main__":  # run_in_own_process: python -m tests.integration.ray_test_cluster
-    from tests.conftest import read_stack_env
+    from devstack.envfile import read_env_file
+    from devstack.layout import ENV_FILE
 
-    for _key, _value in read_stack_env().items():
+    for _key, _value in read_env_file(ENV_FILE).items():
         os.environ.setdefault(_key, _value)
     from libs.object_store import ObjectStoreSettings
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,19 +10,15 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
+from devstack.layout import REPO
+from devstack.procs import reset_signals, terminate_tree
 from libs.lake import completion_key
 from libs.manifest import MANIFEST_FILENAME
-from tests.conftest import REPO
 from tests.integration.pipeline import land_sample
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DAGSTER_BIN = Path(sys.executable).parent
-
-
-def _reset_signals() -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_DFL)
 
 
 @pytest.fixture
@@ -49,7 +44,7 @@ def test_daemon_sensor_launches_a_run_that_publishes(store, tmp_path, batch_id, 
     log = open(tmp_path / "daemon.log", "wb")
     daemon = subprocess.Popen(
         [DAGSTER_BIN / "dagster-daemon", "run", "-m", "etl_pipelines.definitions"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_reset_signals,
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=reset_signals,
         start_new_session=True)
     try:
         land_sample(store, tmp_path, batch_id, n_points=5_000)
@@ -70,10 +65,6 @@ def test_daemon_sensor_launches_a_run_that_publishes(store, tmp_path, batch_id, 
         assert len(instance.get_runs(RunsFilter(tags={"batch_id": batch_id}))) == 1
         assert store.exists("data-lake", completion_key(batch_id))
     finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        try:
-            daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait()
+        terminate_tree(daemon.pid, timeout=30, signal_group=True)
+        daemon.wait()
         log.close()

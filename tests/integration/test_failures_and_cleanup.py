@@ -11,12 +11,12 @@ import uuid
 import pytest
 from dagster import DagsterInstance, build_sensor_context
 
+from devstack.layout import REPO
 from etl_pipelines.definitions import build_resources
 from etl_pipelines.sensors.janitor import postgis_schema_janitor
 from libs import postgis
 from libs.lake import completion_key
 from libs.postgis import connect
-from tests.conftest import REPO
 from tests.integration.pipeline import land_sample, request_for, run_ingest, sensor_tick
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""Smoke test of the local embedded stack started by ``scripts/stack.py up``.
+"""Smoke test of the local embedded stack started by ``python -m devstack up``.
 
 Checks each service through the endpoints published in ``.state/stack.env`` and
 that nothing the stack listens on is reachable from outside the machine.
@@ -8,54 +8,42 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 import textwrap
 import urllib.request
-from pathlib import Path
 
 import psycopg
 import pytest
 from minio import Minio
 from pymongo import MongoClient
 
+from devstack.envfile import read_env_file
+from devstack.layout import ENV_FILE, PIDS
+from devstack.procs import process_tree
+
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-STATE = REPO / ".state"
-STACK_ENV_FILE = STATE / "stack.env"
 BUCKETS = {"landing-zone", "data-lake", "etl-staging"}
 # Every fixed port of the stack: PostGIS, S3 (+ the other weed mini components:
 # master, volume, filer, admin and their gRPC ports), MongoDB, Ray GCS, Ray
-# Client server, dashboard agent, metrics, dashboard, Dagster webserver.
+# Client server, dashboard agent, metrics, dashboard, Dagster code server and webserver.
 STACK_PORTS = {
     55432,
     58333, 58334, 48335, 58335, 48336, 58336, 48337, 58337, 48338, 58338,
     57017,
     56379, 56380, 56381, 56382, 56383, 8265,
     56384, 56385, 56386, 56387, 56388,  # head node: metrics export, raylet, object manager, agents
-    3000,
+    54000, 3000,
 }  # fmt: skip
 LOOPBACK_HOSTS = {"127.0.0.1", "::ffff:127.0.0.1"}
 
 
-def _read_env_file(path: Path) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        words = shlex.split(line, comments=True)
-        for word in words[1:] if words[:1] == ["export"] else words:
-            key, sep, value = word.partition("=")
-            if sep:
-                env[key] = value
-    return env
-
-
 @pytest.fixture(scope="module")
 def env() -> dict[str, str]:
-    if not STACK_ENV_FILE.exists():
-        pytest.fail(f"{STACK_ENV_FILE} is missing: run scripts/stack.py up first", pytrace=False)
-    return _read_env_file(STACK_ENV_FILE)
+    if not ENV_FILE.exists():
+        pytest.fail(f"{ENV_FILE} is missing: run `python -m devstack up` first", pytrace=False)
+    return read_env_file(ENV_FILE)
 
 
 def test_postgis_answers_with_extension(env: dict[str, str]) -> None:
@@ -153,26 +141,13 @@ def _listeners() -> list[tuple[str, int, set[int]]]:
 
 
 def _our_pids() -> set[int]:
-    """PIDs recorded by stack.py plus all their descendants."""
-    roots = set()
-    for pid_file in (STATE / "pids").glob("*.pid"):
+    """PIDs recorded by the stack plus all their descendants."""
+    ours: set[int] = set()
+    for pid_file in PIDS.glob("*.pid"):
         try:
-            roots.add(int(pid_file.read_text().strip()))
+            ours |= process_tree(int(pid_file.read_text().strip()))
         except ValueError:
             continue
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    ours = set(roots)
-    grew = True
-    while grew:
-        children = {pid for pid, ppid in parents.items() if ppid in ours} - ours
-        ours |= children
-        grew = bool(children)
     return ours
 
 

@@ -1,6 +1,6 @@
 """The pipeline on a multi-node Ray cluster on one machine: a head (1 CPU) and a separate worker
 node process (1 CPU, its own raylet). Transform tasks land on both nodes, and the lake ends up
-exactly as after a run on the stack's single-node Ray. Also: ray_cluster/local.py's start and
+exactly as after a run on the stack's single-node Ray. Also: ray_cluster/ray_nodes.py's start and
 scaling are idempotent on real processes."""
 
 import logging
@@ -11,7 +11,7 @@ import pytest
 from dagster import DagsterInstance
 from geopandas.testing import assert_geodataframe_equal
 
-from ray_cluster import local
+from devstack import procs, ray_nodes
 from tests.integration.ray_test_cluster import (
     N_POINTS,
     lake_dataset,
@@ -58,7 +58,7 @@ def test_transform_tasks_ran_on_both_nodes(cluster, runs):
     assert result.success
     metadata = output_metadata(result, "transform_chunks")
     assert metadata["ray_dashboard"] == cluster.dashboard_url
-    nodes = {n["node_id"]: n["is_head_node"] for n in local.alive_nodes(cluster)}
+    nodes = {n["node_id"]: n["is_head_node"] for n in ray_nodes.alive_nodes(cluster)}
     assert sorted(nodes.values()) == [False, True]
     tasks = transform_tasks(cluster, metadata["ray_job_id"], runs["batches"]["multi"])
     finished = [t for t in tasks if t["state"] == "FINISHED"]
@@ -85,16 +85,16 @@ def test_lake_equals_the_run_on_the_stacks_ray(store, runs, dataset, key):
 
 
 def test_start_and_scale_are_idempotent(cluster):
-    head_pid = local.running_pid(cluster)
-    workers = local.running_workers(cluster)
-    assert local.start(cluster) == head_pid
-    assert local.scale_workers(cluster, 1) == workers
-    assert len(local.wait_for_nodes(cluster, 2)) == 2
+    head_pid = ray_nodes.running_pid(cluster)
+    workers = ray_nodes.running_workers(cluster)
+    assert ray_nodes.start(cluster) == head_pid
+    assert ray_nodes.scale_workers(cluster, 1) == workers
+    assert len(ray_nodes.wait_for_nodes(cluster, 2)) == 2
     # one more worker joins as its own node, and scaling back stops exactly that one
-    grown = local.scale_workers(cluster, 2)
+    grown = ray_nodes.scale_workers(cluster, 2)
     assert grown[1] == workers[1] and grown[2] not in (head_pid, workers[1])
-    local.wait_for_nodes(cluster, 3)
-    assert local.scale_workers(cluster, 1) == workers
-    assert not local.alive({grown[2]})
-    local.wait_for_nodes(cluster, 2)
-    assert local.running_pid(cluster) == head_pid
+    ray_nodes.wait_for_nodes(cluster, 3)
+    assert ray_nodes.scale_workers(cluster, 1) == workers
+    assert not procs.alive({grown[2]})
+    ray_nodes.wait_for_nodes(cluster, 2)
+    assert ray_nodes.running_pid(cluster) == head_pid

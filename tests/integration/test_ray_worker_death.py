@@ -3,7 +3,6 @@ succeeds, and the lake holds exactly what a clean run on the same cluster publis
 lost and nothing twice."""
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -13,7 +12,8 @@ import pytest
 from dagster import DagsterInstance
 from geopandas.testing import assert_geodataframe_equal
 
-from ray_cluster import local
+from devstack import procs, ray_nodes
+from devstack.ray_layout import RayHead
 from tests.integration.ray_test_cluster import (
     lake_dataset,
     land_and_run,
@@ -43,7 +43,7 @@ def _running_in(pids: set[int], batch_id: str) -> set[str]:
     """Task names running right now in ``pids`` (Ray titles a busy worker process
     ``ray::<task name>``): one read of /proc/<pid>/cmdline each, well under a millisecond."""
     prefix = f"ray::transform:{batch_id}:"
-    titles = (" ".join(local._cmdline(pid)) for pid in pids)
+    titles = (" ".join(procs.cmdline(pid)) for pid in pids)
     return {t.removeprefix("ray::") for t in titles if t.startswith(prefix)}
 
 
@@ -57,33 +57,29 @@ class WorkerKiller(threading.Thread):
     test's size takes tens of ms): a chunk seen running and then no longer running anywhere
     has finished."""
 
-    def __init__(self, head: local.RayHead, batch_id: str, timeout: float = 120.0) -> None:
+    def __init__(self, head: RayHead, batch_id: str, timeout: float = 120.0) -> None:
         super().__init__(daemon=True)
         self.head, self.batch_id, self.timeout = head, batch_id, timeout
         self.killed: dict | None = None
 
     def run(self) -> None:
         deadline = time.monotonic() + self.timeout
-        head_pid = local.running_pid(self.head)
-        worker_pid = local.running_workers(self.head)[1]
+        head_pid = ray_nodes.running_pid(self.head)
+        worker_pid = ray_nodes.running_workers(self.head)[1]
         seen: set[str] = set()
         refreshed = 0.0
         while time.monotonic() < deadline:
             if time.monotonic() - refreshed > 0.05:  # new worker processes appear rarely
-                head_tree = local.process_tree(head_pid) if head_pid else set()
-                worker_tree = local.process_tree(worker_pid)
+                head_tree = procs.process_tree(head_pid) if head_pid else set()
+                worker_tree = procs.process_tree(worker_pid)
                 refreshed = time.monotonic()
             on_head = _running_in(head_tree, self.batch_id)
             on_worker = _running_in(worker_tree, self.batch_id)
             finished = seen - on_head - on_worker
             seen |= on_head | on_worker
             if finished and on_worker:
-                tree = local.process_tree(worker_pid)
-                for pid in tree:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                tree = procs.process_tree(worker_pid)
+                procs.send_signal(tree, signal.SIGKILL)
                 self.killed = {"finished_before": len(finished), "interrupted": sorted(on_worker),
                                "processes": len(tree)}
                 return
@@ -123,7 +119,7 @@ def runs(stack_env, store, cluster, tmp_path_factory):
 def test_the_worker_node_died_mid_transform_and_tasks_were_retried(cluster, runs):
     assert runs["killed"] is not None, "the worker node was never caught running a chunk"
     assert runs["killed"]["finished_before"] >= 1 and runs["killed"]["interrupted"]
-    assert local.running_workers(cluster) == {}
+    assert ray_nodes.running_workers(cluster) == {}
     result = runs["results"]["killed"]
     assert result.success, result.get_step_failure_events()
     metadata = output_metadata(result, "transform_chunks")
@@ -134,7 +130,7 @@ def test_the_worker_node_died_mid_transform_and_tasks_were_retried(cluster, runs
     retried = [t for t in finished if t["name"] in interrupted]
     assert retried and all(t["attempt_number"] >= 1 for t in retried), retried
     # every retry ran on the head, the only node left
-    heads = [n["node_id"] for n in local.alive_nodes(cluster) if n["is_head_node"]]
+    heads = [n["node_id"] for n in ray_nodes.alive_nodes(cluster) if n["is_head_node"]]
     assert {t["node_id"] for t in retried} == set(heads)
 
 

@@ -1,4 +1,4 @@
-"""ray_cluster/local.py: the port layout of a cluster's block and the command lines it runs
+"""ray_cluster/ray_nodes.py: the port layout of a cluster's block and the command lines it runs
 (no Ray is started here; starting, scaling and stopping real nodes is in
 tests/integration/test_ray_multinode.py)."""
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ray_cluster import local
+from devstack import ray_layout, ray_nodes
+from devstack.ray_layout import RayHead
 
 
 def _flag_ports(command: list[str]) -> dict[str, int]:
@@ -18,23 +19,23 @@ def _flag_ports(command: list[str]) -> dict[str, int]:
     return ports
 
 
-def _cluster_ports(head: local.RayHead) -> list[int]:
+def _cluster_ports(head: RayHead) -> list[int]:
     ports = list(_flag_ports(head.command()).values())
     ports += [head.autoscaler_metric_port, head.dashboard_metric_port]
-    for index in range(1, local.MAX_WORKERS + 1):
+    for index in range(1, ray_layout.MAX_WORKERS + 1):
         ports += list(_flag_ports(head.worker(index).command()).values())
     return ports
 
 
 def test_stack_head_keeps_its_ports_and_pins_the_rest():
-    head = local.RayHead.in_state_root(Path("/tmp/state-root"))
+    head = RayHead.in_state_root(Path("/tmp/state-root"))
     ports = _flag_ports(head.command())
     assert ports["--port"] == 56379
     assert ports["--dashboard-port"] == 8265
     assert ports["--ray-client-server-port"] == 56380
     assert ports["--dashboard-agent-listen-port"] == 56381
     assert (head.autoscaler_metric_port, head.dashboard_metric_port) == (56382, 56383)
-    assert ports["--metrics-export-port"] == local.METRICS_EXPORT_PORT == 56384
+    assert ports["--metrics-export-port"] == ray_layout.METRICS_EXPORT_PORT == 56384
     assert head.metrics_url == "http://127.0.0.1:56384/metrics"
     # every port a node opens is fixed: none left to Ray's defaults shared machine-wide
     assert {"--node-manager-port", "--object-manager-port", "--dashboard-agent-grpc-port",
@@ -43,21 +44,21 @@ def test_stack_head_keeps_its_ports_and_pins_the_rest():
     assert "--block" in head.command()
 
 
-@pytest.mark.parametrize("gcs_port", [local.GCS_PORT, 56479])
+@pytest.mark.parametrize("gcs_port", [ray_layout.GCS_PORT, 56479])
 def test_every_port_of_a_cluster_is_distinct_and_inside_its_block(gcs_port):
-    if gcs_port == local.GCS_PORT:
-        head = local.RayHead.in_state_root(Path("/tmp/state-root"))
-        ports = [p for p in _cluster_ports(head) if p != local.DASHBOARD_PORT]
+    if gcs_port == ray_layout.GCS_PORT:
+        head = RayHead.in_state_root(Path("/tmp/state-root"))
+        ports = [p for p in _cluster_ports(head) if p != ray_layout.DASHBOARD_PORT]
     else:
-        head = local.RayHead.port_block(Path("/tmp/test-cluster"), gcs_port)
+        head = RayHead.port_block(Path("/tmp/test-cluster"), gcs_port)
         ports = _cluster_ports(head)
     assert len(ports) == len(set(ports)), "two listeners of one cluster share a port"
     assert all(gcs_port <= p < gcs_port + 100 for p in ports), sorted(ports)
 
 
 def test_the_stack_and_a_test_cluster_never_share_a_port_or_a_temp_dir():
-    stack = local.RayHead.in_state_root(Path("/tmp/state-root"))
-    test = local.RayHead.port_block(Path("/tmp/test-cluster"), 56479, num_cpus=1)
+    stack = RayHead.in_state_root(Path("/tmp/state-root"))
+    test = RayHead.port_block(Path("/tmp/test-cluster"), 56479, num_cpus=1)
     assert not set(_cluster_ports(stack)) & set(_cluster_ports(test))
     assert stack.temp_dir != test.temp_dir
     assert test.dashboard_url == "http://127.0.0.1:56569"
@@ -65,12 +66,12 @@ def test_the_stack_and_a_test_cluster_never_share_a_port_or_a_temp_dir():
 
 
 def test_worker_joins_the_head_on_loopback_with_its_own_ports_and_the_heads_temp_dir():
-    head = local.RayHead.port_block(Path("/tmp/test-cluster"), 56479, worker_num_cpus=1,
+    head = RayHead.port_block(Path("/tmp/test-cluster"), 56479, worker_num_cpus=1,
                                     worker_object_store_bytes=300 << 20)
     worker = head.worker(2)
     command = worker.command()
     start = command.index("start")
-    assert command[:start] == [command[0], "-c", local._WORKER_LAUNCHER]
+    assert command[:start] == [command[0], "-c", ray_layout.WORKER_LAUNCHER]
     assert "--head" not in command
     assert "--address=127.0.0.1:56479" in command
     assert "--node-ip-address=127.0.0.1" in command
@@ -86,36 +87,36 @@ def test_worker_joins_the_head_on_loopback_with_its_own_ports_and_the_heads_temp
 
 
 def test_stack_worker_files_sit_next_to_the_heads():
-    head = local.RayHead.in_state_root(Path("/tmp/state-root"))
+    head = RayHead.in_state_root(Path("/tmp/state-root"))
     assert head.worker(1).pid_file == Path("/tmp/state-root/pids/ray-worker-1.pid")
     assert head.worker(1).log_path == Path("/tmp/state-root/logs/ray-worker-1.log")
 
 
-@pytest.mark.parametrize("index", [0, local.MAX_WORKERS + 1])
+@pytest.mark.parametrize("index", [0, ray_layout.MAX_WORKERS + 1])
 def test_worker_index_outside_the_block_is_refused(index):
-    head = local.RayHead.in_state_root(Path("/tmp/state-root"))
+    head = RayHead.in_state_root(Path("/tmp/state-root"))
     with pytest.raises(ValueError, match="worker index"):
         head.worker(index)
 
 
 def test_scaling_beyond_the_block_is_refused_before_anything_starts(tmp_path):
-    head = local.RayHead.port_block(tmp_path, 56479)
+    head = RayHead.port_block(tmp_path, 56479)
     with pytest.raises(ValueError, match="workers must be"):
-        local.scale_workers(head, local.MAX_WORKERS + 1)
-    assert local.running_workers(head) == {}
+        ray_nodes.scale_workers(head, ray_layout.MAX_WORKERS + 1)
+    assert ray_nodes.running_workers(head) == {}
 
 
 def test_a_worker_is_not_started_without_its_head(tmp_path):
-    head = local.RayHead.port_block(tmp_path, 56479)
-    with pytest.raises(local.RayHeadError, match="head .* is not running"):
-        local.start_worker(head.worker(1))
+    head = RayHead.port_block(tmp_path, 56479)
+    with pytest.raises(ray_nodes.RayHeadError, match="head .* is not running"):
+        ray_nodes.start_worker(head.worker(1))
     assert not head.worker(1).pid_file.exists()
 
 
 def test_a_stale_worker_pid_file_is_not_taken_for_a_running_worker(tmp_path):
-    head = local.RayHead.port_block(tmp_path, 56479)
+    head = RayHead.port_block(tmp_path, 56479)
     worker = head.worker(1)
     worker.pid_file.parent.mkdir(parents=True, exist_ok=True)
     worker.pid_file.write_text("1\n")  # init: alive, but not our `ray start`
-    assert local.worker_pid(worker) is None
+    assert ray_nodes.worker_pid(worker) is None
     assert not worker.pid_file.exists()

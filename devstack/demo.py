@@ -1,6 +1,6 @@
-"""Land the sample batch, let the Dagster daemon's sensor start the run, wait, show the lake.
-
-Expects the local stack with Dagster (``scripts/stack.py up --dagster``); reads its env file.
+"""The demo: land the sample batch, let the Dagster daemon's sensor start the run, wait, show
+the lake. Expects the stack with Dagster (``python -m devstack up --dagster``; scripts/demo.sh
+starts it): ``.venv/bin/python -m devstack.demo [--points N]``.
 """
 
 from __future__ import annotations
@@ -14,19 +14,16 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from stack import ENV_FILE, read_env_file  # scripts/ is on sys.path when run as a script
-
-
-def load_stack_env() -> None:
-    os.environ.update(read_env_file(ENV_FILE))
+from devstack.envfile import read_env_file
+from devstack.layout import ENV_FILE
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devstack.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=1_000_000, help="synthetic points to land")
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the run")
     args = parser.parse_args()
-    load_stack_env()
+    os.environ.update(read_env_file(ENV_FILE))
 
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
@@ -81,7 +78,7 @@ def main() -> int:
         print(f"\nrun took {started.end_time - started.start_time:.1f}s")
     print(f"Dagster UI:     {ui}/runs/{run.run_id}")
     print(f"Ray dashboard:  {os.environ.get('RAY_DASHBOARD_URL', 'http://127.0.0.1:8265')}")
-    print("stop the stack with: .venv/bin/python scripts/stack.py down")
+    print("stop the stack with: .venv/bin/python -m devstack down")
     return 0
 
 
