@@ -224,6 +224,9 @@ class Ogr2ogr:
     Arrow and pyarrow writes GeoParquet. Two ogr2ogr processes run at a time (2 cores)."""
 
     def __init__(self, spec: dict):
+        import pyarrow.parquet  # noqa: F401  (imports outside the timing, as every peer's)
+        import pyogrio.raw  # noqa: F401
+
         from libs.postgis import connect
 
         self.spec = spec
