@@ -27,8 +27,8 @@ _PART_SIZE = 16 * 1024 * 1024
 # put_bytes sends an object up to this size in one PUT. Left to itself the MinIO client splits
 # anything over 5 MiB into a multipart upload of 5 MiB parts, each its own request with its
 # own hashing: for our 10-30 MiB chunks that cost the client 2.4 CPU-s per GB instead of 0.9
-# (measured against SeaweedFS, benchmarks/README.md). Bigger objects still go in parts.
-_SINGLE_PUT_BYTES = 64 * 1024 * 1024
+# (measured against SeaweedFS: docs/benchmarks-journal.md). Bigger objects still go in parts.
+SINGLE_PUT_BYTES = 64 * 1024 * 1024
 T = TypeVar("T")
 _TRANSIENT_S3_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"}
 
@@ -157,7 +157,7 @@ class ObjectStore:
         would cost ~1 CPU-s per GB for nothing."""
         self._client.put_object(
             bucket, key, io.BytesIO(data), length=len(data), content_type=content_type,
-            part_size=_SINGLE_PUT_BYTES,
+            part_size=SINGLE_PUT_BYTES,
         )
 
     def upload(self, bucket: str, key: str, path: Path, content_type: str) -> str:

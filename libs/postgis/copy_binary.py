@@ -375,15 +375,15 @@ def _interleave(pieces: list[_Piece], rows: int) -> memoryview:
 #: Rows per pass of ``_materialise``: every field is written into this many records before the
 #: next slice, so the slice stays in the core's L2 cache (8k rows of a 72-byte point record are
 #: ~0.6 MB) instead of the whole block's records being streamed through memory once per field.
-_MATERIALISE_ROWS = 8192
+MATERIALISE_ROWS = 8192
 
 
 def _materialise(piece: _Fixed, rows: int) -> np.ndarray:
     """The fixed piece as a packed structured array: one element per row, fields in order."""
     names = [f"f{i}" for i in range(len(piece.fields))]
     record = np.empty(rows, dtype=np.dtype([(n, d) for n, (d, _) in zip(names, piece.fields, strict=True)]))
-    for start in range(0, rows, _MATERIALISE_ROWS):
-        stop = min(rows, start + _MATERIALISE_ROWS)
+    for start in range(0, rows, MATERIALISE_ROWS):
+        stop = min(rows, start + MATERIALISE_ROWS)
         part = record[start:stop]
         for name, (_, values) in zip(names, piece.fields, strict=True):
             # numpy converts to big-endian on the way in; a scalar fills every row

@@ -57,7 +57,7 @@ def test_put_bytes_sends_a_chunk_sized_object_in_one_put_and_a_larger_one_in_par
         assert store.write_bytes(BUCKET, f"{prefix}unhashed", data, "application/octet-stream") is None
         etags = {o.key: o.etag for o in store.list(BUCKET, prefix)}
         assert etags[f"{prefix}chunk"] == etags[f"{prefix}unhashed"] == hashlib.md5(data).hexdigest()
-        monkeypatch.setattr(object_store, "_SINGLE_PUT_BYTES", 5 * 2**20)
+        monkeypatch.setattr(object_store, "SINGLE_PUT_BYTES", 5 * 2**20)
         store.put_bytes(BUCKET, f"{prefix}big", data, "application/octet-stream")
         assert {o.key: o.etag for o in store.list(BUCKET, prefix)}[f"{prefix}big"].endswith("-3")
         assert store.get_bytes(BUCKET, f"{prefix}big") == data

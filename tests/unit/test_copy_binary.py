@@ -190,7 +190,7 @@ def test_blocks_chunked_and_sliced_inputs_do_not_change_the_bytes():
 
 
 def test_records_written_in_row_slices_equal_one_pass(monkeypatch):
-    """Fixed-width records are filled a slice of rows at a time (``_MATERIALISE_ROWS``): any
+    """Fixed-width records are filled a slice of rows at a time (``MATERIALISE_ROWS``): any
     slice size gives the same bytes, scalars, NULLs and same-size EWKB bodies included."""
     rng = np.random.default_rng(11)
     n = 1_000
@@ -201,7 +201,7 @@ def test_records_written_in_row_slices_equal_one_pass(monkeypatch):
     columns, types = [ids, values, letters, points], ["int8", "float8", "text", Ewkb(8857)]
     whole = encode(columns, types)
     for rows in (1, 7, 999, 1_000, 4_096):
-        monkeypatch.setattr(copy_binary, "_MATERIALISE_ROWS", rows)
+        monkeypatch.setattr(copy_binary, "MATERIALISE_ROWS", rows)
         assert encode(columns, types) == whole, rows
     parsed = parse_copy(whole)
     assert [r[0] for r in parsed[:3]] == [struct.pack(">q", i) for i in range(3)]
