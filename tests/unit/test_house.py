@@ -113,3 +113,15 @@ def test_module_docstrings_stay_short_and_nothing_edits_sys_path(path):
     edits = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Attribute)
              and ast.unparse(node.value) == "sys.path"]
     assert not edits, f"{path.relative_to(REPO)} edits sys.path ({edits}); import through packages"
+
+
+def test_no_test_reaches_into_a_private_name():
+    """A test patches or reads only what a module offers: a name worth tuning is public."""
+    for path in _python_files("tests", "benchmarks"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("setattr") and \
+                    len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and \
+                    str(node.args[1].value).startswith("_") and \
+                    not str(node.args[1].value).startswith("__"):
+                pytest.fail(f"{path.relative_to(REPO)}:{node.lineno} patches the private "
+                            f"{node.args[1].value!r}; make it part of the module's interface")
