@@ -43,3 +43,7 @@ class PublishError(SpatialEtlError):
 
 class ReconciliationError(SpatialEtlError):
     """Row counts do not add up between two stages."""
+
+
+class StagingError(SpatialEtlError):
+    """Something read back from the staging bucket is not what the pipeline wrote there."""

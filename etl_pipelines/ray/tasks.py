@@ -8,15 +8,17 @@ it (``etl_pipelines.ray.metrics``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from etl_pipelines.ray.metrics import record_stage
 from etl_pipelines.ray.submit import TaskSpec
 from libs.descriptors import Chunk, TransformedChunk
-from libs.lake import chunk_key
-from libs.manifest import Manifest
+from libs.lake.keys import chunk_key
 from libs.object_store import ObjectStoreSettings
 from libs.transformations import transform_staged_chunk
+
+if TYPE_CHECKING:  # a worker needs only the task body's imports
+    from libs.manifest import Manifest
 
 
 def transform_spec(manifest: Manifest, staging_prefix: str, settings: ObjectStoreSettings,

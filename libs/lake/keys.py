@@ -6,7 +6,7 @@ Staging (bucket ``etl-staging``), one prefix per run, removed once the batch is 
     runs/<run_id>/transformed/<layer>/chunk-<NNNNN>.parquet  transformed chunks
     runs/<run_id>/rejects/<layer>/chunk-<NNNNN>.parquet      rejected rows of a chunk
     runs/<run_id>/results/<join>/part-<NNNNN>.parquet        a join's result
-    dagster-io/<run_id>/<step>/<output>.pickle               an op's output (the IO manager)
+    dagster-io/<run_id>/<step>/<output>.json                 an op's output (the IO manager)
 
 Lake (bucket ``data-lake``), stable and documented in the README::
 
@@ -37,7 +37,7 @@ def chunk_key(prefix: str, stage: str, layer: str, ordinal: int) -> str:
 
 def op_output_key(prefix: str, identifier: list[str]) -> str:
     """Where the IO manager keeps an op's output (``identifier``: run id, step, output name)."""
-    return "/".join([prefix, *identifier]) + ".pickle"
+    return "/".join([prefix, *identifier]) + ".json"
 
 
 def result_prefix(prefix: str, join_name: str) -> str:

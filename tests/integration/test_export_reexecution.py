@@ -34,7 +34,7 @@ def test_store_down_during_export_then_reexecution_publishes_once(
             config["ops"]["shard_batch"] = {"config": {"chunk_rows": 10_000}}
             # the plug is pulled right after load_and_join has stored its output: the
             # export step is the first to find the object store gone
-            proxy.go_down_after(b"/load_and_join/result.pickle")
+            proxy.go_down_after(b"/load_and_join/result.json")
             failed = execute_job(reconstructable(ingest_batch_job), instance, run_config=config,
                                  tags=request.tags)
             assert not failed.success

@@ -125,4 +125,4 @@ def test_every_key_comes_from_one_module():
     assert completion_key("b1") == "_batches/b1.json"
     assert rejects_dataset("points") == "points_rejects"
     assert op_output_key("dagster-io", ["r1", "shard_batch", "result"]) == \
-        "dagster-io/r1/shard_batch/result.pickle"
+        "dagster-io/r1/shard_batch/result.json"
