@@ -4,7 +4,8 @@ The package owns three things. Reading every input format of the manifest as a s
 Arrow batches (GDAL formats through pyogrio's Arrow reader, GeoParquet through pyarrow), so
 no file is ever loaded whole. Checking what was landed before trusting it (zip safety, the
 driver GDAL detects, CRS, encodings, coordinates, geometry families, columns), each problem
-an :class:`~libs.errors.InputDataError` naming the file and layer. And ordering a whole
+an :class:`~libs.errors.InputDataError` naming the file and layer; GDAL locked down first
+(:func:`lock_down_gdal`: the declared formats' drivers only, no network). And ordering a whole
 layer along a Hilbert curve, cut into chunks bounded by rows and bytes, so that each chunk
 covers a compact area for the transform, the load and the lake's readers.
 
@@ -19,6 +20,12 @@ modules' jobs and the measurements behind the design: ``docs/sharding.md``.
 """
 
 from libs.sharding.batch import LandedFile, download_landed, shard_landed_batch
+from libs.sharding.gdal_guard import (
+    ALLOWED_DRIVERS,
+    GdalLockdownError,
+    check_gdal_locked_down,
+    lock_down_gdal,
+)
 from libs.sharding.hilbert import hilbert_index
 from libs.sharding.inputs import normalised_layer_name, plan_layers
 from libs.sharding.limits import ShardLimits
@@ -27,13 +34,17 @@ from libs.sharding.sources import LayerSource
 from libs.sharding.writer import ChunkSink
 
 __all__ = [
+    "ALLOWED_DRIVERS",
     "ChunkSink",
+    "GdalLockdownError",
     "LandedFile",
     "LayerSource",
     "ShardLimits",
     "ShardedLayer",
+    "check_gdal_locked_down",
     "download_landed",
     "hilbert_index",
+    "lock_down_gdal",
     "normalised_layer_name",
     "plan_layers",
     "shard_landed_batch",

@@ -1,8 +1,10 @@
 """Planning: check every landed file before any is read, and group the sources by layer.
 
-Checked without reading features: zip safety (member paths, encryption, inflated size and
-ratio, from the central directory before GDAL opens the archive), the driver GDAL detects
-against the declared format, that named layers and CSV columns exist, and each layer's CRS.
+Checked without reading features: the file's bytes against its declared format (before any
+GDAL call, with GDAL locked down: ``gdal_guard``), zip safety (member paths, encryption,
+inflated size and ratio, from the central directory before GDAL opens the archive), the
+driver GDAL detects against the declared format, that named layers and CSV columns exist,
+and each layer's CRS. GDAL is given the declared driver as a path prefix where it takes one.
 """
 
 from __future__ import annotations
@@ -23,17 +25,18 @@ from pyogrio.errors import DataLayerError
 from libs.errors import InputDataError
 from libs.manifest import DataFile, InputFormat
 from libs.sharding.crs import layer_crs
+from libs.sharding.gdal_guard import (
+    DRIVER_FOR_FORMAT,
+    PREFIXABLE_FORMATS,
+    clean_gdal_message,
+    lock_down_gdal,
+)
 from libs.sharding.limits import ShardLimits
+from libs.sharding.sniffing import check_declared_format, check_shapefile_member, describe_content
 from libs.sharding.sources import GDAL_ERRORS, TEXT_FORMATS, LayerSource, SourceProbe, describe_source
 
-_DRIVERS = {
-    InputFormat.GEOJSON: "GeoJSON",
-    InputFormat.GEOJSONSEQ: "GeoJSONSeq",
-    InputFormat.GPKG: "GPKG",
-    InputFormat.FLATGEOBUF: "FlatGeobuf",
-    InputFormat.SHAPEFILE_ZIP: "ESRI Shapefile",
-    InputFormat.CSV: "CSV",
-}
+#: Largest ``.cpg`` member read: a code page file holds a name such as "UTF-8" or "1252".
+MAX_CPG_BYTES = 64
 
 
 def normalised_layer_name(name: str) -> str:
@@ -55,26 +58,6 @@ def _expanded_layer_name(layer: str, source_layer: str, data_file: DataFile) -> 
     return f"{layer}_{suffix}".encode()[:63].decode("ascii")
 
 
-def _sniff(path: Path) -> str:
-    """A guess at what a file is from its first bytes, for error messages."""
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(64)
-    except OSError:
-        return "unreadable"
-    if not head:
-        return "an empty file"
-    for magic, what in ((b"PAR1", "a Parquet file"), (b"PK\x03\x04", "a zip archive"),
-                        (b"SQLite format 3", "an SQLite/GeoPackage database"),
-                        (b"fgb\x03", "a FlatGeobuf file")):
-        if head.startswith(magic):
-            return what
-    text = head.lstrip(b"\xef\xbb\xbf\x1e \t\r\n")
-    if text[:1] in (b"{", b"["):
-        return "JSON text"
-    return "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head[:32]) else "binary data"
-
-
 def _check_zip(path: Path, data_file: DataFile, limits: ShardLimits) -> list[str]:
     """Validate an archive from its central directory; return its member names."""
     where = describe_source(data_file)
@@ -84,7 +67,7 @@ def _check_zip(path: Path, data_file: DataFile, limits: ShardLimits) -> list[str
     except zipfile.BadZipFile:
         raise InputDataError(
             f"{where}: declared shapefile_zip but it is not a zip archive (it looks like "
-            f"{_sniff(path)}); expected a .zip holding .shp, .shx, .dbf and .prj"
+            f"{describe_content(path)}); expected a .zip holding .shp, .shx, .dbf and .prj"
         ) from None
     total = 0
     for member in members:
@@ -135,7 +118,16 @@ def _zip_sidecar(members: list[str], shp: str, suffix: str) -> str | None:
     return None
 
 
+def gdal_path_for(path: Path, data_file: DataFile) -> str:
+    """The name GDAL opens a landed file by: the declared driver as a prefix where GDAL takes
+    one, so content of another format is not even tried."""
+    if data_file.format in PREFIXABLE_FORMATS:
+        return f"{DRIVER_FOR_FORMAT[data_file.format]}:{path}"
+    return str(path)
+
+
 def _read_info(gdal_path: str, layer: str | None, **options: str) -> dict:
+    lock_down_gdal()
     with warnings.catch_warnings():
         # e.g. "Measured (M) geometry types are not supported": the data is checked later.
         warnings.simplefilter("ignore")
@@ -145,18 +137,17 @@ def _read_info(gdal_path: str, layer: str | None, **options: str) -> dict:
 def _detect_driver(gdal_path: str, path: Path, data_file: DataFile, layer: str | None) -> dict:
     """read_info of a GDAL source, with its driver checked against the declared format."""
     where = describe_source(data_file, source_layer=layer)
-    expected = _DRIVERS[data_file.format]
+    expected = DRIVER_FOR_FORMAT[data_file.format]
     try:
         info = _read_info(gdal_path, layer)
     except DataLayerError as exc:
-        raise InputDataError(f"{where}: {exc}; expected an existing layer "
-                             f"(available: {_list_layers(gdal_path)})") from None
+        raise InputDataError(f"{where}: {_gdal_says(exc, data_file, gdal_path, path)}; expected "
+                             f"an existing layer (available: {_list_layers(gdal_path)})") from None
     except GDAL_ERRORS as exc:
-        if data_file.format is InputFormat.CSV and "not recognized" in str(exc):
-            return {}  # GDAL recognises CSV by extension only; it is opened as "CSV:<path>"
         raise InputDataError(
-            f"{where} cannot be read as {data_file.format.value}: GDAL says {exc} (the file looks "
-            f"like {_sniff(path)}); expected a valid {expected} file"
+            f"{where} cannot be read as {data_file.format.value}: GDAL says "
+            f"{_gdal_says(exc, data_file, gdal_path, path)} (the file looks like "
+            f"{describe_content(path)}); expected a valid {expected} file"
         ) from None
     driver = info.get("driver")
     if driver != expected and not (
@@ -170,7 +161,12 @@ def _detect_driver(gdal_path: str, path: Path, data_file: DataFile, layer: str |
     return info
 
 
+def _gdal_says(exc: Exception, data_file: DataFile, *local: str | Path) -> str:
+    return clean_gdal_message(exc, PurePosixPath(data_file.path).name, *local)
+
+
 def _list_layers(gdal_path: str) -> list[str]:
+    lock_down_gdal()
     try:
         return [str(name) for name in pyogrio.list_layers(gdal_path)[:, 0]]
     except GDAL_ERRORS:
@@ -182,14 +178,12 @@ def open_parquet(path: Path, data_file: DataFile) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
     except (pa.ArrowInvalid, OSError) as exc:
-        try:
-            driver = pyogrio.read_info(str(path))["driver"]
-            seen = f"GDAL reads it as {driver}"
-        except GDAL_ERRORS:
-            seen = f"it looks like {_sniff(path)}"
+        # GDAL is not asked what it is: it would open it with whatever driver matches
         raise InputDataError(
-            f"{describe_source(data_file)}: declared geoparquet but it is not a Parquet file ({seen}; "
-            f"pyarrow says {exc}); expected a GeoParquet 1.0 or 1.1 file"
+            f"{describe_source(data_file)}: declared geoparquet but it is not a Parquet file (it "
+            f"looks like {describe_content(path)}; pyarrow says "
+            f"{clean_gdal_message(exc, PurePosixPath(data_file.path).name, path)}); expected a "
+            "GeoParquet 1.0 or 1.1 file"
         ) from None
 
 
@@ -236,7 +230,7 @@ def probe_source(path: Path, data_file: DataFile, source_layer: str | None,
     where = describe_source(data_file, source_layer=source_layer)
     fmt = data_file.format
     if not path.is_file():
-        raise InputDataError(f"{where}: no such file {str(path)!r}")
+        raise InputDataError(f"{where}: the landed copy of the file is missing")
     if data_file.encoding and fmt not in TEXT_FORMATS | {InputFormat.SHAPEFILE_ZIP}:
         if codecs.lookup(data_file.encoding).name != "utf-8":
             raise InputDataError(
@@ -248,7 +242,8 @@ def probe_source(path: Path, data_file: DataFile, source_layer: str | None,
             raise InputDataError(f"{where}: a GeoParquet file has one layer; remove source_layer")
         geo = read_geo_metadata(open_parquet(path, data_file), data_file)
         return SourceProbe(None, None, _geoparquet_crs(geo), "UTF-8 (Parquet)")
-    gdal_path, encoding_note, options = str(path), "UTF-8", ()
+    check_declared_format(path, data_file)
+    gdal_path, encoding_note, options = gdal_path_for(path, data_file), "UTF-8", ()
     layer = source_layer
     if fmt is InputFormat.SHAPEFILE_ZIP:
         members = _check_zip(path, data_file, limits)
@@ -270,22 +265,23 @@ def probe_source(path: Path, data_file: DataFile, source_layer: str | None,
                     f"{where}: the zip has {shp!r} but no {suffix} file next to it; a Shapefile "
                     "needs .shp, .shx and .dbf (and .prj for its CRS): zip all of them"
                 )
-        gdal_path, layer = f"/vsizip/{path.resolve()}/{shp}", None
+        with zipfile.ZipFile(path) as archive:
+            for member in (shp, _zip_sidecar(members, shp, ".shx")):
+                check_shapefile_member(archive, member, data_file)
+        # braces delimit the archive's own path: GDAL splits nothing inside them
+        gdal_path, layer = f"/vsizip/{{{path.resolve()}}}/{shp}", None
         cpg = _zip_sidecar(members, shp, ".cpg")
         if data_file.encoding:
             encoding_note = f"{data_file.encoding} (declared in the manifest)"
         elif cpg is not None:
-            with zipfile.ZipFile(path) as archive:
-                declared = archive.read(cpg)[:64].decode("ascii", "replace").strip()
-            encoding_note = f"{declared} (declared by {PurePosixPath(cpg).name})"
+            encoding_note = f"{_read_cpg(path, cpg, data_file)} (declared by {PurePosixPath(cpg).name})"
         else:
             encoding_note = "UTF-8 (no .cpg and no encoding in the manifest)"
     elif data_file.encoding:
         encoding_note = f"{data_file.encoding} (declared in the manifest)"
     info = _detect_driver(gdal_path, path, data_file, layer)
     if fmt is InputFormat.CSV:
-        gdal_path = f"CSV:{path}"
-        options = _csv_options(data_file, where, _read_info(gdal_path, None))
+        options = _csv_options(data_file, where, info)
         info = _read_info(gdal_path, None, **dict(options))
     elif layer is None and fmt is not InputFormat.SHAPEFILE_ZIP:
         layers = _list_layers(gdal_path)
@@ -293,6 +289,19 @@ def probe_source(path: Path, data_file: DataFile, source_layer: str | None,
     if info.get("geometry_type") is None and fmt is not InputFormat.CSV:
         raise InputDataError(f"{where}: the layer has no geometry column; expected spatial data")
     return SourceProbe(gdal_path, layer, info.get("crs"), encoding_note, options)
+
+
+def _read_cpg(path: Path, cpg: str, data_file: DataFile) -> str:
+    """The code page a Shapefile zip's ``.cpg`` member names, reading at most a few bytes."""
+    with zipfile.ZipFile(path) as archive:
+        size = archive.getinfo(cpg).file_size
+        if size > MAX_CPG_BYTES:
+            raise InputDataError(
+                f"{describe_source(data_file)}: zip member {cpg!r} inflates to {size:,} bytes; a "
+                f".cpg names a code page in a few bytes (e.g. 'UTF-8'), at most {MAX_CPG_BYTES}: "
+                "replace it, or drop it and declare 'encoding' in the manifest")
+        with archive.open(cpg) as member:
+            return member.read(MAX_CPG_BYTES).decode("ascii", "replace").strip()
 
 
 def _csv_options(data_file: DataFile, where: str, info: dict) -> tuple[tuple[str, str], ...]:
@@ -321,11 +330,16 @@ def _source_layers(path: Path, data_file: DataFile, limits: ShardLimits) -> list
         return [path.stem]
     if data_file.format is InputFormat.SHAPEFILE_ZIP:
         return list(_shapefiles_in_zip(_check_zip(path, data_file, limits)))
+    check_declared_format(path, data_file)
+    gdal_path = gdal_path_for(path, data_file)
+    lock_down_gdal()
     try:
-        listing = pyogrio.list_layers(str(path))
+        listing = pyogrio.list_layers(gdal_path)
     except GDAL_ERRORS as exc:
-        raise InputDataError(f"{describe_source(data_file)} cannot be read as {data_file.format.value}: "
-                             f"GDAL says {exc} (the file looks like {_sniff(path)})") from None
+        raise InputDataError(
+            f"{describe_source(data_file)} cannot be read as {data_file.format.value}: GDAL says "
+            f"{_gdal_says(exc, data_file, gdal_path, path)} (the file looks like "
+            f"{describe_content(path)})") from None
     return [str(name) for name, geometry_type in listing if geometry_type is not None]
 
 

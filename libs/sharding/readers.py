@@ -25,7 +25,8 @@ from libs.errors import InputDataError
 from libs.geoparquet import GEOMETRY
 from libs.manifest import DataFile, InputFormat
 from libs.sharding.columns import is_reserved_column
-from libs.sharding.inputs import open_parquet, read_geo_metadata
+from libs.sharding.gdal_guard import clean_gdal_message, lock_down_gdal
+from libs.sharding.inputs import gdal_path_for, open_parquet, read_geo_metadata
 from libs.sharding.limits import ShardLimits
 from libs.sharding.sources import GDAL_ERRORS, TEXT_FORMATS, LayerSource, SourceProbe
 
@@ -216,8 +217,14 @@ def _gdal_stream(source: LayerSource, probe: SourceProbe, where: str, scratch_di
         suffix = source.path.suffix or ".txt"
         copy = _transcode_to_utf8(source.path, declared,
                                   scratch_dir / f"source-{index:04d}-utf8{suffix}", where)
-        gdal_path = f"CSV:{copy}" if data_file.format is InputFormat.CSV else str(copy)
+        gdal_path = gdal_path_for(copy, data_file)
     csv_check = _CsvGeometryCheck(data_file, where) if data_file.format is InputFormat.CSV else None
+    name = Path(data_file.path).name
+
+    def gdal_says(exc: Exception) -> str:  # no scratch path, no path outside the batch
+        return clean_gdal_message(exc, name, gdal_path, probe.gdal_path, source.path)
+
+    lock_down_gdal()
     with ExitStack() as stack:
         caught: list[warnings.WarningMessage] = []
         if csv_check is not None:
@@ -236,7 +243,7 @@ def _gdal_stream(source: LayerSource, probe: SourceProbe, where: str, scratch_di
             ) from None
         except GDAL_ERRORS as exc:
             raise InputDataError(
-                f"{where} cannot be read as {data_file.format.value}: {exc}") from None
+                f"{where} cannot be read as {data_file.format.value}: {gdal_says(exc)}") from None
         geometry_name = meta.get("geometry_name") or "wkb_geometry"
         normalise = _Normaliser(reader.schema, geometry_name, where,
                                 csv_check.columns if csv_check else ())
@@ -250,8 +257,8 @@ def _gdal_stream(source: LayerSource, probe: SourceProbe, where: str, scratch_di
                     return
                 except (pa.ArrowException, OSError, *GDAL_ERRORS) as exc:
                     raise InputDataError(
-                        f"{where}: reading failed after row {row} ({exc}); the file is corrupt or "
-                        f"truncated, expected a valid {data_file.format.value} file"
+                        f"{where}: reading failed after row {row} ({gdal_says(exc)}); the file is "
+                        f"corrupt or truncated, expected a valid {data_file.format.value} file"
                     ) from None
                 if csv_check is not None:
                     csv_check(batch, geometry_name, row, caught)
@@ -288,8 +295,9 @@ def _geoparquet_stream(source: LayerSource, where: str,
                 return
             except (pa.ArrowException, OSError) as exc:
                 raise InputDataError(
-                    f"{where}: reading failed after row {row} ({exc}); the file is corrupt or "
-                    "truncated, expected a valid GeoParquet file"
+                    f"{where}: reading failed after row {row} "
+                    f"({clean_gdal_message(exc, Path(source.data_file.path).name, source.path)}); "
+                    "the file is corrupt or truncated, expected a valid GeoParquet file"
                 ) from None
             out = normalise(batch)
             _check_utf8(out, row, where, "UTF-8 (Parquet)")

@@ -464,8 +464,8 @@ def test_corrupt_file(tmp_path):
     path = tmp_path / "broken.fgb"
     path.write_bytes(b"this is not a flatgeobuf file at all")
     fails(tmp_path, [entry(path, "flatgeobuf")],
-          r"file 'broken.fgb' \(layer 'points'\) cannot be read as flatgeobuf.*expected a valid "
-          r"FlatGeobuf file")
+          r"file 'broken.fgb' \(layer 'points'\): declared flatgeobuf but its bytes are text, not "
+          r"a FlatGeobuf file")
 
 
 def test_truncated_file(tmp_path):
@@ -479,20 +479,22 @@ def test_mislabelled_format(tmp_path, points):
     path = tmp_path / "points.fgb"
     pyogrio.write_dataframe(points, path, driver="GeoJSON")
     fails(tmp_path, [entry(path, "flatgeobuf")],
-          r"file 'points.fgb' \(layer 'points'\): declared flatgeobuf but GDAL reads it as GeoJSON")
+          r"file 'points.fgb' \(layer 'points'\): declared flatgeobuf but its bytes are JSON text, "
+          r"not a FlatGeobuf file")
 
 
 def test_parquet_declared_as_another_format(tmp_path, points):
     path = tmp_path / "points.gpkg"
     points.to_parquet(path)
-    fails(tmp_path, [entry(path, "gpkg")], r"'points.gpkg'.*cannot be read as gpkg.*Parquet file")
+    fails(tmp_path, [entry(path, "gpkg")],
+          r"'points.gpkg'.*declared gpkg but its bytes are a Parquet file, not a GeoPackage")
 
 
 def test_not_a_zip(tmp_path, points):
     path = tmp_path / "points.zip"
     path.write_text(points.to_json())
     fails(tmp_path, [entry(path, "shapefile_zip")],
-          r"'points.zip'.*declared shapefile_zip but it is not a zip archive \(it looks like JSON")
+          r"'points.zip'.*declared shapefile_zip but its bytes are JSON text, not a zip archive")
 
 
 def _shapefile_folder(tmp_path: Path) -> Path:
@@ -776,5 +778,5 @@ def test_sources_built_without_plan_layers_are_checked_too(tmp_path, points):
     path = tmp_path / "points.fgb"
     pyogrio.write_dataframe(points, path, driver="GeoJSON")
     source = LayerSource(path, DataFile(path="points.fgb", layer="points", format="flatgeobuf"), None)
-    with pytest.raises(InputDataError, match="declared flatgeobuf but GDAL reads it as GeoJSON"):
+    with pytest.raises(InputDataError, match="declared flatgeobuf but its bytes are JSON text"):
         shard_layer("points", [source], MemorySink(), scratch_dir=tmp_path, limits=ShardLimits())
