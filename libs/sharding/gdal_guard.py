@@ -46,7 +46,7 @@ _REFUSAL = b"network access is disabled in processes that read landed data"
 #: directly, not the fetch callback); the proxy is a last layer (curl honours NO_PROXY, so it
 #: is not relied on); SQLite external access (ATTACH, VirtualOGR from a file's views) stays off;
 #: GDAL does not list the folder of an opened file (a Shapefile in a zip still finds its parts).
-NETWORK_OFF_OPTIONS = {
+LOCKED_DOWN_OPTIONS = {
     "CPL_VSIL_CURL_ALLOWED_FILENAME": "/vsicurl/network-access-is-disabled/",
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".network-access-is-disabled",
     "GDAL_HTTP_PROXY": "127.0.0.1:9",
@@ -153,17 +153,17 @@ def lock_down_gdal() -> None:
             # process-wide (CPLHTTPPushFetchCallback would hold for the calling thread only)
             lib.CPLHTTPSetFetchCallback(_state["callback"], None)
         if _changed_options():
-            pyogrio.set_gdal_config_options(NETWORK_OFF_OPTIONS)
+            pyogrio.set_gdal_config_options(LOCKED_DOWN_OPTIONS)
         lib.OSRSetPROJEnableNetwork(0)
     check_gdal_locked_down()
 
 
 def _changed_options() -> dict[str, str | None]:
-    """Options of :data:`NETWORK_OFF_OPTIONS` whose value differs, as GDAL reads them (raw)."""
+    """Options of :data:`LOCKED_DOWN_OPTIONS` whose value differs, as GDAL reads them (raw)."""
     lib = _library()
-    current = {key: lib.CPLGetConfigOption(key.encode(), None) for key in NETWORK_OFF_OPTIONS}
+    current = {key: lib.CPLGetConfigOption(key.encode(), None) for key in LOCKED_DOWN_OPTIONS}
     return {key: value and value.decode() for key, value in current.items()
-            if value != NETWORK_OFF_OPTIONS[key].encode()}
+            if value != LOCKED_DOWN_OPTIONS[key].encode()}
 
 
 def check_gdal_locked_down() -> None:
