@@ -86,7 +86,8 @@ class ChunkIndex(_Frozen):
     layers: list[LayerChunks]
     sources: list[SourceFile]
     rejects: list[LayerChunks] = Field(
-        default_factory=list, description="rejected rows per layer (transform only)")
+        default_factory=list, description="rejected rows per layer: the shard stage's (geometries over the "
+        "vertex limit) and, once transformed, the recipe's")
     geometry_types: dict[str, list[str]] = Field(
         default_factory=dict, description="geometry types per layer")
 

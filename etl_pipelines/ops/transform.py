@@ -46,7 +46,8 @@ def transform_chunks(
 
     run_bounded(transform_chunk, tasks, max_in_flight=ray_cluster.max_tasks_in_flight,
                 max_retries=ray_cluster.task_max_retries, on_done=on_done,
-                scheduling_strategy=ray_cluster.scheduling_strategy, started=started)
+                scheduling_strategy=ray_cluster.scheduling_strategy, started=started,
+                time_limit=ray_cluster.task_time_limit_seconds)
     # nothing after this stage runs on Ray: the job's idle workers would only hold memory
     retired = retire_workers(scheduling_strategy=ray_cluster.scheduling_strategy)
     context.log.debug(f"retired {len(retired)} idle Ray worker(s) of job {job_id}")

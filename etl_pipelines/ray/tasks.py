@@ -21,15 +21,29 @@ if TYPE_CHECKING:  # a worker needs only the task body's imports
     from libs.manifest import Manifest
 
 
+#: Memory a transform task asks for: a worker's own footprint (interpreter, imports) plus
+#: a multiple of its chunk's bytes (decoded columns, GEOS objects, the encoded output);
+#: both measured on typical chunks (``docs/limits.md``).
+TASK_BASE_MEMORY = 256 * 2**20
+TASK_MEMORY_PER_CHUNK_BYTE = 12
+
+
+def task_memory(chunk: Chunk) -> int:
+    """The memory request (bytes) of the task that transforms ``chunk``."""
+    return TASK_BASE_MEMORY + TASK_MEMORY_PER_CHUNK_BYTE * chunk.bytes
+
+
 def transform_spec(manifest: Manifest, staging_prefix: str, settings: ObjectStoreSettings,
                    bucket: str, chunk: Chunk) -> TaskSpec:
-    """The task that transforms one sharded chunk, named ``transform:<batch>:<layer>:<chunk>``."""
+    """The task that transforms one sharded chunk, named ``transform:<batch>:<layer>:<chunk>``,
+    asking for ``task_memory(chunk)``."""
     return TaskSpec(
         name=f"transform:{manifest.batch_id}:{chunk.layer}:{chunk.ordinal:05d}",
         args=(manifest.batch_id, settings, bucket, chunk,
               chunk_key(staging_prefix, "transformed", chunk.layer, chunk.ordinal),
               chunk_key(staging_prefix, "rejects", chunk.layer, chunk.ordinal),
-              manifest.recipe_for(chunk.layer), manifest.target_crs))
+              manifest.recipe_for(chunk.layer), manifest.target_crs),
+        memory=task_memory(chunk))
 
 
 def transform_chunk(

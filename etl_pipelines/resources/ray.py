@@ -15,6 +15,7 @@ per-run clusters on Kubernetes stays a small change.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -46,6 +47,14 @@ class RayResource(ConfigurableResource):
         default=3, description="retries of a chunk task when its worker dies or it fails "
         "with a transient error"
     )
+    task_time_limit_seconds: float = Field(
+        default=600.0, gt=0, description="wall time a chunk task may take from its submission "
+        "before it is force-cancelled and the run fails naming the chunk (a 20 MiB chunk takes "
+        "seconds; the limit leaves room for queueing behind max_tasks_in_flight and slow nodes)")
+    task_oom_retries: int = Field(
+        default=2, ge=0, le=15, description="retries of a chunk task the Ray memory monitor "
+        "killed (RAY_task_oom_retries for this driver; Ray's own default is unbounded); the "
+        "head and workers get the same value where the stacks start them")
     local_num_cpus: int = Field(default=2, description="CPUs of a private 'local' cluster")
     scheduling_strategy: Literal["SPREAD", "DEFAULT"] = Field(
         default="SPREAD", description="placement of chunk tasks: SPREAD over every node with a "
@@ -92,6 +101,10 @@ class RayResource(ConfigurableResource):
         return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
+        # The driver owns its tasks and counts their OOM retries: Ray reads this when the
+        # driver's core worker starts (ray.init below), and retries memory kills without end
+        # unless it is set. An explicit setting in the environment wins.
+        os.environ.setdefault("RAY_task_oom_retries", str(self.task_oom_retries))
         import ray
 
         if ray.is_initialized():
