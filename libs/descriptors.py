@@ -111,6 +111,9 @@ class TransformedChunk(_Frozen):
                                            description="rejected rows per recipe step")
     geometry_types: list[str] = Field(default_factory=list,
                                       description="geometry types of the output chunk")
+    peak_rss: int | None = Field(
+        default=None, description="peak resident memory (bytes) of the process that ran the "
+        "transform, when it reports it (a Ray worker does): compared with its memory request")
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,13 @@ def transform_chunks(
     # the tasks record the metrics themselves, on the node that ran them
     progress = StageProgress(context.log.info, "transform", manifest.batch_id, len(tasks),
                              record=False)
-    elapsed = [0.0]
+    elapsed, memory = [0.0], [0.0]  # seconds so far; highest peak RSS / memory request
 
     def on_done(spec: TaskSpec, result: TransformedChunk, seconds: float) -> None:
         results.add(spec.args[3], result)
         elapsed[0] = seconds
+        if result.peak_rss and spec.memory:
+            memory[0] = max(memory[0], result.peak_rss / spec.memory)
         progress.chunk_done(spec.args[3].layer, rows=result.rows_in, detail=(
             f"{spec.name}: {results.rows_out:,} out, {results.rows_rejected:,} rejected so far"))
 
@@ -52,9 +54,9 @@ def transform_chunks(
     retired = retire_workers(scheduling_strategy=ray_cluster.scheduling_strategy)
     context.log.debug(f"retired {len(retired)} idle Ray worker(s) of job {job_id}")
     index = results.index()
-    context.add_output_metadata(_metadata(
+    context.add_output_metadata({**_metadata(
         manifest, sharded, index, results, len(tasks), len(started), elapsed[0], ray_cluster,
-        job_id))
+        job_id), "peak_rss_of_memory_request": round(memory[0], 3)})
     return index
 
 

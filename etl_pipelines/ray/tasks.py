@@ -7,6 +7,7 @@ it (``etl_pipelines.ray.metrics``).
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,9 @@ def transform_chunk(
     written = result.chunk.bytes + (result.rejects.bytes if result.rejects is not None else 0)
     record_stage("transform", batch_id, chunk.layer, features=result.rows_in, bytes_=written,
                  rejects=rejected, chunks=1)
+    # the worker's peak so far (Linux reports KiB): what its memory request must cover
+    result = result.model_copy(
+        update={"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
     # no release_memory() here: the worker's next chunk reuses these pages, and fresh ones
     # cost it ~10% more CPU (more on a VM that hands freed pages back to its host); the op
     # ends the idle workers once the stage's last chunk is done (retire_workers)

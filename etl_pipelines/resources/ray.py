@@ -110,7 +110,7 @@ class RayResource(ConfigurableResource):
         if ray.is_initialized():
             return
         if self.address == "local":
-            ray.init(num_cpus=self.local_num_cpus, namespace=self.namespace,
+            ray.init(address="local", num_cpus=self.local_num_cpus, namespace=self.namespace,
                      include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=self.address, namespace=self.namespace, log_to_driver=False)
