@@ -36,13 +36,14 @@ def transform_chunks(
     # the tasks record the metrics themselves, on the node that ran them
     progress = StageProgress(context.log.info, "transform", manifest.batch_id, len(tasks),
                              record=False)
-    elapsed, memory = [0.0], [0.0]  # seconds so far; highest peak RSS / memory request
+    elapsed, memory = [0.0], [0.0, 0]  # seconds; highest peak RSS / request, highest peak
 
     def on_done(spec: TaskSpec, result: TransformedChunk, seconds: float) -> None:
         results.add(spec.args[3], result)
         elapsed[0] = seconds
         if result.peak_rss and spec.memory:
-            memory[0] = max(memory[0], result.peak_rss / spec.memory)
+            memory[:] = max(memory[0], result.peak_rss / spec.memory), max(memory[1],
+                                                                            result.peak_rss)
         progress.chunk_done(spec.args[3].layer, rows=result.rows_in, detail=(
             f"{spec.name}: {results.rows_out:,} out, {results.rows_rejected:,} rejected so far"))
 
@@ -56,7 +57,8 @@ def transform_chunks(
     index = results.index()
     context.add_output_metadata({**_metadata(
         manifest, sharded, index, results, len(tasks), len(started), elapsed[0], ray_cluster,
-        job_id), "peak_rss_of_memory_request": round(memory[0], 3)})
+        job_id), "peak_rss_of_memory_request": round(memory[0], 3),
+        "peak_worker_rss_mib": round(memory[1] / 2**20)})
     return index
 
 

@@ -15,7 +15,6 @@ per-run clusters on Kubernetes stays a small change.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -53,8 +52,9 @@ class RayResource(ConfigurableResource):
         "seconds; the limit leaves room for queueing behind max_tasks_in_flight and slow nodes)")
     task_oom_retries: int = Field(
         default=2, ge=0, le=15, description="retries of a chunk task the Ray memory monitor "
-        "killed (RAY_task_oom_retries for this driver; Ray's own default is unbounded); the "
-        "head and workers get the same value where the stacks start them")
+        "killed, on a private 'local' cluster (Ray's own default is unbounded); a shared "
+        "cluster's nodes and drivers get RAY_task_oom_retries=2 from the stack that starts "
+        "them (local stack, compose, KubeRay, cluster launcher)")
     local_num_cpus: int = Field(default=2, description="CPUs of a private 'local' cluster")
     scheduling_strategy: Literal["SPREAD", "DEFAULT"] = Field(
         default="SPREAD", description="placement of chunk tasks: SPREAD over every node with a "
@@ -101,17 +101,16 @@ class RayResource(ConfigurableResource):
         return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
-        # The driver owns its tasks and counts their OOM retries: Ray reads this when the
-        # driver's core worker starts (ray.init below), and retries memory kills without end
-        # unless it is set. An explicit setting in the environment wins.
-        os.environ.setdefault("RAY_task_oom_retries", str(self.task_oom_retries))
         import ray
 
         if ray.is_initialized():
             return
         if self.address == "local":
+            # Ray retries a task its memory monitor killed without end unless told otherwise;
+            # a shared cluster gets RAY_task_oom_retries from its stack (docs/limits.md)
             ray.init(address="local", num_cpus=self.local_num_cpus, namespace=self.namespace,
-                     include_dashboard=False, log_to_driver=False)
+                     include_dashboard=False, log_to_driver=False,
+                     _system_config={"task_oom_retries": self.task_oom_retries})
         else:
             ray.init(address=self.address, namespace=self.namespace, log_to_driver=False)
         if self.prestart_workers:
