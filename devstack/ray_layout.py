@@ -75,6 +75,9 @@ RAY_ENV: Mapping[str, str] = {
     # what stands between the network and arbitrary code execution.
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Retries of a task the memory monitor killed: Ray's default is unbounded; the owner
+    # (the run's driver) counts them, the nodes get it too (docs/limits.md).
+    "RAY_task_oom_retries": "2",
 }
 
 DRIVER_CHECK = textwrap.dedent(

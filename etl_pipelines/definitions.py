@@ -10,6 +10,7 @@ from dagster import Definitions, EnvVar
 
 from etl_pipelines.jobs.ingest import ingest_batch
 from etl_pipelines.resources import (
+    InputLimitsResource,
     LedgerResource,
     ObjectStoreResource,
     PostGISResource,
@@ -30,6 +31,7 @@ def build_resources() -> dict[str, object]:
     return {
         "object_store": object_store,
         "io_manager": StagingIOManager(object_store=object_store),
+        "input_limits": InputLimitsResource(),
         "ledger": LedgerResource(connection_string=EnvVar("MONGO_CONNECTION_STRING")),
         "postgis_db": PostGISResource(
             host=EnvVar("POSTGRES_HOST"),

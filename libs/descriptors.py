@@ -86,7 +86,8 @@ class ChunkIndex(_Frozen):
     layers: list[LayerChunks]
     sources: list[SourceFile]
     rejects: list[LayerChunks] = Field(
-        default_factory=list, description="rejected rows per layer (transform only)")
+        default_factory=list, description="rejected rows per layer: the shard stage's (geometries over the "
+        "vertex limit) and, once transformed, the recipe's")
     geometry_types: dict[str, list[str]] = Field(
         default_factory=dict, description="geometry types per layer")
 
@@ -110,6 +111,9 @@ class TransformedChunk(_Frozen):
                                            description="rejected rows per recipe step")
     geometry_types: list[str] = Field(default_factory=list,
                                       description="geometry types of the output chunk")
+    peak_rss: int | None = Field(
+        default=None, description="peak resident memory (bytes) of the process that ran the "
+        "transform, when it reports it (a Ray worker does): compared with its memory request")
 
 
 @dataclass(frozen=True)

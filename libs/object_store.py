@@ -125,21 +125,37 @@ class ObjectStore:
             raise
         return True
 
-    def get_bytes(self, bucket: str, key: str) -> bytes:
+    def size(self, bucket: str, key: str) -> int:
+        """The object's size in bytes, from a HEAD request (nothing is downloaded)."""
+        return int(self._client.stat_object(bucket, key).size or 0)
+
+    def get_bytes(self, bucket: str, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; with ``max_bytes``, at most that many are read and a larger
+        object raises ``ValueError`` (it may have grown since its size was checked)."""
         response = self._client.get_object(bucket, key)
         try:
-            return response.read()
+            if max_bytes is None:
+                return response.read()
+            data = response.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise ValueError(f"s3://{bucket}/{key} is larger than {max_bytes:,} bytes")
+            return data
         finally:
             response.close()
             response.release_conn()
 
-    def download(self, bucket: str, key: str, path: Path) -> str:
-        """Stream an object to ``path``; returns its sha256 (hex) computed on the way."""
+    def download(self, bucket: str, key: str, path: Path, max_bytes: int | None = None) -> str:
+        """Stream an object to ``path``; returns its sha256 (hex) computed on the way. With
+        ``max_bytes``, stops with ``ValueError`` once more than that many arrived."""
         digest = hashlib.sha256()
         response = self._client.get_object(bucket, key)
+        received = 0
         try:
             with open(path, "wb") as out:
                 for block in response.stream(1024 * 1024):
+                    received += len(block)
+                    if max_bytes is not None and received > max_bytes:
+                        raise ValueError(f"s3://{bucket}/{key} is larger than {max_bytes:,} bytes")
                     digest.update(block)
                     out.write(block)
         finally:

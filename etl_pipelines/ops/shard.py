@@ -43,6 +43,17 @@ class ShardConfig(Config):
         "gather and encode chunks: 1 where the run shares its cores with the Ray workers (a "
         "second one added no throughput on 2 cores and held another chunk in memory, "
         "~100-170 MiB at 250k rows), more where the run worker has cores of its own")
+    max_file_bytes: int = Field(
+        default=ShardLimits.max_file_bytes, ge=1, description="a landed file larger than this "
+        "is refused, naming it, before any file is downloaded (8 GiB: what a 2-core worker "
+        "shards in well under an hour with room for its spill on a modest scratch disk)")
+    max_vertices: int = Field(
+        default=ShardLimits.max_vertices, ge=4, description="vertices per geometry: a row over "
+        "it is rejected ('vertex_limit', with its file and 1-based row) or fails the run when "
+        "the layer's make_valid policy is 'fail'; counted before any other geometry work")
+    read_batch_megabytes: int = Field(
+        default=ShardLimits.read_batch_bytes // 2**20, ge=1, le=4096, description="in-memory "
+        "bound of one read batch in MiB (batches of heavy rows are cut smaller)")
     transform_early: bool = Field(
         default=True, description="start the transform of each chunk on Ray as soon as it is "
         "written, while the next chunks are cut (at most max_tasks_in_flight at once; the "
@@ -71,20 +82,26 @@ def shard_batch(
 
     with ray_cluster.early_tasks(transform_chunk, enabled=config.transform_early) as early, \
             tempfile.TemporaryDirectory(prefix="shard-") as scratch:
-        landed = download_landed(store, object_store.landing_bucket, plan.folder,
-                                 manifest.files, Path(scratch) / "landed")
+        landed = download_landed(store, object_store.landing_bucket, plan.folder, manifest.files,
+                                 Path(scratch) / "landed", max_file_bytes=config.max_file_bytes)
         index = shard_landed_batch(
             store, manifest, landed, landing_bucket=object_store.landing_bucket,
             staging_bucket=staging, staging_prefix=plan.staging_prefix,
             chunk_key=partial(chunk_key, plan.staging_prefix, "chunks"), scratch=Path(scratch),
-            limits=ShardLimits(chunk_rows=config.chunk_rows, encode_threads=config.encode_threads,
-                               chunk_bytes=config.chunk_megabytes * 2**20),
-            check_schema=check_schema, on_layer=sharded_layer,
+            rejects_key=partial(chunk_key, plan.staging_prefix, "rejects"),
+            limits=_limits(config), check_schema=check_schema, on_layer=sharded_layer,
             on_staged=partial(_chunk_staged, context, progress, early, plan, object_store))
     progress.total = progress.done
     context.log.info(progress.line())
     context.add_output_metadata(_metadata(index, landed, time.monotonic() - started, early))
     return index
+
+
+def _limits(config: ShardConfig) -> ShardLimits:
+    return ShardLimits(chunk_rows=config.chunk_rows, encode_threads=config.encode_threads,
+                       chunk_bytes=config.chunk_megabytes * 2**20,
+                       max_file_bytes=config.max_file_bytes, max_vertices=config.max_vertices,
+                       read_batch_bytes=config.read_batch_megabytes * 2**20)
 
 
 def _chunk_staged(context: OpExecutionContext, progress: StageProgress, early: EarlyTasks | None,
@@ -113,4 +130,5 @@ def _metadata(index: ChunkIndex, landed: list, seconds: float, early: EarlyTasks
         "geometry_types": MetadataValue.json(index.geometry_types),
         "crs": MetadataValue.json({x.layer: x.crs for x in index.layers}),
         "transforms_started": early.count if early is not None else 0,
+        "rows_over_vertex_limit": sum(x.rows for x in index.rejects),
     }

@@ -36,24 +36,29 @@ def transform_chunks(
     # the tasks record the metrics themselves, on the node that ran them
     progress = StageProgress(context.log.info, "transform", manifest.batch_id, len(tasks),
                              record=False)
-    elapsed = [0.0]
+    elapsed, memory = [0.0], [0.0, 0]  # seconds; highest peak RSS / request, highest peak
 
     def on_done(spec: TaskSpec, result: TransformedChunk, seconds: float) -> None:
         results.add(spec.args[3], result)
         elapsed[0] = seconds
+        if result.peak_rss and spec.memory:
+            memory[:] = max(memory[0], result.peak_rss / spec.memory), max(memory[1],
+                                                                            result.peak_rss)
         progress.chunk_done(spec.args[3].layer, rows=result.rows_in, detail=(
             f"{spec.name}: {results.rows_out:,} out, {results.rows_rejected:,} rejected so far"))
 
     run_bounded(transform_chunk, tasks, max_in_flight=ray_cluster.max_tasks_in_flight,
                 max_retries=ray_cluster.task_max_retries, on_done=on_done,
-                scheduling_strategy=ray_cluster.scheduling_strategy, started=started)
+                scheduling_strategy=ray_cluster.scheduling_strategy, started=started,
+                time_limit=ray_cluster.task_time_limit_seconds)
     # nothing after this stage runs on Ray: the job's idle workers would only hold memory
     retired = retire_workers(scheduling_strategy=ray_cluster.scheduling_strategy)
     context.log.debug(f"retired {len(retired)} idle Ray worker(s) of job {job_id}")
     index = results.index()
-    context.add_output_metadata(_metadata(
+    context.add_output_metadata({**_metadata(
         manifest, sharded, index, results, len(tasks), len(started), elapsed[0], ray_cluster,
-        job_id))
+        job_id), "peak_rss_of_memory_request": round(memory[0], 3),
+        "peak_worker_rss_mib": round(memory[1] / 2**20)})
     return index
 
 

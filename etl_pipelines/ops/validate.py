@@ -3,7 +3,7 @@
 from dagster import Config, MetadataValue, OpExecutionContext, Out, op
 from pydantic import Field
 
-from etl_pipelines.resources import LedgerResource, ObjectStoreResource
+from etl_pipelines.resources import InputLimitsResource, LedgerResource, ObjectStoreResource
 from etl_pipelines.types import BatchPlan
 from libs.errors import InputDataError
 from libs.lake import run_prefix
@@ -23,11 +23,14 @@ def validate_batch(
     config: BatchConfig,
     object_store: ObjectStoreResource,
     ledger: LedgerResource,
+    input_limits: InputLimitsResource,
 ) -> BatchPlan:
     """Read the manifest again (the sensor's view may be stale), check every file is there."""
     store = object_store.store
     bucket = object_store.landing_bucket
-    manifest = parse_manifest(store.get_bytes(bucket, config.manifest_key), config.manifest_key)
+    limits = input_limits.manifest
+    manifest = parse_manifest(store.get_bytes(bucket, config.manifest_key, limits.max_bytes + 1),
+                              config.manifest_key, limits)
     if manifest.batch_id != config.batch_id:
         raise InputDataError(
             f"manifest {config.manifest_key!r} now says batch_id {manifest.batch_id!r} but the run "

@@ -10,6 +10,11 @@ exploit; that policy packs tasks onto the node of the driver until it is about h
 which on a small cluster leaves worker nodes idle and puts every chunk of a batch on the
 node a failure would take down. SPREAD hands them out round-robin over the nodes that have
 a free CPU. ``"DEFAULT"`` is still available (RayResource.scheduling_strategy).
+
+Limits: a task asks for ``TaskSpec.memory`` bytes (Ray then places no more tasks on a node
+than its memory holds) and has ``time_limit`` seconds from its submission: Ray has no
+per-task timeout, so the loop waits with a deadline and force-cancels a task past it. A task
+the memory monitor kills is retried ``RAY_task_oom_retries`` times (``docs/limits.md``).
 """
 
 import threading
@@ -21,10 +26,15 @@ from typing import Any
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One task: its dashboard name and its arguments."""
+    """One task: its dashboard name, its arguments and the memory it asks for (bytes)."""
 
     name: str
     args: tuple[Any, ...]
+    memory: int = 0
+
+
+class TaskLimitError(RuntimeError):
+    """A task ran past its time limit, or was killed for memory more often than allowed."""
 
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError)
@@ -35,9 +45,29 @@ StartedTasks = dict[str, tuple[TaskSpec, Any]]
 
 def _submit(remote: Any, spec: TaskSpec, *, max_retries: int,
             retry_exceptions: Sequence[type[BaseException]], scheduling_strategy: str) -> Any:
+    memory = {"memory": spec.memory} if spec.memory else {}
     return remote.options(name=spec.name, num_cpus=1, max_retries=max_retries,
                           retry_exceptions=list(retry_exceptions),
-                          scheduling_strategy=scheduling_strategy).remote(*spec.args)
+                          scheduling_strategy=scheduling_strategy, **memory).remote(*spec.args)
+
+
+def _result(ray: Any, ref: Any, spec: TaskSpec) -> Any:
+    """The task's result; a task Ray gave up on after memory kills fails naming its chunk."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.OutOfMemoryError as exc:
+        raise TaskLimitError(
+            f"task {spec.name} was killed for lack of memory and retried until its OOM retries "
+            f"(RAY_task_oom_retries) ran out; it asked for {spec.memory / 2**20:,.0f} MiB: "
+            f"make its chunks smaller (shard op chunk_megabytes) or give the workers more "
+            f"memory ({str(exc).splitlines()[0]})") from None
+
+
+def _overdue(pending: dict[Any, TaskSpec], submitted: dict[Any, float], now: float,
+             time_limit: float | None) -> list[Any]:
+    if time_limit is None:
+        return []
+    return [ref for ref in pending if now - submitted[ref] > time_limit]
 
 
 def run_bounded(
@@ -50,6 +80,7 @@ def run_bounded(
     retry_exceptions: Sequence[type[BaseException]] = TRANSIENT_ERRORS,
     scheduling_strategy: str = "SPREAD",
     started: StartedTasks | None = None,
+    time_limit: float | None = None,
 ) -> None:
     """Run ``fn(*task.args)`` as one Ray task per spec, at most ``max_in_flight`` at once.
 
@@ -58,7 +89,8 @@ def run_bounded(
     the tasks still in flight are cancelled. ``scheduling_strategy`` is Ray's ("SPREAD" or
     "DEFAULT"). ``started`` (``EarlyTasks.close``): tasks an earlier op already submitted
     with the same options; a spec equal to one of them waits for that task instead of
-    running again.
+    running again. ``time_limit``: seconds a task may take from its submission (from this
+    call for ``started`` ones); one past it is force-cancelled and the call fails naming it.
     """
     import ray
 
@@ -69,6 +101,7 @@ def run_bounded(
     todo = list(tasks)
     todo.reverse()
     pending: dict[Any, TaskSpec] = {}
+    submitted: dict[Any, float] = {}
     clock = time.monotonic()
     try:
         while todo or pending:
@@ -76,15 +109,25 @@ def run_bounded(
                 spec = todo.pop()
                 earlier = early.pop(spec.name, None)
                 if earlier is not None and earlier[0] == spec:
-                    pending[earlier[1]] = spec
-                    continue
-                pending[_submit(remote, spec, max_retries=max_retries,
-                                retry_exceptions=retry_exceptions,
-                                scheduling_strategy=scheduling_strategy)] = spec
-            ready, _ = ray.wait(list(pending), num_returns=1)
+                    ref = earlier[1]
+                else:
+                    ref = _submit(remote, spec, max_retries=max_retries,
+                                  retry_exceptions=retry_exceptions,
+                                  scheduling_strategy=scheduling_strategy)
+                pending[ref], submitted[ref] = spec, time.monotonic()
+            wait = None if time_limit is None else max(
+                0.0, min(submitted[r] for r in pending) + time_limit - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait)
             for ref in ready:
                 spec = pending.pop(ref)
-                on_done(spec, ray.get(ref), time.monotonic() - clock)
+                on_done(spec, _result(ray, ref, spec), time.monotonic() - clock)
+            late = _overdue(pending, submitted, time.monotonic(), time_limit)
+            if late:
+                ray.cancel(late[0], force=True)
+                raise TaskLimitError(
+                    f"task {pending.pop(late[0]).name} ran longer than its time limit of "
+                    f"{time_limit:g} s and was cancelled: raise the transform's time limit "
+                    "(RayResource.task_time_limit_seconds) or make its chunks smaller")
     finally:
         for ref in [*pending, *(ref for _, ref in early.values())]:
             ray.cancel(ref)

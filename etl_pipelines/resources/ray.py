@@ -46,6 +46,15 @@ class RayResource(ConfigurableResource):
         default=3, description="retries of a chunk task when its worker dies or it fails "
         "with a transient error"
     )
+    task_time_limit_seconds: float = Field(
+        default=600.0, gt=0, description="wall time a chunk task may take from its submission "
+        "before it is force-cancelled and the run fails naming the chunk (a 20 MiB chunk takes "
+        "seconds; the limit leaves room for queueing behind max_tasks_in_flight and slow nodes)")
+    task_oom_retries: int = Field(
+        default=2, ge=0, le=15, description="retries of a chunk task the Ray memory monitor "
+        "killed, on a private 'local' cluster (Ray's own default is unbounded); a shared "
+        "cluster's nodes and drivers get RAY_task_oom_retries=2 from the stack that starts "
+        "them (local stack, compose, KubeRay, cluster launcher)")
     local_num_cpus: int = Field(default=2, description="CPUs of a private 'local' cluster")
     scheduling_strategy: Literal["SPREAD", "DEFAULT"] = Field(
         default="SPREAD", description="placement of chunk tasks: SPREAD over every node with a "
@@ -97,8 +106,11 @@ class RayResource(ConfigurableResource):
         if ray.is_initialized():
             return
         if self.address == "local":
-            ray.init(num_cpus=self.local_num_cpus, namespace=self.namespace,
-                     include_dashboard=False, log_to_driver=False)
+            # Ray retries a task its memory monitor killed without end unless told otherwise;
+            # a shared cluster gets RAY_task_oom_retries from its stack (docs/limits.md)
+            ray.init(address="local", num_cpus=self.local_num_cpus, namespace=self.namespace,
+                     include_dashboard=False, log_to_driver=False,
+                     _system_config={"task_oom_retries": self.task_oom_retries})
         else:
             ray.init(address=self.address, namespace=self.namespace, log_to_driver=False)
         if self.prestart_workers:

@@ -19,7 +19,7 @@ from dagster import (
 )
 
 from etl_pipelines.jobs.ingest import ingest_batch
-from etl_pipelines.resources import LedgerResource, ObjectStoreResource
+from etl_pipelines.resources import InputLimitsResource, LedgerResource, ObjectStoreResource
 from libs.errors import ManifestError
 from libs.ledger import Claim
 from libs.manifest import MANIFEST_FILENAME, parse_manifest
@@ -47,6 +47,7 @@ def write_cursor(processed: dict[str, str]) -> str:
         description="Starts one ingest_batch run per new manifest.json in the landing zone.")
 def manifest_sensor(
     context: SensorEvaluationContext, object_store: ObjectStoreResource, ledger: LedgerResource,
+    input_limits: InputLimitsResource,
 ) -> SensorResult | SkipReason:
     processed = read_cursor(context.cursor)
     store = object_store.store
@@ -57,9 +58,19 @@ def manifest_sensor(
         return SkipReason(f"no new manifest in s3://{bucket} ({len(processed)} processed so far)")
     book = ledger.ledger
     requests: list[RunRequest] = []
+    limits = input_limits.manifest
     for obj in new[:MAX_MANIFESTS_PER_TICK]:
         try:
-            manifest = parse_manifest(store.get_bytes(bucket, obj.key), obj.key)
+            # the listing's size is checked before the object is read (and the read stops
+            # past the limit, should the object have grown since the listing)
+            too_big = limits.size_problem(obj.size)
+            if too_big:
+                raise ManifestError(obj.key, [too_big])
+            try:
+                raw = store.get_bytes(bucket, obj.key, max_bytes=limits.max_bytes)
+            except ValueError:
+                raise ManifestError(obj.key, [limits.size_problem(limits.max_bytes + 1)]) from None
+            manifest = parse_manifest(raw, obj.key, limits)
         except ManifestError as exc:
             book.record_manifest(manifest_key=obj.key, etag=obj.etag, status="invalid",
                                  batch_id=None, errors=exc.errors)

@@ -16,7 +16,8 @@ from libs.manifest.model import (
     cross_field_problems,
     distance_unit_problem,
 )
-from libs.manifest.parse import batch_folder, parse_manifest
+from libs.manifest.parse import ManifestLimits, batch_folder, parse_manifest
+from libs.manifest.recipe import bad_geometry_policy
 from libs.manifest.schema import manifest_json_schema
 
 __all__ = [
@@ -29,7 +30,9 @@ __all__ = [
     "DataFile",
     "InputFormat",
     "Manifest",
+    "ManifestLimits",
     "SpatialJoin",
+    "bad_geometry_policy",
     "batch_folder",
     "cross_field_problems",
     "distance_unit_problem",

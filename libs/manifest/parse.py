@@ -1,9 +1,11 @@
-"""Parsing a landed manifest document: every problem listed at once, each naming its field."""
+"""Parsing a landed manifest document: every problem listed at once, each naming its field,
+within the declared bounds of :class:`ManifestLimits`."""
 
 from __future__ import annotations
 
 import json
 import posixpath
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 
@@ -22,18 +24,57 @@ def _describe(error: dict) -> str:
     return f"{location}: {message} (received {received!r})"
 
 
-def parse_manifest(raw: bytes, manifest_key: str) -> Manifest:
+@dataclass(frozen=True)
+class ManifestLimits:
+    """Bounds of one manifest (``docs/limits.md`` says why these defaults).
+
+    * ``max_bytes``: the document's size; the sensor checks it from the listing, before
+      reading the object (1 MiB holds a few thousand file entries and recipes).
+    * ``max_files``: entries in ``files``; each is downloaded, probed and sharded in turn by
+      one run, and the ledger keeps the manifest in one document.
+    """
+
+    max_bytes: int = 2**20
+    max_files: int = 1_000
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_files"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ManifestLimits.{name} must be >= 1, got {getattr(self, name)}")
+
+    def size_problem(self, size: int) -> str | None:
+        """Why a manifest of ``size`` bytes is refused, or None."""
+        if size <= self.max_bytes:
+            return None
+        return (f"the manifest is {size:,} bytes; the limit is {self.max_bytes:,} bytes: split the "
+                "batch into several manifests")
+
+
+def parse_manifest(raw: bytes, manifest_key: str,
+                   limits: ManifestLimits | None = None) -> Manifest:
     """Parse and validate a manifest; raise :class:`ManifestError` listing every problem."""
+    limits = limits or ManifestLimits()
+    too_big = limits.size_problem(len(raw))
+    if too_big:
+        raise ManifestError(manifest_key, [too_big])
     try:
         document = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(manifest_key, [f"not valid UTF-8 JSON: {exc}"]) from None
+    files = document.get("files") if isinstance(document, dict) else None
+    too_many = []
+    if isinstance(files, list) and len(files) > limits.max_files:
+        too_many = [f"files: {len(files):,} files listed; the limit is {limits.max_files:,} per "
+                    "manifest: split the batch into several manifests"]
     try:
-        return Manifest.model_validate(document)
+        manifest = Manifest.model_validate(document)
     except ValidationError as exc:
-        errors = [_describe(e) for e in exc.errors()]
+        errors = too_many + [_describe(e) for e in exc.errors()]
         errors += [p for p in cross_field_problems(document) if not any(p in e for e in errors)]
         raise ManifestError(manifest_key, errors) from None
+    if too_many:
+        raise ManifestError(manifest_key, too_many)
+    return manifest
 
 
 def batch_folder(manifest_key: str) -> str:

@@ -186,6 +186,14 @@ RecipeStep = Annotated[
 DEFAULT_RECIPE: tuple[RecipeStep, ...] = (Reproject(), MakeValid(policy="repair"))
 
 
+def bad_geometry_policy(steps: list[RecipeStep] | tuple[RecipeStep, ...]) -> str:
+    """What happens to a geometry no step can take (one over the vertex limit): 'fail' when
+    the recipe's ``make_valid`` fails the run on bad geometries, else 'reject' (a geometry
+    too large to process cannot be repaired)."""
+    fails = any(isinstance(s, MakeValid) and s.policy == "fail" for s in steps)
+    return "fail" if fails else "reject"
+
+
 def effective_recipe(steps: list[RecipeStep] | tuple[RecipeStep, ...]) -> list[RecipeStep]:
     """The steps as run: reprojection first when the recipe does not place it itself."""
     steps = list(steps)

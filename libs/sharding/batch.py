@@ -14,12 +14,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyproj import CRS
 
-from libs.descriptors import Chunk, ChunkIndex, SourceFile
+from libs.descriptors import Chunk, ChunkIndex, LayerChunks, SourceFile
 from libs.errors import InputDataError
-from libs.manifest import DataFile, Manifest
+from libs.geoparquet import encode_columns
+from libs.manifest import DataFile, Manifest, bad_geometry_policy
 from libs.memory import release_memory
 from libs.object_store import BackgroundPuts, ObjectStore
 from libs.sharding.inputs import plan_layers
@@ -39,17 +42,51 @@ class LandedFile:
 
 
 def download_landed(store: ObjectStore, bucket: str, folder: str, files: list[DataFile],
-                    into: Path) -> list[LandedFile]:
+                    into: Path, max_file_bytes: int | None = None) -> list[LandedFile]:
     """Download each declared file (``folder`` + its path) into a numbered folder of its own
-    under ``into`` (which keeps names, and a Shapefile zip's siblings, apart), hashing it."""
+    under ``into`` (which keeps names, and a Shapefile zip's siblings, apart), hashing it.
+
+    With ``max_file_bytes``, every file's size is checked (HEAD) before any is downloaded,
+    and a download stops should the object have grown since."""
+    if max_file_bytes is not None:
+        for data_file in files:
+            size = store.size(bucket, f"{folder}{data_file.path}")
+            if size > max_file_bytes:
+                raise InputDataError(
+                    f"file {data_file.path!r} is {size:,} bytes; the limit is {max_file_bytes:,} "
+                    "bytes per landed file: split it into several files of the same layer "
+                    "(or raise the shard op's max_file_bytes)")
     landed = []
     for number, data_file in enumerate(files):
         key = f"{folder}{data_file.path}"
         local = into / str(number) / Path(data_file.path).name
         local.parent.mkdir(parents=True)
-        sha256 = store.download(bucket, key, local)
+        try:
+            sha256 = store.download(bucket, key, local, max_bytes=max_file_bytes)
+        except ValueError as exc:
+            raise InputDataError(f"file {data_file.path!r}: {exc} (the limit per landed file); "
+                                 "it changed after the batch was checked") from None
         landed.append(LandedFile(data_file, key, local, sha256, local.stat().st_size))
     return landed
+
+
+def _rejects_chunk(store: ObjectStore, bucket: str, key: str, sharded: ShardedLayer,
+                   ordinal: int) -> Chunk:
+    """Stage the rows ``sharded`` set apart as one rejects object in the transform's rejects
+    layout (``libs.transformations.chunk``), without geometry: the reason names the file and
+    row. Their ``_row_id`` values follow the layer's chunks', so they never collide."""
+    rows = len(sharded.rejected)
+    reasons = [reason for reason, _ in sharded.rejected]
+    attributes = pa.table({
+        "_row_id": pa.array(range(sharded.rows, sharded.rows + rows), pa.int64()),
+        "_reject_step": pa.array(["vertex_limit"] * rows, pa.string()),
+        "_reject_reason": pa.array(reasons, pa.string()),
+        "_attributes": pa.array([values for _, values in sharded.rejected], pa.string())})
+    data, _, _ = encode_columns(attributes, pa.nulls(rows, pa.binary()), np.full((rows, 4), np.nan),
+                                np.ones(rows, bool), [], CRS.from_user_input(sharded.chunks.crs))
+    sha256 = store.put_bytes(bucket, key, data, "application/vnd.apache.parquet")
+    return Chunk(key=key, layer=sharded.layer, ordinal=ordinal, row_offset=sharded.rows, rows=rows,
+                 bbox=None, crs=sharded.chunks.crs, bytes=len(data), sha256=sha256)
 
 
 def shard_landed_batch(
@@ -57,9 +94,14 @@ def shard_landed_batch(
     staging_bucket: str, staging_prefix: str, chunk_key: Callable[[str, int], str],
     scratch: Path, limits: ShardLimits, check_schema: Callable[[str, pa.Schema], None],
     on_staged: Callable[[Chunk], None], on_layer: Callable[[ShardedLayer], None],
+    rejects_key: Callable[[str, int], str] | None = None,
 ) -> ChunkIndex:
     """Shard the batch's ``landed`` files, layer by layer, into ``staging_bucket``: chunk
-    ``ordinal`` of ``layer`` at ``chunk_key(layer, ordinal)``. Returns the batch's index."""
+    ``ordinal`` of ``layer`` at ``chunk_key(layer, ordinal)``. Returns the batch's index.
+
+    A geometry over ``limits.max_vertices`` fails the run when the layer's recipe fails on
+    bad geometries, else its row goes to the index's rejects, staged at
+    ``rejects_key(layer, <chunks of the layer>)``."""
     planned = plan_layers([(file.path, file.data_file) for file in landed])
     for side in ("left", "right"):
         name = getattr(manifest.join, side)
@@ -68,7 +110,7 @@ def shard_landed_batch(
                 f"batch {manifest.batch_id!r}: join.{side} names layer {name!r} but the "
                 f"files feed {sorted(planned)}")
     by_path = {file.path: file for file in landed}
-    layers, sources, types = [], [], {}
+    layers, sources, types, rejects = [], [], {}, []
     written: dict[tuple[str, int], Future] = {}
     # chunk writes overlap sorting and encoding the next chunks
     with BackgroundPuts(store, threads=2, max_pending=3) as puts:
@@ -91,12 +133,21 @@ def shard_landed_batch(
 
             layer_scratch = scratch / "spill" / layer_name
             layer_scratch.mkdir(parents=True)
-            sharded = shard_layer(layer_name, layer_sources, sink, scratch_dir=layer_scratch,
-                                  limits=limits, on_chunk=staged)
+            sharded = shard_layer(
+                layer_name, layer_sources, sink, scratch_dir=layer_scratch, limits=limits,
+                on_chunk=staged,
+                vertex_policy=bad_geometry_policy(manifest.recipe_for(layer_name)))
             puts.wait()
             release_memory()  # the sort's buffers, before the next layer and the load
             check_schema(layer_name, sharded.schema)
             layers.append(sharded.chunks)
+            if sharded.rejected:
+                if rejects_key is None:
+                    raise ValueError("rows were rejected but shard_landed_batch got no rejects_key")
+                ordinal = len(sharded.chunks.chunks)
+                rejects.append(LayerChunks(layer=layer_name, crs=sharded.chunks.crs, chunks=[
+                    _rejects_chunk(store, staging_bucket, rejects_key(layer_name, ordinal),
+                                   sharded, ordinal)]))
             types[layer_name] = list(sharded.geometry_types)
             for source in layer_sources:
                 file = by_path[source.path]
@@ -105,5 +156,6 @@ def shard_landed_batch(
                     layer=layer_name, rows=sharded.rows_per_source[str(source.path)]))
             on_layer(sharded)
     return ChunkIndex(batch_id=manifest.batch_id, staging_bucket=staging_bucket,
-                      prefix=staging_prefix, layers=layers, sources=sources, geometry_types=types)
+                      prefix=staging_prefix, layers=layers, sources=sources, geometry_types=types,
+                      rejects=rejects)
 

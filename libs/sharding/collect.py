@@ -9,6 +9,7 @@ helper thread meanwhile.
 
 from __future__ import annotations
 
+import json
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from libs.sharding.limits import ShardLimits
 from libs.sharding.readers import open_source_stream
 from libs.sharding.schema import unify_schemas
 from libs.sharding.sources import LayerSource, describe_source
-from libs.sharding.wkb import check_one_family, geometry_bounds
+from libs.sharding.wkb import check_one_family, geometry_bounds, over_vertex_limit
 
 #: Bbox centres sampled per layer; the external sort takes its bucket boundaries from them.
 SAMPLE_SIZE = 65_536
@@ -143,6 +144,8 @@ class CollectedLayer:
     sample_centres: np.ndarray  # (n, 2): a uniform random sample of the bbox centres
     geometry_types: list[str]
     rows_per_source: dict[str, int]
+    #: rows refused for their vertex count (policy ``reject``): attributes, no geometry
+    rejected: list[tuple[str, str]]  # (reason, attributes as JSON)
 
     def read(self) -> Iterator[pa.RecordBatch]:
         """Every validated batch, source by source; spill files are deleted as they are read."""
@@ -158,8 +161,11 @@ class CollectedLayer:
 class _Collector:
     """Validates a layer's batches, adds bounds and type columns, and stores them."""
 
-    def __init__(self, layer: str, budget: int, spill_now: bool):
+    def __init__(self, layer: str, budget: int, spill_now: bool, max_vertices: int,
+                 vertex_policy: str):
         self.layer, self.budget, self.spilled = layer, budget, spill_now
+        self.max_vertices, self.vertex_policy = max_vertices, vertex_policy
+        self.rejected: list[tuple[str, str]] = []
         self.stores: list[SourceStore] = []
         self.sample = _Sample(SAMPLE_SIZE)
         self.extent = np.array([np.inf, np.inf, -np.inf, -np.inf])
@@ -168,7 +174,30 @@ class _Collector:
         self.rows = 0
         self.nbytes = 0
 
+    def refuse_heavy(self, batch: pa.RecordBatch, where: str, first_row: int) -> pa.RecordBatch:
+        """``batch`` without its rows over the vertex limit: each is recorded as rejected
+        (policy ``reject``) or fails the run (``fail``). Rows are 1-based in the messages."""
+        rows, counts = over_vertex_limit(batch.column(GEOMETRY), self.max_vertices)
+        if not len(rows):
+            return batch
+        reasons = [f"{where}, row {first_row + int(r) + 1}: the geometry has {int(n):,} "
+                   f"vertices; the limit is {self.max_vertices:,}" for r, n in zip(rows, counts,
+                                                                                  strict=True)]
+        if self.vertex_policy == "fail":
+            raise InputDataError(
+                f"{reasons[0]} (recipe policy 'fail'); simplify or split the geometry, or set "
+                "make_valid's policy to 'reject' to keep the rest of the layer")
+        heavy = batch.take(pa.array(rows)).drop_columns([GEOMETRY]).to_pylist()
+        self.rejected += [(reason, json.dumps(values, ensure_ascii=False, default=str))
+                          for reason, values in zip(reasons, heavy, strict=True)]
+        keep = np.ones(batch.num_rows, bool)
+        keep[rows] = False
+        return batch.filter(pa.array(keep))
+
     def add(self, batch: pa.RecordBatch, file: str, where: str, first_row: int) -> None:
+        batch = self.refuse_heavy(batch, where, first_row)
+        if not batch.num_rows:
+            return
         bounds, headers = geometry_bounds(batch.column(GEOMETRY), where, first_row)
         check_one_family(headers, self.families, file, where, first_row, self.layer)
         self.types.update(headers.type_names())
@@ -194,15 +223,18 @@ class _Collector:
 
 
 def collect_layer(layer: str, sources: list[LayerSource], scratch_dir: Path,
-                  limits: ShardLimits) -> CollectedLayer:
+                  limits: ShardLimits, vertex_policy: str = "reject") -> CollectedLayer:
     """Pass 1: read, validate and keep (in memory or spilled to ``scratch_dir``) every row of
-    ``layer``; raises :class:`~libs.errors.InputDataError` for anything wrong with the input."""
+    ``layer``; raises :class:`~libs.errors.InputDataError` for anything wrong with the input.
+    A geometry over ``limits.max_vertices`` is set apart (``vertex_policy`` 'reject') or
+    fails the layer ('fail')."""
     probes = [s.probe or probe_source(s.path, s.data_file, s.source_layer, limits) for s in sources]
     crs = layer_crs(layer, sources, probes)
     budget = limits.in_memory_sort_bytes
     # A layer whose files are already larger than the in-memory budget goes to disk from
     # the first batch: holding the budget's worth first would only leave it in the allocator.
-    collector = _Collector(layer, budget, sum(_stored_bytes(s) for s in sources) > budget)
+    collector = _Collector(layer, budget, sum(_stored_bytes(s) for s in sources) > budget,
+                           limits.max_vertices, vertex_policy)
     schema: pa.Schema | None = None
     schema_owner = ""
     rows_per_source: dict[str, int] = {}
@@ -234,7 +266,7 @@ def collect_layer(layer: str, sources: list[LayerSource], scratch_dir: Path,
     extent = collector.extent if np.isfinite(collector.extent).all() else np.full(4, np.nan)
     return CollectedLayer(collector.stores, schema, crs, collector.rows, collector.nbytes,
                           not collector.spilled, extent, collector.sample.centres,
-                          sorted(collector.types), rows_per_source)
+                          sorted(collector.types), rows_per_source, collector.rejected)
 
 
 def _prefetched(items: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:

@@ -36,8 +36,9 @@ SourceStream = tuple[pa.Schema, Iterator[pa.RecordBatch]]
 
 def open_source_stream(source: LayerSource, probe: SourceProbe, where: str, scratch_dir: Path,
                        limits: ShardLimits, index: int) -> AbstractContextManager[SourceStream]:
-    """Open ``source`` (the ``index``-th of its layer) as normalised batches of
-    ``limits.read_batch_rows`` rows: attributes with plain types, then WKB geometry.
+    """Open ``source`` (the ``index``-th of its layer) as normalised batches of at most
+    ``limits.read_batch_rows`` rows and about ``limits.read_batch_bytes`` (a larger batch is
+    sliced): attributes with plain types, then WKB geometry.
 
     A context manager: the file is closed on leaving it. GeoParquet is read with pyarrow,
     everything else with GDAL; text in another encoding is first transcoded to UTF-8 in
@@ -46,6 +47,17 @@ def open_source_stream(source: LayerSource, probe: SourceProbe, where: str, scra
     if probe.gdal_path is None:
         return _geoparquet_stream(source, where, limits)
     return _gdal_stream(source, probe, where, scratch_dir, limits, index)
+
+
+def split_batch(batch: pa.RecordBatch, limits: ShardLimits) -> Iterator[pa.RecordBatch]:
+    """``batch`` in zero-copy slices of about ``limits.read_batch_bytes`` each (one slice
+    when it is within the bound): what comes after the reader holds bounded batches."""
+    if batch.num_rows <= 1 or batch.nbytes <= limits.read_batch_bytes:
+        yield batch
+        return
+    rows = limits.batch_rows_for(batch.nbytes / batch.num_rows)
+    for start in range(0, batch.num_rows, rows):
+        yield batch.slice(start, rows)
 
 
 def _plain_type(data_type: pa.DataType) -> pa.DataType:
@@ -266,7 +278,7 @@ def _gdal_stream(source: LayerSource, probe: SourceProbe, where: str, scratch_di
                 out = normalise(batch)
                 _check_utf8(out, row, where, probe.encoding_note)
                 row += batch.num_rows
-                yield out
+                yield from split_batch(out, limits)
 
         yield normalise.schema, batches()
 
@@ -284,9 +296,14 @@ def _geoparquet_stream(source: LayerSource, where: str,
     schema = pa.schema([parquet.schema_arrow.field(n) for n in columns])
     normalise = _Normaliser(schema, primary, where)
 
+    # rows per batch from the file's own row-group sizes: heavy rows come in small batches
+    meta = parquet.metadata
+    stored = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    batch_rows = limits.batch_rows_for(stored / max(1, meta.num_rows))
+
     def batches() -> Iterator[pa.RecordBatch]:
         row = 0
-        iterator = parquet.iter_batches(batch_size=limits.read_batch_rows, columns=columns,
+        iterator = parquet.iter_batches(batch_size=batch_rows, columns=columns,
                                         use_threads=False)
         while True:
             try:
@@ -302,7 +319,7 @@ def _geoparquet_stream(source: LayerSource, where: str,
             out = normalise(batch)
             _check_utf8(out, row, where, "UTF-8 (Parquet)")
             row += batch.num_rows
-            yield out
+            yield from split_batch(out, limits)
 
     try:
         yield normalise.schema, batches()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,7 +27,8 @@ class ShardedLayer:
     chunks: LayerChunks
     schema: pa.Schema  # attribute columns + geometry (WKB)
     geometry_types: list[str]
-    rows_per_source: dict[str, int]  # str(path) -> rows
+    rows_per_source: dict[str, int]  # str(path) -> rows read, rejected ones included
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (reason, attributes JSON)
 
     @property
     def layer(self) -> str:
@@ -40,12 +41,15 @@ class ShardedLayer:
 
 def shard_layer(layer: str, sources: list[LayerSource], sink: ChunkSink, *, scratch_dir: Path,
                 limits: ShardLimits | None = None,
-                on_chunk: Callable[[Chunk], None] | None = None) -> ShardedLayer:
+                on_chunk: Callable[[Chunk], None] | None = None,
+                vertex_policy: str = "reject") -> ShardedLayer:
     """Shard every source of ``layer`` into Hilbert-ordered GeoParquet chunks handed to ``sink``.
 
     ``scratch_dir`` receives the spill files (removed as they are consumed); the caller owns
     the directory. ``on_chunk`` gets each chunk's index entry as soon as ``sink`` has taken
-    it, while the next chunks are still being cut. Raises :class:`InputDataError` for any
+    it, while the next chunks are still being cut. A geometry over ``limits.max_vertices``
+    is set apart in ``ShardedLayer.rejected`` (``vertex_policy`` 'reject') or fails ('fail').
+    Raises :class:`InputDataError` for any
     problem with the input.
     """
     limits = limits or ShardLimits()
@@ -53,7 +57,7 @@ def shard_layer(layer: str, sources: list[LayerSource], sink: ChunkSink, *, scra
         raise ValueError(f"layer {layer!r}: no sources to shard")
     work = Path(tempfile.mkdtemp(prefix=f"shard-{layer}-", dir=scratch_dir))
     try:
-        collected = collect_layer(layer, sources, work, limits)
+        collected = collect_layer(layer, sources, work, limits, vertex_policy)
         writer = ChunkWriter(layer, collected.crs, collected.schema, sink, limits, on_chunk)
         try:
             sort_and_emit(collected, writer, work, limits)
@@ -69,4 +73,4 @@ def shard_layer(layer: str, sources: list[LayerSource], sink: ChunkSink, *, scra
     return ShardedLayer(
         chunks=LayerChunks(layer=layer, crs=crs_text(collected.crs), chunks=chunks),
         schema=collected.schema, geometry_types=collected.geometry_types,
-        rows_per_source=collected.rows_per_source)
+        rows_per_source=collected.rows_per_source, rejected=collected.rejected)

@@ -5,6 +5,9 @@ lines and polygons (and their Multi* forms) from their coordinates, found by wal
 with numpy (``libs.wkb_layout``); anything else is parsed with shapely, at most
 ``PARSE_BYTES`` of WKB at a time, and so is a batch the walk or its checks refuse (a
 broken geometry then gets shapely's verdict, which the error message reports).
+
+Vertices are counted (``over_vertex_limit``) before any of that: a 2D vertex takes 16 bytes
+of WKB, so only values longer than 16 bytes per allowed vertex are counted at all.
 """
 
 from __future__ import annotations
@@ -77,6 +80,37 @@ def _wkb_headers(array: pa.Array) -> tuple[WkbHeaders, np.ndarray, np.ndarray, n
         plain[readable] = ~ewkb_extra & ((iso_dims == 0) | (iso_dims == 1)) & (order <= 1)
         little[readable] = order == 1
     return WkbHeaders(valid, kind, has_z, plain, little), starts, lengths, data
+
+
+def count_vertices(array: pa.Array) -> np.ndarray:
+    """The number of vertices (coordinates) of each geometry of a WKB array (0 where NULL).
+
+    Plain geometries are counted from the WKB walk, without parsing; others with shapely."""
+    counts = np.zeros(len(array), np.int64)
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    if not valid.any():
+        return counts
+    present = array if valid.all() else array.filter(pa.array(valid))
+    layout = wkb_layout(present)
+    if layout is not None:
+        counted = np.bincount(layout.geometry, weights=layout.count, minlength=len(present))
+    else:
+        geoms = shapely.from_wkb(present.to_numpy(zero_copy_only=False), on_invalid="ignore")
+        counted = shapely.get_num_coordinates(geoms)
+    counts[valid] = np.asarray(counted, np.int64)
+    return counts
+
+
+def over_vertex_limit(array: pa.Array, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a WKB array whose geometry has more than ``limit`` vertices, and their
+    counts. A vertex takes at least 16 bytes, so only longer values are counted at all."""
+    _, lengths, _ = binary_parts(array)
+    candidates = np.flatnonzero(lengths > 16 * limit)
+    if not len(candidates):
+        return candidates, np.zeros(0, np.int64)
+    counts = count_vertices(array.take(pa.array(candidates)))
+    over = counts > limit
+    return candidates[over], counts[over]
 
 
 def _type_name(kind: int, has_z: bool) -> str:

@@ -37,10 +37,14 @@ class TransformResults:
         self.rows_rejected += rejected
 
     def reject_reasons(self) -> dict[str, dict[str, int]]:
-        """Rejected rows per layer (in the batch's order) and recipe step."""
+        """Rejected rows per layer (in the batch's order) and recipe step (``vertex_limit``:
+        set apart by the shard stage)."""
         reasons: dict[str, dict[str, int]] = {}
+        shard_rejects = {x.layer: x.rows for x in self.sharded.rejects}
         for layer in self.sharded.layers:
             counts = reasons[layer.layer] = {}
+            if shard_rejects.get(layer.layer):
+                counts["vertex_limit"] = shard_rejects[layer.layer]
             for chunk in layer.chunks:
                 result = self._results.get((layer.layer, chunk.ordinal))
                 for reason, count in (result.reject_reasons if result else {}).items():
@@ -56,11 +60,14 @@ class TransformResults:
             raise ReconciliationError(f"batch {batch_id!r}: {len(expected)} chunks sharded but "
                                       f"{len(self._results)} transformed")
         layers, rejects, types = [], [], {}
+        # rows the shard stage already rejected (over the vertex limit) join the layer's own
+        shard_rejects = {x.layer: list(x.chunks) for x in self.sharded.rejects}
         for layer in self.sharded.layers:
             done = [self._results[(layer.layer, c.ordinal)] for c in layer.chunks]
             layers.append(LayerChunks(layer=layer.layer, crs=self.target_crs, chunks=[
                 r.chunk.model_copy(update={"source_rows": r.rows_in}) for r in done]))
             layer_rejects = [r.rejects for r in done if r.rejects is not None]
+            layer_rejects += shard_rejects.get(layer.layer, [])
             if layer_rejects:
                 rejects.append(LayerChunks(layer=layer.layer, crs=layer.crs, chunks=layer_rejects))
             types[layer.layer] = sorted({t for r in done for t in r.geometry_types})
@@ -68,8 +75,9 @@ class TransformResults:
                            prefix=self.sharded.prefix, layers=layers, sources=self.sharded.sources,
                            rejects=rejects, geometry_types=types)
         rows_rejected = sum(r.rows for r in rejects)
-        if self.sharded.rows != index.rows + rows_rejected:
+        rows_in = self.sharded.rows + sum(r.rows for r in self.sharded.rejects)
+        if rows_in != index.rows + rows_rejected:
             raise ReconciliationError(
-                f"batch {batch_id!r}: {self.sharded.rows} rows sharded but {index.rows} "
-                f"transformed + {rows_rejected} rejected")
+                f"batch {batch_id!r}: {rows_in} rows sharded or rejected by the shard stage but "
+                f"{index.rows} transformed + {rows_rejected} rejected")
         return index
