@@ -50,8 +50,10 @@ def test_landing_identity_writes_the_landing_zone_only(stack_env, admin, planted
     landing.put_bytes(LANDING, f"{prefix}new.txt", b"new", "text/plain")
     assert admin.get_bytes(LANDING, f"{prefix}new.txt") == b"new"
     for bucket in (STAGING, LAKE):
-        assert_denied(lambda b=bucket: landing.put_bytes(b, f"{prefix}new.txt", b"x", "text/plain"),
-                      f"landing identity writing {bucket}")
+        assert_denied(
+            lambda b=bucket: landing.put_bytes(b, f"{prefix}new.txt", b"x", "text/plain"),
+            f"landing identity writing {bucket}",
+        )
         assert_denied(lambda b=bucket: landing.get_bytes(b, keys[b]), f"landing identity reading {bucket}")
     for key in (keys[LANDING], f"{prefix}new.txt"):
         assert_denied(lambda k=key: landing.delete(LANDING, k), f"landing identity deleting {key}")
@@ -67,10 +69,14 @@ def test_lake_reader_reads_the_lake_and_writes_nothing(stack_env, admin, planted
     assert reader.get_bytes(LAKE, keys[LAKE]) == ORIGINAL
     assert [o.key for o in reader.list(LAKE, prefix)] == [keys[LAKE]]
     for bucket in (LANDING, STAGING, LAKE):
-        assert_denied(lambda b=bucket: reader.put_bytes(b, f"{prefix}new.txt", b"x", "text/plain"),
-                      f"lake reader writing {bucket}")
-        assert_denied(lambda b=bucket: reader.put_bytes(b, keys[b], b"x", "text/plain"),
-                      f"lake reader overwriting in {bucket}")
+        assert_denied(
+            lambda b=bucket: reader.put_bytes(b, f"{prefix}new.txt", b"x", "text/plain"),
+            f"lake reader writing {bucket}",
+        )
+        assert_denied(
+            lambda b=bucket: reader.put_bytes(b, keys[b], b"x", "text/plain"),
+            f"lake reader overwriting in {bucket}",
+        )
         assert_denied(lambda b=bucket: reader.delete(b, keys[b]), f"lake reader deleting in {bucket}")
     for bucket in (LANDING, STAGING):
         assert_denied(lambda b=bucket: reader.get_bytes(b, keys[b]), f"lake reader reading {bucket}")
@@ -87,10 +93,14 @@ def test_pipeline_reads_landing_but_never_changes_it(stack_env, admin, planted):
     assert_denied(lambda: pipeline.delete(LANDING, keys[LANDING]), "pipeline deleting a landed object")
     (error,) = pipeline.client.remove_objects(LANDING, [DeleteObject(keys[LANDING])])
     assert error.code == "AccessDenied", error
-    assert_denied(lambda: pipeline.put_bytes(LANDING, keys[LANDING], b"x", "text/plain"),
-                  "pipeline overwriting a landed object")
-    assert_denied(lambda: pipeline.put_bytes(LANDING, f"{prefix}new.txt", b"x", "text/plain"),
-                  "pipeline writing to landing-zone")
+    assert_denied(
+        lambda: pipeline.put_bytes(LANDING, keys[LANDING], b"x", "text/plain"),
+        "pipeline overwriting a landed object",
+    )
+    assert_denied(
+        lambda: pipeline.put_bytes(LANDING, f"{prefix}new.txt", b"x", "text/plain"),
+        "pipeline writing to landing-zone",
+    )
     assert admin.get_bytes(LANDING, keys[LANDING]) == ORIGINAL
     assert not admin.exists(LANDING, f"{prefix}new.txt")
 
