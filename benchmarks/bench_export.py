@@ -44,10 +44,11 @@ from benchmarks import summary
 from benchmarks.pipelines import ogr_geo_metadata
 from devstack.envfile import read_env_file
 from devstack.layout import ENV_FILE
+from devstack.s3 import store_settings
 from libs import postgis
 from libs.geoparquet import GEOMETRY, crs_of
 from libs.lake import part_key, publish_to_lake, read_completion_manifest
-from libs.object_store import ObjectStore, ObjectStoreSettings
+from libs.object_store import ObjectStore
 from libs.postgis import PostGISSettings, connect
 from libs.sample_batch import synthetic_points
 
@@ -69,8 +70,9 @@ class Exported:
                                         env["POSTGRES_USER"], env["POSTGRES_PASSWORD"])
         self.layer = layer
         self.point_id_sum = point_id_sum
-        self.store = ObjectStore(ObjectStoreSettings(
-            env["MINIO_ENDPOINT"], env["MINIO_ROOT_USER"], env["MINIO_ROOT_PASSWORD"]))
+        # The admin identity: the rounds publish to a scratch bucket of their own, which
+        # this benchmark creates and removes; the pipeline's identity may do neither.
+        self.store = ObjectStore(store_settings(env, "admin"))
         self.lake = f"bench-export-{uuid.uuid4().hex[:12]}"
         self.prefix = f"bench/export-{uuid.uuid4().hex[:8]}/"
         self.outputs: dict[str, list[str]] = {case: [] for case in CASES}

@@ -82,15 +82,15 @@ def run_sample(n: int, scratch: Path, save: Path | None) -> dict:
     from dagster import DagsterInstance
 
     from benchmarks.pipelines import stack_env
+    from devstack.s3 import store_settings
     from libs.lake import completion_key, dataset_prefix
-    from libs.object_store import ObjectStore, ObjectStoreSettings
+    from libs.object_store import ObjectStore
     from tests.integration.pipeline import land_sample, request_for, run_ingest, sensor_tick
 
     env = stack_env()
-    store = ObjectStore(ObjectStoreSettings(env["MINIO_ENDPOINT"], env["MINIO_ROOT_USER"],
-                                            env["MINIO_ROOT_PASSWORD"]))
+    store = ObjectStore(store_settings(env, "pipeline"))
     batch_id = f"digest-sample-{n}-{uuid.uuid4().hex[:8]}"
-    land_sample(store, scratch, batch_id, n_points=n)
+    land_sample(ObjectStore(store_settings(env, "landing")), scratch, batch_id, n_points=n)
     with DagsterInstance.ephemeral() as instance:
         request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
         assert request is not None, f"the sensor requested no run for {batch_id}"
@@ -102,7 +102,8 @@ def run_sample(n: int, scratch: Path, save: Path | None) -> dict:
                      "countries_rejects"):
             store.delete_prefix("data-lake", dataset_prefix(name, batch_id))
         store.delete("data-lake", completion_key(batch_id))
-        store.delete_prefix("landing-zone", f"{batch_id}/")
+        # only the admin identity deletes in landing-zone (the pipeline never does)
+        ObjectStore(store_settings(env, "admin")).delete_prefix("landing-zone", f"{batch_id}/")
 
 
 def run_bench(n: int, scratch: Path, save: Path | None) -> dict:

@@ -115,9 +115,10 @@ class Ours:
         import ray
         from dagster import DagsterInstance
 
+        from devstack.s3 import store_settings
         from etl_pipelines.resources.ray import RayResource
         from libs.landing import land_batch
-        from libs.object_store import ObjectStore, ObjectStoreSettings
+        from libs.object_store import ObjectStore
         from libs.sample_batch import natural_earth_countries_zip
         from tests.integration.pipeline import cursor_focused_on
 
@@ -137,9 +138,10 @@ class Ours:
         manifest = {"manifest_version": 1, "batch_id": self.batch_id, "target_crs": TARGET,
                     "files": files, "join": JOIN}
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        self.store = ObjectStore(ObjectStoreSettings(env["MINIO_ENDPOINT"], env["MINIO_ROOT_USER"],
-                                                     env["MINIO_ROOT_PASSWORD"]))
-        land_batch(self.store, folder, self.batch_id)
+        self.store = ObjectStore(store_settings(env, "pipeline"))
+        # only the admin identity deletes in landing-zone (the pipeline never does): cleanup
+        self.admin_store = ObjectStore(store_settings(env, "admin"))
+        land_batch(ObjectStore(store_settings(env, "landing")), folder, self.batch_id)
         compact_object_store(env)
         self._instance_cm = DagsterInstance.ephemeral()
         self.instance = self._instance_cm.__enter__()
@@ -209,7 +211,7 @@ class Ours:
         for dataset in (*LAYERS, "countries", JOIN["name"]):
             self.store.delete_prefix("data-lake", dataset_prefix(dataset, self.batch_id))
         self.store.delete("data-lake", completion_key(self.batch_id))
-        self.store.delete_prefix("landing-zone", f"{self.batch_id}/")
+        self.admin_store.delete_prefix("landing-zone", f"{self.batch_id}/")
         self._instance_cm.__exit__(None, None, None)
 
 

@@ -27,21 +27,22 @@ def main() -> int:
 
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
+    from devstack.s3 import store_settings
     from libs.lake import completion_key
     from libs.landing import land_batch
-    from libs.object_store import ObjectStore, ObjectStoreSettings
+    from libs.object_store import ObjectStore
     from libs.sample_batch import write_sample_batch
 
-    store = ObjectStore(ObjectStoreSettings(os.environ["MINIO_ENDPOINT"],
-                                            os.environ["MINIO_ROOT_USER"],
-                                            os.environ["MINIO_ROOT_PASSWORD"]))
+    # As a data team lands and a consumer reads: neither is the pipeline's identity.
+    landing = ObjectStore(store_settings(os.environ, "landing"))
+    lake = ObjectStore(store_settings(os.environ, "lake-reader"))
     batch_id = "demo-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / batch_id
         print(f"writing sample batch {batch_id}: {args.points:,} synthetic points + "
               "177 Natural Earth countries")
         write_sample_batch(folder, batch_id, n_points=args.points)
-        keys = land_batch(store, folder, batch_id)
+        keys = land_batch(landing, folder, batch_id)
     print("landed: " + ", ".join(f"s3://landing-zone/{k}" for k in keys))
     print("waiting for the manifest sensor (evaluated by the Dagster daemon) to start the run…")
 
@@ -66,7 +67,7 @@ def main() -> int:
         print(f"run {run.status.value}: {ui}/runs/{run.run_id}", file=sys.stderr)
         return 1
 
-    completion = json.loads(store.get_bytes("data-lake", completion_key(batch_id)))
+    completion = json.loads(lake.get_bytes("data-lake", completion_key(batch_id)))
     print(f"\nlake s3://data-lake (batch {batch_id}):")
     for dataset, entry in completion["datasets"].items():
         print(f"  {dataset:<22} {entry['rows']:>10,} rows  s3://data-lake/{entry['prefix']}")

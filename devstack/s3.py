@@ -1,16 +1,23 @@
 """S3: SeaweedFS ``weed mini`` (master, volume, filer, S3 and admin in one process) on
-127.0.0.1:58333 with the three buckets, spoken to exactly as to MinIO."""
+127.0.0.1:58333 with the three buckets, spoken to exactly as to MinIO, and its identities:
+the same four as the compose stack's MinIO, each granted by the committed IAM policy in
+``deploy/s3-policies/`` (see its README for what each may do)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from devstack.layout import LOOPBACK, STATE, VENV_BIN
+from devstack.layout import LOOPBACK, REPO, STATE, VENV_BIN
 from devstack.procs import Daemon, http_ok, port_in_use
 from devstack.service import Service, StackError, Status, say
+
+if TYPE_CHECKING:
+    from libs.object_store import ObjectStoreSettings
 
 S3_PORT = 58333
 S3_BUCKETS = ("landing-zone", "data-lake", "etl-staging")
@@ -34,6 +41,45 @@ WEED_PORTS: dict[str, int] = {
 #: Not a contract variable: only the benchmarks use it, to compact volumes (untimed).
 SEAWEEDFS_MASTER_URL = f"http://{LOOPBACK}:{WEED_PORTS['master.port']}"
 
+POLICY_DIR = REPO / "deploy" / "s3-policies"
+#: Each identity's key pair in .state/stack.env, and the policy file that grants it (None:
+#: SeaweedFS' "Admin" action, for the stack itself and for tests that plant what no other
+#: identity may). The contract's MINIO_ROOT_USER/PASSWORD carry the PIPELINE identity.
+S3_IDENTITIES: dict[str, tuple[str, str, str | None]] = {
+    "pipeline": ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "pipeline.json"),
+    "landing": ("LANDING_ACCESS_KEY", "LANDING_SECRET_KEY", "landing.json"),
+    "lake-reader": ("LAKE_READER_ACCESS_KEY", "LAKE_READER_SECRET_KEY", "lake-reader.json"),
+    "admin": ("S3_ADMIN_ACCESS_KEY", "S3_ADMIN_SECRET_KEY", None),
+}
+
+
+def store_settings(env: Mapping[str, str], identity: str) -> ObjectStoreSettings:
+    """How to reach the stack's object store as ``identity`` (a key of ``S3_IDENTITIES``)."""
+    from libs.object_store import ObjectStoreSettings
+
+    access, secret, _ = S3_IDENTITIES[identity]
+    return ObjectStoreSettings(env["MINIO_ENDPOINT"], env[access], env[secret])
+
+
+def identities_config(creds: Mapping[str, str]) -> str:
+    """The ``-s3.config`` file: every identity with its keys and its attached IAM policy.
+
+    Policies, not weed's legacy per-bucket actions: "Write:<bucket>" also grants
+    DeleteObject, an IAM policy tells PutObject from DeleteObject.
+    """
+    identities, policies = [], []
+    for name, (access, secret, policy_file) in S3_IDENTITIES.items():
+        identity: dict = {"name": name,
+                          "credentials": [{"accessKey": creds[access], "secretKey": creds[secret]}]}
+        if policy_file is None:
+            identity["actions"] = ["Admin"]
+        else:
+            identity["policyNames"] = [name]
+            document = json.loads((POLICY_DIR / policy_file).read_text())
+            policies.append({"name": name, "content": json.dumps(document)})
+        identities.append(identity)
+    return json.dumps({"identities": identities, "policies": policies}, indent=1) + "\n"
+
 
 class SeaweedS3(Service):
     """S3 API from SeaweedFS ``weed mini`` (master, volume, filer, S3 and admin in one process).
@@ -49,6 +95,7 @@ class SeaweedS3(Service):
 
     def __init__(self, creds: Mapping[str, str]) -> None:
         self.creds = creds
+        self.identities_file = self.root / "identities.json"
         weed = VENV_BIN / "weed"
         argv = [str(weed), f"-logdir={self.root / 'logs'}", "mini", f"-dir={self.root / 'data'}"]
         argv += [f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}"]
@@ -64,14 +111,14 @@ class SeaweedS3(Service):
             f"-filer.localSocket={self.root / 'filer.sock'}",
             f"-s3.localSocket={self.root / 's3.sock'}",
         ]
+        # Every identity, the admin too, comes from this file (written by spawn):
+        # none from AWS_ACCESS_KEY_ID, which would add a second all-powerful one.
+        argv.append(f"-s3.config={self.identities_file}")
         # A minimal environment on purpose: weed also reads S3_BUCKET,
-        # S3_TABLE_BUCKET, S3_EXTERNAL_URL... from it. The admin identity comes
-        # from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+        # S3_TABLE_BUCKET, S3_EXTERNAL_URL, AWS_ACCESS_KEY_ID... from it.
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": os.environ.get("HOME", str(self.root)),
-            "AWS_ACCESS_KEY_ID": creds["MINIO_ROOT_USER"],
-            "AWS_SECRET_ACCESS_KEY": creds["MINIO_ROOT_PASSWORD"],
         }
         self.daemon = Daemon("s3", argv, markers=["mini", f"-s3.port={S3_PORT}"], env=env, cwd=self.root)
 
@@ -82,8 +129,8 @@ class SeaweedS3(Service):
         return boto3.client(
             "s3",
             endpoint_url=f"http://{self.address}",
-            aws_access_key_id=self.creds["MINIO_ROOT_USER"],
-            aws_secret_access_key=self.creds["MINIO_ROOT_PASSWORD"],
+            aws_access_key_id=self.creds[S3_IDENTITIES["admin"][0]],
+            aws_secret_access_key=self.creds[S3_IDENTITIES["admin"][1]],
             region_name="us-east-1",
             config=Config(
                 s3={"addressing_style": "path"},
@@ -94,8 +141,16 @@ class SeaweedS3(Service):
         )
 
     def spawn(self) -> bool:
+        config = identities_config(self.creds)
+        current = self.identities_file.read_text() if self.identities_file.exists() else None
         if self.daemon.pid() is not None:
-            return False
+            if current == config:
+                return False
+            # weed reads -s3.config at start only. A weed from an older devstack (one root
+            # identity, no file) or with other keys would refuse the keys in stack.env.
+            say("  s3: restarting weed to load the identities in stack.env")
+            if not self.daemon.stop(timeout=30):
+                raise StackError(f"s3: weed (pid {self.daemon.pid()}) did not stop; see {self.daemon.log}")
         # Give a weed that is still shutting down a moment to release its ports.
         deadline = time.monotonic() + 5
         while busy := [port for port in WEED_PORTS.values() if port_in_use(port)]:
@@ -104,6 +159,12 @@ class SeaweedS3(Service):
             time.sleep(0.5)
         for sub in ("data", "logs"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        if current != config:  # secrets: readable by the owner only
+            tmp = self.identities_file.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(config)
+            os.replace(tmp, self.identities_file)
         self.daemon.spawn()
         return True
 

@@ -18,13 +18,21 @@ from devstack.mongo import MONGO_URI, Mongo
 from devstack.postgis import PG_DB, PG_PORT, Postgres
 from devstack.ray_layout import RAY_ENV
 from devstack.ray_nodes import STACK_HEAD, RayService
-from devstack.s3 import S3_PORT, SEAWEEDFS_MASTER_URL, SeaweedS3
+from devstack.s3 import S3_IDENTITIES, S3_PORT, SEAWEEDFS_MASTER_URL, SeaweedS3
 from devstack.service import Service, StackError, say
 
-# Generated on the first `up`, kept in the env file and reused by every later `up`.
+# Generated on the first `up`, kept in the env file and reused by every later `up`; a key
+# an older env file lacks is generated then (upgrade in place). Object store identities: see
+# devstack/s3.py S3_IDENTITIES; MINIO_ROOT_USER/PASSWORD carry the PIPELINE identity, not root.
 CREDENTIALS = {
     "MINIO_ROOT_USER": lambda: "etl" + secrets.token_hex(8),
     "MINIO_ROOT_PASSWORD": lambda: secrets.token_hex(20),
+    "LANDING_ACCESS_KEY": lambda: "landing" + secrets.token_hex(8),
+    "LANDING_SECRET_KEY": lambda: secrets.token_hex(20),
+    "LAKE_READER_ACCESS_KEY": lambda: "reader" + secrets.token_hex(8),
+    "LAKE_READER_SECRET_KEY": lambda: secrets.token_hex(20),
+    "S3_ADMIN_ACCESS_KEY": lambda: "s3admin" + secrets.token_hex(8),
+    "S3_ADMIN_SECRET_KEY": lambda: secrets.token_hex(20),
     "POSTGRES_USER": lambda: "spatial_etl",
     "POSTGRES_PASSWORD": lambda: secrets.token_hex(16),
 }
@@ -45,8 +53,8 @@ def stack_env(creds: Mapping[str, str]) -> dict[str, str]:
         "DAGSTER_HOME": str(DAGSTER_HOME),
         "DAGSTER_WEBSERVER_URL": f"http://{LOOPBACK}:{DAGSTER_PORT}",
         "MINIO_ENDPOINT": f"{LOOPBACK}:{S3_PORT}",
-        "MINIO_ROOT_USER": creds["MINIO_ROOT_USER"],
-        "MINIO_ROOT_PASSWORD": creds["MINIO_ROOT_PASSWORD"],
+        # The pipeline's identity (the contract's names); the others for clients and tests.
+        **{key: creds[key] for pair in S3_IDENTITIES.values() for key in pair[:2]},
         "MONGO_CONNECTION_STRING": MONGO_URI,
         "POSTGRES_HOST": LOOPBACK,
         "POSTGRES_PORT": str(PG_PORT),

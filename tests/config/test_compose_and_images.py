@@ -339,9 +339,9 @@ def test_user_code_gets_the_whole_env_contract(services: dict[str, Any]) -> None
 
 def test_data_store_credentials_match_the_servers(services: dict[str, Any]) -> None:
     user_code = environment_of(services["user_code"])
-    minio = environment_of(services["minio"])
-    assert user_code["MINIO_ROOT_USER"] == minio["MINIO_ROOT_USER"]
-    assert user_code["MINIO_ROOT_PASSWORD"] == minio["MINIO_ROOT_PASSWORD"]
+    minio_init = environment_of(services["minio-init"])  # the contract's names, the pipeline user
+    assert user_code["MINIO_ROOT_USER"] == minio_init["MINIO_PIPELINE_USER"]
+    assert user_code["MINIO_ROOT_PASSWORD"] == minio_init["MINIO_PIPELINE_PASSWORD"]
     postgis = environment_of(services["postgis"])
     assert postgis["POSTGRES_DB"] == "spatial_compute"
     assert user_code["POSTGRES_USER"] == postgis["POSTGRES_USER"]

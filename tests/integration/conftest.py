@@ -5,16 +5,29 @@ import psycopg
 import pytest
 from pymongo import MongoClient
 
+from devstack.s3 import store_settings
 from libs.ledger import Ledger
-from libs.object_store import ObjectStore, ObjectStoreSettings
+from libs.object_store import ObjectStore
 from libs.postgis import PostGISSettings, connect
 
 
 @pytest.fixture(scope="session")
 def store(stack_env) -> ObjectStore:
-    return ObjectStore(ObjectStoreSettings(stack_env["MINIO_ENDPOINT"],
-                                           stack_env["MINIO_ROOT_USER"],
-                                           stack_env["MINIO_ROOT_PASSWORD"]))
+    """The pipeline's identity (the contract's MINIO_ROOT_USER): tests look where the
+    pipeline looks, and plant in staging what an op would have written."""
+    return ObjectStore(store_settings(stack_env, "pipeline"))
+
+
+@pytest.fixture(scope="session")
+def landing_store(stack_env) -> ObjectStore:
+    """A data team's identity: writes landing-zone, nothing else (not even reads)."""
+    return ObjectStore(store_settings(stack_env, "landing"))
+
+
+@pytest.fixture(scope="session")
+def lake_reader(stack_env) -> ObjectStore:
+    """A lake consumer's identity: reads data-lake, nothing else."""
+    return ObjectStore(store_settings(stack_env, "lake-reader"))
 
 
 @pytest.fixture(scope="session")

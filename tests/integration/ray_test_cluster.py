@@ -154,11 +154,9 @@ if __name__ == "__main__":  # run_in_own_process: python -m tests.integration.ra
 
     for _key, _value in read_env_file(ENV_FILE).items():
         os.environ.setdefault(_key, _value)
-    from libs.object_store import ObjectStoreSettings
+    from devstack.s3 import store_settings
 
-    _store = ObjectStore(ObjectStoreSettings(os.environ["MINIO_ENDPOINT"],
-                                             os.environ["MINIO_ROOT_USER"],
-                                             os.environ["MINIO_ROOT_PASSWORD"]))
+    _store = ObjectStore(store_settings(os.environ, "landing"))  # lands as a data team
     with DagsterInstance.ephemeral() as _instance:
         _result = land_and_run(_store, Path(sys.argv[2]), sys.argv[1], _instance)
         sys.stdout.write(json.dumps(summarize_run(_result, _instance), default=str) + "\n")

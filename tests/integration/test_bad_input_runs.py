@@ -76,13 +76,13 @@ def columns_disagree(folder, manifest):
 @pytest.mark.parametrize("spoil", [mislabelled, shapefile_without_prj, nan_coordinates,
                                    mixed_geometry_types, zip_slip, columns_disagree],
                          ids=lambda f: f.__name__)
-def test_bad_input_stops_the_run_in_shard(stack_env, store, tmp_path, spoil):
+def test_bad_input_stops_the_run_in_shard(stack_env, store, landing_store, tmp_path, spoil):
     batch_id = f"bad-{spoil.__name__.replace('_', '-')}-{uuid.uuid4().hex[:8]}"
     folder = tmp_path / batch_id
     manifest = write_sample_batch(folder, batch_id, n_points=200)
     culprit, problem = spoil(folder, manifest)
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    keys = land_batch(store, folder, batch_id)
+    keys = land_batch(landing_store, folder, batch_id)
     landed = {key: store.get_bytes("landing-zone", key) for key in keys}
 
     with DagsterInstance.ephemeral() as instance:

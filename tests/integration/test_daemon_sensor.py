@@ -29,7 +29,7 @@ def dagster_home(tmp_path, stack_env):
     return home
 
 
-def test_daemon_sensor_launches_a_run_that_publishes(store, tmp_path, batch_id, dagster_home):
+def test_daemon_sensor_launches_a_run_that_publishes(store, landing_store, tmp_path, batch_id, dagster_home):
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home)}
     # Everything already in the landing zone counts as processed for this fresh instance,
     # so its daemon only reacts to the batch this test lands.
@@ -47,7 +47,7 @@ def test_daemon_sensor_launches_a_run_that_publishes(store, tmp_path, batch_id, 
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=reset_signals,
         start_new_session=True)
     try:
-        land_sample(store, tmp_path, batch_id, n_points=5_000)
+        land_sample(landing_store, tmp_path, batch_id, n_points=5_000)
         instance = DagsterInstance.from_config(str(dagster_home))
         deadline = time.monotonic() + 300
         run = None

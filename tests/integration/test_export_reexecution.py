@@ -21,13 +21,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_store_down_during_export_then_reexecution_publishes_once(
-        stack_env, store, tmp_path, batch_id, monkeypatch):
+        stack_env, store, landing_store, tmp_path, batch_id, monkeypatch):
     host, port = stack_env["MINIO_ENDPOINT"].split(":")
     proxy = FaultyProxy(host, int(port))
     # every resource of the run reaches the object store through the proxy
     monkeypatch.setenv("MINIO_ENDPOINT", proxy.endpoint)
     try:
-        land_sample(store, tmp_path, batch_id, n_points=40_000)
+        land_sample(landing_store, tmp_path, batch_id, n_points=40_000)
         with instance_for_test() as instance:
             request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
             config = json.loads(json.dumps(request.run_config))

@@ -32,10 +32,10 @@ def _schemas(pg) -> set[str]:
     return {r[0] for r in pg.execute("SELECT nspname FROM pg_namespace").fetchall()}
 
 
-def _fails_in_load_and_join(store, tmp_path, batch_id, instance, edit):
+def _fails_in_load_and_join(landing_store, tmp_path, batch_id, instance, edit):
     """Land the sample with ``edit`` applied to its manifest and run it: the run fails in
     load_and_join; returns the result and the step's error text."""
-    land_sample(store, tmp_path, batch_id, n_points=500, edit=edit)
+    land_sample(landing_store, tmp_path, batch_id, n_points=500, edit=edit)
     request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
     result = run_ingest(instance, request, raise_on_error=False)
     assert not result.success
@@ -45,13 +45,13 @@ def _fails_in_load_and_join(store, tmp_path, batch_id, instance, edit):
 
 
 def test_failed_join_drops_the_schema_and_publishes_nothing(
-        store, tmp_path, batch_id, instance, pg, ledger):
+        store, landing_store, tmp_path, batch_id, instance, pg, ledger):
     def missing_column(manifest):
         manifest["join"]["aggregations"] = [
             {"function": "sum", "column": "no_such_column", "output": "total"}]
         return manifest
 
-    result, message = _fails_in_load_and_join(store, tmp_path, batch_id, instance,
+    result, message = _fails_in_load_and_join(landing_store, tmp_path, batch_id, instance,
                                               missing_column)
     assert "'no_such_column' does not exist in layer 'points'" in message
     assert postgis.run_schema_name(result.run_id) not in _schemas(pg)
@@ -61,7 +61,7 @@ def test_failed_join_drops_the_schema_and_publishes_nothing(
 
 
 def test_a_failed_load_of_the_layer_loaded_beside_drops_the_schema(
-        store, tmp_path, batch_id, instance, pg):
+        store, landing_store, tmp_path, batch_id, instance, pg):
     """The join's points get BRIN and load on their own connection beside the other layers;
     when that load fails (here: a recipe names a points column ``geom``, which the loader
     reserves), the step fails with the loader's message once the other layers are in, and
@@ -71,7 +71,7 @@ def test_a_failed_load_of_the_layer_loaded_beside_drops_the_schema(
             {"step": "reproject"}, {"step": "rename", "columns": {"category": "geom"}}]}
         return manifest
 
-    result, message = _fails_in_load_and_join(store, tmp_path, batch_id, instance,
+    result, message = _fails_in_load_and_join(landing_store, tmp_path, batch_id, instance,
                                               points_column_named_geom)
     assert "layer 'points': column 'geom' is reserved by the loader; rename it" in message
     logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
@@ -82,10 +82,11 @@ def test_a_failed_load_of_the_layer_loaded_beside_drops_the_schema(
 
 
 def test_invalid_landed_file_fails_in_shard_naming_the_file(
-        store, tmp_path, batch_id, instance, pg):
-    land_sample(store, tmp_path, batch_id, n_points=100)
-    store.put_bytes("landing-zone", f"{batch_id}/points.fgb", b"garbage, not FlatGeobuf",
-                    "application/octet-stream")
+        store, landing_store, tmp_path, batch_id, instance, pg):
+    land_sample(landing_store, tmp_path, batch_id, n_points=100)
+    # the data team lands a bad file over the good one (overwriting is landing's right)
+    landing_store.put_bytes("landing-zone", f"{batch_id}/points.fgb", b"garbage, not FlatGeobuf",
+                            "application/octet-stream")
     request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
     result = run_ingest(instance, request, raise_on_error=False)
     assert not result.success
@@ -131,8 +132,8 @@ with DagsterInstance.ephemeral() as instance:
 
 
 def test_janitor_removes_the_schema_of_a_run_killed_mid_load(
-        stack_env, store, tmp_path, batch_id, instance, pg):
-    land_sample(store, tmp_path, batch_id, n_points=300_000)
+        stack_env, store, landing_store, tmp_path, batch_id, instance, pg):
+    land_sample(landing_store, tmp_path, batch_id, n_points=300_000)
     request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run_id = str(uuid.uuid4())

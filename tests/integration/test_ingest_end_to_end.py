@@ -28,11 +28,11 @@ def instance():
 
 
 @pytest.fixture(scope="module")
-def ingested(stack_env, store, tmp_path_factory, instance):
+def ingested(stack_env, landing_store, tmp_path_factory, instance):
     """One batch run through the real job; several tests inspect what it left behind."""
     batch_id = f"e2e-{uuid.uuid4().hex[:12]}"
     tmp = tmp_path_factory.mktemp("batch")
-    land_sample(store, tmp, batch_id, n_points=N_POINTS)
+    land_sample(landing_store, tmp, batch_id, n_points=N_POINTS)
     request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
     assert request is not None, "the sensor did not request a run for the landed batch"
     result = run_ingest(instance, request)
@@ -48,29 +48,29 @@ def _read_lake_dataset(store, completion, dataset) -> gpd.GeoDataFrame:
     return gpd.GeoDataFrame(gpd.pd.concat(frames, ignore_index=True), crs=frames[0].crs)
 
 
-def test_run_succeeds_and_publishes_every_dataset(ingested, store):
+def test_run_succeeds_and_publishes_every_dataset(ingested, lake_reader):
     assert ingested["result"].success
     batch_id = ingested["batch_id"]
-    completion = json.loads(store.get_bytes("data-lake", completion_key(batch_id)))
+    completion = json.loads(lake_reader.get_bytes("data-lake", completion_key(batch_id)))
     assert completion["run_id"] == ingested["result"].run_id
     assert set(completion["datasets"]) == {"points", "countries", "points_per_country"}
     assert completion["datasets"]["points"]["rows"] == N_POINTS
     assert completion["datasets"]["countries"]["rows"] == 177
     assert completion["datasets"]["points_per_country"]["rows"] == 177
     listed = sorted(o.key for d in completion["datasets"].values()
-                    for o in store.list("data-lake", d["prefix"]))
+                    for o in lake_reader.list("data-lake", d["prefix"]))
     named = sorted(o["key"] for d in completion["datasets"].values() for o in d["objects"])
     assert listed == named, "the lake holds objects the completion manifest does not name"
 
 
-def test_layers_are_geoparquet_in_the_target_crs(ingested, store):
-    completion = json.loads(store.get_bytes("data-lake", completion_key(ingested["batch_id"])))
+def test_layers_are_geoparquet_in_the_target_crs(ingested, lake_reader):
+    completion = json.loads(lake_reader.get_bytes("data-lake", completion_key(ingested["batch_id"])))
     key = completion["datasets"]["points"]["objects"][0]["key"]
-    metadata = pq.read_schema(io.BytesIO(store.get_bytes("data-lake", key))).metadata
+    metadata = pq.read_schema(io.BytesIO(lake_reader.get_bytes("data-lake", key))).metadata
     geo = json.loads(metadata[b"geo"])
     assert geo["version"] == "1.1.0"
     assert geo["columns"]["geometry"]["crs"]["id"] == {"authority": "EPSG", "code": 8857}
-    points = _read_lake_dataset(store, completion, "points")
+    points = _read_lake_dataset(lake_reader, completion, "points")
     expected = synthetic_points(N_POINTS, seed=42).to_crs("EPSG:8857")
     assert sorted(points["point_id"]) == sorted(expected["point_id"])
     merged = points.merge(expected, on="point_id", suffixes=("", "_expected"))
@@ -78,9 +78,9 @@ def test_layers_are_geoparquet_in_the_target_crs(ingested, store):
                                              tolerance=1e-6).all()
 
 
-def test_join_equals_geopandas_sjoin(ingested, store):
-    completion = json.loads(store.get_bytes("data-lake", completion_key(ingested["batch_id"])))
-    ours = _read_lake_dataset(store, completion, "points_per_country")
+def test_join_equals_geopandas_sjoin(ingested, lake_reader):
+    completion = json.loads(lake_reader.get_bytes("data-lake", completion_key(ingested["batch_id"])))
+    ours = _read_lake_dataset(lake_reader, completion, "points_per_country")
     folder = ingested["folder"]
     points = pyogrio.read_dataframe(folder / "points.fgb").to_crs("EPSG:8857")
     countries = pyogrio.read_dataframe(f"/vsizip/{folder / 'countries.zip'}").to_crs("EPSG:8857")

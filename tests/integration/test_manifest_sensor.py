@@ -22,8 +22,8 @@ def _cursor(result) -> dict:
     return json.loads(result.cursor)
 
 
-def test_valid_manifest_requests_one_run_keyed_by_batch_id(store, tmp_path, batch_id, instance):
-    land_sample(store, tmp_path, batch_id, n_points=100)
+def test_valid_manifest_requests_one_run_keyed_by_batch_id(landing_store, tmp_path, batch_id, instance):
+    land_sample(landing_store, tmp_path, batch_id, n_points=100)
     first = sensor_tick(instance, focus=[batch_id, f"{batch_id}-again"])
     request = request_for(first, batch_id)
     assert request.run_key == batch_id
@@ -37,13 +37,13 @@ def test_valid_manifest_requests_one_run_keyed_by_batch_id(store, tmp_path, batc
 
 
 def test_invalid_manifest_is_recorded_with_every_error_and_never_retried(
-        store, tmp_path, batch_id, instance, ledger):
+        landing_store, tmp_path, batch_id, instance, ledger):
     def break_it(manifest):
         manifest["target_crs"] = "EPSG:0"
         manifest["join"]["right"] = "rivers"
         return manifest
 
-    land_sample(store, tmp_path, batch_id, n_points=10, edit=break_it)
+    land_sample(landing_store, tmp_path, batch_id, n_points=10, edit=break_it)
     key = f"{batch_id}/manifest.json"
     first = sensor_tick(instance, focus=[batch_id, f"{batch_id}-again"])
     assert request_for(first, batch_id) is None
@@ -60,15 +60,15 @@ def test_invalid_manifest_is_recorded_with_every_error_and_never_retried(
 
 
 def test_a_batch_id_never_starts_a_second_run_even_under_a_new_key(
-        store, tmp_path, batch_id, instance, ledger):
-    land_sample(store, tmp_path, batch_id, n_points=10)
+        landing_store, tmp_path, batch_id, instance, ledger):
+    land_sample(landing_store, tmp_path, batch_id, n_points=10)
     first = sensor_tick(instance, focus=[batch_id, f"{batch_id}-again"])
     assert request_for(first, batch_id) is not None
     ledger.attach_run(batch_id, "00000000-0000-0000-0000-000000000001")  # its run started
     # the same batch id landed again under another folder
     copy_dir = tmp_path / "again"
     write_sample_batch(copy_dir, batch_id, n_points=10)
-    land_batch(store, copy_dir, f"{batch_id}-again")
+    land_batch(landing_store, copy_dir, f"{batch_id}-again")
     second = sensor_tick(instance, cursor=first.cursor)
     assert request_for(second, batch_id) is None
     (record,) = ledger.manifests_for_key(f"{batch_id}-again/manifest.json")

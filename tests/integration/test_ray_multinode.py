@@ -37,7 +37,7 @@ def cluster(stack_env, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(stack_env, store, cluster, tmp_path_factory):
+def runs(stack_env, landing_store, cluster, tmp_path_factory):
     """The same landed data run twice: on the two-node cluster and on the stack's Ray."""
     tmp = tmp_path_factory.mktemp("multinode-batches")
     suffix = uuid.uuid4().hex[:8]
@@ -46,12 +46,12 @@ def runs(stack_env, store, cluster, tmp_path_factory):
     with DagsterInstance.ephemeral() as instance:
         started = time.monotonic()
         with ray_address(cluster.address, cluster.dashboard_url):
-            results["multi"] = land_and_run(store, tmp, batches["multi"], instance,
+            results["multi"] = land_and_run(landing_store, tmp, batches["multi"], instance,
                                             n_points=N_POINTS_MULTI)
         seconds["multi"] = time.monotonic() - started
         started = time.monotonic()
         with ray_address(stack_env["RAY_ADDRESS"], stack_env["RAY_DASHBOARD_URL"]):
-            results["stack"] = land_and_run(store, tmp, batches["stack"], instance,
+            results["stack"] = land_and_run(landing_store, tmp, batches["stack"], instance,
                                             n_points=N_POINTS_MULTI)
         seconds["stack"] = time.monotonic() - started
     log.info("run on the two-node cluster %.1fs, on the stack's Ray %.1fs", seconds["multi"],

@@ -93,7 +93,7 @@ def cluster(stack_env, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(stack_env, store, cluster, tmp_path_factory):
+def runs(stack_env, landing_store, cluster, tmp_path_factory):
     """A clean run, then the same data again with the worker node killed mid-transform."""
     tmp = tmp_path_factory.mktemp("worker-death-batches")
     suffix = uuid.uuid4().hex[:8]
@@ -101,13 +101,13 @@ def runs(stack_env, store, cluster, tmp_path_factory):
     results = {}
     with DagsterInstance.ephemeral() as instance, \
             ray_address(cluster.address, cluster.dashboard_url):
-        results["clean"] = land_and_run(store, tmp, batches["clean"], instance,
+        results["clean"] = land_and_run(landing_store, tmp, batches["clean"], instance,
                                         n_points=N_POINTS, chunk_rows=CHUNK_ROWS,
                                         edit=_slow_recipe)
         killer = WorkerKiller(cluster, batches["killed"])
         killer.start()
         started = time.monotonic()
-        results["killed"] = land_and_run(store, tmp, batches["killed"], instance,
+        results["killed"] = land_and_run(landing_store, tmp, batches["killed"], instance,
                                          n_points=N_POINTS, chunk_rows=CHUNK_ROWS,
                                          edit=_slow_recipe, raise_on_error=False)
         seconds = time.monotonic() - started

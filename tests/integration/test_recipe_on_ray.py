@@ -40,7 +40,7 @@ RECIPES = {
 
 
 @pytest.fixture(scope="module")
-def ran(stack_env, store, tmp_path_factory):
+def ran(stack_env, store, landing_store, tmp_path_factory):
     batch_id = f"recipe-{uuid.uuid4().hex[:12]}"
     tmp = tmp_path_factory.mktemp("recipe")
 
@@ -50,7 +50,7 @@ def ran(stack_env, store, tmp_path_factory):
                                             {"function": "sum", "column": "x", "output": "sx"}]
         return manifest
 
-    land_sample(store, tmp, batch_id, n_points=N_POINTS, edit=with_recipes)
+    land_sample(landing_store, tmp, batch_id, n_points=N_POINTS, edit=with_recipes)
     with DagsterInstance.ephemeral() as instance:
         request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
         config = dict(request.run_config)

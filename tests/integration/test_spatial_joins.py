@@ -567,7 +567,7 @@ def test_result_streams_in_batches_in_deterministic_order(db):
 
 # --- through the pipeline -------------------------------------------------------------------
 
-def test_carrying_nearest_join_through_the_ingest_job(store, tmp_path):
+def test_carrying_nearest_join_through_the_ingest_job(store, landing_store, tmp_path):
     """The load_and_join op publishes a carrying join as GeoParquet: one row per point with its
     nearest country's name and distance, equal to sjoin_nearest on the landed files."""
     batch_id = f"knn-{uuid.uuid4().hex[:12]}"
@@ -578,7 +578,7 @@ def test_carrying_nearest_join_through_the_ingest_job(store, tmp_path):
                             "distance_column": "metres_away"}
         return manifest
 
-    land_sample(store, tmp_path, batch_id, n_points=1_000, edit=nearest_country)
+    land_sample(landing_store, tmp_path, batch_id, n_points=1_000, edit=nearest_country)
     # the sensor takes a bounded number of manifests per tick, and earlier sessions leave many
     # in the landing zone: start from a cursor that has seen all but this batch's
     seen = {o.key: o.etag for o in store.list("landing-zone")

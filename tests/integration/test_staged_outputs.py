@@ -28,8 +28,8 @@ class _Planted:
 
 
 def test_a_planted_pickle_where_an_op_output_is_expected_runs_nothing(
-        stack_env, store, tmp_path, batch_id):
-    land_sample(store, tmp_path, batch_id, n_points=5_000)
+        stack_env, store, landing_store, tmp_path, batch_id):
+    land_sample(landing_store, tmp_path, batch_id, n_points=5_000)
     marker = tmp_path / "unpickled-marker"
     with instance_for_test() as instance:
         request = request_for(sensor_tick(instance, focus=batch_id), batch_id)

@@ -23,9 +23,9 @@ def _output_metadata(result, step: str) -> dict:
     raise AssertionError(f"no output event from {step}")
 
 
-def _run(store, tmp_path, early: bool):
+def _run(store, landing_store, tmp_path, early: bool):
     batch_id = f"early-{'on' if early else 'off'}-{uuid.uuid4().hex[:8]}"
-    land_sample(store, tmp_path, batch_id, n_points=20_000)
+    land_sample(landing_store, tmp_path, batch_id, n_points=20_000)
     with DagsterInstance.ephemeral() as instance:
         request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
         config = dict(request.run_config)
@@ -44,9 +44,10 @@ def _points(store, completion):
                   for t in tables)
 
 
-def test_transforms_start_during_the_shard_and_the_lake_is_the_same(stack_env, store, tmp_path):
-    on, lake_on = _run(store, tmp_path, early=True)
-    off, lake_off = _run(store, tmp_path, early=False)
+def test_transforms_start_during_the_shard_and_the_lake_is_the_same(
+        stack_env, store, landing_store, tmp_path):
+    on, lake_on = _run(store, landing_store, tmp_path, early=True)
+    off, lake_off = _run(store, landing_store, tmp_path, early=False)
     shard_on, transform_on = (_output_metadata(on, s) for s in ("shard_batch", "transform_chunks"))
     # 10 point chunks and one of countries: some start while the shard op runs, the
     # transform op runs the others, and every chunk is transformed exactly once

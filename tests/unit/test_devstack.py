@@ -1,6 +1,7 @@
 """devstack: the env file round trip, the one file to source, and the Dagster wiring (no
 service is started here)."""
 
+import json
 import subprocess
 
 import yaml
@@ -8,6 +9,7 @@ import yaml
 from devstack import stack
 from devstack.dagster_local import CODE_SERVER_PORT, WORKSPACE_YAML, Dagster
 from devstack.envfile import read_env_file, write_env_file
+from devstack.s3 import POLICY_DIR, S3_IDENTITIES, identities_config
 
 
 def test_env_file_round_trips_through_the_reader_and_a_shell(tmp_path):
@@ -46,3 +48,37 @@ def test_daemon_and_webserver_load_the_location_from_one_code_server():
     assert "-m" not in dagster.daemon.argv and "-w" in dagster.daemon.argv
     assert "-m" not in dagster.webserver.argv and "-w" in dagster.webserver.argv
     assert dagster.code_server.argv[1:4] == ["code-server", "start", "-m"]
+
+
+def test_an_older_env_file_is_upgraded_in_place(tmp_path, monkeypatch):
+    # Before the object-store identities the file held one S3 key pair (root): it is kept as
+    # the pipeline's (MINIO_ROOT_*), every identity it lacks is generated once, then reused.
+    old = {"MINIO_ROOT_USER": "etl-old", "MINIO_ROOT_PASSWORD": "old-secret",
+           "POSTGRES_USER": "spatial_etl", "POSTGRES_PASSWORD": "pg-secret"}
+    env_file = tmp_path / "stack.env"
+    write_env_file(env_file, old, "an env file from before the identities")
+    monkeypatch.setattr(stack, "ENV_FILE", env_file)
+    creds = stack.credentials()
+    assert old.items() <= creds.items()
+    keys = [key for pair in S3_IDENTITIES.values() for key in pair[:2]]
+    assert all(creds[key] for key in keys)
+    assert len({creds[key] for key in keys}) == len(keys), "every identity has keys of its own"
+    write_env_file(env_file, stack.stack_env(creds), "written by up")
+    assert stack.credentials() == creds
+
+
+def test_seaweedfs_identities_attach_the_committed_policies():
+    creds = {key: f"value-of-{key}" for key in stack.CREDENTIALS}
+    config = json.loads(identities_config(creds))
+    identities = {identity["name"]: identity for identity in config["identities"]}
+    assert set(identities) == set(S3_IDENTITIES)
+    policies = {policy["name"]: json.loads(policy["content"]) for policy in config["policies"]}
+    for name, (access, secret, policy_file) in S3_IDENTITIES.items():
+        identity = identities[name]
+        assert identity["credentials"] == [{"accessKey": creds[access], "secretKey": creds[secret]}]
+        if policy_file is None:
+            assert identity["actions"] == ["Admin"] and "policyNames" not in identity
+        else:
+            # policies only: a legacy action such as "Write:<bucket>" would also grant deletes
+            assert identity["policyNames"] == [name] and "actions" not in identity
+            assert policies[name] == json.loads((POLICY_DIR / policy_file).read_text())
