@@ -57,7 +57,7 @@ def _disguised_vrt(canary: str, port: int) -> str:
 
 @pytest.mark.parametrize("fmt", list(EXTENSIONS))
 def test_a_vrt_disguised_as_the_declared_format_reaches_nothing(
-        stack_env, store, tmp_path, listener, fmt):
+        stack_env, store, landing_store, tmp_path, listener, fmt):
     port, accepted = listener
     token = f"canary-{uuid.uuid4().hex}"
     canary = tmp_path / f"{token}.geojson"
@@ -73,7 +73,7 @@ def test_a_vrt_disguised_as_the_declared_format_reaches_nothing(
     entry = next(e for e in manifest["files"] if e["layer"] == "points")
     entry.update(path=culprit, format=fmt)
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    land_batch(store, folder, batch_id)
+    land_batch(landing_store, folder, batch_id)
 
     with DagsterInstance.ephemeral() as instance:
         request = request_for(sensor_tick(instance, focus=batch_id), batch_id)

@@ -46,9 +46,9 @@ def _refused(ledger, key: str) -> list[str]:
     return record["errors"]
 
 
-def test_an_oversized_manifest_is_refused_from_its_listed_size(stack_env, store, ledger,
+def test_an_oversized_manifest_is_refused_from_its_listed_size(stack_env, store, landing_store, ledger,
                                                                tmp_path, batch_id):
-    land_sample(store, tmp_path, batch_id, n_points=50)
+    land_sample(landing_store, tmp_path, batch_id, n_points=50)
     key = f"{batch_id}/{MANIFEST_FILENAME}"
     size = store.size("landing-zone", key)
     with DagsterInstance.ephemeral() as instance:
@@ -61,8 +61,9 @@ def test_an_oversized_manifest_is_refused_from_its_listed_size(stack_env, store,
         "into several manifests"]
 
 
-def test_a_manifest_with_too_many_files_is_refused(stack_env, store, ledger, tmp_path, batch_id):
-    land_sample(store, tmp_path, batch_id, n_points=50)
+def test_a_manifest_with_too_many_files_is_refused(stack_env, store, landing_store, ledger,
+                                                   tmp_path, batch_id):
+    land_sample(landing_store, tmp_path, batch_id, n_points=50)
     key = f"{batch_id}/{MANIFEST_FILENAME}"
     with DagsterInstance.ephemeral() as instance:
         result = sensor_tick(instance, focus=batch_id,
@@ -75,9 +76,9 @@ def test_a_manifest_with_too_many_files_is_refused(stack_env, store, ledger, tmp
 
 
 def test_a_file_over_the_byte_limit_is_refused_before_anything_is_downloaded(
-        stack_env, store, tmp_path, batch_id):
+        stack_env, store, landing_store, tmp_path, batch_id):
     # countries.zip listed first: it is within the limit, and must not be downloaded either
-    manifest = land_sample(store, tmp_path, batch_id, n_points=2_000,
+    manifest = land_sample(landing_store, tmp_path, batch_id, n_points=2_000,
                            edit=lambda m: {**m, "files": m["files"][::-1]})
     files = [DataFile.model_validate(f) for f in manifest["files"]]
     assert [f.path for f in files] == ["countries.zip", "points.fgb"]
@@ -104,7 +105,7 @@ def test_a_file_over_the_byte_limit_is_refused_before_anything_is_downloaded(
     assert not store.exists("data-lake", completion_key(batch_id))
 
 
-def _land_with_heavy_polygon(store, tmp_path, batch_id: str, policy: str) -> None:
+def _land_with_heavy_polygon(landing_store, tmp_path, batch_id: str, policy: str) -> None:
     """The sample batch plus a layer 'parcels' whose row 2 (1-based) has 2M vertices."""
     folder = tmp_path / batch_id
     manifest = write_sample_batch(folder, batch_id, n_points=2_000)
@@ -119,12 +120,12 @@ def _land_with_heavy_polygon(store, tmp_path, batch_id: str, policy: str) -> Non
                               "format": "geoparquet"})
     manifest["recipes"] = {"parcels": [{"step": "make_valid", "policy": policy}]}
     (folder / MANIFEST_FILENAME).write_text(json.dumps(manifest))
-    land_batch(store, folder, batch_id)
+    land_batch(landing_store, folder, batch_id)
 
 
 def test_a_2m_vertex_polygon_is_rejected_with_its_row_and_workers_stay_under_their_request(
-        stack_env, store, tmp_path, batch_id):
-    _land_with_heavy_polygon(store, tmp_path, batch_id, "reject")
+        stack_env, store, landing_store, tmp_path, batch_id):
+    _land_with_heavy_polygon(landing_store, tmp_path, batch_id, "reject")
     with DagsterInstance.ephemeral() as instance:
         request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
         result = run_ingest(instance, request)
@@ -147,9 +148,9 @@ def test_a_2m_vertex_polygon_is_rejected_with_its_row_and_workers_stay_under_the
     assert 0 < ratio < 1, (ratio, metadata["peak_worker_rss_mib"].value)
 
 
-def test_a_2m_vertex_polygon_fails_the_run_under_policy_fail(stack_env, store, tmp_path,
+def test_a_2m_vertex_polygon_fails_the_run_under_policy_fail(stack_env, store, landing_store, tmp_path,
                                                               batch_id):
-    _land_with_heavy_polygon(store, tmp_path, batch_id, "fail")
+    _land_with_heavy_polygon(landing_store, tmp_path, batch_id, "fail")
     with DagsterInstance.ephemeral() as instance:
         request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
         result = run_ingest(instance, request, raise_on_error=False)
@@ -162,9 +163,9 @@ def test_a_2m_vertex_polygon_fails_the_run_under_policy_fail(stack_env, store, t
     assert not store.exists("data-lake", completion_key(batch_id))
 
 
-def test_a_chunk_task_past_its_time_limit_fails_the_run_naming_the_chunk(stack_env, store,
+def test_a_chunk_task_past_its_time_limit_fails_the_run_naming_the_chunk(stack_env, store, landing_store,
                                                                          tmp_path, batch_id):
-    land_sample(store, tmp_path, batch_id, n_points=2_000)
+    land_sample(landing_store, tmp_path, batch_id, n_points=2_000)
     with DagsterInstance.ephemeral() as instance:
         request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
         request.run_config["ops"]["shard_batch"] = {"config": {"transform_early": False}}
