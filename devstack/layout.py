@@ -11,6 +11,8 @@ LOGS = STATE / "logs"
 PIDS = STATE / "pids"
 #: The one file to source: every endpoint and the generated local credentials.
 ENV_FILE = STATE / "stack.env"
+#: The admin identities the stack uses to create the others (never sourced by the pipeline).
+ADMIN_ENV_FILE = STATE / "admin.env"
 DAGSTER_HOME = STATE / "dagster_home"
 DAGSTER_ENABLED_MARKER = STATE / "dagster.enabled"
 # Not resolved: the venv's bin/python is a symlink, its entry points sit next to it.

@@ -25,13 +25,15 @@ from devstack.service import Service, StackError, Status, say
 PG_PORT = 55432
 PG_DB = "spatial_compute"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
+#: The admin step for the pipeline role, shared with the compose stack's initdb hook.
+PIPELINE_ROLE_SQL = REPO / "docker" / "postgis" / "pipeline-role.psql"
 PG_FALLBACK_ROOT = Path("/var/lib/postgresql") / (
     "spatial-etl-" + hashlib.sha256(str(REPO).encode()).hexdigest()[:8])
 
 
 class Postgres(Service):
     """The cluster's lifecycle: initdb once, rewrite its config on every start, provision the
-    role, database and extension; stopped with ``pg_ctl stop``."""
+    database, the pipeline's (non-superuser) role and the extension; stopped with ``pg_ctl stop``."""
 
     name = "postgis"
     address = f"{LOOPBACK}:{PG_PORT}"
@@ -189,28 +191,32 @@ class Postgres(Service):
         return self._run_pg(cmd, input=script, capture_output=True, text=True)
 
     def _provision(self) -> None:
+        """The admin step, as the cluster's superuser over the private socket: the database
+        (owned by that superuser), the pipeline's non-superuser role, its grants and guards,
+        and the postgis extension (docker/postgis/pipeline-role.psql, shared with compose)."""
         def lit(value: str) -> str:  # psql backslash-command quoting
             return "'" + value.replace("'", "''") + "'"
 
-        # SUPERUSER, on purpose, for local development only: it matches the
-        # docker compose image (whose POSTGRES_USER is a superuser), and PostGIS
-        # is not a "trusted" extension, so tests/migrations that create a
-        # scratch database with postgis (or postgis_raster, ...) need it.
-        # The role is only reachable over 127.0.0.1 with a generated password.
+        # The script (with the password) goes through stdin, not argv (visible in ps).
         script = f"""
-\\set role_name {lit(self.creds["POSTGRES_USER"])}
-\\set role_password {lit(self.creds["POSTGRES_PASSWORD"])}
-SELECT format('CREATE ROLE %I', :'role_name')
- WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'role_name') \\gexec
-SELECT format('ALTER ROLE %I WITH LOGIN SUPERUSER PASSWORD %L', :'role_name', :'role_password') \\gexec
-SELECT format('CREATE DATABASE %I OWNER %I', '{PG_DB}', :'role_name')
+SELECT format('CREATE DATABASE %I', '{PG_DB}')
  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{PG_DB}') \\gexec
 \\connect {PG_DB}
-CREATE EXTENSION IF NOT EXISTS postgis;
+\\set pipeline_user {lit(self.creds["POSTGRES_USER"])}
+\\set pipeline_password {lit(self.creds["POSTGRES_PASSWORD"])}
+{PIPELINE_ROLE_SQL.read_text()}
 """
         result = self._psql(script)
         if result.returncode != 0:
             raise StackError(f"provisioning failed:\n{result.stderr.strip()}\nsee {self.log}")
+
+    def admin_sql(self, script: str) -> str:
+        """Run ``script`` as the cluster's superuser in spatial_compute (tests check what the
+        pipeline role may not do against objects only the admin can make); its output."""
+        result = self._psql(script, database=PG_DB)
+        if result.returncode != 0:
+            raise StackError(f"admin SQL failed: {result.stderr.strip()}")
+        return result.stdout
 
     def check(self) -> bool:
         import psycopg

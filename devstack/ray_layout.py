@@ -27,7 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devstack.layout import LOOPBACK, STATE
+from devstack.envfile import read_env_file
+from devstack.layout import ENV_FILE, LOOPBACK, STATE
 
 GCS_PORT = 56379
 DASHBOARD_PORT = 8265
@@ -62,18 +63,15 @@ RAY_ENV: Mapping[str, str] = {
     # advertise 192.0.2.x and a driver connecting to 127.0.0.1:56379 is silently
     # redirected to the external address, where nothing listens, and hangs.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    # Token auth, decided explicitly. With RAY_AUTH_MODE unset, Ray 2.60 picks
-    # the mode implicitly: a bare `ray.init()` (e.g. in a unit test) starts a
-    # throwaway cluster WITH token auth and writes ~/.ray/auth_token; from then
-    # on `ray start --head` silently enables token auth too, while drivers that
-    # connect to an explicit address do not, so they get rejected (2.61 turns
-    # token auth on for every cluster). Here every listener is on 127.0.0.1 of
-    # a single-developer machine, so a token would only be one more secret for
-    # every driver, Dagster process and test to carry: we pin "disabled" for
-    # the head and (via stack.env) for the drivers, whatever is in ~/.ray.
-    # Do NOT copy this to a networked cluster: there RAY_AUTH_MODE=token is
-    # what stands between the network and arbitrary code execution.
-    "RAY_AUTH_MODE": "disabled",
+    # Token auth on, decided explicitly. The token itself is the stack's (RAY_AUTH_TOKEN,
+    # generated on the first `up` and kept in .state/stack.env); ray_env() adds it. With
+    # RAY_AUTH_MODE unset, Ray 2.60 picks the mode implicitly (a bare `ray.init()` turns
+    # token auth on and writes ~/.ray/auth_token, after which `ray start --head` enables it
+    # while drivers given an address do not), so every head, node and driver of this stack
+    # sets the mode and carries the token explicitly, and nothing reads ~/.ray. Even on
+    # loopback the GCS, the client server and the dashboard's Jobs API run arbitrary code
+    # for anyone who reaches them: another user, or a browser page via the dashboard.
+    "RAY_AUTH_MODE": "token",
     "RAY_USAGE_STATS_ENABLED": "0",
     # Retries of a task the memory monitor killed: Ray's default is unbounded; the owner
     # (the run's driver) counts them, the nodes get it too (docs/limits.md).
@@ -339,10 +337,31 @@ class RayWorker:
         ]
 
 
+def stack_auth_token() -> str | None:
+    """The stack's RAY_AUTH_TOKEN: from the environment, else from ``.state/stack.env``."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token and ENV_FILE.exists():
+        token = read_env_file(ENV_FILE).get("RAY_AUTH_TOKEN")
+    return token or None
+
+
+def auth_headers(token: str | None = None) -> dict[str, str]:
+    """The HTTP header the dashboard's API wants under token auth (none without a token)."""
+    token = token or stack_auth_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def ray_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """``base`` (default: ``os.environ``) plus the variables the local cluster needs."""
+    """``base`` (default: ``os.environ``) plus the variables the local cluster needs, the
+    stack's token included (a cluster started without one would refuse every driver)."""
     env = dict(os.environ if base is None else base)
     env.update(RAY_ENV)
+    if not env.get("RAY_AUTH_TOKEN"):
+        token = stack_auth_token()
+        if token is None:
+            raise RuntimeError(f"RAY_AUTH_MODE=token needs RAY_AUTH_TOKEN: none in the "
+                               f"environment nor in {ENV_FILE}; run `python -m devstack up`")
+        env["RAY_AUTH_TOKEN"] = token
     # A RAY_ADDRESS pointing elsewhere must not leak into `ray start --head`.
     env.pop("RAY_ADDRESS", None)
     return env

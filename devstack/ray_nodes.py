@@ -22,7 +22,7 @@ from pathlib import Path
 
 from devstack.layout import STATE
 from devstack.procs import cmdline, launch, live_pid, port_in_use, terminate_tree
-from devstack.ray_layout import DRIVER_CHECK, MAX_WORKERS, RayHead, RayWorker, ray_env
+from devstack.ray_layout import DRIVER_CHECK, MAX_WORKERS, RayHead, RayWorker, auth_headers, ray_env
 from devstack.service import Service, StackError, Status
 
 log = logging.getLogger(__name__)
@@ -118,10 +118,15 @@ def scale_workers(head: RayHead, count: int, timeout: float = 45.0) -> dict[int,
     return {index: start_worker(head.worker(index)) for index in range(1, count + 1)}
 
 
+def dashboard_request(url: str) -> urllib.request.Request:
+    """A GET of the dashboard's API carrying the stack's token (token auth is on)."""
+    return urllib.request.Request(url, headers=auth_headers())
+
+
 def alive_nodes(head: RayHead, timeout: float = 5.0) -> list[dict]:
     """The cluster's ALIVE nodes from the dashboard's state API (node_id, is_head_node, ...)."""
     url = f"{head.dashboard_url}/api/v0/nodes?limit=1000&detail=1"
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+    with urllib.request.urlopen(dashboard_request(url), timeout=timeout) as resp:
         nodes = json.loads(resp.read())["data"]["result"]["result"]
     return [node for node in nodes if node["state"] == "ALIVE"]
 
@@ -145,7 +150,7 @@ def wait_for_nodes(head: RayHead, count: int, timeout: float = 90.0) -> list[dic
 def dashboard_version(head: RayHead, timeout: float = 3.0) -> dict[str, str]:
     """``GET /api/version`` on the dashboard; raises ``OSError`` when it does not answer."""
     url = f"{head.dashboard_url}/api/version"
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+    with urllib.request.urlopen(dashboard_request(url), timeout=timeout) as resp:
         return json.loads(resp.read())
 
 
@@ -295,6 +300,14 @@ def describe(head: RayHead) -> list[str]:
     return lines
 
 
+def _started_with_token_auth(pid: int) -> bool:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return True  # not ours to judge: leave it running
+    return b"RAY_AUTH_MODE=token" in environ
+
+
 class RayService(Service):
     """The stack's Ray: its head, and on ``down`` any worker nodes added next to it."""
 
@@ -302,8 +315,13 @@ class RayService(Service):
     address = f"{STACK_HEAD.address} (dashboard {STACK_HEAD.dashboard_url})"
 
     def spawn(self) -> bool:
-        if running_pid(STACK_HEAD) is not None:
-            return False
+        pid = running_pid(STACK_HEAD)
+        if pid is not None:
+            if _started_with_token_auth(pid):
+                return False
+            # a head of an older stack (RAY_AUTH_MODE=disabled) would refuse no one
+            log.warning("the running Ray head has no token auth: restarting it with the token")
+            stop(STACK_HEAD)
         try:
             start(STACK_HEAD)
         except RayHeadError as exc:

@@ -13,8 +13,17 @@ from pathlib import Path
 
 from devstack.dagster_local import DAGSTER_PORT, DEFAULT_DAGSTER_MODULE, Dagster
 from devstack.envfile import read_env_file, write_env_file
-from devstack.layout import DAGSTER_ENABLED_MARKER, DAGSTER_HOME, ENV_FILE, LOGS, LOOPBACK, PIDS, STATE
-from devstack.mongo import MONGO_URI, Mongo
+from devstack.layout import (
+    ADMIN_ENV_FILE,
+    DAGSTER_ENABLED_MARKER,
+    DAGSTER_HOME,
+    ENV_FILE,
+    LOGS,
+    LOOPBACK,
+    PIDS,
+    STATE,
+)
+from devstack.mongo import Mongo, mongo_uri
 from devstack.postgis import PG_DB, PG_PORT, Postgres
 from devstack.ray_layout import RAY_ENV
 from devstack.ray_nodes import STACK_HEAD, RayService
@@ -35,16 +44,32 @@ CREDENTIALS = {
     "S3_ADMIN_SECRET_KEY": lambda: secrets.token_hex(20),
     "POSTGRES_USER": lambda: "spatial_etl",
     "POSTGRES_PASSWORD": lambda: secrets.token_hex(16),
+    # readWrite on spatial_etl only (devstack/mongo.py)
+    "MONGO_USER": lambda: "spatial_etl",
+    "MONGO_PASSWORD": lambda: secrets.token_hex(16),
+    # every Ray node and driver carries it (devstack/ray_layout.py); Ray's own format
+    "RAY_AUTH_TOKEN": lambda: secrets.token_hex(32),
+}
+# Admin identities the stack itself uses to create the ones above: kept apart, in
+# .state/admin.env, so nothing that sources stack.env (drivers, Dagster, tests) holds them.
+# (PostGIS needs none: its admin is the cluster's superuser over a peer-authenticated socket.)
+ADMIN_CREDENTIALS = {
+    "MONGO_ADMIN_USER": lambda: "stack_admin",
+    "MONGO_ADMIN_PASSWORD": lambda: secrets.token_hex(20),
 }
 # The stack's own entries of .state/ (benchmark outputs and caches there are not the stack's).
 # secrets.env held the credentials before they moved into stack.env.
-STACK_FILES = (ENV_FILE, STATE / "secrets.env", LOGS, PIDS)
+STACK_FILES = (ENV_FILE, ADMIN_ENV_FILE, STATE / "secrets.env", LOGS, PIDS)
 
 
 def credentials() -> dict[str, str]:
-    """The credentials in the env file, plus any missing ones generated now."""
-    current = read_env_file(ENV_FILE) if ENV_FILE.exists() else {}
-    return {key: current.get(key) or make() for key, make in CREDENTIALS.items()}
+    """The credentials in the env files, plus any missing ones generated now (an env file of
+    an older stack gains the new ones in place on the next ``up``)."""
+    current = {}
+    for path in (ENV_FILE, ADMIN_ENV_FILE):
+        current.update(read_env_file(path) if path.exists() else {})
+    return {key: current.get(key) or make()
+            for key, make in {**CREDENTIALS, **ADMIN_CREDENTIALS}.items()}
 
 
 def stack_env(creds: Mapping[str, str]) -> dict[str, str]:
@@ -55,17 +80,20 @@ def stack_env(creds: Mapping[str, str]) -> dict[str, str]:
         "MINIO_ENDPOINT": f"{LOOPBACK}:{S3_PORT}",
         # The pipeline's identity (the contract's names); the others for clients and tests.
         **{key: creds[key] for pair in S3_IDENTITIES.values() for key in pair[:2]},
-        "MONGO_CONNECTION_STRING": MONGO_URI,
+        "MONGO_CONNECTION_STRING": mongo_uri(creds["MONGO_USER"], creds["MONGO_PASSWORD"]),
         "POSTGRES_HOST": LOOPBACK,
         "POSTGRES_PORT": str(PG_PORT),
         "POSTGRES_USER": creds["POSTGRES_USER"],
         "POSTGRES_PASSWORD": creds["POSTGRES_PASSWORD"],
         "POSTGRES_DB": PG_DB,
+        "MONGO_USER": creds["MONGO_USER"],
+        "MONGO_PASSWORD": creds["MONGO_PASSWORD"],
         "RAY_ADDRESS": STACK_HEAD.address,
+        "RAY_AUTH_TOKEN": creds["RAY_AUTH_TOKEN"],
         "RAY_DASHBOARD_URL": STACK_HEAD.dashboard_url,
         "SEAWEEDFS_MASTER_URL": SEAWEEDFS_MASTER_URL,
     }
-    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 and RAY_AUTH_MODE=disabled: drivers
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 and RAY_AUTH_MODE=token: drivers
     # must agree with the head, see devstack/ray_layout.py for why.
     env.update({k: v for k, v in RAY_ENV.items() if k != "RAY_USAGE_STATS_ENABLED"})
     return env
@@ -82,7 +110,7 @@ def dagster_module(requested: str | None = None) -> str:
 
 
 def core_services(creds: Mapping[str, str]) -> list[Service]:
-    return [Postgres(creds), SeaweedS3(creds), Mongo(), RayService()]
+    return [Postgres(creds), SeaweedS3(creds), Mongo(creds), RayService()]
 
 
 def up(*, with_dagster: bool = False, module: str | None = None) -> int:
@@ -92,6 +120,8 @@ def up(*, with_dagster: bool = False, module: str | None = None) -> int:
     env = stack_env(creds)
     write_env_file(ENV_FILE, env, "Local stack endpoints and local-only credentials (generated once),\n"
                    "written by `python -m devstack up`. Never commit.")
+    write_env_file(ADMIN_ENV_FILE, {key: creds[key] for key in ADMIN_CREDENTIALS},
+                   "The stack's admin identities (devstack only; never exported to the pipeline).")
     services = core_services(creds)
     # Launch everything first (each launch returns at once), then wait for each:
     # the services boot in parallel without threads in this process.
@@ -134,7 +164,7 @@ def up(*, with_dagster: bool = False, module: str | None = None) -> int:
 def down(*, purge: bool = False) -> int:
     """Stop every service (Dagster first); with ``purge`` also remove all of the stack's state."""
     creds = read_env_file(ENV_FILE) if ENV_FILE.exists() else {}
-    creds = {key: creds.get(key, "") for key in CREDENTIALS}
+    creds = {key: creds.get(key, "") for key in {**CREDENTIALS, **ADMIN_CREDENTIALS}}
     services: list[Service] = [Dagster(dagster_module(), {}), *reversed(core_services(creds))]
     errors = 0
     for service in services:

@@ -4,7 +4,8 @@ Collections:
 - ``manifests``: one document per manifest object version seen by the sensor (valid or not,
   with every error listed).
 - ``batches``: one document per accepted ``batch_id`` (its ``_id``); inserting it is how a
-  batch is claimed, so a batch id can start at most one run.
+  batch is claimed, so a batch id can start at most one run. The claim's single-use token
+  goes with the sensor's run request; ``start_run`` spends it (see there).
 - ``runs``: one document per Dagster run: status, timings, counts.
 - ``lineage``: one document per object published to the lake: inputs with checksums, run,
   recipe, join, row counts.
@@ -12,6 +13,7 @@ Collections:
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -21,6 +23,11 @@ from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
 DATABASE = "spatial_etl"
+#: Run tag of the manifest sensor's run requests: the single-use token of the batch's claim.
+CLAIM_TOKEN_TAG = "spatial-etl/claim-token"
+#: Run tag that lets a hand-launched run process a batch id that already has a claim or run;
+#: its value is the reason, logged by the run and recorded in ``batches.overrides``.
+OVERRIDE_CLAIM_TAG = "spatial-etl/override-claim"
 
 
 class Claim(StrEnum):
@@ -29,6 +36,20 @@ class Claim(StrEnum):
     CLAIMED = "claimed"  # ours: request the run
     ALREADY_STARTED = "already_started"  # this very manifest version already has a run
     DUPLICATE = "duplicate_batch"  # another manifest holds the batch id
+
+
+class RunStart(StrEnum):
+    """Why ``start_run`` let a run work on a batch."""
+
+    SENSOR = "sensor"  # the run the manifest sensor requested: it spent the claim's token
+    REEXECUTION = "reexecution"  # a Dagster re-execution of one of the batch's runs
+    FIRST = "first"  # no claim or run existed for the batch: this run claimed it
+    OVERRIDE = "override"  # the batch already had a claim or run; an override tag said go
+
+
+class BatchAlreadyClaimed(RuntimeError):
+    """A run that neither the sensor requested nor re-executes the batch's run, for a batch
+    id the ledger already holds a claim or a run for, and without an override."""
 
 
 def _now() -> datetime:
@@ -64,13 +85,64 @@ class Ledger:
         try:
             self.db.batches.insert_one({"_id": batch_id, "manifest_key": manifest_key,
                                         "etag": etag, "manifest": manifest,
-                                        "claimed_at": _now()})
+                                        "claimed_at": _now(), "claim_token": secrets.token_hex(16)})
             return Claim.CLAIMED
         except DuplicateKeyError:
             holder = self.db.batches.find_one({"_id": batch_id}) or {}
             if holder.get("manifest_key") != manifest_key or holder.get("etag") != etag:
                 return Claim.DUPLICATE
             return Claim.ALREADY_STARTED if holder.get("run_ids") else Claim.CLAIMED
+
+    def claim_token(self, batch_id: str) -> str:
+        """The single-use token of ``batch_id``'s claim, for the run request that claim allows
+        (a claim recorded before tokens existed gets one now)."""
+        self.db.batches.update_one({"_id": batch_id, "claim_token": {"$exists": False}},
+                                   {"$set": {"claim_token": secrets.token_hex(16)}})
+        return self.db.batches.find_one({"_id": batch_id}, {"claim_token": 1})["claim_token"]
+
+    def start_run(self, *, batch_id: str, run_id: str, manifest_key: str, etag: str,
+                  claim_token: str | None, reexecution_of: str | None,
+                  override: str | None) -> RunStart:
+        """Let ``run_id`` work on ``batch_id``, or raise ``BatchAlreadyClaimed``.
+
+        In order: the run carrying the claim's token spends it (once: a copy of the token in
+        a hand-made run finds it spent); a re-execution whose root run is one of the batch's
+        runs continues it; a run for a batch id the ledger has never seen claims it; anything
+        else needs ``override`` (a reason), which is recorded with the batch.
+        """
+        batches = self.db.batches
+        if reexecution_of is not None:
+            if batches.find_one_and_update({"_id": batch_id, "run_ids": reexecution_of},
+                                           {"$addToSet": {"run_ids": run_id}}):
+                return RunStart.REEXECUTION
+        if claim_token is not None:
+            spent = batches.find_one_and_update(
+                {"_id": batch_id, "claim_token": claim_token,
+                 "$or": [{"claim_spent_by": {"$exists": False}}, {"claim_spent_by": run_id}]},
+                {"$set": {"claim_spent_by": run_id}, "$addToSet": {"run_ids": run_id}})
+            if spent:
+                return RunStart.SENSOR
+        try:
+            batches.insert_one({"_id": batch_id, "manifest_key": manifest_key, "etag": etag,
+                                "claimed_at": _now(), "claimed_by": "run", "run_ids": [run_id],
+                                "claim_spent_by": run_id})
+            return RunStart.FIRST
+        except DuplicateKeyError:
+            holder = batches.find_one({"_id": batch_id}) or {}
+        if run_id in holder.get("run_ids", []):  # this run's own validate step, retried
+            return RunStart.OVERRIDE if override else RunStart.FIRST
+        if not override:
+            raise BatchAlreadyClaimed(
+                f"batch {batch_id!r} already has run(s) {holder.get('run_ids', [])} or a claim "
+                f"by manifest {holder.get('manifest_key')!r}, and run {run_id} was neither "
+                "requested by the manifest sensor nor is a re-execution of the batch's run; "
+                "re-execute that run in Dagster, land the data under a new batch_id, or, to "
+                f"process the batch again on purpose, add the run tag {OVERRIDE_CLAIM_TAG!r} "
+                "with the reason as its value")
+        batches.update_one({"_id": batch_id}, {
+            "$addToSet": {"run_ids": run_id},
+            "$push": {"overrides": {"run_id": run_id, "reason": override, "at": _now()}}})
+        return RunStart.OVERRIDE
 
     def attach_run(self, batch_id: str, run_id: str) -> None:
         """Record that ``run_id`` (a first run or a re-execution) works on ``batch_id``."""

@@ -2,6 +2,7 @@
 ``python -m devstack up``; its env file provides the contract's variables."""
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,11 @@ def pytest_configure(config):
     # runs: every driver in this process must keep 127.0.0.1, so set the stack's Ray env first.
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
+    # RAY_AUTH_MODE=token: every driver needs a token from the start, the stack's when it
+    # exists (a throwaway local cluster of a unit test takes it too), else one for this
+    # session only, so that Ray never generates one into ~/.ray/auth_token.
+    stack_token = read_env_file(ENV_FILE).get("RAY_AUTH_TOKEN") if ENV_FILE.exists() else None
+    os.environ.setdefault("RAY_AUTH_TOKEN", stack_token or secrets.token_hex(32))
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers

@@ -21,7 +21,7 @@ from dagster import (
 from etl_pipelines.jobs.ingest import ingest_batch
 from etl_pipelines.resources import InputLimitsResource, LedgerResource, ObjectStoreResource
 from libs.errors import ManifestError
-from libs.ledger import Claim
+from libs.ledger import CLAIM_TOKEN_TAG, Claim
 from libs.manifest import MANIFEST_FILENAME, parse_manifest
 
 CURSOR_VERSION = 1
@@ -86,7 +86,8 @@ def manifest_sensor(
                     run_key=batch_id,
                     run_config={"ops": {"validate_batch": {"config": {
                         "manifest_key": obj.key, "batch_id": batch_id}}}},
-                    tags={"batch_id": batch_id, "manifest_key": obj.key},
+                    tags={"batch_id": batch_id, "manifest_key": obj.key,
+                          CLAIM_TOKEN_TAG: book.claim_token(batch_id)},
                 ))
             elif claim is Claim.ALREADY_STARTED:
                 # a reset cursor shows us an accepted manifest again: its record stays as is

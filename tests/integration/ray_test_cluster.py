@@ -29,7 +29,7 @@ import pandas as pd
 from dagster import DagsterInstance, RunRequest
 
 from devstack.ray_layout import RayHead
-from devstack.ray_nodes import running_cluster
+from devstack.ray_nodes import dashboard_request, running_cluster
 from libs.lake import completion_key
 from libs.object_store import ObjectStore
 from tests.integration.pipeline import land_sample, request_for, run_ingest, sensor_tick
@@ -138,7 +138,8 @@ def state_tasks(head: RayHead, key: str, value: str) -> list[dict]:
     """
     query = urllib.parse.urlencode({"limit": 10_000, "detail": 1, "filter_keys": key,
                                     "filter_predicates": "=", "filter_values": value})
-    with urllib.request.urlopen(f"{head.dashboard_url}/api/v0/tasks?{query}", timeout=30) as resp:
+    url = f"{head.dashboard_url}/api/v0/tasks?{query}"
+    with urllib.request.urlopen(dashboard_request(url), timeout=30) as resp:
         return json.loads(resp.read())["data"]["result"]["result"]
 
 

@@ -11,7 +11,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -124,8 +126,48 @@ def test_ray_task_round_trip(env: dict[str, str]) -> None:
 
 def test_ray_dashboard_answers_on_loopback(env: dict[str, str]) -> None:
     assert env["RAY_DASHBOARD_URL"] == "http://127.0.0.1:8265"
-    with urllib.request.urlopen(f"{env['RAY_DASHBOARD_URL']}/api/version", timeout=5) as resp:
+    request = urllib.request.Request(f"{env['RAY_DASHBOARD_URL']}/api/version",
+                                     headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+    with urllib.request.urlopen(request, timeout=5) as resp:
         assert json.loads(resp.read())["ray_version"]
+
+
+@pytest.mark.parametrize("path", ["/api/version", "/api/jobs/", "/api/v0/nodes"])
+def test_ray_dashboard_refuses_a_client_without_the_token(env: dict[str, str], path: str) -> None:
+    url = f"{env['RAY_DASHBOARD_URL']}{path}"
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(url, timeout=5)
+    assert missing.value.code == 401
+    wrong = urllib.request.Request(url, headers={"Authorization": f"Bearer {'0' * 64}"})
+    with pytest.raises(urllib.error.HTTPError) as forbidden:
+        urllib.request.urlopen(wrong, timeout=5)
+    assert forbidden.value.code == 403
+    right = urllib.request.Request(url, headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+    with urllib.request.urlopen(right, timeout=5) as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize("token", ["wrong", "none"])
+def test_ray_gcs_refuses_a_driver_without_the_token(env: dict[str, str], token: str,
+                                                    tmp_path: Path) -> None:
+    """A driver with a wrong token, or none at all (and an empty ~/.ray), cannot connect."""
+    script = textwrap.dedent(
+        """
+        import os, ray
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level="ERROR")
+        print("connected")
+        ray.shutdown()
+        """
+    )
+    driver_env = {**os.environ, **env, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token"}
+    if token == "wrong":
+        driver_env["RAY_AUTH_TOKEN"] = "0" * 64
+    else:
+        driver_env.pop("RAY_AUTH_TOKEN")
+    result = subprocess.run([sys.executable, "-c", script], env=driver_env, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode != 0 and "connected" not in result.stdout
+    assert "authentication" in (result.stderr + result.stdout).lower(), result.stderr[-2000:]
 
 
 def _listeners() -> list[tuple[str, int, set[int]]]:
