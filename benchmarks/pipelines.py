@@ -229,13 +229,14 @@ class Ogr2ogr:
         import pyarrow.parquet  # noqa: F401  (imports outside the timing, as every peer's)
         import pyogrio.raw  # noqa: F401
 
-        from libs.postgis import connect
+        from libs.postgis import connect, create_schema, run_schema_name
 
         self.spec = spec
         self.settings = postgis_settings()
-        self.schema = f"bench_ogr2ogr_{uuid.uuid4().hex[:12]}"
+        # a run schema (name and advisory lock): the pipeline's PostGIS role may create no other
+        self.schema = run_schema_name(str(uuid.uuid4()))
         self.conn = connect(self.settings, autocommit=True)
-        self.conn.execute(f'CREATE SCHEMA "{self.schema}"')
+        create_schema(self.conn, self.schema)
         s = self.settings
         self.dsn = f"PG:host={s.host} port={s.port} user={s.user} dbname={s.dbname}"
         self.out = Path(spec["out"]) / "ogr2ogr"
@@ -341,13 +342,14 @@ class Geopandas:
         import geopandas  # noqa: F401  (imports outside the timing)
         from sqlalchemy import URL, create_engine
 
-        from libs.postgis import connect
+        from libs.postgis import connect, create_schema, run_schema_name
 
         self.spec = spec
         s = postgis_settings()
-        self.schema = f"bench_geopandas_{uuid.uuid4().hex[:12]}"
+        # a run schema (name and advisory lock): the pipeline's PostGIS role may create no other
+        self.schema = run_schema_name(str(uuid.uuid4()))
         self.conn = connect(s, autocommit=True)
-        self.conn.execute(f'CREATE SCHEMA "{self.schema}"')
+        create_schema(self.conn, self.schema)
         self.engine = create_engine(URL.create("postgresql+psycopg", s.user, s.password, s.host, s.port,
                                                s.dbname))
         self.out = Path(spec["out"]) / "geopandas"

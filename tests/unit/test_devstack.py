@@ -2,6 +2,7 @@
 service is started here)."""
 
 import json
+import re
 import subprocess
 
 import yaml
@@ -58,12 +59,14 @@ def test_an_older_env_file_is_upgraded_in_place(tmp_path, monkeypatch):
     env_file = tmp_path / "stack.env"
     write_env_file(env_file, old, "an env file from before the identities")
     monkeypatch.setattr(stack, "ENV_FILE", env_file)
+    monkeypatch.setattr(stack, "ADMIN_ENV_FILE", tmp_path / "admin.env")
     creds = stack.credentials()
     assert old.items() <= creds.items()
     keys = [key for pair in S3_IDENTITIES.values() for key in pair[:2]]
     assert all(creds[key] for key in keys)
     assert len({creds[key] for key in keys}) == len(keys), "every identity has keys of its own"
     write_env_file(env_file, stack.stack_env(creds), "written by up")
+    write_env_file(tmp_path / "admin.env", {k: creds[k] for k in stack.ADMIN_CREDENTIALS}, "up")
     assert stack.credentials() == creds
 
 
@@ -82,3 +85,26 @@ def test_seaweedfs_identities_attach_the_committed_policies():
             # policies only: a legacy action such as "Write:<bucket>" would also grant deletes
             assert identity["policyNames"] == [name] and "actions" not in identity
             assert policies[name] == json.loads((POLICY_DIR / policy_file).read_text())
+
+
+def test_an_older_env_file_gains_the_new_credentials_in_place(tmp_path, monkeypatch):
+    """A stack.env written before the Ray token and the MongoDB users keeps its values and
+    gains the new ones (generated once, on the next `up`)."""
+    old = {"MINIO_ROOT_USER": "etl0123", "MINIO_ROOT_PASSWORD": "aa" * 20,
+           "POSTGRES_USER": "spatial_etl", "POSTGRES_PASSWORD": "bb" * 16,
+           "RAY_AUTH_MODE": "disabled"}
+    env_file, admin_file = tmp_path / "stack.env", tmp_path / "admin.env"
+    write_env_file(env_file, old, "an older stack")
+    monkeypatch.setattr(stack, "ENV_FILE", env_file)
+    monkeypatch.setattr(stack, "ADMIN_ENV_FILE", admin_file)
+    creds = stack.credentials()
+    assert {key: creds[key] for key in old if key in creds} == {
+        key: value for key, value in old.items() if key in stack.CREDENTIALS}
+    assert re.fullmatch(r"[0-9a-f]{64}", creds["RAY_AUTH_TOKEN"])
+    assert creds["MONGO_PASSWORD"] and creds["MONGO_ADMIN_PASSWORD"]
+    assert creds["MONGO_PASSWORD"] != creds["MONGO_ADMIN_PASSWORD"]
+    env = stack.stack_env(creds)
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == creds["RAY_AUTH_TOKEN"]
+    assert creds["MONGO_PASSWORD"] in env["MONGO_CONNECTION_STRING"]
+    assert not [key for key in env if key.startswith("MONGO_ADMIN")], "they stay in admin.env"
+    assert creds["MONGO_ADMIN_PASSWORD"] not in "".join(env.values())
