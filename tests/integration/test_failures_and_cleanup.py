@@ -124,10 +124,10 @@ KILLABLE_RUN = """
 import json, sys
 from dagster import DagsterInstance
 from etl_pipelines.definitions import defs
-config, run_id = json.loads(sys.argv[1]), sys.argv[2]
+config, run_id, tags = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 with DagsterInstance.ephemeral() as instance:
     defs.resolve_job_def("ingest_batch").execute_in_process(run_config=config, instance=instance,
-                                                            run_id=run_id)
+                                                            run_id=run_id, tags=tags)
 """
 
 
@@ -139,7 +139,9 @@ def test_janitor_removes_the_schema_of_a_run_killed_mid_load(
     run_id = str(uuid.uuid4())
     schema = postgis.run_schema_name(run_id)
     run = subprocess.Popen(
-        [sys.executable, "-c", KILLABLE_RUN, json.dumps(request.run_config), run_id],
+        # the sensor's tags: its claim token is what lets this run start on the batch
+        [sys.executable, "-c", KILLABLE_RUN, json.dumps(request.run_config), run_id,
+         json.dumps(dict(request.tags))],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 180
