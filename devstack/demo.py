@@ -78,7 +78,8 @@ def main() -> int:
     if started.start_time and started.end_time:
         print(f"\nrun took {started.end_time - started.start_time:.1f}s")
     print(f"Dagster UI:     {ui}/runs/{run.run_id}")
-    print(f"Ray dashboard:  {os.environ.get('RAY_DASHBOARD_URL', 'http://127.0.0.1:8265')}")
+    print(f"Ray dashboard:  {os.environ.get('RAY_DASHBOARD_URL', 'http://127.0.0.1:8265')}"
+          "  (it asks for a token: RAY_AUTH_TOKEN in .state/stack.env)")
     print("stop the stack with: .venv/bin/python -m devstack down")
     return 0
 
