@@ -32,8 +32,8 @@ def failure_message(result) -> str:
     return failure.event_specific_data.error.message
 
 
-def test_a_hand_launched_run_needs_the_override_tag(stack_env, store, ledger, tmp_path, batch_id):
-    land_sample(store, tmp_path, batch_id, n_points=100)
+def test_a_hand_launched_run_needs_the_override_tag(stack_env, landing_store, ledger, tmp_path, batch_id):
+    land_sample(landing_store, tmp_path, batch_id, n_points=100)
     with DagsterInstance.ephemeral() as instance:
         request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
         assert CLAIM_TOKEN_TAG in request.tags
@@ -67,9 +67,9 @@ def test_a_hand_launched_run_needs_the_override_tag(stack_env, store, ledger, tm
     assert ledger.run(forced.run_id)["override_claim"] == reason
 
 
-def test_a_hand_launched_run_for_a_new_batch_claims_it(stack_env, store, ledger, tmp_path, batch_id):
+def test_a_hand_launched_run_for_a_new_batch_claims_it(stack_env, landing_store, ledger, tmp_path, batch_id):
     """No claim yet: the run claims the batch id, and the sensor then starts no second run."""
-    land_sample(store, tmp_path, batch_id, n_points=100)
+    land_sample(landing_store, tmp_path, batch_id, n_points=100)
     manifest_key = f"{batch_id}/manifest.json"
     config = {"ops": {"validate_batch": {"config": {"manifest_key": manifest_key, "batch_id": batch_id}}}}
     with DagsterInstance.ephemeral() as instance:
@@ -79,8 +79,10 @@ def test_a_hand_launched_run_for_a_new_batch_claims_it(stack_env, store, ledger,
         assert request_for(sensor_tick(instance, focus=batch_id), batch_id) is None
 
 
-def test_a_reexecution_of_the_batchs_run_needs_no_override(stack_env, store, ledger, tmp_path, batch_id):
-    land_sample(store, tmp_path, batch_id, n_points=100)
+def test_a_reexecution_of_the_batchs_run_needs_no_override(
+    stack_env, landing_store, ledger, tmp_path, batch_id
+):
+    land_sample(landing_store, tmp_path, batch_id, n_points=100)
     with instance_for_test() as instance:
         request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
         first = execute_job(

@@ -47,7 +47,7 @@ def leaks(text: str, secrets: dict[str, str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two_runs(stack_env, store, tmp_path_factory):
+def two_runs(stack_env, landing_store, tmp_path_factory):
     """A batch that publishes and one that fails in shard, on an on-disk instance."""
     home = tmp_path_factory.mktemp("dagster_home")
     tmp = tmp_path_factory.mktemp("batches")
@@ -60,8 +60,8 @@ def two_runs(stack_env, store, tmp_path_factory):
         return manifest
 
     with DagsterInstance.local_temp(str(home)) as instance:
-        land_sample(store, tmp, good, n_points=2_000)
-        land_sample(store, tmp, bad, n_points=200, edit=mislabel)
+        land_sample(landing_store, tmp, good, n_points=2_000)
+        land_sample(landing_store, tmp, bad, n_points=200, edit=mislabel)
         tick = sensor_tick(instance, focus=[good, bad])
         results = {
             batch: run_ingest(instance, request_for(tick, batch), raise_on_error=False)
