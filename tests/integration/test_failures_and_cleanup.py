@@ -92,7 +92,8 @@ def test_invalid_landed_file_fails_in_shard_naming_the_file(
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert failure.step_key == "shard_batch"
-    assert "'points.fgb' (layer 'points') cannot be read as flatgeobuf" in \
+    # refused by the declared-format check before GDAL opens it (libs/sharding/sniffing.py)
+    assert "file 'points.fgb' (layer 'points'): declared flatgeobuf but its bytes are" in \
         failure.event_specific_data.error.to_string()
     assert not store.exists("data-lake", completion_key(batch_id))
 
