@@ -26,7 +26,7 @@ PG_PORT = 55432
 PG_DB = "spatial_compute"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 #: The admin step for the pipeline role, shared with the compose stack's initdb hook.
-PIPELINE_ROLE_SQL = REPO / "docker" / "postgis" / "pipeline-role.psql"
+PIPELINE_ROLE_SQL = REPO / "deploy" / "postgis" / "pipeline-role.psql"
 PG_FALLBACK_ROOT = Path("/var/lib/postgresql") / (
     "spatial-etl-" + hashlib.sha256(str(REPO).encode()).hexdigest()[:8])
 
@@ -193,7 +193,7 @@ class Postgres(Service):
     def _provision(self) -> None:
         """The admin step, as the cluster's superuser over the private socket: the database
         (owned by that superuser), the pipeline's non-superuser role, its grants and guards,
-        and the postgis extension (docker/postgis/pipeline-role.psql, shared with compose)."""
+        and the postgis extension (deploy/postgis/pipeline-role.psql, shared with compose)."""
         def lit(value: str) -> str:  # psql backslash-command quoting
             return "'" + value.replace("'", "''") + "'"
 

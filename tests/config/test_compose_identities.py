@@ -1,6 +1,6 @@
 """docker-compose.yaml's PostGIS and MongoDB identities: each server's admin stays in that
 server's service, the pipeline (user_code, the Ray nodes) gets its own least-privilege user,
-created on first start by the init scripts under docker/; the Dagster UI is on loopback."""
+created on first start by the init scripts under deploy/; the Dagster UI is on loopback."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tests.config.test_compose_and_images import (
 
 PIPELINE_SERVICES = ("user_code", "ray-head", "ray-worker")
 DAGSTER_SERVICES = ("webserver", "daemon")
-PIPELINE_ROLE_SQL = REPO / "docker" / "postgis" / "pipeline-role.psql"
+PIPELINE_ROLE_SQL = REPO / "deploy" / "postgis" / "pipeline-role.psql"
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The pipeline's PostGIS role (POSTGRES_USER) is no superuser and creates, changes and drops
-only its own run schemas; what the pipeline does in them still works (docker/postgis/
+only its own run schemas; what the pipeline does in them still works (deploy/postgis/
 pipeline-role.psql is the admin step that makes it so, in both stacks)."""
 
 import uuid
