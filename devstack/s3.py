@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from devstack.layout import LOOPBACK, REPO, STATE, VENV_BIN
+from devstack.envfile import read_env_file
+from devstack.layout import ADMIN_ENV_FILE, LOOPBACK, REPO, STATE, VENV_BIN
 from devstack.procs import Daemon, http_ok, port_in_use
 from devstack.service import Service, StackError, Status, say
 
@@ -42,9 +43,10 @@ WEED_PORTS: dict[str, int] = {
 SEAWEEDFS_MASTER_URL = f"http://{LOOPBACK}:{WEED_PORTS['master.port']}"
 
 POLICY_DIR = REPO / "deploy" / "s3-policies"
-#: Each identity's key pair in .state/stack.env, and the policy file that grants it (None:
-#: SeaweedFS' "Admin" action, for the stack itself and for tests that plant what no other
-#: identity may). The contract's MINIO_ROOT_USER/PASSWORD carry the PIPELINE identity.
+#: Each identity's key pair in .state/stack.env (admin: .state/admin.env), and the policy
+#: file that grants it (None: SeaweedFS' "Admin" action, for the stack itself and for tests
+#: that plant what no other identity may). The contract's MINIO_ROOT_USER/PASSWORD carry the
+#: PIPELINE identity.
 S3_IDENTITIES: dict[str, tuple[str, str, str | None]] = {
     "pipeline": ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "pipeline.json"),
     "landing": ("LANDING_ACCESS_KEY", "LANDING_SECRET_KEY", "landing.json"),
@@ -58,6 +60,8 @@ def store_settings(env: Mapping[str, str], identity: str) -> ObjectStoreSettings
     from libs.object_store import ObjectStoreSettings
 
     access, secret, _ = S3_IDENTITIES[identity]
+    if identity == "admin" and access not in env:  # kept apart from stack.env, see stack.py
+        env = {**env, **read_env_file(ADMIN_ENV_FILE)}
     return ObjectStoreSettings(env["MINIO_ENDPOINT"], env[access], env[secret])
 
 

@@ -40,8 +40,6 @@ CREDENTIALS = {
     "LANDING_SECRET_KEY": lambda: secrets.token_hex(20),
     "LAKE_READER_ACCESS_KEY": lambda: "reader" + secrets.token_hex(8),
     "LAKE_READER_SECRET_KEY": lambda: secrets.token_hex(20),
-    "S3_ADMIN_ACCESS_KEY": lambda: "s3admin" + secrets.token_hex(8),
-    "S3_ADMIN_SECRET_KEY": lambda: secrets.token_hex(20),
     "POSTGRES_USER": lambda: "spatial_etl",
     "POSTGRES_PASSWORD": lambda: secrets.token_hex(16),
     # readWrite on spatial_etl only (devstack/mongo.py)
@@ -54,6 +52,8 @@ CREDENTIALS = {
 # .state/admin.env, so nothing that sources stack.env (drivers, Dagster, tests) holds them.
 # (PostGIS needs none: its admin is the cluster's superuser over a peer-authenticated socket.)
 ADMIN_CREDENTIALS = {
+    "S3_ADMIN_ACCESS_KEY": lambda: "s3admin" + secrets.token_hex(8),
+    "S3_ADMIN_SECRET_KEY": lambda: secrets.token_hex(20),
     "MONGO_ADMIN_USER": lambda: "stack_admin",
     "MONGO_ADMIN_PASSWORD": lambda: secrets.token_hex(20),
 }
@@ -79,7 +79,8 @@ def stack_env(creds: Mapping[str, str]) -> dict[str, str]:
         "DAGSTER_WEBSERVER_URL": f"http://{LOOPBACK}:{DAGSTER_PORT}",
         "MINIO_ENDPOINT": f"{LOOPBACK}:{S3_PORT}",
         # The pipeline's identity (the contract's names); the others for clients and tests.
-        **{key: creds[key] for pair in S3_IDENTITIES.values() for key in pair[:2]},
+        **{key: creds[key] for name, pair in S3_IDENTITIES.items() if name != "admin"
+           for key in pair[:2]},
         "MONGO_CONNECTION_STRING": mongo_uri(creds["MONGO_USER"], creds["MONGO_PASSWORD"]),
         "POSTGRES_HOST": LOOPBACK,
         "POSTGRES_PORT": str(PG_PORT),

@@ -71,7 +71,7 @@ def test_an_older_env_file_is_upgraded_in_place(tmp_path, monkeypatch):
 
 
 def test_seaweedfs_identities_attach_the_committed_policies():
-    creds = {key: f"value-of-{key}" for key in stack.CREDENTIALS}
+    creds = {key: f"value-of-{key}" for key in {**stack.CREDENTIALS, **stack.ADMIN_CREDENTIALS}}
     config = json.loads(identities_config(creds))
     identities = {identity["name"]: identity for identity in config["identities"]}
     assert set(identities) == set(S3_IDENTITIES)
@@ -106,5 +106,6 @@ def test_an_older_env_file_gains_the_new_credentials_in_place(tmp_path, monkeypa
     env = stack.stack_env(creds)
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == creds["RAY_AUTH_TOKEN"]
     assert creds["MONGO_PASSWORD"] in env["MONGO_CONNECTION_STRING"]
-    assert not [key for key in env if key.startswith("MONGO_ADMIN")], "they stay in admin.env"
-    assert creds["MONGO_ADMIN_PASSWORD"] not in "".join(env.values())
+    assert not [key for key in env if key in stack.ADMIN_CREDENTIALS], "they stay in admin.env"
+    for key in ("MONGO_ADMIN_PASSWORD", "S3_ADMIN_SECRET_KEY"):
+        assert creds[key] not in "".join(env.values())
