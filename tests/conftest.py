@@ -3,6 +3,8 @@
 
 import os
 import secrets
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,25 @@ def stack_env() -> dict[str, str]:
     for key, value in env.items():
         os.environ.setdefault(key, value)
     return {key: os.environ[key] for key in env}
+
+
+@pytest.fixture
+def listener():
+    """A TCP listener on 127.0.0.1 counting the connections it accepts: (port, accepted)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(connection.getpeername())
+            connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1], accepted
+    server.close()
+    thread.join(timeout=5)

@@ -5,8 +5,6 @@ the canary's contents reach no output and its path no message, and the run fails
 landed file and its declared format."""
 
 import json
-import socket
-import threading
 import uuid
 
 import pytest
@@ -22,28 +20,6 @@ from tests.integration.pipeline import request_for, run_ingest, sensor_tick
 pytestmark = pytest.mark.integration
 
 EXTENSIONS = {"geojson": "geojson", "gpkg": "gpkg", "flatgeobuf": "fgb"}
-
-
-@pytest.fixture
-def listener():
-    """A TCP listener on 127.0.0.1 counting every connection it accepts."""
-    server = socket.create_server(("127.0.0.1", 0))
-    accepted = []
-
-    def serve():
-        while True:
-            try:
-                connection, _ = server.accept()
-            except OSError:
-                return
-            accepted.append(connection.getpeername())
-            connection.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1], accepted
-    server.close()
-    thread.join(timeout=5)
 
 
 def _disguised_vrt(canary: str, port: int) -> str:

@@ -2,8 +2,6 @@
 network lock-down and clean messages (``libs.sharding.sniffing`` and ``gdal_guard``)."""
 
 import ctypes
-import socket
-import threading
 import zipfile
 
 import pyogrio
@@ -170,28 +168,6 @@ def test_an_undone_network_option_is_caught_and_restored():
         check_gdal_locked_down()
     lock_down_gdal()
     check_gdal_locked_down()
-
-
-@pytest.fixture
-def listener():
-    """A TCP listener on 127.0.0.1 counting the connections it accepts."""
-    server = socket.create_server(("127.0.0.1", 0))
-    accepted = []
-
-    def serve():
-        while True:
-            try:
-                connection, _ = server.accept()
-            except OSError:
-                return
-            accepted.append(connection.getpeername())
-            connection.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1], accepted
-    server.close()
-    thread.join(timeout=5)
 
 
 def test_no_url_is_fetched_even_where_curl_would_bypass_the_proxy(tmp_path, listener, monkeypatch):
