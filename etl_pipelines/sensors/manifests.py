@@ -3,9 +3,10 @@
 A tick never stops on one manifest: whatever goes wrong with one (read, size, UTF-8, JSON,
 nesting, schema) is recorded in the ledger's ``manifests`` as ``invalid`` with the reason,
 and the tick goes on. If the ledger write itself fails, the manifest stays unprocessed and a
-later tick retries it. The ledger's ``batches`` makes ``batch_id`` single-use across keys
-(another key: ``duplicate_batch``; the claiming key replaced after its run started:
-``refused``), and ``run_key = batch_id`` guards the same on Dagster's side.
+later tick retries it (a ledger that stops answering ends the tick there). The ledger's
+``batches`` makes ``batch_id`` single-use across keys (another key: ``duplicate_batch``; the
+claiming key replaced after its run started: ``refused``), and ``run_key = batch_id`` guards
+the same on Dagster's side.
 
 The ledger is the memory of what was seen; the cursor (JSON, ``version`` 2; a version 1
 cursor is read as is and pruned on the next tick) maps recently processed keys to their
@@ -28,7 +29,7 @@ from dagster import (
     SkipReason,
     sensor,
 )
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from etl_pipelines.jobs.ingest import ingest_batch
 from etl_pipelines.resources import InputLimitsResource, LedgerResource, ObjectStoreResource
@@ -168,7 +169,13 @@ def manifest_sensor(
                 request = _consider(context, book, obj, manifest)
                 if request is not None:
                     requests.append(request)
-        except Exception as exc:  # e.g. the ledger write: retried next tick
+        except ConnectionFailure as exc:
+            # the ledger went away mid-tick: every other manifest would wait out the same
+            # timeout, so they are all left (uncursored) for the next tick
+            context.log.error(f"the ledger did not answer at manifest {obj.key!r} ({exc!r}); "
+                              "it and the manifests after it are left for the next tick")
+            break
+        except Exception as exc:  # e.g. a ledger write refused: retried next tick
             context.log.error(f"manifest {obj.key!r} left for a later tick: {exc!r}")
             continue
         processed.pop(obj.key, None)  # re-inserted: the newest entry
