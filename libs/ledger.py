@@ -67,7 +67,8 @@ class Ledger:
         self, *, manifest_key: str, etag: str, status: str, batch_id: str | None,
         errors: list[str] | None = None, run_key: str | None = None,
     ) -> None:
-        """``status``: 'accepted', 'invalid', 'duplicate_batch' or 'refused'."""
+        """``status``: 'accepted', 'invalid', 'duplicate_batch', 'refused' or 'unreadable'
+        (a failed read, tried again by the next tick)."""
         self.db.manifests.replace_one(
             {"_id": f"{manifest_key}@{etag}"},
             {"manifest_key": manifest_key, "etag": etag, "status": status, "batch_id": batch_id,
@@ -191,7 +192,7 @@ class Ledger:
                 version = (doc["manifest_key"], doc["etag"])
                 if doc.get("status") == "accepted":
                     waiting.setdefault(doc.get("batch_id"), []).append(version)
-                else:
+                elif doc.get("status") != "unreadable":  # a failed read is tried again
                     settled.add(version)
         names = list(waiting)
         for start in range(0, len(names), 500):

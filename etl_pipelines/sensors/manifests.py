@@ -1,20 +1,19 @@
 """The manifest sensor: one run per batch, each manifest version considered exactly once.
 
-A tick never stops on one manifest: whatever goes wrong with one (read, size, UTF-8, JSON,
-nesting, schema) is recorded in the ledger's ``manifests`` as ``invalid`` with the reason,
-and the tick goes on. If the ledger write itself fails, the manifest stays unprocessed and a
-later tick retries it (a ledger that stops answering ends the tick there). The ledger's
-``batches`` makes ``batch_id`` single-use across keys (another key: ``duplicate_batch``; the
-claiming key replaced after its run started: ``refused``), and ``run_key = batch_id`` guards
-the same on Dagster's side.
+A tick never stops on one manifest: a bad one (size, UTF-8, JSON, nesting, schema) is
+recorded in the ledger's ``manifests`` as ``invalid`` with the reason and the tick goes on; a
+failed read is recorded ``unreadable`` and tried again next tick; if the ledger write fails,
+the manifest stays out of the cursor for a later tick (a ledger gone mid-tick ends the tick).
+``batches`` makes ``batch_id`` single-use (another key: ``duplicate_batch``; the claiming key
+replaced after its run started: ``refused``); ``run_key = batch_id`` guards it in Dagster.
 
 The ledger is the memory of what was seen; the cursor (JSON, ``version`` 2; a version 1
 cursor is read as is and pruned on the next tick) maps recently processed keys to their
 ETag, oldest first. Past MAX_RECENT entries, the oldest whose ledger record is settled
-(refused, or accepted with a run started) leave it, and a listed version not in the cursor is
+(refused, or accepted with a run started) leave it; a listed version not in the cursor is
 looked up in the ledger. Bound: MAX_RECENT settled entries plus the unsettled ones (accepted,
 run not yet started: at most the run queue), each at most ~1.1 KB (an S3 key is <= 1,024
-bytes), so about 550 KB at worst and ~40 KB for typical keys.
+bytes): about 550 KB at worst, ~40 KB for typical keys.
 
 Still O(landing zone) per tick: the whole bucket is listed (resuming is open, issue 26).
 """
@@ -60,6 +59,11 @@ def write_cursor(processed: dict[str, str]) -> str:
     return json.dumps({"version": CURSOR_VERSION, "processed": processed})
 
 
+class Unreadable(ManifestError):
+    """The manifest object could not be read: recorded, but retried by the next tick (a
+    blip must not refuse a batch for good)."""
+
+
 def _read(store: ObjectStore, bucket: str, obj: ObjectInfo, limits: ManifestLimits):
     """The parsed manifest, or ManifestError naming what is wrong with this object."""
     # the listing's size is checked before the object is read (and the read stops past the
@@ -71,10 +75,11 @@ def _read(store: ObjectStore, bucket: str, obj: ObjectInfo, limits: ManifestLimi
         raw = store.get_bytes(bucket, obj.key, max_bytes=limits.max_bytes)
     except ValueError:
         raise ManifestError(obj.key, [limits.size_problem(limits.max_bytes + 1)]) from None
-    except Exception as exc:  # any read failure is this manifest's problem
-        raise ManifestError(obj.key, [
+    except Exception as exc:  # any read failure is this manifest's problem, maybe passing
+        raise Unreadable(obj.key, [
             f"could not be read from s3://{bucket}/{obj.key}: {exc!r}; expected a readable "
-            "object: check it exists and re-land it"]) from None
+            "object: the next tick tries again; if this persists, check the object exists "
+            "and the pipeline identity may read it"]) from None
     try:
         return parse_manifest(raw, obj.key, limits)
     except ManifestError:
@@ -161,6 +166,11 @@ def manifest_sensor(
         try:
             try:
                 manifest = _read(store, bucket, obj, input_limits.manifest)
+            except Unreadable as exc:
+                book.record_manifest(manifest_key=obj.key, etag=obj.etag, status="unreadable",
+                                     batch_id=None, errors=exc.errors)
+                context.log.warning(str(exc))
+                continue  # not in the cursor, and not settled in the ledger: retried
             except ManifestError as exc:
                 book.record_manifest(manifest_key=obj.key, etag=obj.etag, status="invalid",
                                      batch_id=None, errors=exc.errors)
