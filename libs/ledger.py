@@ -36,6 +36,7 @@ class Claim(StrEnum):
     CLAIMED = "claimed"  # ours: request the run
     ALREADY_STARTED = "already_started"  # this very manifest version already has a run
     DUPLICATE = "duplicate_batch"  # another manifest holds the batch id
+    REFUSED = "refused"  # this manifest's key holds the batch id, but its run already started
 
 
 class RunStart(StrEnum):
@@ -66,7 +67,8 @@ class Ledger:
         self, *, manifest_key: str, etag: str, status: str, batch_id: str | None,
         errors: list[str] | None = None, run_key: str | None = None,
     ) -> None:
-        """``status``: 'accepted', 'invalid' or 'duplicate_batch'."""
+        """``status``: 'accepted', 'invalid', 'duplicate_batch', 'refused' or 'unreadable'
+        (a failed read, tried again by the next tick)."""
         self.db.manifests.replace_one(
             {"_id": f"{manifest_key}@{etag}"},
             {"manifest_key": manifest_key, "etag": etag, "status": status, "batch_id": batch_id,
@@ -78,9 +80,11 @@ class Ledger:
                     manifest: dict[str, Any]) -> Claim:
         """Claim ``batch_id`` for this manifest version.
 
-        Claiming again with the same manifest version is True while no run has started for
+        Claiming again with the same manifest version is CLAIMED while no run has started for
         the batch, so a sensor tick that died after claiming still requests its run on the
-        next tick, but no second run is ever requested once one has started.
+        next tick, but no second run is ever requested once one has started. A new version
+        of the claiming manifest (same key, replaced before its run started) takes the claim
+        over, so the batch runs on what is landed now; once a run started it is REFUSED.
         """
         try:
             self.db.batches.insert_one({"_id": batch_id, "manifest_key": manifest_key,
@@ -89,9 +93,16 @@ class Ledger:
             return Claim.CLAIMED
         except DuplicateKeyError:
             holder = self.db.batches.find_one({"_id": batch_id}) or {}
-            if holder.get("manifest_key") != manifest_key or holder.get("etag") != etag:
+            if holder.get("manifest_key") != manifest_key:
                 return Claim.DUPLICATE
-            return Claim.ALREADY_STARTED if holder.get("run_ids") else Claim.CLAIMED
+            if holder.get("etag") == etag:
+                return Claim.ALREADY_STARTED if holder.get("run_ids") else Claim.CLAIMED
+            # conditional on no run having started: a run spending the token meanwhile wins
+            moved = self.db.batches.update_one(
+                {"_id": batch_id, "etag": holder.get("etag"), "run_ids": {"$exists": False},
+                 "claim_spent_by": {"$exists": False}},
+                {"$set": {"etag": etag, "manifest": manifest, "reclaimed_at": _now()}})
+            return Claim.CLAIMED if moved.modified_count == 1 else Claim.REFUSED
 
     def claim_token(self, batch_id: str) -> str:
         """The single-use token of ``batch_id``'s claim, for the run request that claim allows
@@ -166,6 +177,30 @@ class Ledger:
 
     def lineage_for_batch(self, batch_id: str) -> list[dict]:
         return list(self.db.lineage.find({"batch_id": batch_id}).sort("_id", 1))
+
+    def settled_manifests(self, versions: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these (manifest key, etag) versions the sensor need never look at again:
+        recorded as refused, or accepted with a run started for the batch (an accepted one
+        whose run has not started may still need its run request)."""
+        settled: set[tuple[str, str]] = set()
+        waiting: dict[str, list[tuple[str, str]]] = {}
+        for start in range(0, len(versions), 500):
+            ids = [f"{key}@{etag}" for key, etag in versions[start:start + 500]]
+            for doc in self.db.manifests.find({"_id": {"$in": ids}},
+                                              {"manifest_key": 1, "etag": 1, "status": 1,
+                                               "batch_id": 1}):
+                version = (doc["manifest_key"], doc["etag"])
+                if doc.get("status") == "accepted":
+                    waiting.setdefault(doc.get("batch_id"), []).append(version)
+                elif doc.get("status") != "unreadable":  # a failed read is tried again
+                    settled.add(version)
+        names = list(waiting)
+        for start in range(0, len(names), 500):
+            for doc in self.db.batches.find({"_id": {"$in": names[start:start + 500]}},
+                                            {"run_ids": 1}):
+                if doc.get("run_ids"):
+                    settled.update(waiting[doc["_id"]])
+        return settled
 
     def manifests_for_key(self, manifest_key: str) -> list[dict]:
         return list(self.db.manifests.find({"manifest_key": manifest_key}))

@@ -1,10 +1,21 @@
 """The manifest sensor: one run per batch, each manifest version considered exactly once.
 
-The cursor (JSON, versioned) maps every manifest key it has processed to the ETag it saw,
-valid or not, so nothing is retried automatically; retries go through Dagster
-re-execution. The ledger's ``batches`` collection makes ``batch_id`` single-use across
-keys: a manifest that reuses a claimed batch id is recorded as a duplicate and gets no
-run, and ``run_key = batch_id`` guards the same on Dagster's side.
+A tick never stops on one manifest: a bad one (size, UTF-8, JSON, nesting, schema) is
+recorded in the ledger's ``manifests`` as ``invalid`` with the reason and the tick goes on; a
+failed read is recorded ``unreadable`` and tried again next tick; if the ledger write fails,
+the manifest stays out of the cursor for a later tick (a ledger gone mid-tick ends the tick).
+``batches`` makes ``batch_id`` single-use (another key: ``duplicate_batch``; the claiming key
+replaced after its run started: ``refused``); ``run_key = batch_id`` guards it in Dagster.
+
+The ledger is the memory of what was seen; the cursor (JSON, ``version`` 2; a version 1
+cursor is read as is and pruned on the next tick) maps recently processed keys to their
+ETag, oldest first. Past MAX_RECENT entries, the oldest whose ledger record is settled
+(refused, or accepted with a run started) leave it; a listed version not in the cursor is
+looked up in the ledger. Bound: MAX_RECENT settled entries plus the unsettled ones (accepted,
+run not yet started: at most the run queue), each at most ~1.1 KB (an S3 key is <= 1,024
+bytes): about 550 KB at worst, ~40 KB for typical keys.
+
+Still O(landing zone) per tick: the whole bucket is listed (resuming is open, issue 26).
 """
 
 import json
@@ -17,29 +28,115 @@ from dagster import (
     SkipReason,
     sensor,
 )
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from etl_pipelines.jobs.ingest import ingest_batch
 from etl_pipelines.resources import InputLimitsResource, LedgerResource, ObjectStoreResource
 from libs.errors import ManifestError
-from libs.ledger import CLAIM_TOKEN_TAG, Claim
-from libs.manifest import MANIFEST_FILENAME, parse_manifest
+from libs.ledger import CLAIM_TOKEN_TAG, Claim, Ledger
+from libs.manifest import MANIFEST_FILENAME, ManifestLimits, parse_manifest
+from libs.object_store import ObjectInfo, ObjectStore
 
-CURSOR_VERSION = 1
+CURSOR_VERSION = 2
 MAX_MANIFESTS_PER_TICK = 50
+#: Settled entries kept in the cursor (the ledger remembers the rest).
+MAX_RECENT = 500
 
 
 def read_cursor(raw: str | None) -> dict[str, str]:
+    """Processed manifest key -> ETag, oldest first (version 1 had the same map, sorted)."""
     if not raw:
         return {}
     data = json.loads(raw)
-    if data.get("version") != CURSOR_VERSION:
+    if data.get("version") not in (1, CURSOR_VERSION):
         raise ValueError(f"manifest sensor cursor version {data.get('version')!r} is not "
-                         f"{CURSOR_VERSION}; reset the cursor deliberately")
+                         f"{CURSOR_VERSION} (or 1); reset the cursor deliberately")
     return dict(data["processed"])
 
 
 def write_cursor(processed: dict[str, str]) -> str:
-    return json.dumps({"version": CURSOR_VERSION, "processed": processed}, sort_keys=True)
+    # insertion order is age order: no sort_keys
+    return json.dumps({"version": CURSOR_VERSION, "processed": processed})
+
+
+class Unreadable(ManifestError):
+    """The manifest object could not be read: recorded, but retried by the next tick (a
+    blip must not refuse a batch for good)."""
+
+
+def _read(store: ObjectStore, bucket: str, obj: ObjectInfo, limits: ManifestLimits):
+    """The parsed manifest, or ManifestError naming what is wrong with this object."""
+    # the listing's size is checked before the object is read (and the read stops past the
+    # limit, should the object have grown since the listing)
+    too_big = limits.size_problem(obj.size)
+    if too_big:
+        raise ManifestError(obj.key, [too_big])
+    try:
+        raw = store.get_bytes(bucket, obj.key, max_bytes=limits.max_bytes)
+    except ValueError:
+        raise ManifestError(obj.key, [limits.size_problem(limits.max_bytes + 1)]) from None
+    except Exception as exc:  # any read failure is this manifest's problem, maybe passing
+        raise Unreadable(obj.key, [
+            f"could not be read from s3://{bucket}/{obj.key}: {exc!r}; expected a readable "
+            "object: the next tick tries again; if this persists, check the object exists "
+            "and the pipeline identity may read it"]) from None
+    try:
+        return parse_manifest(raw, obj.key, limits)
+    except ManifestError:
+        raise
+    except Exception as exc:  # a parser bug must not stop the sensor
+        raise ManifestError(obj.key, [f"could not be parsed: {exc!r}"]) from None
+
+
+def _consider(context: SensorEvaluationContext, book: Ledger, obj: ObjectInfo,
+              manifest) -> RunRequest | None:
+    """Claim the manifest's batch and record the outcome; a ledger error propagates."""
+    batch_id = manifest.batch_id
+    claim = book.claim_batch(batch_id=batch_id, manifest_key=obj.key, etag=obj.etag,
+                             manifest=manifest.model_dump(mode="json"))
+    if claim is Claim.CLAIMED:
+        book.record_manifest(manifest_key=obj.key, etag=obj.etag, status="accepted",
+                             batch_id=batch_id, run_key=batch_id)
+        return RunRequest(
+            run_key=batch_id,
+            run_config={"ops": {"validate_batch": {"config": {
+                "manifest_key": obj.key, "batch_id": batch_id}}}},
+            tags={"batch_id": batch_id, "manifest_key": obj.key,
+                  CLAIM_TOKEN_TAG: book.claim_token(batch_id)})
+    holder = book.batch(batch_id) or {}
+    runs = holder.get("run_ids") or []
+    if claim is Claim.ALREADY_STARTED:
+        # a reset cursor shows us an accepted manifest again: its record stays as is
+        context.log.info(f"manifest {obj.key!r}: batch {batch_id!r} already has run(s) {runs}; "
+                         "retries go through Dagster re-execution")
+        return None
+    if claim is Claim.REFUSED:
+        error = (f"batch id {batch_id!r} already claimed by run {', '.join(runs) or '(starting)'} "
+                 f"(manifest {obj.key!r} was replaced after its run started); land a new batch "
+                 "id, or re-execute that run in Dagster")
+    else:
+        error = (f"batch_id {batch_id!r} was already claimed by "
+                 f"{holder.get('manifest_key')!r}; batch ids are immutable, use a new "
+                 "batch_id or re-execute the original run in Dagster")
+    book.record_manifest(manifest_key=obj.key, etag=obj.etag, status=claim.value,
+                         batch_id=batch_id, errors=[error])
+    context.log.warning(f"manifest {obj.key!r}: {error}")
+    return None
+
+
+def _prune(context: SensorEvaluationContext, book: Ledger, processed: dict[str, str]) -> None:
+    """Drop the oldest entries past MAX_RECENT whose ledger record is settled."""
+    if len(processed) <= MAX_RECENT:
+        return
+    oldest = list(processed.items())[:len(processed) - MAX_RECENT]
+    try:
+        settled = book.settled_manifests(oldest)
+    except PyMongoError as exc:  # kept for now; the next tick prunes
+        context.log.warning(f"cursor not pruned, the ledger did not answer: {exc!r}")
+        return
+    for key, etag in settled:
+        if processed.get(key) == etag:
+            del processed[key]
 
 
 @sensor(job=ingest_batch, minimum_interval_seconds=10,
@@ -52,55 +149,46 @@ def manifest_sensor(
     processed = read_cursor(context.cursor)
     store = object_store.store
     bucket = object_store.landing_bucket
-    new = [o for o in store.list(bucket)
-           if o.key.rsplit("/", 1)[-1] == MANIFEST_FILENAME and processed.get(o.key) != o.etag]
-    if not new:
-        return SkipReason(f"no new manifest in s3://{bucket} ({len(processed)} processed so far)")
+    listed = [o for o in store.list(bucket)
+              if o.key.rsplit("/", 1)[-1] == MANIFEST_FILENAME and processed.get(o.key) != o.etag]
     book = ledger.ledger
+    try:
+        settled = book.settled_manifests([(o.key, o.etag) for o in listed])
+    except PyMongoError as exc:
+        # without the ledger nothing can be claimed or recorded: the cursor stays as it is
+        return SkipReason(f"the ledger did not answer ({exc!r}); no manifest was looked at, "
+                          "the next tick retries")
+    new = [o for o in listed if (o.key, o.etag) not in settled]
+    if not new:
+        return SkipReason(f"no new manifest in s3://{bucket} ({len(processed)} in the cursor)")
     requests: list[RunRequest] = []
-    limits = input_limits.manifest
     for obj in new[:MAX_MANIFESTS_PER_TICK]:
         try:
-            # the listing's size is checked before the object is read (and the read stops
-            # past the limit, should the object have grown since the listing)
-            too_big = limits.size_problem(obj.size)
-            if too_big:
-                raise ManifestError(obj.key, [too_big])
             try:
-                raw = store.get_bytes(bucket, obj.key, max_bytes=limits.max_bytes)
-            except ValueError:
-                raise ManifestError(obj.key, [limits.size_problem(limits.max_bytes + 1)]) from None
-            manifest = parse_manifest(raw, obj.key, limits)
-        except ManifestError as exc:
-            book.record_manifest(manifest_key=obj.key, etag=obj.etag, status="invalid",
-                                 batch_id=None, errors=exc.errors)
-            context.log.warning(str(exc))
-        else:
-            batch_id = manifest.batch_id
-            claim = book.claim_batch(batch_id=batch_id, manifest_key=obj.key, etag=obj.etag,
-                                     manifest=manifest.model_dump(mode="json"))
-            if claim is Claim.CLAIMED:
-                book.record_manifest(manifest_key=obj.key, etag=obj.etag, status="accepted",
-                                     batch_id=batch_id, run_key=batch_id)
-                requests.append(RunRequest(
-                    run_key=batch_id,
-                    run_config={"ops": {"validate_batch": {"config": {
-                        "manifest_key": obj.key, "batch_id": batch_id}}}},
-                    tags={"batch_id": batch_id, "manifest_key": obj.key,
-                          CLAIM_TOKEN_TAG: book.claim_token(batch_id)},
-                ))
-            elif claim is Claim.ALREADY_STARTED:
-                # a reset cursor shows us an accepted manifest again: its record stays as is
-                runs = (book.batch(batch_id) or {}).get("run_ids")
-                context.log.info(f"manifest {obj.key!r}: batch {batch_id!r} already has run(s) "
-                                 f"{runs}; retries go through Dagster re-execution")
+                manifest = _read(store, bucket, obj, input_limits.manifest)
+            except Unreadable as exc:
+                book.record_manifest(manifest_key=obj.key, etag=obj.etag, status="unreadable",
+                                     batch_id=None, errors=exc.errors)
+                context.log.warning(str(exc))
+                continue  # not in the cursor, and not settled in the ledger: retried
+            except ManifestError as exc:
+                book.record_manifest(manifest_key=obj.key, etag=obj.etag, status="invalid",
+                                     batch_id=None, errors=exc.errors)
+                context.log.warning(str(exc))
             else:
-                holder = book.batch(batch_id) or {}
-                error = (f"batch_id {batch_id!r} was already claimed by "
-                         f"{holder.get('manifest_key')!r}; batch ids are immutable, use a new "
-                         "batch_id or re-execute the original run in Dagster")
-                book.record_manifest(manifest_key=obj.key, etag=obj.etag, status=claim.value,
-                                     batch_id=batch_id, errors=[error])
-                context.log.warning(f"manifest {obj.key!r}: {error}")
+                request = _consider(context, book, obj, manifest)
+                if request is not None:
+                    requests.append(request)
+        except ConnectionFailure as exc:
+            # the ledger went away mid-tick: every other manifest would wait out the same
+            # timeout, so they are all left (uncursored) for the next tick
+            context.log.error(f"the ledger did not answer at manifest {obj.key!r} ({exc!r}); "
+                              "it and the manifests after it are left for the next tick")
+            break
+        except Exception as exc:  # e.g. a ledger write refused: retried next tick
+            context.log.error(f"manifest {obj.key!r} left for a later tick: {exc!r}")
+            continue
+        processed.pop(obj.key, None)  # re-inserted: the newest entry
         processed[obj.key] = obj.etag
+    _prune(context, book, processed)
     return SensorResult(run_requests=requests, cursor=write_cursor(processed))

@@ -1,16 +1,60 @@
 """Parsing a landed manifest document: every problem listed at once, each naming its field,
-within the declared bounds of :class:`ManifestLimits`."""
+within the declared bounds of :class:`ManifestLimits`. Any bytes at all give a Manifest or a
+ManifestError: nesting depth is bounded before ``json`` recurses."""
 
 from __future__ import annotations
 
 import json
 import posixpath
+import re
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 
 from libs.errors import ManifestError
 from libs.manifest.model import Manifest, cross_field_problems
+
+#: Deepest nesting of ``[``/``{`` accepted; a real manifest needs about 5 levels, and the json
+#: module recurses once per level (200,000 levels raise RecursionError).
+MAX_NESTING = 32
+# a JSON string, escapes included (the unrolled form does not backtrack)
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def nesting_too_deep(text: str, limit: int = MAX_NESTING) -> bool:
+    """Whether ``text`` nests ``[``/``{`` deeper than ``limit`` outside strings (linear, no
+    recursion: run before ``json.loads``)."""
+    depth = 0
+    for match in _BRACKET.finditer(_STRING.sub('""', text)):
+        if match.group() in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _decode(raw: bytes, manifest_key: str) -> object:
+    """The JSON document in ``raw``, or ManifestError saying why not."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(manifest_key, [
+            f"not valid UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start:,} ({exc.reason}); "
+            "a manifest is a UTF-8 JSON document: re-save it as UTF-8"]) from None
+    if nesting_too_deep(text):
+        raise ManifestError(manifest_key, [
+            f"nesting deeper than {MAX_NESTING} levels of '[' and '{{'; a manifest is an object "
+            "of a few levels: fix the document"])
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(manifest_key, [
+            f"not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"]) from None
+    except (RecursionError, ValueError) as exc:  # the pre-scan should make this unreachable
+        raise ManifestError(manifest_key, [f"not parseable as JSON: {exc!r}"]) from None
 
 
 def _describe(error: dict) -> str:
@@ -57,10 +101,7 @@ def parse_manifest(raw: bytes, manifest_key: str,
     too_big = limits.size_problem(len(raw))
     if too_big:
         raise ManifestError(manifest_key, [too_big])
-    try:
-        document = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(manifest_key, [f"not valid UTF-8 JSON: {exc}"]) from None
+    document = _decode(raw, manifest_key)
     files = document.get("files") if isinstance(document, dict) else None
     too_many = []
     if isinstance(files, list) and len(files) > limits.max_files:

@@ -36,7 +36,7 @@ def cursor_focused_on(store: ObjectStore, prefixes: list[str]) -> str:
 
 
 def sensor_tick(instance: DagsterInstance, cursor: str | None = None, *,
-                focus: str | list[str] | None = None, limits=None):
+                focus: str | list[str] | None = None, limits=None, ledger=None):
     resources = build_resources()
     if cursor is None and focus is not None:
         store = ObjectStore(ObjectStoreSettings(os.environ["MINIO_ENDPOINT"],
@@ -44,7 +44,7 @@ def sensor_tick(instance: DagsterInstance, cursor: str | None = None, *,
                                                 os.environ["MINIO_ROOT_PASSWORD"]))
         cursor = cursor_focused_on(store, [focus] if isinstance(focus, str) else focus)
     with build_sensor_context(instance=instance, cursor=cursor, resources={
-            "object_store": resources["object_store"], "ledger": resources["ledger"],
+            "object_store": resources["object_store"], "ledger": ledger or resources["ledger"],
             "input_limits": limits or resources["input_limits"]}) as context:
         return manifest_sensor(context)
 

@@ -183,3 +183,34 @@ def test_foot_crs_is_listed_with_field_errors(sample):
         parse_manifest(raw, "k/manifest.json")
     fields = [e.split(":")[0] for e in caught.value.errors]
     assert fields == ["join.distance", "join.predicate"], caught.value.errors
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    (b"[" * 200_000, "nesting deeper than 32 levels"),
+    (b'{"a": ' * 20_000, "nesting deeper than 32 levels"),
+    (b'{"batch_id": "b-\xff\xfe"}', "not valid UTF-8: byte 0xff at offset 16"),
+    (b'{"batch_id": ', "not valid JSON at line 1 column 14"),
+], ids=["brackets", "objects", "utf-8", "truncated"])
+def test_poison_bytes_are_one_manifest_error_never_a_crash(raw, reason):
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(raw, "k/manifest.json")
+    [error] = caught.value.errors
+    assert error.startswith(reason)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(sample):
+    sample["batch_id"] = "b-001"
+    deep_text = json.dumps(dict(sample, note="[" * 100 + '\\"{' * 100))
+    with pytest.raises(ManifestError) as caught:  # 'note' is not a manifest field
+        parse_manifest(deep_text.encode(), "k/manifest.json")
+    assert [e for e in caught.value.errors if e.startswith("note:")]
+    assert not [e for e in caught.value.errors if "nesting" in e]
+
+
+def test_nesting_up_to_the_limit_is_parsed(sample):
+    nested: object = "x"
+    for _ in range(31):  # 31 levels of lists inside the top-level object: 32 in all
+        nested = [nested]
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(json.dumps(dict(sample, note=nested)).encode(), "k/manifest.json")
+    assert caught.value.errors == ["note: Extra inputs are not permitted"]
