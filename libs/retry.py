@@ -43,7 +43,7 @@ class RetryPolicy:
     attempts: int = 10
     base_backoff: float = 0.5
     max_backoff: float = 8.0
-    call_timeout: float = 30.0
+    call_timeout: float = 20.0
     deadline: float = 30.0
 
     def __post_init__(self) -> None:

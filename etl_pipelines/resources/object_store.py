@@ -29,7 +29,8 @@ class ObjectStoreResource(ConfigurableResource):
         default=30.0, gt=0, description="total time one object-store call may spend on its "
         "retries (exponential backoff with jitter) before the step fails naming the call")
     call_timeout_seconds: float = Field(
-        default=60.0, gt=0, description="connect/read timeout of each try of a call")
+        default=20.0, gt=0, description="connect/read timeout of each try of a call (a read "
+        "waits this long for bytes): under the deadline, so a hung try leaves room to retry")
 
     _store: ObjectStore | None = PrivateAttr(default=None)
 
