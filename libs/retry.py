@@ -11,6 +11,7 @@ chained, so callers and Ray's ``retry_exceptions`` see one type for "the service
 
 from __future__ import annotations
 
+import logging
 import random
 import socket
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: S3 error codes a server sends for a condition that passes (throttling, restarts).
 TRANSIENT_S3_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError",
@@ -84,6 +86,8 @@ class RetryPolicy:
                         f"{clock() - started:.1f} s ({describe(exc)}); the service is down or "
                         "unreachable: check it, then re-execute the run (the retry budget is "
                         f"{self.attempts} attempts / {self.deadline:g} s)") from exc
+                log.warning("could not %s (attempt %d: %s); retrying in %.1f s", what, tries,
+                            describe(exc), delay)
                 sleep(delay)
 
 
