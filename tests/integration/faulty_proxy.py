@@ -23,7 +23,7 @@ class FaultyProxy:
         self.mode = "refuse"
         #: (went down, came up) monotonic times of each outage; came up is None while down
         self.outages: list[list[float | None]] = []
-        #: connections that arrived while down (refused or swallowed)
+        #: connections that arrived while down (refused or held) and requests swallowed
         self.turned_away = 0
         self._for_seconds: float | None = None
         self._held: list[socket.socket] = []
@@ -113,6 +113,8 @@ class FaultyProxy:
         try:
             while data := source.recv(65536):
                 if self.down and self.mode == "blackhole":
+                    if from_client:
+                        self.turned_away += 1
                     continue  # swallowed
                 if from_client and self._answered:
                     self.take_down()
