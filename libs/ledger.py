@@ -72,7 +72,8 @@ def _retried(method: F) -> F:
     @functools.wraps(method)
     def call(self: Ledger, *args: Any, **kwargs: Any) -> Any:
         return self.policy.call(lambda: method(self, *args, **kwargs),
-                                what=f"ledger {method.__name__} (MongoDB {self.db.name})")
+                                what=f"call the ledger's {method.__name__} (MongoDB database "
+                                     f"{self.db.name})")
 
     return call  # type: ignore[return-value]
 

@@ -1,7 +1,8 @@
 """Outages on the real local stack: the object store gone for 5 s mid-shard and mid-transform
 (a proxy in front of the real S3 refuses or swallows connections) is ridden out by the retry
 policy, with a lake identical to a clean run's; PostgreSQL restarted mid-COPY fails the run
-naming the cause, and re-execution from the failure publishes the batch."""
+naming the cause, and re-execution from the failure publishes the batch; the ledger rides out
+MongoDB unreachable for a few seconds (a proxy in front of the real server)."""
 
 import hashlib
 import io
@@ -14,9 +15,12 @@ import psycopg
 import pyarrow.parquet as pq
 import pytest
 from dagster import ReexecutionOptions, execute_job, instance_for_test, reconstructable
+from pymongo import MongoClient
 
 from devstack.postgis import Postgres
 from libs.lake import completion_key
+from libs.ledger import Ledger
+from libs.retry import RetryPolicy, ServiceUnavailable
 from tests.integration.faulty_proxy import FaultyProxy
 from tests.integration.pipeline import land_sample, request_for, sensor_tick
 from tests.integration.reexecutable import ingest_batch_job
@@ -205,3 +209,32 @@ def test_postgres_restarted_mid_copy_fails_naming_the_cause_and_reexecution_publ
     run_ids = {failed.run_id.replace("-", ""), again.run_id.replace("-", "")}
     assert not {s for s in schemas if s.removeprefix("etl_run_") in run_ids}, \
         "the run schemas were dropped (by a new connection after the restart, or after success)"
+
+
+def test_the_ledger_rides_out_mongodb_unreachable_and_names_the_call_when_it_stays_down(
+        stack_env):
+    uri = stack_env["MONGO_CONNECTION_STRING"]
+    address = uri.split("@", 1)[1].split("/", 1)[0]
+    host, port = address.rsplit(":", 1)
+    proxy = FaultyProxy(host, int(port))
+    client = MongoClient(uri.replace(address, proxy.endpoint), serverSelectionTimeoutMS=1000,
+                         tz_aware=True)
+    ledger = Ledger(client, policy=RetryPolicy(attempts=20, deadline=20.0, call_timeout=1.0))
+    run_id = f"outage-ledger-{time.time_ns():x}"
+    try:
+        ledger.record_run(run_id, status="STARTED")
+        proxy.take_down()
+        threading.Timer(3.0, proxy.bring_up).start()
+        ledger.record_run(run_id, status="SUCCESS")  # MongoDB unreachable for its first 3 s
+        assert proxy.outages[0][1] is not None, "the call ended before MongoDB came back"
+        assert ledger.run(run_id)["status"] == "SUCCESS"
+
+        proxy.take_down()
+        short = Ledger(client, policy=RetryPolicy(attempts=3, base_backoff=0.1, deadline=5.0,
+                                                  call_timeout=1.0))
+        named = r"could not call the ledger's record_run \(MongoDB database spatial_etl\)"
+        with pytest.raises(ServiceUnavailable, match=named + r".*after 3 attempt"):
+            short.record_run(run_id, status="FAILURE")
+    finally:
+        client.close()
+        proxy.close()
