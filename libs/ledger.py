@@ -9,18 +9,25 @@ Collections:
 - ``runs``: one document per Dagster run: status, timings, counts.
 - ``lineage``: one document per object published to the lake: inputs with checksums, run,
   recipe, join, row counts.
+
+Every method is one call under the ledger's ``RetryPolicy`` (``libs.retry``): each is safe to
+repeat after a reconnect (an insert whose acknowledgement was lost finds its own document).
 """
 
 from __future__ import annotations
 
+import functools
 import secrets
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from pymongo import MongoClient
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
+
+from libs.retry import RetryPolicy
 
 DATABASE = "spatial_etl"
 #: Run tag of the manifest sensor's run requests: the single-use token of the batch's claim.
@@ -57,12 +64,30 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _retried(method: F) -> F:
+    """Run ``method`` under the ledger's retry policy (MongoDB reconnects, elections)."""
+
+    @functools.wraps(method)
+    def call(self: Ledger, *args: Any, **kwargs: Any) -> Any:
+        return self.policy.call(lambda: method(self, *args, **kwargs),
+                                what=f"call the ledger's {method.__name__} (MongoDB database "
+                                     f"{self.db.name})")
+
+    return call  # type: ignore[return-value]
+
+
 class Ledger:
     """Typed access to the ledger collections."""
 
-    def __init__(self, client: MongoClient, database: str = DATABASE):
+    def __init__(self, client: MongoClient, database: str = DATABASE,
+                 policy: RetryPolicy | None = None):
         self.db: Database = client[database]
+        self.policy = policy or RetryPolicy()
 
+    @_retried
     def record_manifest(
         self, *, manifest_key: str, etag: str, status: str, batch_id: str | None,
         errors: list[str] | None = None, run_key: str | None = None,
@@ -76,6 +101,7 @@ class Ledger:
             upsert=True,
         )
 
+    @_retried
     def claim_batch(self, *, batch_id: str, manifest_key: str, etag: str,
                     manifest: dict[str, Any]) -> Claim:
         """Claim ``batch_id`` for this manifest version.
@@ -104,6 +130,7 @@ class Ledger:
                 {"$set": {"etag": etag, "manifest": manifest, "reclaimed_at": _now()}})
             return Claim.CLAIMED if moved.modified_count == 1 else Claim.REFUSED
 
+    @_retried
     def claim_token(self, batch_id: str) -> str:
         """The single-use token of ``batch_id``'s claim, for the run request that claim allows
         (a claim recorded before tokens existed gets one now)."""
@@ -111,6 +138,7 @@ class Ledger:
                                    {"$set": {"claim_token": secrets.token_hex(16)}})
         return self.db.batches.find_one({"_id": batch_id}, {"claim_token": 1})["claim_token"]
 
+    @_retried
     def start_run(self, *, batch_id: str, run_id: str, manifest_key: str, etag: str,
                   claim_token: str | None, reexecution_of: str | None,
                   override: str | None) -> RunStart:
@@ -155,29 +183,36 @@ class Ledger:
             "$push": {"overrides": {"run_id": run_id, "reason": override, "at": _now()}}})
         return RunStart.OVERRIDE
 
+    @_retried
     def attach_run(self, batch_id: str, run_id: str) -> None:
         """Record that ``run_id`` (a first run or a re-execution) works on ``batch_id``."""
         self.db.batches.update_one({"_id": batch_id}, {"$addToSet": {"run_ids": run_id}})
 
+    @_retried
     def batch(self, batch_id: str) -> dict | None:
         return self.db.batches.find_one({"_id": batch_id})
 
+    @_retried
     def record_run(self, run_id: str, **fields: Any) -> None:
         self.db.runs.update_one(
             {"_id": run_id}, {"$set": {**fields, "updated_at": _now()}}, upsert=True
         )
 
+    @_retried
     def run(self, run_id: str) -> dict | None:
         return self.db.runs.find_one({"_id": run_id})
 
+    @_retried
     def record_lineage(self, lake_uri: str, document: dict[str, Any]) -> None:
         self.db.lineage.replace_one(
             {"_id": lake_uri}, {**document, "recorded_at": _now()}, upsert=True
         )
 
+    @_retried
     def lineage_for_batch(self, batch_id: str) -> list[dict]:
         return list(self.db.lineage.find({"batch_id": batch_id}).sort("_id", 1))
 
+    @_retried
     def settled_manifests(self, versions: list[tuple[str, str]]) -> set[tuple[str, str]]:
         """Which of these (manifest key, etag) versions the sensor need never look at again:
         recorded as refused, or accepted with a run started for the batch (an accepted one
@@ -202,5 +237,6 @@ class Ledger:
                     settled.update(waiting[doc["_id"]])
         return settled
 
+    @_retried
     def manifests_for_key(self, manifest_key: str) -> list[dict]:
         return list(self.db.manifests.find({"manifest_key": manifest_key}))

@@ -1,7 +1,8 @@
 """S3-compatible object storage (MinIO in compose, SeaweedFS locally) behind one small API.
 
 Settings travel as a plain picklable dataclass so that Ray workers, which run on other
-machines in a real cluster, can open their own client from the same description.
+machines in a real cluster, can open their own client from the same description. Every call
+goes through the settings' ``RetryPolicy`` (``libs.retry``), in every stage and Ray task.
 """
 
 from __future__ import annotations
@@ -9,18 +10,18 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error, ServerError
+from minio.error import S3Error
 
 from libs.errors import ConfigError
+from libs.retry import RetryPolicy
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+:\d{1,5}$")
 _PART_SIZE = 16 * 1024 * 1024
@@ -30,7 +31,6 @@ _PART_SIZE = 16 * 1024 * 1024
 # (measured against SeaweedFS: docs/benchmarks-journal.md). Bigger objects still go in parts.
 SINGLE_PUT_BYTES = 64 * 1024 * 1024
 T = TypeVar("T")
-_TRANSIENT_S3_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class ObjectStoreSettings:
     access_key: str
     secret_key: str
     secure: bool = False
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
         if "://" in self.endpoint:
@@ -57,25 +58,6 @@ class ObjectStoreSettings:
         return f"ObjectStoreSettings(endpoint={self.endpoint!r}, secure={self.secure})"
 
 
-def with_retries(call: Callable[[], T], *, attempts: int, backoff_seconds: float, what: str) -> T:
-    """Run ``call``; on a transport error or a server-side (5xx) error retry with exponential
-    backoff, ``attempts`` times in all. Client errors (4xx: missing key, denied) are final."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return call()
-        except S3Error as exc:
-            if exc.code not in _TRANSIENT_S3_CODES or attempt == attempts:
-                raise
-            time.sleep(backoff_seconds * 2 ** (attempt - 1))
-        except (urllib3.exceptions.HTTPError, ServerError, OSError) as exc:
-            if attempt == attempts:
-                raise ConnectionError(
-                    f"object store unavailable: could not {what} after {attempts} attempts "
-                    f"({type(exc).__name__}: {exc})") from exc
-            time.sleep(backoff_seconds * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")
-
-
 @dataclass(frozen=True)
 class ObjectInfo:
     """What a listing or a download says about one object."""
@@ -86,16 +68,22 @@ class ObjectInfo:
 
 
 class ObjectStore:
-    """Thin wrapper over the MinIO client with the operations the pipeline needs."""
+    """Thin wrapper over the MinIO client with the operations the pipeline needs.
+
+    Each operation is one retried unit (``settings.retry``): a transient failure anywhere in
+    it (connect, a 5xx, a stream cut halfway) restarts the whole operation, so a download
+    starts its file and checksum over and a listing is read again from its start.
+    """
 
     def __init__(self, settings: ObjectStoreSettings):
         self.settings = settings
-        # Few, quick transport retries here; callers that must ride out an outage wrap
-        # calls in ``with_retries`` with their own budget.
+        self.policy = settings.retry
+        # No transport retries here: the policy does them all, with its backoff and deadline
+        # (urllib3's own would multiply with it). Each try gets the policy's call timeout.
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=5.0, read=120.0),
-            retries=urllib3.Retry(total=2, backoff_factor=0.2,
-                                  status_forcelist=[500, 502, 503, 504]),
+            timeout=urllib3.Timeout(connect=min(5.0, self.policy.call_timeout),
+                                    read=self.policy.call_timeout),
+            retries=False,
             maxsize=10,
         )
         self._client = Minio(
@@ -110,58 +98,80 @@ class ObjectStore:
     def client(self) -> Minio:
         return self._client
 
+    def retried(self, what: str, call: Callable[[], T]) -> T:
+        """``call()`` under this store's retry policy; ``what`` names it in the final error."""
+        return self.policy.call(call, what=f"{what} (object store {self.settings.endpoint})")
+
     def list(self, bucket: str, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every object under ``prefix`` (recursively), in key order."""
-        for obj in self._client.list_objects(bucket, prefix=prefix, recursive=True):
-            if not obj.is_dir:
-                yield ObjectInfo(obj.object_name, obj.size or 0, (obj.etag or "").strip('"'))
+        """Every object under ``prefix`` (recursively), in key order. The listing is read
+        whole before the first object is yielded, so a retry never repeats objects."""
+
+        def listing() -> list[ObjectInfo]:
+            return [ObjectInfo(obj.object_name, obj.size or 0, (obj.etag or "").strip('"'))
+                    for obj in self._client.list_objects(bucket, prefix=prefix, recursive=True)
+                    if not obj.is_dir]
+
+        yield from self.retried(f"list s3://{bucket}/{prefix}", listing)
 
     def exists(self, bucket: str, key: str) -> bool:
-        try:
-            self._client.stat_object(bucket, key)
-        except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
-                return False
-            raise
-        return True
+        def stat() -> bool:
+            try:
+                self._client.stat_object(bucket, key)
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                    return False
+                raise
+            return True
+
+        return self.retried(f"look up s3://{bucket}/{key}", stat)
 
     def size(self, bucket: str, key: str) -> int:
         """The object's size in bytes, from a HEAD request (nothing is downloaded)."""
-        return int(self._client.stat_object(bucket, key).size or 0)
+        return self.retried(f"look up s3://{bucket}/{key}",
+                            lambda: int(self._client.stat_object(bucket, key).size or 0))
 
     def get_bytes(self, bucket: str, key: str, max_bytes: int | None = None) -> bytes:
         """The object's bytes; with ``max_bytes``, at most that many are read and a larger
         object raises ``ValueError`` (it may have grown since its size was checked)."""
-        response = self._client.get_object(bucket, key)
-        try:
-            if max_bytes is None:
-                return response.read()
-            data = response.read(max_bytes + 1)
-            if len(data) > max_bytes:
-                raise ValueError(f"s3://{bucket}/{key} is larger than {max_bytes:,} bytes")
-            return data
-        finally:
-            response.close()
-            response.release_conn()
+
+        def read() -> bytes:
+            response = self._client.get_object(bucket, key)
+            try:
+                if max_bytes is None:
+                    return response.read()
+                data = response.read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    raise ValueError(f"s3://{bucket}/{key} is larger than {max_bytes:,} bytes")
+                return data
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self.retried(f"read s3://{bucket}/{key}", read)
 
     def download(self, bucket: str, key: str, path: Path, max_bytes: int | None = None) -> str:
         """Stream an object to ``path``; returns its sha256 (hex) computed on the way. With
         ``max_bytes``, stops with ``ValueError`` once more than that many arrived."""
-        digest = hashlib.sha256()
-        response = self._client.get_object(bucket, key)
-        received = 0
-        try:
-            with open(path, "wb") as out:
-                for block in response.stream(1024 * 1024):
-                    received += len(block)
-                    if max_bytes is not None and received > max_bytes:
-                        raise ValueError(f"s3://{bucket}/{key} is larger than {max_bytes:,} bytes")
-                    digest.update(block)
-                    out.write(block)
-        finally:
-            response.close()
-            response.release_conn()
-        return digest.hexdigest()
+
+        def fetch() -> str:
+            digest = hashlib.sha256()
+            response = self._client.get_object(bucket, key)
+            received = 0
+            try:
+                with open(path, "wb") as out:
+                    for block in response.stream(1024 * 1024):
+                        received += len(block)
+                        if max_bytes is not None and received > max_bytes:
+                            raise ValueError(
+                                f"s3://{bucket}/{key} is larger than {max_bytes:,} bytes")
+                        digest.update(block)
+                        out.write(block)
+            finally:
+                response.close()
+                response.release_conn()
+            return digest.hexdigest()
+
+        return self.retried(f"download s3://{bucket}/{key}", fetch)
 
     def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str) -> str:
         """Write an object; returns the sha256 (hex) of what was written."""
@@ -171,10 +181,9 @@ class ObjectStore:
     def write_bytes(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
         """Write an object whose checksum nobody records (intermediate chunks): hashing it
         would cost ~1 CPU-s per GB for nothing."""
-        self._client.put_object(
+        self.retried(f"write s3://{bucket}/{key}", lambda: self._client.put_object(
             bucket, key, io.BytesIO(data), length=len(data), content_type=content_type,
-            part_size=SINGLE_PUT_BYTES,
-        )
+            part_size=SINGLE_PUT_BYTES))
 
     def upload(self, bucket: str, key: str, path: Path, content_type: str) -> str:
         """Upload a local file; returns its sha256 (hex)."""
@@ -182,8 +191,8 @@ class ObjectStore:
         with open(path, "rb") as src:
             for block in iter(lambda: src.read(1024 * 1024), b""):
                 digest.update(block)
-        self._client.fput_object(bucket, key, str(path), content_type=content_type,
-                                 part_size=_PART_SIZE)
+        self.retried(f"upload {path.name} to s3://{bucket}/{key}", lambda: self._client.fput_object(
+            bucket, key, str(path), content_type=content_type, part_size=_PART_SIZE))
         return digest.hexdigest()
 
     def delete_prefix(self, bucket: str, prefix: str) -> int:
@@ -192,11 +201,11 @@ class ObjectStore:
             raise ValueError(f"refusing to delete a prefix that is not a folder: {prefix!r}")
         keys = [o.key for o in self.list(bucket, prefix)]
         for key in keys:
-            self._client.remove_object(bucket, key)
+            self.delete(bucket, key)
         return len(keys)
 
     def delete(self, bucket: str, key: str) -> None:
-        self._client.remove_object(bucket, key)
+        self.retried(f"delete s3://{bucket}/{key}", lambda: self._client.remove_object(bucket, key))
 
 
 class BackgroundPuts:

@@ -37,7 +37,11 @@ class TaskLimitError(RuntimeError):
     """A task ran past its time limit, or was killed for memory more often than allowed."""
 
 
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError)
+#: What Ray retries a task for (besides worker death). A task retries transient errors itself
+#: with the run's policy (``libs.retry``); one that outlasts it escapes as
+#: ``ServiceUnavailable``, a ``ConnectionError``, and the task gets another go from Ray. Not
+#: ``OSError`` in general: a missing file or a full disk would fail the same way again.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
 
 #: Tasks started ahead (``EarlyTasks.started``): task name -> (spec, Ray object ref).
 StartedTasks = dict[str, tuple[TaskSpec, Any]]

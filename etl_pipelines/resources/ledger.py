@@ -7,6 +7,7 @@ from pydantic import Field, PrivateAttr
 from pymongo import MongoClient
 
 from libs.ledger import DATABASE, Ledger
+from libs.retry import RetryPolicy
 
 
 class LedgerResource(ConfigurableResource):
@@ -15,6 +16,9 @@ class LedgerResource(ConfigurableResource):
     connection_string: str = Field(description="MongoDB URI (MONGO_CONNECTION_STRING)")
     database: str = Field(default=DATABASE, description="database name")
     timeout_ms: int = Field(default=10_000, description="server selection timeout")
+    retry_deadline_seconds: float = Field(
+        default=30.0, gt=0, description="total time one ledger call may spend retrying "
+        "(MongoDB unreachable, a reconnect, an election) before the step fails naming it")
 
     _client: MongoClient | None = PrivateAttr(default=None)
 
@@ -34,4 +38,6 @@ class LedgerResource(ConfigurableResource):
     def ledger(self) -> Ledger:
         if self._client is None:
             self._client = self._connect()
-        return Ledger(self._client, self.database)
+        return Ledger(self._client, self.database,
+                      RetryPolicy(deadline=self.retry_deadline_seconds,
+                                  call_timeout=self.timeout_ms / 1000))

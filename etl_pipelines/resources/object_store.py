@@ -6,6 +6,7 @@ from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from libs.object_store import ObjectStore, ObjectStoreSettings
+from libs.retry import RetryPolicy
 
 
 class ObjectStoreResource(ConfigurableResource):
@@ -21,10 +22,26 @@ class ObjectStoreResource(ConfigurableResource):
         default="etl-staging", description="run-scoped intermediates (chunks, op outputs)"
     )
 
+    retry_attempts: int = Field(
+        default=10, ge=1, description="tries of one object-store call that fails transiently "
+        "(connection refused/reset, timeout, 5xx, SlowDown), in every stage and Ray task")
+    retry_deadline_seconds: float = Field(
+        default=30.0, gt=0, description="total time one object-store call may spend on its "
+        "retries (exponential backoff with jitter) before the step fails naming the call")
+    call_timeout_seconds: float = Field(
+        default=20.0, gt=0, description="connect/read timeout of each try of a call (a read "
+        "waits this long for bytes): under the deadline, so a hung try leaves room to retry")
+
     _store: ObjectStore | None = PrivateAttr(default=None)
 
     def settings(self) -> ObjectStoreSettings:
-        return ObjectStoreSettings(self.endpoint, self.access_key, self.secret_key, self.secure)
+        """Where the store is, who we are, and the retry policy (Ray tasks get it too)."""
+        return ObjectStoreSettings(self.endpoint, self.access_key, self.secret_key, self.secure,
+                                   retry=self.retry_policy())
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(attempts=self.retry_attempts, deadline=self.retry_deadline_seconds,
+                           call_timeout=self.call_timeout_seconds)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         self._store = ObjectStore(self.settings())

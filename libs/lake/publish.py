@@ -16,7 +16,7 @@ from minio.commonconfig import CopySource
 from libs.descriptors import StagedPart
 from libs.errors import PublishError
 from libs.lake.keys import completion_key, dataset_prefix, part_key
-from libs.object_store import ObjectStore, with_retries
+from libs.object_store import ObjectStore
 
 
 def read_completion_manifest(store: ObjectStore, lake_bucket: str, batch_id: str) -> dict | None:
@@ -35,8 +35,6 @@ def publish_to_lake(
     run_id: str,
     datasets: dict[str, list[StagedPart]],
     dataset_info: dict[str, dict],
-    attempts: int = 5,
-    backoff_seconds: float = 1.0,
     copy_threads: int = 4,
 ) -> dict:
     """Copy staged parts into the lake, write the completion manifest last, then remove keys
@@ -45,14 +43,14 @@ def publish_to_lake(
     The copies are server-side (no byte passes through this process) and ``copy_threads`` run
     at once: each waits on the store far more than it works here.
 
-    Every object-store call is retried ``attempts`` times with exponential backoff. If the
+    Every object-store call is retried by the store's policy (``libs.retry``). If the
     store stays unavailable, the objects this call wrote are removed where possible (never
     ones an earlier publication of the batch lists), no completion manifest is written, and
     PublishError is raised: nothing new is published, and re-executing the run retries.
     """
 
     def retried(what: str, call):
-        return with_retries(call, attempts=attempts, backoff_seconds=backoff_seconds, what=what)
+        return store.retried(what, call)
 
     previous: dict | None = None
     previously_listed: set[str] = set()

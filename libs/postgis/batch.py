@@ -5,7 +5,9 @@ The schema lives exactly as long as ``load_and_join``: a re-execution from a lat
 depends on it, and a run killed outright leaves it to the schema janitor. A point layer the
 join probes with BRIN is COPYed on one connection in chunk order (its pages must keep the
 shard's Hilbert order), which leaves about a third of two cores idle, so the other layers
-load beside it on connections of their own.
+load beside it on connections of their own. When the stage fails (a connection lost to a
+server restart included), the error raised is the one that failed it; dropping the schema
+afterwards is best effort (on a new connection if the stage's is gone) and never hides it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from libs.postgis.tables import (
     create_layer_table,
     index_and_analyze,
 )
+from libs.retry import describe
 
 #: Called as each chunk is loaded: (layer, what loading it took, the chunk's staged bytes).
 ChunkLoadedCallback = Callable[[str, ChunkLoaded, int], None]
@@ -113,13 +116,65 @@ def load_and_join(
             log(f"join {join.name}: {rows:,} rows in {len(parts)} part(s), "
                 f"{rows / join_seconds if join_seconds else 0:,.0f} features/s")
             reconcile_join(conn, join, tables[join.left], result, rows)
-        finally:
-            conn.rollback()
-            drop_schema(conn, schema)
-            log(f"dropped transient schema {schema}")
+        except BaseException as error:
+            final = _failed(error, schema, _drop_after_failure(conn, settings, schema, log))
+            if final is error:
+                raise
+            raise final from error
+        conn.rollback()
+        drop_schema(conn, schema)
+        log(f"dropped transient schema {schema}")
     return JoinedBatch(parts=parts, rows=rows, columns=[*result.attributes.names, "geometry"],
                        loaded_rows=transformed.rows, load_seconds=load_seconds,
                        join_seconds=join_seconds)
+
+
+#: How long dropping the run schema after a failure keeps trying to reach the server (it may
+#: be restarting); past it the schema is left to the janitor.
+DROP_AFTER_FAILURE_TRIES = (0.0, 1.0, 2.0, 4.0)
+
+
+def _drop_after_failure(conn: psycopg.Connection, settings: PostGISSettings, schema: str,
+                        log: Callable[[str], None]) -> BaseException | None:
+    """Drop ``schema`` after the stage failed: on ``conn`` if it still works, else on a new
+    connection, retried briefly. Returns the error that stopped it (logged), or None."""
+    if not conn.closed and not conn.broken:
+        try:
+            conn.rollback()
+            drop_schema(conn, schema)
+            log(f"dropped transient schema {schema}")
+            return None
+        except psycopg.Error as exc:
+            log(f"could not drop {schema} on the stage's connection ({describe(exc)}); "
+                "trying a new one")
+    problem: BaseException | None = None
+    for pause in DROP_AFTER_FAILURE_TRIES:
+        time.sleep(pause)
+        try:
+            with connect(settings, autocommit=True) as fresh:
+                drop_schema(fresh, schema)
+            log(f"dropped transient schema {schema} on a new connection")
+            return None
+        except psycopg.Error as exc:
+            problem = exc
+    log(f"could not drop transient schema {schema} ({describe(problem)}); the schema janitor "
+        "drops it once no session holds it")
+    return problem
+
+
+def _failed(error: BaseException, schema: str, cleanup: BaseException | None) -> BaseException:
+    """The exception to raise for a failed stage: ``error`` itself, or, for a lost or refused
+    connection, a ``LoadError`` naming that cause (the caller chains ``error`` to it); a
+    cleanup failure is added as a note, never raised in its place."""
+    if isinstance(error, psycopg.OperationalError):
+        error = LoadError(
+            f"PostGIS stage of schema {schema}: the connection to PostGIS was lost or refused "
+            f"({describe(error)}): the server restarted, shut down or became unreachable. "
+            "Nothing was published; re-execute the run from failure once PostGIS is up")
+    if cleanup is not None:
+        error.add_note(f"then dropping schema {schema} failed too ({describe(cleanup)}); the "
+                       "schema janitor will drop it")
+    return error
 
 
 def _load_layer(

@@ -3,6 +3,7 @@ fault injection without mocking the service."""
 
 import socket
 import threading
+import time
 
 
 class FaultyProxy:
@@ -10,12 +11,22 @@ class FaultyProxy:
 
     ``go_down_after(marker)`` arms a trip wire: once a request containing ``marker`` has been
     answered, the next request on any connection takes the proxy down. That pulls the plug
-    at an exact point of a run, whatever the thread scheduling.
+    at an exact point of a run, whatever the thread scheduling. With ``for_seconds`` the
+    outage ends by itself. ``mode``: "refuse" resets every connection (a server that is
+    down); "blackhole" accepts connections and swallows what they send, answering nothing (a
+    network that drops packets: only the client's timeouts end a call).
     """
 
     def __init__(self, target_host: str, target_port: int):
         self.target = (target_host, target_port)
         self.down = False
+        self.mode = "refuse"
+        #: (went down, came up) monotonic times of each outage; came up is None while down
+        self.outages: list[list[float | None]] = []
+        #: connections that arrived while down (refused or held) and requests swallowed
+        self.turned_away = 0
+        self._for_seconds: float | None = None
+        self._held: list[socket.socket] = []
         self._marker: bytes | None = None
         self._armed_on: socket.socket | None = None
         self._answered = False
@@ -31,17 +42,39 @@ class FaultyProxy:
         return f"127.0.0.1:{self.port}"
 
     def take_down(self) -> None:
+        if not self.down:
+            self.outages.append([time.monotonic(), None])
         self.down = True
         with self._lock:
-            for sock in list(self._open):
-                _close(sock)
-            self._open.clear()
+            if self.mode == "refuse":  # a blackhole leaves them open, answering nothing
+                for sock in list(self._open):
+                    _close(sock)
+                self._open.clear()
+        if self._for_seconds is not None:
+            timer = threading.Timer(self._for_seconds, self.bring_up)
+            timer.daemon = True
+            timer.start()
 
     def bring_up(self) -> None:
-        self.down = False
+        with self._lock:
+            if self.down and self.outages:
+                self.outages[-1][1] = time.monotonic()
+            self.down = False
+            # whatever a blackhole swallowed is lost: those connections end now
+            for sock in [*self._held, *self._open] if self.mode == "blackhole" else self._held:
+                _close(sock)
+            self._held.clear()
+            if self.mode == "blackhole":
+                self._open.clear()
         self._marker, self._armed_on, self._answered = None, None, False
 
-    def go_down_after(self, marker: bytes) -> None:
+    def go_down_after(self, marker: bytes, for_seconds: float | None = None,
+                      mode: str = "refuse") -> None:
+        """Trip wire on ``marker`` (see the class); the outage lasts ``for_seconds`` (None:
+        until ``bring_up``) in ``mode`` ("refuse" or "blackhole")."""
+        if mode not in ("refuse", "blackhole"):
+            raise ValueError(f"mode must be 'refuse' or 'blackhole', got {mode!r}")
+        self.mode, self._for_seconds = mode, for_seconds
         self._marker = marker
 
     def close(self) -> None:
@@ -56,7 +89,12 @@ class FaultyProxy:
             except OSError:
                 return
             if self.down:
-                _close(client)
+                self.turned_away += 1
+                if self.mode == "blackhole":
+                    with self._lock:
+                        self._held.append(client)
+                else:
+                    _close(client)
                 continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
@@ -74,8 +112,14 @@ class FaultyProxy:
         from_client = source is client
         try:
             while data := source.recv(65536):
+                if self.down and self.mode == "blackhole":
+                    if from_client:
+                        self.turned_away += 1
+                    continue  # swallowed
                 if from_client and self._answered:
                     self.take_down()
+                    if self.mode == "blackhole":
+                        continue
                     return
                 if from_client and self._marker and self._armed_on is None \
                         and self._marker in data:

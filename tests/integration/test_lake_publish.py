@@ -13,9 +13,12 @@ from libs.errors import PublishError
 from libs.geoparquet import to_geoparquet_bytes
 from libs.lake import completion_key, publish_to_lake
 from libs.object_store import ObjectStore, ObjectStoreSettings
+from libs.retry import RetryPolicy
 from tests.integration.faulty_proxy import FaultyProxy
 
 pytestmark = pytest.mark.integration
+#: A budget the proxy's outage outlasts, so the test sees the store give up.
+SHORT_RETRY = RetryPolicy(attempts=3, base_backoff=0.05, max_backoff=0.1, deadline=2.0)
 
 
 @pytest.fixture
@@ -51,15 +54,15 @@ def test_unavailable_store_fails_cleanly_then_publishing_again_succeeds(
         stack_env, store, staged, proxy):
     batch_id = f"publish-{uuid.uuid4().hex[:8]}"
     flaky = ObjectStore(ObjectStoreSettings(proxy.endpoint, stack_env["MINIO_ROOT_USER"],
-                                            stack_env["MINIO_ROOT_PASSWORD"]))
+                                            stack_env["MINIO_ROOT_PASSWORD"], retry=SHORT_RETRY))
     proxy.take_down()
     with pytest.raises(PublishError, match=f"batch '{batch_id}'.*nothing new was published"):
-        _publish(flaky, batch_id, staged, attempts=3, backoff_seconds=0.05)
+        _publish(flaky, batch_id, staged)
     assert not store.exists("data-lake", completion_key(batch_id))
     assert list(store.list("data-lake", f"things/{batch_id}/")) == []
 
     proxy.bring_up()
-    manifest = _publish(flaky, batch_id, staged, attempts=3, backoff_seconds=0.05)
+    manifest = _publish(flaky, batch_id, staged)
     keys = [o["key"] for o in manifest["datasets"]["things"]["objects"]]
     assert keys == [f"things/{batch_id}/part-{n:05d}.parquet" for n in range(3)]
     assert json.loads(store.get_bytes("data-lake", completion_key(batch_id))) == manifest
@@ -84,6 +87,6 @@ def test_a_failed_copy_removes_the_copies_that_succeeded_beside_it(store, staged
     missing = StagedPart(staged[0].staging_key.replace("part-0", "part-missing"), 1, 1, "0" * 64)
     parts = [*staged, missing, *staged, *staged]
     with pytest.raises(PublishError, match=f"batch '{batch_id}'.*part-missing"):
-        _publish(store, batch_id, parts, attempts=1, backoff_seconds=0.01, copy_threads=3)
+        _publish(store, batch_id, parts, copy_threads=3)
     assert not store.exists("data-lake", completion_key(batch_id))
     assert list(store.list("data-lake", f"things/{batch_id}/")) == []

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 #: The stages of libs/, in the order data flows through them.
 STAGES = ("manifest", "sharding", "transformations", "postgis", "lake")
 #: The foundation every stage may use; it uses no stage.
-FOUNDATION = ("errors", "geoparquet", "wkb_layout", "object_store", "ledger", "descriptors", "memory")
+FOUNDATION = ("errors", "geoparquet", "wkb_layout", "object_store", "ledger", "descriptors", "memory",
+              "retry")
 PROJECT_DIRS = ("libs", "etl_pipelines", "devstack", "scripts", "tests", "benchmarks", "ray_cluster")
 
 
