@@ -36,6 +36,7 @@ from libs.errors import ManifestError
 from libs.ledger import CLAIM_TOKEN_TAG, Claim, Ledger
 from libs.manifest import MANIFEST_FILENAME, ManifestLimits, parse_manifest
 from libs.object_store import ObjectInfo, ObjectStore
+from libs.retry import ServiceUnavailable
 
 CURSOR_VERSION = 2
 MAX_MANIFESTS_PER_TICK = 50
@@ -131,7 +132,7 @@ def _prune(context: SensorEvaluationContext, book: Ledger, processed: dict[str, 
     oldest = list(processed.items())[:len(processed) - MAX_RECENT]
     try:
         settled = book.settled_manifests(oldest)
-    except PyMongoError as exc:  # kept for now; the next tick prunes
+    except (PyMongoError, ServiceUnavailable) as exc:  # kept for now; the next tick prunes
         context.log.warning(f"cursor not pruned, the ledger did not answer: {exc!r}")
         return
     for key, etag in settled:
@@ -149,12 +150,16 @@ def manifest_sensor(
     processed = read_cursor(context.cursor)
     store = object_store.store
     bucket = object_store.landing_bucket
-    listed = [o for o in store.list(bucket)
-              if o.key.rsplit("/", 1)[-1] == MANIFEST_FILENAME and processed.get(o.key) != o.etag]
+    try:
+        listed = [o for o in store.list(bucket)
+                  if o.key.rsplit("/", 1)[-1] == MANIFEST_FILENAME
+                  and processed.get(o.key) != o.etag]
+    except ServiceUnavailable as exc:  # the store's retry budget spent: nothing to look at
+        return SkipReason(f"s3://{bucket} could not be listed ({exc}); the next tick retries")
     book = ledger.ledger
     try:
         settled = book.settled_manifests([(o.key, o.etag) for o in listed])
-    except PyMongoError as exc:
+    except (PyMongoError, ServiceUnavailable) as exc:  # its retry budget spent
         # without the ledger nothing can be claimed or recorded: the cursor stays as it is
         return SkipReason(f"the ledger did not answer ({exc!r}); no manifest was looked at, "
                           "the next tick retries")
@@ -179,8 +184,8 @@ def manifest_sensor(
                 request = _consider(context, book, obj, manifest)
                 if request is not None:
                     requests.append(request)
-        except ConnectionFailure as exc:
-            # the ledger went away mid-tick: every other manifest would wait out the same
+        except (ConnectionFailure, ServiceUnavailable) as exc:
+            # the ledger (or the store) went away mid-tick: every other manifest would wait out the same
             # timeout, so they are all left (uncursored) for the next tick
             context.log.error(f"the ledger did not answer at manifest {obj.key!r} ({exc!r}); "
                               "it and the manifests after it are left for the next tick")
