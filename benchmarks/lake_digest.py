@@ -3,8 +3,8 @@
 Runs the ``ingest_batch`` job in this process against the local stack (as the ``ours``
 pipeline of the benchmarks does) on a seeded input, reads the batch's completion manifest,
 and prints, per dataset, its rows and every part's sha256 (keyed by dataset and part name,
-so that two runs with different batch ids compare), plus the manifest's dataset entries
-with the batch id replaced. Run it before and after a change and compare::
+so that two runs with different batch ids and publications compare), plus the manifest's
+dataset entries without their keys. Run it before and after a change and compare::
 
     .venv/bin/python -m benchmarks.lake_digest sample 1000000 > before.json
     .venv/bin/python -m benchmarks.lake_digest bench 1000000 > before-bench.json
@@ -71,8 +71,10 @@ def lake_digest(store, batch_id: str, save: Path | None = None) -> dict:
                 (save / name).mkdir(parents=True, exist_ok=True)
                 (save / name / obj["key"].rsplit("/", 1)[1]).write_bytes(data)
         described = json.loads(json.dumps(entry).replace(batch_id, "<batch_id>"))
-        digest[name] = {"rows": entry["rows"], "parts": parts,
-                        "manifest_entry": {k: v for k, v in described.items() if k != "objects"}}
+        # keys (the objects' and the folder's) differ on every publication: the digest is of
+        # what the manifest says and what the parts hold, so digests of two runs compare
+        digest[name] = {"rows": entry["rows"], "parts": parts, "manifest_entry": {
+            k: v for k, v in described.items() if k not in ("objects", "prefix")}}
     return digest
 
 

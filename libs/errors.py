@@ -41,6 +41,10 @@ class PublishError(SpatialEtlError):
     """Exporting to the data lake failed; nothing of the batch was published."""
 
 
+class PublishConflictError(PublishError):
+    """Another run switched the batch's completion manifest while this one was publishing."""
+
+
 class ReconciliationError(SpatialEtlError):
     """Row counts do not add up between two stages."""
 

@@ -10,7 +10,7 @@ from etl_pipelines.ray.metrics import StageProgress, record_stage
 from etl_pipelines.resources import ObjectStoreResource, PostGISResource
 from etl_pipelines.types import BatchPlan, JoinResult
 from libs.descriptors import ChunkIndex
-from libs.lake import part_key, result_prefix
+from libs.lake import part_key, result_prefix, run_prefix
 from libs.memory import use_jemalloc_pool
 from libs.postgis import ChunkLoaded, run_schema_name
 from libs.postgis import load_and_join as load_and_join_batch
@@ -36,7 +36,7 @@ def load_and_join(
 
     joined = load_and_join_batch(
         postgis_db.settings(), object_store.store, transformed, join, manifest.target_crs,
-        schema, partial(part_key, result_prefix(plan.staging_prefix, join.name)),
+        schema, partial(part_key, result_prefix(run_prefix(context.run_id), join.name)),
         copy_parallelism=postgis_db.copy_parallelism, copy_retries=COPY_RETRIES,
         on_chunk=chunk_loaded, log=context.log.info)
     record_stage("join", manifest.batch_id, join.name, features=joined.rows,

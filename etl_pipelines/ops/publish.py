@@ -1,6 +1,6 @@
 """Publish op: copy the transformed layers, their rejects and the join result into the lake,
 completion manifest last (``libs.lake.publish_batch_to_lake``), then record lineage, close the
-run in the ledger and remove the run's staged objects."""
+run in the ledger and remove this run's staged objects."""
 
 import time
 
@@ -10,7 +10,7 @@ from etl_pipelines.ray.metrics import StageProgress
 from etl_pipelines.resources import LedgerResource, ObjectStoreResource
 from etl_pipelines.types import BatchPlan, JoinResult
 from libs.descriptors import ChunkIndex
-from libs.lake import completion_key, lineage_records, publish_batch_to_lake
+from libs.lake import completion_key, lineage_records, publish_batch_to_lake, run_prefix
 
 
 @op(out=Out(dict), tags={"stage": "publish"})
@@ -41,7 +41,10 @@ def publish_batch(
     rows = {d: e["rows"] for d, e in datasets.items()}
     completion_uri = object_store.lake_uri(completion_key(manifest.batch_id))
     book.record_run(context.run_id, status="SUCCESS", rows=rows, completion_manifest=completion_uri)
-    removed = object_store.store.delete_prefix(transformed.staging_bucket, transformed.prefix)
+    # this run's staging only: a re-execution read its inputs from the staging of the run it
+    # re-executes, which a concurrent re-execution of that run may still be reading
+    removed = object_store.store.delete_prefix(transformed.staging_bucket,
+                                               run_prefix(context.run_id))
     context.log.info(f"published batch {manifest.batch_id}: {rows}; removed {removed} staged objects")
     context.add_output_metadata({
         "rows": MetadataValue.json(rows),

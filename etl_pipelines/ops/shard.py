@@ -21,7 +21,7 @@ from etl_pipelines.ray.tasks import transform_chunk, transform_spec
 from etl_pipelines.resources import ObjectStoreResource, RayResource
 from etl_pipelines.types import BatchPlan
 from libs.descriptors import Chunk, ChunkIndex
-from libs.lake import chunk_key
+from libs.lake import chunk_key, run_prefix
 from libs.memory import use_jemalloc_pool
 from libs.sharding import ShardedLayer, ShardLimits, download_landed, shard_landed_batch
 from libs.transformations import plan_recipe
@@ -67,7 +67,9 @@ def shard_batch(
 ) -> ChunkIndex:
     context.log.debug(f"Arrow memory pool of the run process: {use_jemalloc_pool()}")
     manifest, store, staging = plan.manifest, object_store.store, object_store.staging_bucket
-    started = time.monotonic()
+    # the run's own prefix, not the plan's: a re-execution reuses the plan of the run it
+    # re-executes, and two of them must not write (and clean up) the same keys
+    prefix, started = run_prefix(context.run_id), time.monotonic()
     # chunks stream out as the sort emits them: their total is known once every layer is done
     progress = StageProgress(context.log.info, "shard", manifest.batch_id, None)
 
@@ -86,9 +88,9 @@ def shard_batch(
                                  Path(scratch) / "landed", max_file_bytes=config.max_file_bytes)
         index = shard_landed_batch(
             store, manifest, landed, landing_bucket=object_store.landing_bucket,
-            staging_bucket=staging, staging_prefix=plan.staging_prefix,
-            chunk_key=partial(chunk_key, plan.staging_prefix, "chunks"), scratch=Path(scratch),
-            rejects_key=partial(chunk_key, plan.staging_prefix, "rejects"),
+            staging_bucket=staging, staging_prefix=prefix,
+            chunk_key=partial(chunk_key, prefix, "chunks"), scratch=Path(scratch),
+            rejects_key=partial(chunk_key, prefix, "rejects"),
             limits=_limits(config), check_schema=check_schema, on_layer=sharded_layer,
             on_staged=partial(_chunk_staged, context, progress, early, plan, object_store))
     progress.total = progress.done
@@ -112,7 +114,7 @@ def _chunk_staged(context: OpExecutionContext, progress: StageProgress, early: E
                         detail=f"{chunk.layer} chunk {chunk.ordinal}")
     if early is None:
         return
-    spec = transform_spec(plan.manifest, plan.staging_prefix, object_store.settings(),
+    spec = transform_spec(plan.manifest, run_prefix(context.run_id), object_store.settings(),
                           object_store.staging_bucket, chunk)
     try:
         early.offer(spec)

@@ -12,6 +12,7 @@ from etl_pipelines.ray.workers import retire_workers
 from etl_pipelines.resources import ObjectStoreResource, RayResource
 from etl_pipelines.types import BatchPlan
 from libs.descriptors import ChunkIndex, TransformedChunk
+from libs.lake import run_prefix
 from libs.manifest import Manifest
 from libs.transformations import TransformResults
 
@@ -23,7 +24,7 @@ def transform_chunks(
 ) -> ChunkIndex:
     """Run each layer's recipe on its chunks as Ray tasks; rejected rows are kept apart."""
     manifest = plan.manifest
-    tasks = [transform_spec(manifest, plan.staging_prefix, object_store.settings(),
+    tasks = [transform_spec(manifest, run_prefix(context.run_id), object_store.settings(),
                             sharded.staging_bucket, chunk)
              for layer in sharded.layers for chunk in layer.chunks]
     started = ray_cluster.take_early_tasks()  # chunks the shard op already started

@@ -9,11 +9,17 @@ from libs.lake.keys import (
     completion_key,
     dataset_prefix,
     part_key,
+    publication_prefix,
     rejects_dataset,
     result_prefix,
     run_prefix,
 )
-from libs.lake.publish import publish_to_lake, read_completion_manifest
+from libs.lake.publish import (
+    publish_to_lake,
+    put_completion_manifest,
+    read_completion_manifest,
+    read_completion_manifest_and_etag,
+)
 
 __all__ = [
     "CHUNK_STAGES",
@@ -23,9 +29,12 @@ __all__ = [
     "dataset_prefix",
     "lineage_records",
     "part_key",
+    "publication_prefix",
     "publish_batch_to_lake",
     "publish_to_lake",
+    "put_completion_manifest",
     "read_completion_manifest",
+    "read_completion_manifest_and_etag",
     "rejects_dataset",
     "result_prefix",
     "run_prefix",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from libs.descriptors import ChunkIndex, StagedPart
+from libs.errors import PublishError
 from libs.lake.keys import rejects_dataset
 from libs.lake.publish import publish_to_lake
 from libs.manifest import Manifest
@@ -29,12 +30,23 @@ def batch_datasets(transformed: ChunkIndex, join_name: str, join_parts: list[Sta
             for layer in transformed.layers}
     for rejects in transformed.rejects:
         name = rejects_dataset(rejects.layer)
+        _refuse_clash(name, datasets, f"the rejected rows of layer {rejects.layer!r}")
         datasets[name] = [StagedPart(c.key, c.rows, c.bytes, c.sha256) for c in rejects.chunks]
         info[name] = {"kind": "rejects", "layer": rejects.layer, "crs": rejects.crs}
+    _refuse_clash(join_name, datasets, "the join's result")
     datasets[join_name] = join_parts
     info[join_name] = {"kind": "join", "crs": manifest.target_crs,
                        "join": manifest.join.model_dump()}
     return datasets, info
+
+
+def _refuse_clash(name: str, datasets: dict, what: str) -> None:
+    """The manifest's validation refuses the names it can see clash; layers named from a
+    multi-layer file's own layer names (``all_layers``) are only known once it is read."""
+    if name in datasets:
+        raise PublishError(
+            f"lake dataset {name!r} would hold both {what} and another dataset of the batch "
+            f"(layer {name!r}); rename the layer or the join in the manifest")
 
 
 def publish_batch_to_lake(store: ObjectStore, lake_bucket: str, transformed: ChunkIndex,

@@ -8,19 +8,25 @@ Staging (bucket ``etl-staging``), one prefix per run, removed once the batch is 
     runs/<run_id>/results/<join>/part-<NNNNN>.parquet        a join's result
     dagster-io/<run_id>/<step>/<output>.json                 an op's output (the IO manager)
 
-Lake (bucket ``data-lake``), stable and documented in the README::
+Lake (bucket ``data-lake``), stable and documented in the README; readers follow the
+completion manifest, which names every object of the batch::
 
-    <dataset>/<batch_id>/part-<NNNNN>.parquet                one dataset per layer/join
+    <dataset>/<batch_id>/<publication>/part-<NNNNN>.parquet  one dataset per layer/join
     _batches/<batch_id>.json                                 completion manifest, written last
+
+``<publication>`` is the publishing run's id and a suffix unique to the attempt, so that a
+republication never writes over an object the live completion manifest lists.
 """
 
 from __future__ import annotations
 
+import uuid
+
+from libs.manifest import REJECTS_SUFFIX
+
 #: The stages whose chunks are staged per layer.
 CHUNK_STAGES = ("chunks", "transformed", "rejects")
 COMPLETION_PREFIX = "_batches/"
-#: Suffix of the lake dataset holding a layer's rejected rows.
-REJECTS_SUFFIX = "_rejects"
 
 
 def run_prefix(run_id: str) -> str:
@@ -53,6 +59,17 @@ def part_key(prefix: str, number: int) -> str:
 def dataset_prefix(dataset: str, batch_id: str) -> str:
     """A batch's folder of one lake dataset."""
     return f"{dataset}/{batch_id}/"
+
+
+def publication_id(run_id: str) -> str:
+    """A new id for one attempt of ``run_id`` to publish a batch (an op retried in the same run
+    publishes again, and must not write over what its first attempt published)."""
+    return f"{run_id}.{uuid.uuid4().hex[:8]}"
+
+
+def publication_prefix(dataset: str, batch_id: str, publication: str) -> str:
+    """One publication's folder of a lake dataset: its parts, and nothing else's."""
+    return f"{dataset_prefix(dataset, batch_id)}{publication}/"
 
 
 def completion_key(batch_id: str) -> str:

@@ -1,29 +1,86 @@
 """Publishing to the data lake (layout: ``libs.lake.keys``), completion manifest written last.
 
-A batch is published when, and only when, its completion manifest exists; readers that
-list ``_batches/`` and read only the objects a manifest names never see a partial batch.
-Re-publishing a batch writes the same keys again and removes keys it no longer has.
+A batch is published when, and only when, its completion manifest exists; readers that list
+``_batches/`` and read only the objects a manifest names never see a partial batch. Each
+publication copies its parts under a folder of its own, so the objects the live manifest lists
+are never written over; one PUT of the manifest switches readers from the old set to the new;
+the old set is removed only after that switch. The PUT is conditional (``If-Match`` the ETag
+read at the start, ``If-None-Match: *`` for a first publication): of two runs publishing one
+batch at once, one wins and the other fails, removing only its own parts.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+import urllib3
 from minio.commonconfig import CopySource
+from minio.error import S3Error, ServerError
 
 from libs.descriptors import StagedPart
-from libs.errors import PublishError
-from libs.lake.keys import completion_key, dataset_prefix, part_key
+from libs.errors import PublishConflictError, PublishError
+from libs.lake.keys import completion_key, part_key, publication_id, publication_prefix
 from libs.object_store import ObjectStore
+
+log = logging.getLogger(__name__)
+_MISSING = ("NoSuchKey", "NoSuchObject", "ResourceNotFound")
 
 
 def read_completion_manifest(store: ObjectStore, lake_bucket: str, batch_id: str) -> dict | None:
+    """The batch's completion manifest, or None when the batch is not published."""
+    return read_completion_manifest_and_etag(store, lake_bucket, batch_id)[0]
+
+
+def read_completion_manifest_and_etag(store: ObjectStore, lake_bucket: str,
+                                      batch_id: str) -> tuple[dict | None, str | None]:
+    """The completion manifest and the ETag of the version read (both None when absent), read
+    in one GET so that the ETag is that of the document returned."""
+    try:
+        response = store.client.get_object(lake_bucket, completion_key(batch_id))
+    except S3Error as exc:
+        if exc.code in _MISSING:
+            return None, None
+        raise
+    try:
+        return json.loads(response.read()), response.headers.get("ETag", "").strip('"')
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def put_completion_manifest(store: ObjectStore, lake_bucket: str, batch_id: str, body: bytes,
+                            replaces_etag: str | None) -> None:
+    """Write the completion manifest only if it is still the version whose ETag is
+    ``replaces_etag`` (None: only if there is none). PublishConflictError otherwise.
+
+    The MinIO client sends no conditional headers on a PUT, so this PUT goes to a presigned
+    URL (its signature covers the host only) with ``If-Match``/``If-None-Match`` added. MinIO
+    (since 2024-08) and SeaweedFS (4.48, tried) answer 412 when the condition fails.
+    """
     key = completion_key(batch_id)
-    if not store.exists(lake_bucket, key):
-        return None
-    return json.loads(store.get_bytes(lake_bucket, key))
+    url = store.client.presigned_put_object(lake_bucket, key, expires=timedelta(minutes=10))
+    condition = {"If-None-Match": "*"} if replaces_etag is None else {
+        "If-Match": f'"{replaces_etag}"'}
+    response = urllib3.request(
+        "PUT", url, body=body, headers={"Content-Type": "application/json", **condition},
+        timeout=urllib3.Timeout(connect=5.0, read=60.0), retries=False)
+    # 409: S3 answers so when another conditional write of the key is in flight; 404 to an
+    # If-Match: the manifest was removed meanwhile
+    if response.status in (409, 412) or (response.status == 404 and replaces_etag is not None):
+        raise PublishConflictError(
+            f"batch {batch_id!r}: another run published s3://{lake_bucket}/{key} meanwhile "
+            f"(expected {'no manifest' if replaces_etag is None else 'ETag ' + replaces_etag}; "
+            f"the server answered {response.status}); re-execute the run to publish it again")
+    if response.status >= 500:
+        raise ServerError(f"PUT s3://{lake_bucket}/{key}: {response.status} "
+                          f"{response.data[:200]!r}", response.status)
+    if response.status >= 300:
+        raise PublishError(f"batch {batch_id!r}: writing s3://{lake_bucket}/{key} was refused "
+                           f"({response.status}: {response.data[:300]!r}); check the pipeline "
+                           "identity's write access to the lake bucket")
 
 
 def publish_to_lake(
@@ -37,34 +94,34 @@ def publish_to_lake(
     dataset_info: dict[str, dict],
     copy_threads: int = 4,
 ) -> dict:
-    """Copy staged parts into the lake, write the completion manifest last, then remove keys
-    the batch no longer has; returns the manifest.
+    """Copy staged parts into this publication's lake keys, switch the completion manifest to
+    them (conditionally: see the module), then remove the objects the previous manifest listed;
+    returns the manifest.
 
     The copies are server-side (no byte passes through this process) and ``copy_threads`` run
     at once: each waits on the store far more than it works here.
 
     Every object-store call is retried by the store's policy (``libs.retry``). If the
-    store stays unavailable, the objects this call wrote are removed where possible (never
-    ones an earlier publication of the batch lists), no completion manifest is written, and
-    PublishError is raised: nothing new is published, and re-executing the run retries.
+    store stays unavailable, or another run switched the manifest first
+    (PublishConflictError), the objects this call wrote are removed where possible (only ever
+    its own), the manifest is left as it was, and PublishError is raised: nothing new is
+    published, and re-executing the run retries.
     """
 
     def retried(what: str, call):
         return store.retried(what, call)
 
+    publication = publication_id(run_id)
     previous: dict | None = None
-    previously_listed: set[str] = set()
     written: list[str] = []
     manifest_datasets: dict[str, dict] = {}
     try:
-        previous = retried("read the completion manifest",
-                           lambda: read_completion_manifest(store, lake_bucket, batch_id))
-        previously_listed = {
-            o["key"] for d in (previous or {}).get("datasets", {}).values() for o in d["objects"]
-        }
+        previous, etag = retried(
+            "read the completion manifest",
+            lambda: read_completion_manifest_and_etag(store, lake_bucket, batch_id))
         copies: list[tuple[str, StagedPart]] = []
         for dataset, parts in datasets.items():
-            prefix = dataset_prefix(dataset, batch_id)
+            prefix = publication_prefix(dataset, batch_id, publication)
             objects = []
             for number, part in enumerate(parts):
                 key = part_key(prefix, number)
@@ -81,33 +138,54 @@ def publish_to_lake(
         manifest = {
             "batch_id": batch_id,
             "run_id": run_id,
+            "publication": publication,
             "published_at": datetime.now(UTC).isoformat(),
             "datasets": manifest_datasets,
         }
         body = json.dumps(manifest, indent=2, sort_keys=True).encode()
-        retried("write the completion manifest", lambda: store.put_bytes(
-            lake_bucket, completion_key(batch_id), body, "application/json"))
+        _switch(store, lake_bucket, batch_id, body, etag, publication, retried)
     except Exception as exc:
         for key in written:
-            if key not in previously_listed:
-                try:
-                    store.delete(lake_bucket, key)
-                except Exception:  # noqa: BLE001 - best effort; the original error matters
-                    pass
+            try:
+                store.delete(lake_bucket, key)
+            except Exception:  # noqa: BLE001 - best effort; the original error matters
+                pass
+        if isinstance(exc, PublishConflictError):
+            raise
         raise PublishError(
             f"batch {batch_id!r}: publishing to bucket {lake_bucket!r} failed ({exc}); "
             "nothing new was published, re-execute the run to retry"
         ) from exc
-    # Published. Keys of an earlier publication that this one no longer has go last, so a
-    # reader of the previous manifest never loses an object before the new one exists.
-    keep = set(written)
-    stale_prefixes = {dataset_prefix(d, batch_id) for d in datasets} | {
-        d["prefix"] for d in (previous or {}).get("datasets", {}).values()}
-    for prefix in sorted(stale_prefixes):
-        for stale in retried(f"list {prefix}", lambda p=prefix: list(store.list(lake_bucket, p))):
-            if stale.key not in keep:
-                retried(f"delete {stale.key}", lambda k=stale.key: store.delete(lake_bucket, k))
+    # Published. Only now do the previous publication's objects go: a reader holding the old
+    # manifest keeps finding its objects until the new one exists. Only what the previous
+    # manifest lists is removed, never "whatever else is in the folder": that may be the
+    # in-flight parts of a concurrent publisher, whose own switch would then list missing
+    # objects. A failure here leaves unlisted objects (invisible to readers), so it is logged.
+    keep = {o["key"] for d in manifest_datasets.values() for o in d["objects"]}
+    for stale in sorted({o["key"] for d in (previous or {}).get("datasets", {}).values()
+                         for o in d["objects"]} - keep):
+        try:
+            retried(f"delete {stale}", lambda k=stale: store.delete(lake_bucket, k))
+        except Exception as exc:  # noqa: BLE001 - the batch is published; see above
+            log.warning("batch %s: could not remove s3://%s/%s of the previous publication "
+                        "(%s); no completion manifest lists it any more", batch_id,
+                        lake_bucket, stale, exc)
     return manifest
+
+
+def _switch(store: ObjectStore, lake_bucket: str, batch_id: str, body: bytes,
+            etag: str | None, publication: str, retried) -> None:
+    """The conditional PUT of the manifest. A retried PUT whose first try succeeded but whose
+    answer was lost fails its condition; reading the manifest back tells that case (it is
+    already ours) from a real conflict."""
+    try:
+        retried("write the completion manifest",
+                lambda: put_completion_manifest(store, lake_bucket, batch_id, body, etag))
+    except PublishConflictError:
+        current, _ = retried("read the completion manifest back", lambda: (
+            read_completion_manifest_and_etag(store, lake_bucket, batch_id)))
+        if (current or {}).get("publication") != publication:
+            raise
 
 
 def _copy_all(store: ObjectStore, staging_bucket: str, lake_bucket: str,

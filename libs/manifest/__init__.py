@@ -6,6 +6,8 @@ from libs.manifest.model import (
     CARRY_PREFIX,
     DISTANCE_PREDICATES,
     MANIFEST_FILENAME,
+    REJECTS_SUFFIX,
+    RESERVED_DATASETS,
     Aggregation,
     CarryColumn,
     CsvGeometry,
@@ -14,6 +16,7 @@ from libs.manifest.model import (
     Manifest,
     SpatialJoin,
     cross_field_problems,
+    dataset_name_problems,
     distance_unit_problem,
 )
 from libs.manifest.parse import ManifestLimits, batch_folder, parse_manifest
@@ -24,6 +27,8 @@ __all__ = [
     "CARRY_PREFIX",
     "DISTANCE_PREDICATES",
     "MANIFEST_FILENAME",
+    "REJECTS_SUFFIX",
+    "RESERVED_DATASETS",
     "Aggregation",
     "CarryColumn",
     "CsvGeometry",
@@ -35,6 +40,7 @@ __all__ = [
     "bad_geometry_policy",
     "batch_folder",
     "cross_field_problems",
+    "dataset_name_problems",
     "distance_unit_problem",
     "manifest_json_schema",
     "parse_manifest",

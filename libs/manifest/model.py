@@ -30,6 +30,10 @@ from pyproj.exceptions import CRSError
 from libs.manifest.recipe import DEFAULT_RECIPE, RecipeStep, effective_recipe
 
 MANIFEST_FILENAME = "manifest.json"
+#: Suffix of the lake dataset that holds a layer's rejected rows (``<layer>_rejects``).
+REJECTS_SUFFIX = "_rejects"
+#: Lake folders that are not datasets: the completion manifests live under ``_batches/``.
+RESERVED_DATASETS = ("_batches",)
 
 #: A name that is safe as an unquoted SQL identifier and as an object-key segment.
 Identifier = Annotated[
@@ -101,7 +105,10 @@ class DataFile(_Strict):
     path: str = Field(
         description="path of the file relative to the manifest's folder, e.g. 'points.fgb'"
     )
-    layer: Identifier = Field(description="name of the layer (dataset) this file feeds")
+    layer: Identifier = Field(
+        description="name of the layer (dataset) this file feeds; not '<other layer>_rejects' "
+        "(that is the other layer's rejected rows) nor '_batches'"
+    )
     format: InputFormat = Field(description="file format")
     source_crs: str | None = Field(
         default=None,
@@ -219,7 +226,10 @@ class SpatialJoin(_Strict):
         for predicate, needed in (("dwithin", "distance"), ("nearest", "k"))
     ]})
 
-    name: Identifier = Field(description="name of the result dataset in the lake")
+    name: Identifier = Field(
+        description="name of the result dataset in the lake; must differ from every layer, "
+        "every '<layer>_rejects' and '_batches'"
+    )
     left: Identifier = Field(description="layer whose rows (and attributes) are kept")
     right: Identifier = Field(description="layer matched against the left rows")
     predicate: Literal["intersects", "contains", "within", "dwithin", "nearest"] = Field(
@@ -442,6 +452,8 @@ def cross_field_problems(document: object) -> list[str]:
             problems.append(f"recipes.{name}: no file feeds layer {name!r}; "
                             f"expected one of {sorted(layers)} or '*'")
     join = document.get("join")
+    join_name = join.get("name") if isinstance(join, dict) else None
+    problems += dataset_name_problems(layers, join_name if isinstance(join_name, str) else None)
     if not isinstance(join, dict):
         return problems
     for side in ("left", "right"):
@@ -469,4 +481,27 @@ def cross_field_problems(document: object) -> list[str]:
         if problem:
             problems.append(f"join.predicate: {predicate!r} measures distances in metres, but "
                             f"target_crs {target_crs!r} {problem}")
+    return problems
+
+
+def dataset_name_problems(layers: list[str], join_name: str | None) -> list[str]:
+    """Names that would make two lake datasets of the batch one: each layer, each layer's
+    rejects (``<layer>_rejects``) and the join result is a folder of its own in the lake, so a
+    layer or join named like another layer's rejects would overwrite them on publish."""
+    rejects_of = {layer + REJECTS_SUFFIX: layer for layer in layers}
+    problems = [
+        f"files: layer {layer!r} clashes with the lake dataset of the rejected rows of layer "
+        f"{rejects_of[layer]!r}; rename layer {layer!r}"
+        for layer in layers if layer in rejects_of
+    ]
+    if join_name is not None and join_name in rejects_of:
+        problems.append(
+            f"join.name: {join_name!r} clashes with the lake dataset of the rejected rows of "
+            f"layer {rejects_of[join_name]!r}; choose another join name")
+    problems += [
+        f"{where}: {name!r} is reserved in the lake (its completion manifests live under "
+        f"{name}/); choose another name"
+        for where, name in [*(("files", layer) for layer in layers), ("join.name", join_name)]
+        if name in RESERVED_DATASETS
+    ]
     return problems

@@ -214,3 +214,35 @@ def test_nesting_up_to_the_limit_is_parsed(sample):
     with pytest.raises(ManifestError) as caught:
         parse_manifest(json.dumps(dict(sample, note=nested)).encode(), "k/manifest.json")
     assert caught.value.errors == ["note: Extra inputs are not permitted"]
+
+
+def test_a_layer_named_like_another_layers_rejects_is_refused(sample):
+    """Layer 'points' has a rejects dataset 'points_rejects': a layer of that name would be
+    published into the same lake folder."""
+    clash = dict(sample, files=[*sample["files"],
+                                dict(sample["files"][0], path="more.fgb", layer="points_rejects")])
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(json.dumps(clash).encode(), "b-001/manifest.json")
+    assert any("files: layer 'points_rejects' clashes with the lake dataset of the rejected "
+               "rows of layer 'points'; rename layer 'points_rejects'" in e
+               for e in caught.value.errors), caught.value.errors
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("points", "join.name: 'points' clashes with a layer of the same name"),
+    ("countries_rejects", "join.name: 'countries_rejects' clashes with the lake dataset of the "
+                          "rejected rows of layer 'countries'; choose another join name"),
+    ("_batches", "join.name: '_batches' is reserved in the lake"),
+])
+def test_a_join_named_like_a_lake_dataset_is_refused(sample, name, message):
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(_with_join(sample, name=name), "b-001/manifest.json")
+    assert any(message in e for e in caught.value.errors), caught.value.errors
+
+
+def test_a_layer_whose_name_only_contains_rejects_is_accepted(sample):
+    """Only the exact '<layer>_rejects' of a declared layer clashes."""
+    fine = dict(sample, files=[*sample["files"],
+                               dict(sample["files"][0], path="more.fgb", layer="roads_rejects")])
+    manifest = parse_manifest(json.dumps(fine).encode(), "b-001/manifest.json")
+    assert "roads_rejects" in manifest.layers

@@ -5,9 +5,16 @@ datasets and lineage, and the one module that names every staged and lake key.""
 import pytest
 
 from libs.descriptors import Chunk, ChunkIndex, LayerChunks, SourceFile, StagedPart, TransformedChunk
-from libs.errors import ReconciliationError
+from libs.errors import PublishError, ReconciliationError
 from libs.lake import batch_datasets, chunk_key, lineage_records, part_key, result_prefix, run_prefix
-from libs.lake.keys import completion_key, dataset_prefix, op_output_key, rejects_dataset
+from libs.lake.keys import (
+    completion_key,
+    dataset_prefix,
+    op_output_key,
+    publication_id,
+    publication_prefix,
+    rejects_dataset,
+)
 from libs.manifest import Manifest
 from libs.transformations import TransformResults
 
@@ -114,6 +121,15 @@ def test_batch_datasets_and_lineage():
     assert joined["recipe"] is None and joined["run_id"] == "r1"
 
 
+def test_a_join_named_like_a_rejects_dataset_is_not_published_over_it():
+    """The manifest refuses the clash; this backstop covers names only known after reading
+    the files (a multi-layer file's own layer names)."""
+    join_parts = [StagedPart("runs/r1/results/x/part-00000.parquet", 2, 50, "c" * 64)]
+    with pytest.raises(PublishError, match="lake dataset 'points_rejects' would hold both "
+                       "the join's result and another dataset"):
+        batch_datasets(_transformed(), "points_rejects", join_parts, MANIFEST)
+
+
 def test_every_key_comes_from_one_module():
     prefix = run_prefix("r1")
     assert prefix == "runs/r1/"
@@ -121,7 +137,11 @@ def test_every_key_comes_from_one_module():
     with pytest.raises(ValueError, match="stage must be one of"):
         chunk_key(prefix, "exported", "points", 0)
     assert part_key(result_prefix(prefix, "j"), 2) == "runs/r1/results/j/part-00002.parquet"
-    assert part_key(dataset_prefix("points", "b1"), 0) == "points/b1/part-00000.parquet"
+    assert dataset_prefix("points", "b1") == "points/b1/"
+    first, again = publication_id("r1"), publication_id("r1")
+    assert first.startswith("r1.") and first != again, "every publishing attempt has its own"
+    assert part_key(publication_prefix("points", "b1", first), 0) == \
+        f"points/b1/{first}/part-00000.parquet"
     assert completion_key("b1") == "_batches/b1.json"
     assert rejects_dataset("points") == "points_rejects"
     assert op_output_key("dagster-io", ["r1", "shard_batch", "result"]) == \
