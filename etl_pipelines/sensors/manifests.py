@@ -87,7 +87,8 @@ def manifest_sensor(
                     run_config={"ops": {"validate_batch": {"config": {
                         "manifest_key": obj.key, "batch_id": batch_id}}}},
                     tags={"batch_id": batch_id, "manifest_key": obj.key,
-                          CLAIM_TOKEN_TAG: book.claim_token(batch_id)},
+                          CLAIM_TOKEN_TAG: book.claim_token(batch_id),
+                          **input_limits.max_runtime_tags},
                 ))
             elif claim is Claim.ALREADY_STARTED:
                 # a reset cursor shows us an accepted manifest again: its record stays as is
