@@ -44,5 +44,8 @@ def ledger_run_failure_sensor(context: RunFailureSensorContext, ledger: LedgerRe
     could not record anything, so this is where the ledger learns of them, with a cause."""
     run = context.dagster_run
     message = context.failure_event.message
+    # A run stopped at its max runtime fails twice (the monitor's event, then its own
+    # process's): a later failure without a monitoring cause must not erase the cause.
+    cause = run_failure_cause(message)
     ledger.ledger.record_run(run.run_id, status="FAILURE", batch_id=run.tags.get("batch_id"),
-                             error=message, cause=run_failure_cause(message))
+                             error=message, **({"cause": cause} if cause else {}))

@@ -191,3 +191,27 @@ def test_run_lost_with_its_code_server_is_failed_recorded_and_reexecutes_once(
             assert digest == obj["sha256"], obj["key"]
     children = instance.get_runs(RunsFilter(tags={"dagster/parent_run_id": run.run_id}))
     assert [r.run_id for r in children] == [again.run_id]
+
+
+@pytest.mark.parametrize("monitored", [2], indirect=True)
+def test_run_past_its_max_runtime_is_stopped_failed_and_recorded(
+        monitored, store, landing_store, ledger, pg, tmp_path, batch_id):
+    """A run that outlives its dagster/max_runtime tag (2 s here; 300,000 points take over
+    10 s to validate, shard, transform, load and publish, and monitoring polls every 5 s) is
+    stopped and failed by run monitoring, its process alive and able to clean up."""
+    monitored.start(skip_existing_manifests_of=store)
+    instance = DagsterInstance.from_config(str(monitored.home))
+    land_sample(landing_store, tmp_path, batch_id, n_points=300_000)
+    run = wait_for(lambda: _the_run(instance, batch_id), 300, lambda: monitored.log_tail("daemon"))
+    assert run.tags[MAX_RUNTIME_TAG] == "2"
+    finished = wait_for(lambda: (r := instance.get_run_by_id(run.run_id)).is_finished and r,
+                        600, lambda: monitored.log_tail("daemon"), interval=2)
+    assert finished.status == DagsterRunStatus.FAILURE, finished.status
+    messages = [e.message for e in instance.all_logs(run.run_id)]
+    assert any("exceeding maximum runtime of 2 seconds" in (m or "") for m in messages), messages
+    record = wait_for(lambda: _ledger_run(ledger, run.run_id), 300,
+                      lambda: monitored.log_tail("daemon"), interval=2)
+    assert "maximum runtime" in record["cause"], record
+    schema = postgis.run_schema_name(run.run_id)
+    wait_for(lambda: schema not in _schemas(pg), 180, lambda: monitored.log_tail("daemon"))
+    assert not store.exists("data-lake", completion_key(batch_id))
