@@ -20,7 +20,6 @@ from dagster import (
     DagsterEventType,
     DagsterInstance,
     DagsterRunStatus,
-    EventRecordsFilter,
     ReexecutionOptions,
     RunsFilter,
     execute_job,
@@ -130,9 +129,7 @@ def _the_run(instance: DagsterInstance, batch_id: str):
 
 
 def _started_steps(instance: DagsterInstance, run_id: str) -> set[str]:
-    records = instance.get_event_records(
-        EventRecordsFilter(event_type=DagsterEventType.STEP_START), limit=100)
-    return {r.event_log_entry.step_key for r in records if r.event_log_entry.run_id == run_id}
+    return {e.step_key for e in instance.all_logs(run_id, of_type=DagsterEventType.STEP_START)}
 
 
 def _schemas(pg) -> set[str]:
