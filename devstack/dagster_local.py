@@ -39,6 +39,14 @@ telemetry:
   enabled: false
 nux:
   enabled: false
+# Short timeouts, so that a lost run is failed within seconds of its max runtime
+# (dagster.yaml at the root says why no resume attempts with the default launcher).
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 120
+  cancel_timeout_seconds: 60
+  max_resume_run_attempts: 0
+  poll_interval_seconds: 5
 """
 
 # The location keeps the name `-m module` gave it before (the module's name).

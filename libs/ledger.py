@@ -240,3 +240,27 @@ class Ledger:
     @_retried
     def manifests_for_key(self, manifest_key: str) -> list[dict]:
         return list(self.db.manifests.find({"manifest_key": manifest_key}))
+
+
+#: The ledger's cause of a run that run monitoring failed because its process was gone (lost
+#: with its container, or killed): Dagster could not reach it to stop it.
+PROCESS_LOST_CAUSE = "the run's process stopped responding (run monitoring)"
+
+# Run monitoring's failure messages (Dagster 1.13 `_daemon/monitoring/run_monitoring.py`),
+# most specific first: the ledger maps them to a cause a data team can act on.
+_MONITOR_CAUSES = (
+    ("Exceeded maximum runtime of", "the run exceeded its maximum runtime (tag dagster/max_runtime) "
+     "and was stopped (run monitoring); re-execute it, with a larger tag if it needs longer"),
+    ("being forcibly marked as failed", PROCESS_LOST_CAUSE),
+    ("Detected run worker status", PROCESS_LOST_CAUSE),
+    ("taking longer than", "the run's process never started (run monitoring)"),
+)
+
+
+def run_failure_cause(message: str | None) -> str | None:
+    """The user-facing cause of a run failed by Dagster's run monitoring, from its failure
+    message; None for any other failure (a step's or the run's own error says it all)."""
+    for marker, cause in _MONITOR_CAUSES:
+        if marker in (message or ""):
+            return cause
+    return None

@@ -11,6 +11,7 @@ from dagster import (
 
 from etl_pipelines.resources import LedgerResource, PostGISResource
 from libs import postgis
+from libs.ledger import run_failure_cause
 
 
 @sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING,
@@ -39,6 +40,12 @@ def postgis_schema_janitor(
 @run_failure_sensor(default_status=DefaultSensorStatus.RUNNING,
                     description="Marks failed runs as FAILURE in the ledger.")
 def ledger_run_failure_sensor(context: RunFailureSensorContext, ledger: LedgerResource) -> None:
+    """Also runs that run monitoring failed (lost process, max runtime exceeded): their process
+    could not record anything, so this is where the ledger learns of them, with a cause."""
     run = context.dagster_run
+    message = context.failure_event.message
+    # A run stopped at its max runtime fails twice (the monitor's event, then its own
+    # process's): a later failure without a monitoring cause must not erase the cause.
+    cause = run_failure_cause(message)
     ledger.ledger.record_run(run.run_id, status="FAILURE", batch_id=run.tags.get("batch_id"),
-                             error=context.failure_event.message)
+                             error=message, **({"cause": cause} if cause else {}))

@@ -90,8 +90,9 @@ def _read(store: ObjectStore, bucket: str, obj: ObjectInfo, limits: ManifestLimi
 
 
 def _consider(context: SensorEvaluationContext, book: Ledger, obj: ObjectInfo,
-              manifest) -> RunRequest | None:
-    """Claim the manifest's batch and record the outcome; a ledger error propagates."""
+              manifest, run_tags: dict[str, str]) -> RunRequest | None:
+    """Claim the manifest's batch and record the outcome (a run request carries ``run_tags``
+    too); a ledger error propagates."""
     batch_id = manifest.batch_id
     claim = book.claim_batch(batch_id=batch_id, manifest_key=obj.key, etag=obj.etag,
                              manifest=manifest.model_dump(mode="json"))
@@ -103,7 +104,7 @@ def _consider(context: SensorEvaluationContext, book: Ledger, obj: ObjectInfo,
             run_config={"ops": {"validate_batch": {"config": {
                 "manifest_key": obj.key, "batch_id": batch_id}}}},
             tags={"batch_id": batch_id, "manifest_key": obj.key,
-                  CLAIM_TOKEN_TAG: book.claim_token(batch_id)})
+                  CLAIM_TOKEN_TAG: book.claim_token(batch_id), **run_tags})
     holder = book.batch(batch_id) or {}
     runs = holder.get("run_ids") or []
     if claim is Claim.ALREADY_STARTED:
@@ -181,7 +182,7 @@ def manifest_sensor(
                                      batch_id=None, errors=exc.errors)
                 context.log.warning(str(exc))
             else:
-                request = _consider(context, book, obj, manifest)
+                request = _consider(context, book, obj, manifest, input_limits.max_runtime_tags)
                 if request is not None:
                     requests.append(request)
         except (ConnectionFailure, ServiceUnavailable) as exc:

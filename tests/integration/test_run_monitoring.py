@@ -1,0 +1,214 @@
+"""Run monitoring under the real daemon: a run lost with its code server is failed, recorded
+in the ledger with its cause, its schema dropped, and re-execution from failure publishes it
+once; a run past its max runtime is failed the same way.
+
+The test owns its code server (the stack's own ``up --dagster`` one would also pick up the
+batches this test lands) and its daemon, over an instance configured exactly as devstack's.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from dagster import (
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    ReexecutionOptions,
+    RunsFilter,
+    execute_job,
+    reconstructable,
+)
+
+from devstack.dagster_local import DAGSTER_YAML, WORKSPACE_YAML
+from devstack.layout import REPO
+from devstack.procs import port_in_use, process_tree, reset_signals, send_signal, terminate_tree
+from etl_pipelines.resources.limits import MAX_RUNTIME_TAG
+from libs import postgis
+from libs.lake import completion_key
+from libs.ledger import PROCESS_LOST_CAUSE
+from libs.manifest import MANIFEST_FILENAME
+from tests.integration.pipeline import land_sample
+from tests.integration.reexecutable import ingest_batch_job
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+DAGSTER_BIN = Path(sys.executable).parent
+MODULE = "tests.integration.monitored_defs"
+PORT = 54123  # not the stack's code server (54000)
+
+
+class MonitoredDagster:
+    """A code server (``dagster code-server start``, as devstack runs it) and a daemon on a
+    fresh instance whose dagster.yaml is devstack's, run monitoring included."""
+
+    def __init__(self, home: Path, logs: Path, max_run_seconds: int) -> None:
+        self.home, self.logs = home, logs
+        home.mkdir()
+        (home / "dagster.yaml").write_text(DAGSTER_YAML.format(home=home))
+        (home / "workspace.yaml").write_text(WORKSPACE_YAML.format(host="127.0.0.1", port=PORT,
+                                                                   module=MODULE))
+        self.env = {**os.environ, "DAGSTER_HOME": str(home),
+                    "MONITORED_MAX_RUN_SECONDS": str(max_run_seconds)}
+        self.code_server: subprocess.Popen | None = None
+        self.daemon: subprocess.Popen | None = None
+
+    def _spawn(self, name: str, args: list) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")
+        try:
+            return subprocess.Popen(args, cwd=REPO, env=self.env, stdout=log,
+                                    stderr=subprocess.STDOUT, preexec_fn=reset_signals,
+                                    start_new_session=True)
+        finally:
+            log.close()
+
+    def log_tail(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")[-3000:]
+
+    def start_code_server(self) -> None:
+        assert not port_in_use(PORT), f"port {PORT} is taken"
+        self.code_server = self._spawn("code-server", [
+            DAGSTER_BIN / "dagster", "code-server", "start", "-m", MODULE,
+            "--location-name", MODULE, "-h", "127.0.0.1", "-p", str(PORT)])
+        wait_for(lambda: port_in_use(PORT), 180, lambda: self.log_tail("code-server"))
+
+    def start(self, skip_existing_manifests_of) -> None:
+        # Everything already landed counts as processed: the sensor reacts to this test's batch.
+        processed = {o.key: o.etag for o in skip_existing_manifests_of.list("landing-zone")
+                     if o.key.endswith("/" + MANIFEST_FILENAME)}
+        cursor = json.dumps({"version": 1, "processed": processed})
+        for args in (["cursor", "manifest_sensor", "--set", cursor], ["start", "manifest_sensor"]):
+            subprocess.run([DAGSTER_BIN / "dagster", "sensor", *args, "-m", MODULE],
+                           cwd=REPO, env=self.env, check=True, capture_output=True, timeout=120)
+        self.start_code_server()
+        self.daemon = self._spawn("daemon", [DAGSTER_BIN / "dagster-daemon", "run", "-w",
+                                             self.home / "workspace.yaml"])
+
+    def kill_code_server_tree(self) -> set[int]:
+        """SIGKILL the code server and everything it spawned (its gRPC server, the run worker)
+        at once: what a lost user-code container does to them."""
+        tree = process_tree(self.code_server.pid)
+        send_signal(tree, signal.SIGKILL)
+        self.code_server.wait(timeout=30)
+        return tree
+
+    def stop(self) -> None:
+        for proc in (self.daemon, self.code_server):
+            if proc is not None and proc.poll() is None:
+                terminate_tree(proc.pid, timeout=30, signal_group=True)
+                proc.wait()
+
+
+def wait_for(predicate, deadline_s: float, diagnose=lambda: "", interval: float = 1.0):
+    """Poll ``predicate`` until truthy (returned) or a generous deadline (a failed assert)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"gave up after {deadline_s:.0f}s\n{diagnose()}")
+
+
+@pytest.fixture
+def monitored(request, tmp_path, stack_env):
+    dagster = MonitoredDagster(tmp_path / "dagster_home", tmp_path, request.param)
+    yield dagster
+    dagster.stop()
+
+
+def _the_run(instance: DagsterInstance, batch_id: str):
+    runs = instance.get_runs(RunsFilter(tags={"batch_id": batch_id}))
+    return runs[0] if runs else None
+
+
+def _started_steps(instance: DagsterInstance, run_id: str) -> set[str]:
+    return {e.step_key for e in instance.all_logs(run_id, of_type=DagsterEventType.STEP_START)}
+
+
+def _schemas(pg) -> set[str]:
+    return {r[0] for r in pg.execute("SELECT nspname FROM pg_namespace").fetchall()}
+
+
+def _ledger_run(ledger, run_id: str) -> dict | None:
+    record = ledger.run(run_id)
+    return record if record and record.get("status") == "FAILURE" else None
+
+
+@pytest.mark.parametrize("monitored", [120], indirect=True)
+def test_run_lost_with_its_code_server_is_failed_recorded_and_reexecutes_once(
+        monitored, store, landing_store, ledger, pg, tmp_path, batch_id):
+    monitored.start(skip_existing_manifests_of=store)
+    instance = DagsterInstance.from_config(str(monitored.home))
+    land_sample(landing_store, tmp_path, batch_id, n_points=300_000)
+
+    def in_transform():
+        run = _the_run(instance, batch_id)
+        assert run is None or not run.is_finished, f"the run ended before the kill: {run.status}"
+        return run if run and "transform_chunks" in _started_steps(instance, run.run_id) else None
+
+    run = wait_for(in_transform, 300, lambda: monitored.log_tail("daemon"), interval=0.5)
+    assert run.tags[MAX_RUNTIME_TAG] == "120", "the sensor tags every run with its max runtime"
+    killed = monitored.kill_code_server_tree()
+    assert len(killed) >= 3, f"code server, its gRPC server and the run worker: {killed}"
+    # devstack's `up --dagster` starts a code server that is gone: the same, by hand
+    monitored.start_code_server()
+
+    failed = wait_for(lambda: (r := instance.get_run_by_id(run.run_id)).is_finished and r,
+                      600, lambda: monitored.log_tail("daemon"), interval=2)
+    assert failed.status == DagsterRunStatus.FAILURE, failed.status
+    record = wait_for(lambda: _ledger_run(ledger, run.run_id), 300,
+                      lambda: monitored.log_tail("daemon"), interval=2)
+    assert record["cause"] == PROCESS_LOST_CAUSE, record
+    assert record["batch_id"] == batch_id
+    schema = postgis.run_schema_name(run.run_id)
+    wait_for(lambda: schema not in _schemas(pg), 180, lambda: monitored.log_tail("daemon"))
+    assert not store.exists("data-lake", completion_key(batch_id))
+
+    # Re-execution from failure, in this process; a larger max runtime tag overrides the
+    # parent's (this instance's daemon monitors every run in it, in-process ones included).
+    again = execute_job(reconstructable(ingest_batch_job), instance,
+                        reexecution_options=ReexecutionOptions.from_failure(run.run_id, instance),
+                        tags={MAX_RUNTIME_TAG: "1800"})
+    assert again.success
+    assert instance.get_run_by_id(again.run_id).parent_run_id == run.run_id
+    manifest = json.loads(store.get_bytes("data-lake", completion_key(batch_id)))
+    assert manifest["datasets"]["points"]["rows"] == 300_000
+    for entry in manifest["datasets"].values():
+        listed = sorted(o.key for o in store.list("data-lake", entry["prefix"]))
+        assert listed == sorted(o["key"] for o in entry["objects"]), "no duplicates, no orphans"
+        for obj in entry["objects"]:
+            digest = hashlib.sha256(store.get_bytes("data-lake", obj["key"])).hexdigest()
+            assert digest == obj["sha256"], obj["key"]
+    children = [r.run_id for r in instance.get_runs() if r.parent_run_id == run.run_id]
+    assert children == [again.run_id]
+
+
+@pytest.mark.parametrize("monitored", [2], indirect=True)
+def test_run_past_its_max_runtime_is_stopped_failed_and_recorded(
+        monitored, store, landing_store, ledger, pg, tmp_path, batch_id):
+    """A run that outlives its dagster/max_runtime tag (2 s here; 300,000 points take over
+    10 s to validate, shard, transform, load and publish, and monitoring polls every 5 s) is
+    stopped and failed by run monitoring, its process alive and able to clean up."""
+    monitored.start(skip_existing_manifests_of=store)
+    instance = DagsterInstance.from_config(str(monitored.home))
+    land_sample(landing_store, tmp_path, batch_id, n_points=300_000)
+    run = wait_for(lambda: _the_run(instance, batch_id), 300, lambda: monitored.log_tail("daemon"))
+    assert run.tags[MAX_RUNTIME_TAG] == "2"
+    finished = wait_for(lambda: (r := instance.get_run_by_id(run.run_id)).is_finished and r,
+                        600, lambda: monitored.log_tail("daemon"), interval=2)
+    assert finished.status == DagsterRunStatus.FAILURE, finished.status
+    messages = [e.message for e in instance.all_logs(run.run_id)]
+    assert any("exceeding maximum runtime of 2 seconds" in (m or "") for m in messages), messages
+    record = wait_for(lambda: _ledger_run(ledger, run.run_id), 300,
+                      lambda: monitored.log_tail("daemon"), interval=2)
+    assert "maximum runtime" in record["cause"], record
+    schema = postgis.run_schema_name(run.run_id)
+    wait_for(lambda: schema not in _schemas(pg), 180, lambda: monitored.log_tail("daemon"))
+    assert not store.exists("data-lake", completion_key(batch_id))
