@@ -15,9 +15,8 @@ class BatchPlan(BaseModel):
     manifest: Manifest
     manifest_key: str
     folder: str
-    # the validating run's; a re-execution reuses this plan, so ops write under their own
-    # run's prefix (libs.lake.run_prefix(context.run_id)), never under this one
-    staging_prefix: str
+    # the validating run's; a re-execution reuses this plan, so ops stage under their own
+    # run's prefix (libs.lake.run_prefix(context.run_id)), never one derived from this id
     run_id: str
 
     def landing_key(self, path: str) -> str:

@@ -8,7 +8,6 @@ from pydantic import Field
 from etl_pipelines.resources import InputLimitsResource, LedgerResource, ObjectStoreResource
 from etl_pipelines.types import BatchPlan
 from libs.errors import InputDataError
-from libs.lake import run_prefix
 from libs.ledger import CLAIM_TOKEN_TAG, OVERRIDE_CLAIM_TAG, BatchAlreadyClaimed, Ledger, RunStart
 from libs.manifest import batch_folder, parse_manifest
 
@@ -47,7 +46,7 @@ def validate_batch(
             f"s3://{bucket}/{folder}: {missing}; land them before the manifest"
         )
     plan = BatchPlan(manifest=manifest, manifest_key=config.manifest_key, folder=folder,
-                     staging_prefix=run_prefix(context.run_id), run_id=context.run_id)
+                     run_id=context.run_id)
     etag = next((o.etag for o in store.list(bucket, config.manifest_key)
                  if o.key == config.manifest_key), "")
     _start_run(context, ledger.ledger, manifest.batch_id, config.manifest_key, etag)
