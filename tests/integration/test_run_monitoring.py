@@ -193,12 +193,13 @@ def test_run_lost_with_its_code_server_is_failed_recorded_and_reexecutes_once(
 @pytest.mark.parametrize("monitored", [2], indirect=True)
 def test_run_past_its_max_runtime_is_stopped_failed_and_recorded(
         monitored, store, landing_store, ledger, pg, tmp_path, batch_id):
-    """A run that outlives its dagster/max_runtime tag (2 s here; 300,000 points take over
-    10 s to validate, shard, transform, load and publish, and monitoring polls every 5 s) is
+    """A run that outlives its dagster/max_runtime tag (2 s here; 1,000,000 points take
+    ~40 s to validate, shard, transform, load and publish, and monitoring polls every 5 s:
+    300,000 points, ~13 s, once finished before a poll caught them in CI) is
     stopped and failed by run monitoring, its process alive and able to clean up."""
     monitored.start(skip_existing_manifests_of=store)
     instance = DagsterInstance.from_config(str(monitored.home))
-    land_sample(landing_store, tmp_path, batch_id, n_points=300_000)
+    land_sample(landing_store, tmp_path, batch_id, n_points=1_000_000)
     run = wait_for(lambda: _the_run(instance, batch_id), 300, lambda: monitored.log_tail("daemon"))
     assert run.tags[MAX_RUNTIME_TAG] == "2"
     finished = wait_for(lambda: (r := instance.get_run_by_id(run.run_id)).is_finished and r,
