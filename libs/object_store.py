@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import islice
 from pathlib import Path
 from typing import TypeVar
 
@@ -65,6 +67,7 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+    modified: datetime | None = None  # from a listing; None where the store gave none
 
 
 class ObjectStore:
@@ -107,11 +110,33 @@ class ObjectStore:
         whole before the first object is yielded, so a retry never repeats objects."""
 
         def listing() -> list[ObjectInfo]:
-            return [ObjectInfo(obj.object_name, obj.size or 0, (obj.etag or "").strip('"'))
-                    for obj in self._client.list_objects(bucket, prefix=prefix, recursive=True)
+            return [_info(obj) for obj in
+                    self._client.list_objects(bucket, prefix=prefix, recursive=True)
                     if not obj.is_dir]
 
         yield from self.retried(f"list s3://{bucket}/{prefix}", listing)
+
+    def list_page(self, bucket: str, *, start_after: str = "", limit: int) -> list[ObjectInfo]:
+        """At most ``limit`` objects of the bucket whose keys sort after ``start_after``, in key
+        order: a scan that resumes where the last page ended costs ``limit`` keys, not the
+        bucket."""
+
+        def page() -> list[ObjectInfo]:
+            listing = self._client.list_objects(bucket, recursive=True,
+                                                start_after=start_after or None)
+            return [_info(obj) for obj in islice(listing, limit)]
+
+        return self.retried(f"list s3://{bucket}/ after {start_after!r}", page)
+
+    def list_folders(self, bucket: str, prefix: str) -> list[str]:
+        """The immediate sub-folders of ``prefix`` (each ending in '/'), not their objects."""
+
+        def folders() -> list[str]:
+            return [obj.object_name for obj in
+                    self._client.list_objects(bucket, prefix=prefix, recursive=False)
+                    if obj.is_dir]
+
+        return self.retried(f"list the folders of s3://{bucket}/{prefix}", folders)
 
     def exists(self, bucket: str, key: str) -> bool:
         def stat() -> bool:
@@ -206,6 +231,11 @@ class ObjectStore:
 
     def delete(self, bucket: str, key: str) -> None:
         self.retried(f"delete s3://{bucket}/{key}", lambda: self._client.remove_object(bucket, key))
+
+
+def _info(obj) -> ObjectInfo:
+    return ObjectInfo(obj.object_name, obj.size or 0, (obj.etag or "").strip('"'),
+                      obj.last_modified)
 
 
 class BackgroundPuts:

@@ -1,17 +1,50 @@
-"""Janitors: drop PostGIS schemas that outlived their run; record failed runs in the ledger."""
+"""Janitors: drop PostGIS schemas that outlived their run; record failed runs in the ledger;
+remove what finished runs left in the staging bucket and the lake after a retention; remove
+the local scratch of runs whose process is gone.
+
+The staging janitor deletes with the pipeline's S3 identity, which may delete in
+``etl-staging`` and ``data-lake`` and never in ``landing-zone``; it lists nothing there. Why
+what it removes is safe to remove: docs/housekeeping.md. Sensors are evaluated by the code
+server, the process that launches runs (DefaultRunLauncher): in compose the user-code
+container, whose disk holds the runs' scratch, not the daemon's.
+"""
+
+import json
+from datetime import UTC, datetime
 
 from dagster import (
+    DagsterInstance,
     DefaultSensorStatus,
     RunFailureSensorContext,
+    RunsFilter,
     SensorEvaluationContext,
+    SensorResult,
     SkipReason,
     run_failure_sensor,
     sensor,
 )
 
-from etl_pipelines.resources import LedgerResource, PostGISResource
+from etl_pipelines.resources import (
+    LedgerResource,
+    ObjectStoreResource,
+    PostGISResource,
+    RetentionResource,
+    ScratchResource,
+)
 from libs import postgis
+from libs.lake import (
+    OP_OUTPUTS_FOLDER,
+    RUNS_FOLDER,
+    delete_under,
+    newest_object,
+    staged_runs,
+    unlisted_parts,
+)
 from libs.ledger import run_failure_cause
+from libs.sharding import remove_dead_scratch
+
+ROOT_RUN_ID_TAG = "dagster/root_run_id"  # Dagster's tag on every re-execution of a run
+CURSOR_VERSION = 1
 
 
 @sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING,
@@ -49,3 +82,104 @@ def ledger_run_failure_sensor(context: RunFailureSensorContext, ledger: LedgerRe
     cause = run_failure_cause(message)
     ledger.ledger.record_run(run.run_id, status="FAILURE", batch_id=run.tags.get("batch_id"),
                              error=message, **({"cause": cause} if cause else {}))
+
+
+@sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING,
+        description="Removes the local scratch directories of runs whose process is gone.")
+def scratch_janitor(context: SensorEvaluationContext, scratch: ScratchResource) -> SkipReason:
+    """A run locks its scratch directory for as long as its process lives (libs.sharding.
+    scratch): a free lock means the run ended without cleaning up, i.e. it was killed."""
+    removed = remove_dead_scratch(scratch.root(), grace_seconds=scratch.grace_seconds)
+    for run_id in removed:
+        context.log.info(f"removed the scratch of run {run_id} (its process is gone)")
+    return SkipReason(f"removed {len(removed)} dead run scratch dir(s) under {scratch.root()}"
+                      if removed else f"no dead run scratch under {scratch.root()}")
+
+
+@sensor(minimum_interval_seconds=600, default_status=DefaultSensorStatus.RUNNING,
+        description="Removes finished runs' staging and unlisted lake parts after a retention.")
+def staging_janitor(context: SensorEvaluationContext, object_store: ObjectStoreResource,
+                    retention: RetentionResource) -> SensorResult:
+    """At most ``max_deletions_per_tick`` objects a tick: staging first, then the next page of
+    the lake's keys (the cursor says where the last page ended)."""
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    if cursor.get("version") != CURSOR_VERSION:
+        cursor = {}
+    cutoff = datetime.now(UTC) - retention.retention
+    budget = retention.max_deletions_per_tick
+    staging = _clean_staging(context, object_store, cutoff, budget)
+    parts, lake_after = _clean_lake(context, object_store, retention, cutoff,
+                                    budget - staging, cursor.get("lake_after", ""))
+    return SensorResult(
+        skip_reason=SkipReason(f"removed {staging} staging object(s) of finished runs and "
+                               f"{parts} unlisted lake part(s) older than {cutoff:%Y-%m-%d %H:%M}"
+                               " UTC"),
+        cursor=json.dumps({"version": CURSOR_VERSION, "lake_after": lake_after}))
+
+
+def _clean_staging(context: SensorEvaluationContext, object_store: ObjectStoreResource,
+                   cutoff: datetime, budget: int) -> int:
+    store, bucket = object_store.store, object_store.staging_bucket
+    deleted = 0
+    for run_id, prefixes in staged_runs(store, bucket, [RUNS_FOLDER, OP_OUTPUTS_FOLDER]).items():
+        if deleted >= budget:
+            break
+        if context.instance.get_run_by_id(run_id) is not None:
+            why = _staging_removable(context.instance, run_id, cutoff)
+        else:  # another instance's, or deleted from this one: its objects' age alone
+            newest = newest_object(store, bucket, prefixes)
+            why = (f"run unknown to this instance, nothing written since {newest:%Y-%m-%d %H:%M}"
+                   if newest is not None and newest < cutoff else None)
+        if why is None:
+            continue
+        keys = delete_under(store, bucket, prefixes, budget - deleted)
+        deleted += len(keys)
+        context.log.info(f"removed {len(keys)} staging object(s) of run {run_id} ({why}): "
+                         f"{', '.join(prefixes)}")
+    return deleted
+
+
+def _staging_removable(instance: DagsterInstance, run_id: str, cutoff: datetime) -> str | None:
+    """Why the run's staging may go, or None. A re-execution reads its parent's staged op
+    outputs (and their chunks), which may be the root run's: so every run of the run's
+    re-execution group must be finished, the last of them before ``cutoff``."""
+    run = instance.get_run_by_id(run_id)
+    root = run.tags.get(ROOT_RUN_ID_TAG, run_id)
+    records = [*instance.get_run_records(RunsFilter(run_ids=[root])),
+               *instance.get_run_records(RunsFilter(tags={ROOT_RUN_ID_TAG: root}))]
+    if any(not r.dagster_run.is_finished for r in records):
+        return None
+    ended = max(datetime.fromtimestamp(r.end_time, UTC) if r.end_time else r.update_timestamp
+                for r in records)
+    if ended.tzinfo is None:
+        ended = ended.replace(tzinfo=UTC)
+    if ended >= cutoff:
+        return None
+    return (f"{run.status.value}, its re-execution group of {len(records)} run(s) ended "
+            f"{ended:%Y-%m-%d %H:%M} UTC")
+
+
+def _clean_lake(context: SensorEvaluationContext, object_store: ObjectStoreResource,
+                retention: RetentionResource, cutoff: datetime, budget: int,
+                after: str) -> tuple[int, str]:
+    """Examine one page of lake keys; returns the parts removed and where the next page starts
+    ('' once the scan reached the end of the bucket)."""
+    if budget <= 0:
+        return 0, after
+    store, bucket = object_store.store, object_store.lake_bucket
+    page = store.list_page(bucket, start_after=after, limit=retention.lake_keys_per_tick)
+
+    def run_is_live(run_id: str) -> bool:
+        run = context.instance.get_run_by_id(run_id)
+        return run is not None and not run.is_finished
+
+    deleted, last = 0, after
+    for info in unlisted_parts(store, bucket, page, written_before=cutoff,
+                               run_is_live=run_is_live):
+        if deleted >= budget:  # the next tick starts at this part again
+            return deleted, last
+        store.delete(bucket, info.key)
+        deleted, last = deleted + 1, info.key
+        context.log.info(f"removed s3://{bucket}/{info.key}: no completion manifest lists it, "
+                         f"written {info.modified:%Y-%m-%d %H:%M} UTC")
+    return deleted, (page[-1].key if len(page) == retention.lake_keys_per_tick else "")

@@ -27,6 +27,8 @@ from libs.manifest import REJECTS_SUFFIX
 #: The stages whose chunks are staged per layer.
 CHUNK_STAGES = ("chunks", "transformed", "rejects")
 COMPLETION_PREFIX = "_batches/"
+#: The IO manager's default prefix for op outputs in the staging bucket.
+OP_OUTPUTS_FOLDER = "dagster-io"
 
 
 def run_prefix(run_id: str) -> str:
