@@ -108,15 +108,16 @@ def shard_batch(
 
 
 def _space_check(context: OpExecutionContext, scratch: ScratchResource, directory: Path,
-                 plan: BatchPlan) -> Callable[[int], None]:
-    """Called with the landed files' total size before any is downloaded."""
+                 plan: BatchPlan) -> Callable[[list[tuple[str, int]]], None]:
+    """Called with the landed files' (format, size) before any is downloaded."""
 
-    def check(landed_bytes: int) -> None:
-        free = check_scratch_space(directory, landed_bytes, factor=scratch.space_factor,
+    def check(files: list[tuple[str, int]]) -> None:
+        free = check_scratch_space(directory, files, factor=scratch.space_factor,
+                                   compressed_factor=scratch.compressed_space_factor,
                                    reserve_bytes=scratch.reserve_megabytes * 2**20,
                                    batch_id=plan.manifest.batch_id)
-        context.log.info(f"scratch {directory}: {free:,} bytes free for {landed_bytes:,} "
-                         f"landed bytes (x{scratch.space_factor:g} + reserve)")
+        context.log.info(f"scratch {directory}: {free:,} bytes free for "
+                         f"{sum(size for _, size in files):,} landed bytes")
 
     return check
 

@@ -1,6 +1,7 @@
 """Every object key the pipeline writes, in one place: the run's staging area and the lake.
 
-Staging (bucket ``etl-staging``), one prefix per run, removed once the batch is published::
+Staging (bucket ``etl-staging``), one prefix per run, removed once the batch is published
+(what a failed run leaves: by the staging janitor after a retention, ``housekeeping``)::
 
     runs/<run_id>/chunks/<layer>/chunk-<NNNNN>.parquet       sharded chunks
     runs/<run_id>/transformed/<layer>/chunk-<NNNNN>.parquet  transformed chunks

@@ -22,6 +22,8 @@ from pathlib import Path
 from libs.errors import ScratchSpaceError
 
 LOCK_NAME = ".lock"
+#: Formats whose rows decode to several times the file (zstd/snappy columns, deflate).
+COMPRESSED_FORMATS = frozenset({"geoparquet", "shapefile_zip"})
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 
 
@@ -84,17 +86,31 @@ def remove_dead_scratch(root: Path, *, grace_seconds: float = 60.0,
     return removed
 
 
-def check_scratch_space(directory: Path, landed_bytes: int, *, factor: float,
-                        reserve_bytes: int, batch_id: str) -> int:
-    """Raise ScratchSpaceError unless ``directory`` has room for sharding ``landed_bytes`` of
-    landed files (``factor`` times them plus ``reserve_bytes``); returns the bytes free."""
+def scratch_bytes_needed(files: list[tuple[str, int]], *, factor: float,
+                         compressed_factor: float) -> int:
+    """Local scratch that sharding ``files`` ((format, bytes) each) needs at its peak: the
+    landed copy plus the sort's spill, which holds the decoded rows; compressed formats decode
+    to several times their size (docs/housekeeping.md has the measurements)."""
+    return int(sum(size * (compressed_factor if fmt in COMPRESSED_FORMATS else factor)
+                   for fmt, size in files))
+
+
+def check_scratch_space(directory: Path, files: list[tuple[str, int]], *, factor: float,
+                        compressed_factor: float, reserve_bytes: int, batch_id: str) -> int:
+    """Raise ScratchSpaceError unless ``directory`` has room for sharding ``files``
+    ((format, bytes) each; ``scratch_bytes_needed``) plus ``reserve_bytes``; returns the
+    bytes free."""
     free = shutil.disk_usage(directory).free
-    needed = int(landed_bytes * factor) + reserve_bytes
+    landed = sum(size for _, size in files)
+    needed = scratch_bytes_needed(files, factor=factor,
+                                  compressed_factor=compressed_factor) + reserve_bytes
     if free < needed:
         raise ScratchSpaceError(
-            f"batch {batch_id!r}: its landed files total {landed_bytes:,} bytes and sharding "
-            f"them needs about {needed:,} bytes of local scratch ({factor:g} x the files plus "
-            f"a reserve of {reserve_bytes:,}), but {directory} has {free:,} bytes free. "
-            "Nothing was downloaded: free space there, point the scratch resource's directory "
-            "at a larger disk, or land the data as several smaller batches; then re-execute")
+            f"batch {batch_id!r}: its landed files total {landed:,} bytes and sharding them "
+            f"needs about {needed:,} bytes of local scratch ({factor:g} x the files, "
+            f"{compressed_factor:g} x those in a compressed format "
+            f"({', '.join(sorted(COMPRESSED_FORMATS))}), plus a reserve of {reserve_bytes:,}), "
+            f"but {directory} has {free:,} bytes free. Nothing was downloaded: free space "
+            "there, point the scratch resource's directory at a larger disk, or land the data "
+            "as several smaller batches; then re-execute")
     return free

@@ -158,7 +158,7 @@ def test_a_batch_too_large_for_the_scratch_disk_fails_before_any_download(
     assert failure.step_key == "shard_batch"
     message = failure.event_specific_data.error.to_string()
     assert f"ScratchSpaceError: batch {batch_id!r}: its landed files total " in message
-    assert "bytes of local scratch (3 x the files plus a reserve of " in message
+    assert "bytes of local scratch (3 x the files, 8 x those in a compressed format" in message
     assert f"but {scratch / result.run_id} has " in message and "Nothing was downloaded" in message
     assert list(scratch.iterdir()) == [], "the run removes its scratch when it fails"
     assert store.exists("landing-zone", f"{batch_id}/points.fgb")

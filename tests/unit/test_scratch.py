@@ -2,6 +2,7 @@
 process is killed, and the free-space check made before a batch is downloaded into it."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from etl_pipelines.resources import ScratchResource
 from etl_pipelines.sensors.janitor import scratch_janitor
 from libs.errors import ScratchSpaceError
 from libs.sharding import check_scratch_space, remove_dead_scratch, run_scratch
+from libs.sharding.scratch import scratch_bytes_needed
 
 HOLD_SCRATCH = """
 import sys, time
@@ -80,12 +82,16 @@ def test_a_run_removes_its_own_scratch_when_it_ends_and_refuses_odd_run_ids(tmp_
 
 
 def test_free_space_check_names_the_batch_the_bytes_and_the_directory(tmp_path):
-    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
-    assert check_scratch_space(tmp_path, 1000, factor=3, reserve_bytes=0, batch_id="b") > 0
+    files = [("flatgeobuf", 1000), ("geoparquet", 100)]
+    assert scratch_bytes_needed(files, factor=3, compressed_factor=8) == 3800
+    assert check_scratch_space(tmp_path, files, factor=3, compressed_factor=8, reserve_bytes=0,
+                               batch_id="b") > 0
+    free = shutil.disk_usage(tmp_path).free
     with pytest.raises(ScratchSpaceError) as raised:
-        check_scratch_space(tmp_path, 1000, factor=3, reserve_bytes=free + 2**30,
-                            batch_id="parcels-2026-12")
+        check_scratch_space(tmp_path, files, factor=3, compressed_factor=8,
+                            reserve_bytes=free + 2**30, batch_id="parcels-2026-12")
     message = str(raised.value)
-    assert "batch 'parcels-2026-12': its landed files total 1,000 bytes" in message
-    assert f"needs about {3000 + free + 2**30:,} bytes" in message
+    assert "batch 'parcels-2026-12': its landed files total 1,100 bytes" in message
+    assert f"needs about {3800 + free + 2**30:,} bytes of local scratch (3 x the files, 8 x " \
+           "those in a compressed format (geoparquet, shapefile_zip)" in message
     assert f"but {tmp_path} has " in message and "Nothing was downloaded" in message
