@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import urllib3
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
 from libs.errors import ConfigError
@@ -231,6 +232,23 @@ class ObjectStore:
 
     def delete(self, bucket: str, key: str) -> None:
         self.retried(f"delete s3://{bucket}/{key}", lambda: self._client.remove_object(bucket, key))
+
+    def delete_many(self, bucket: str, keys: list[str]) -> None:
+        """Delete ``keys`` in multi-object DELETE requests of up to 1,000 keys (S3's bound):
+        one request instead of one per key. A key that is already gone is no error."""
+        for start in range(0, len(keys), 1000):
+            batch = keys[start:start + 1000]
+
+            def remove(batch: list[str] = batch) -> None:
+                errors = [e for e in self._client.remove_objects(
+                    bucket, [DeleteObject(key) for key in batch])
+                    if e.code not in ("NoSuchKey", "NoSuchObject")]
+                if errors:
+                    raise RuntimeError(f"could not delete {len(errors)} object(s) of s3://{bucket}/,"
+                                       f" first {errors[0].name!r}: {errors[0].code} "
+                                       f"{errors[0].message}")
+
+            self.retried(f"delete {len(batch)} object(s) of s3://{bucket}/", remove)
 
 
 def _info(obj) -> ObjectInfo:

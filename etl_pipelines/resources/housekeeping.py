@@ -53,8 +53,9 @@ class RetentionResource(ConfigurableResource):
         "lists is removed once older than this. Keep it well above the longest run "
         "(input_limits.max_run_seconds): a live publisher's parts must never be this old")
     max_deletions_per_tick: int = Field(
-        default=2000, ge=1, description="objects deleted per janitor tick at most (the rest "
-        "waits for the next tick), so one tick stays short whatever piled up")
+        default=2000, ge=1, description="staging objects, and lake parts, deleted per janitor "
+        "tick at most (the rest waits for the next tick), so one tick stays short whatever "
+        "piled up (multi-object deletes: two requests per 1,000)")
     lake_keys_per_tick: int = Field(
         default=5000, ge=1, description="lake keys examined per tick; the scan resumes from "
         "the sensor's cursor, so a tick costs this many keys, not the whole lake")

@@ -11,6 +11,7 @@ container, whose disk holds the runs' scratch, not the daemon's.
 
 import json
 from datetime import UTC, datetime
+from itertools import islice
 
 from dagster import (
     DagsterInstance,
@@ -100,16 +101,16 @@ def scratch_janitor(context: SensorEvaluationContext, scratch: ScratchResource) 
         description="Removes finished runs' staging and unlisted lake parts after a retention.")
 def staging_janitor(context: SensorEvaluationContext, object_store: ObjectStoreResource,
                     retention: RetentionResource) -> SensorResult:
-    """At most ``max_deletions_per_tick`` objects a tick: staging first, then the next page of
-    the lake's keys (the cursor says where the last page ended)."""
+    """At most ``max_deletions_per_tick`` staging objects and as many lake parts a tick, from
+    the next page of the lake's keys (the cursor says where the last page ended)."""
     cursor = json.loads(context.cursor) if context.cursor else {}
     if cursor.get("version") != CURSOR_VERSION:
         cursor = {}
     cutoff = datetime.now(UTC) - retention.retention
     budget = retention.max_deletions_per_tick
     staging = _clean_staging(context, object_store, cutoff, budget)
-    parts, lake_after = _clean_lake(context, object_store, retention, cutoff,
-                                    budget - staging, cursor.get("lake_after", ""))
+    parts, lake_after = _clean_lake(context, object_store, retention, cutoff, budget,
+                                    cursor.get("lake_after", ""))
     return SensorResult(
         skip_reason=SkipReason(f"removed {staging} staging object(s) of finished runs and "
                                f"{parts} unlisted lake part(s) older than {cutoff:%Y-%m-%d %H:%M}"
@@ -164,8 +165,6 @@ def _clean_lake(context: SensorEvaluationContext, object_store: ObjectStoreResou
                 after: str) -> tuple[int, str]:
     """Examine one page of lake keys; returns the parts removed and where the next page starts
     ('' once the scan reached the end of the bucket)."""
-    if budget <= 0:
-        return 0, after
     store, bucket = object_store.store, object_store.lake_bucket
     page = store.list_page(bucket, start_after=after, limit=retention.lake_keys_per_tick)
 
@@ -173,13 +172,12 @@ def _clean_lake(context: SensorEvaluationContext, object_store: ObjectStoreResou
         run = context.instance.get_run_by_id(run_id)
         return run is not None and not run.is_finished
 
-    deleted, last = 0, after
-    for info in unlisted_parts(store, bucket, page, written_before=cutoff,
-                               run_is_live=run_is_live):
-        if deleted >= budget:  # the next tick starts at this part again
-            return deleted, last
-        store.delete(bucket, info.key)
-        deleted, last = deleted + 1, info.key
+    parts = list(islice(unlisted_parts(store, bucket, page, written_before=cutoff,
+                                       run_is_live=run_is_live), budget + 1))
+    store.delete_many(bucket, [info.key for info in parts[:budget]])
+    for info in parts[:budget]:
         context.log.info(f"removed s3://{bucket}/{info.key}: no completion manifest lists it, "
                          f"written {info.modified:%Y-%m-%d %H:%M} UTC")
-    return deleted, (page[-1].key if len(page) == retention.lake_keys_per_tick else "")
+    if len(parts) > budget:  # out of budget: the next tick starts at the part left
+        return budget, parts[budget - 1].key
+    return len(parts), (page[-1].key if len(page) == retention.lake_keys_per_tick else "")

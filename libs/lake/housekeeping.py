@@ -51,16 +51,12 @@ def newest_object(store: ObjectStore, bucket: str, prefixes: list[str]) -> datet
 def delete_under(store: ObjectStore, bucket: str, prefixes: list[str], limit: int) -> list[str]:
     """Delete up to ``limit`` objects under ``prefixes``; returns their keys (what is left
     waits for the next call)."""
-    deleted: list[str] = []
     for prefix in prefixes:
         if not prefix.endswith("/") or prefix.count("/") < 2:
             raise ValueError(f"refusing to delete under {prefix!r}: not a run's folder")
-        for info in store.list(bucket, prefix):
-            if len(deleted) >= limit:
-                return deleted
-            store.delete(bucket, info.key)
-            deleted.append(info.key)
-    return deleted
+    keys = [info.key for prefix in prefixes for info in store.list(bucket, prefix)][:limit]
+    store.delete_many(bucket, keys)
+    return keys
 
 
 def unlisted_parts(store: ObjectStore, lake_bucket: str, objects: list[ObjectInfo], *,
