@@ -15,6 +15,7 @@ from itertools import islice
 
 from dagster import (
     DagsterInstance,
+    DagsterRun,
     DefaultSensorStatus,
     RunFailureSensorContext,
     RunsFilter,
@@ -125,8 +126,8 @@ def _clean_staging(context: SensorEvaluationContext, object_store: ObjectStoreRe
     for run_id, prefixes in staged_runs(store, bucket, [RUNS_FOLDER, OP_OUTPUTS_FOLDER]).items():
         if deleted >= budget:
             break
-        if context.instance.get_run_by_id(run_id) is not None:
-            why = _staging_removable(context.instance, run_id, cutoff)
+        if (run := context.instance.get_run_by_id(run_id)) is not None:
+            why = _staging_removable(context.instance, run, cutoff)
         else:  # another instance's, or deleted from this one: its objects' age alone
             newest = newest_object(store, bucket, prefixes)
             why = (f"run unknown to this instance, nothing written since {newest:%Y-%m-%d %H:%M}"
@@ -140,12 +141,12 @@ def _clean_staging(context: SensorEvaluationContext, object_store: ObjectStoreRe
     return deleted
 
 
-def _staging_removable(instance: DagsterInstance, run_id: str, cutoff: datetime) -> str | None:
+def _staging_removable(instance: DagsterInstance, run: DagsterRun,
+                       cutoff: datetime) -> str | None:
     """Why the run's staging may go, or None. A re-execution reads its parent's staged op
     outputs (and their chunks), which may be the root run's: so every run of the run's
     re-execution group must be finished, the last of them before ``cutoff``."""
-    run = instance.get_run_by_id(run_id)
-    root = run.tags.get(ROOT_RUN_ID_TAG, run_id)
+    root = run.tags.get(ROOT_RUN_ID_TAG, run.run_id)
     records = [*instance.get_run_records(RunsFilter(run_ids=[root])),
                *instance.get_run_records(RunsFilter(tags={ROOT_RUN_ID_TAG: root}))]
     if any(not r.dagster_run.is_finished for r in records):
