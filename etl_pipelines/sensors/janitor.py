@@ -18,6 +18,7 @@ from dagster import (
     DagsterRun,
     DefaultSensorStatus,
     RunFailureSensorContext,
+    RunRecord,
     RunsFilter,
     SensorEvaluationContext,
     SensorResult,
@@ -122,12 +123,19 @@ def staging_janitor(context: SensorEvaluationContext, object_store: ObjectStoreR
 def _clean_staging(context: SensorEvaluationContext, object_store: ObjectStoreResource,
                    cutoff: datetime, budget: int) -> int:
     store, bucket = object_store.store, object_store.staging_bucket
+    staged = staged_runs(store, bucket, [RUNS_FOLDER, OP_OUTPUTS_FOLDER])
+    known = _run_records(context.instance, list(staged))
+    group_ends = _group_ends(context.instance, {_root(r.dagster_run) for r in known.values()})
     deleted = 0
-    for run_id, prefixes in staged_runs(store, bucket, [RUNS_FOLDER, OP_OUTPUTS_FOLDER]).items():
+    for run_id, prefixes in staged.items():
         if deleted >= budget:
             break
-        if (run := context.instance.get_run_by_id(run_id)) is not None:
-            why = _staging_removable(context.instance, run, cutoff)
+        if run_id in known:
+            run = known[run_id].dagster_run
+            ended = group_ends.get(_root(run))
+            why = (f"{run.status.value}, the last run of its re-execution group ended "
+                   f"{ended:%Y-%m-%d %H:%M} UTC" if ended is not None and ended < cutoff
+                   else None)
         else:  # another instance's, or deleted from this one: its objects' age alone
             newest = newest_object(store, bucket, prefixes)
             why = (f"run unknown to this instance, nothing written since {newest:%Y-%m-%d %H:%M}"
@@ -141,24 +149,39 @@ def _clean_staging(context: SensorEvaluationContext, object_store: ObjectStoreRe
     return deleted
 
 
-def _staging_removable(instance: DagsterInstance, run: DagsterRun,
-                       cutoff: datetime) -> str | None:
-    """Why the run's staging may go, or None. A re-execution reads its parent's staged op
-    outputs (and their chunks), which may be the root run's: so every run of the run's
-    re-execution group must be finished, the last of them before ``cutoff``."""
-    root = run.tags.get(ROOT_RUN_ID_TAG, run.run_id)
-    records = [*instance.get_run_records(RunsFilter(run_ids=[root])),
-               *instance.get_run_records(RunsFilter(tags={ROOT_RUN_ID_TAG: root}))]
-    if any(not r.dagster_run.is_finished for r in records):
-        return None
-    ended = max(datetime.fromtimestamp(r.end_time, UTC) if r.end_time else r.update_timestamp
-                for r in records)
-    if ended.tzinfo is None:
-        ended = ended.replace(tzinfo=UTC)
-    if ended >= cutoff:
-        return None
-    return (f"{run.status.value}, its re-execution group of {len(records)} run(s) ended "
-            f"{ended:%Y-%m-%d %H:%M} UTC")
+def _root(run: DagsterRun) -> str:
+    return run.tags.get(ROOT_RUN_ID_TAG, run.run_id)
+
+
+def _run_records(instance: DagsterInstance, run_ids: list[str]) -> dict[str, RunRecord]:
+    """The records of the runs among ``run_ids`` this instance knows (a query per 500)."""
+    found = {}
+    for start in range(0, len(run_ids), 500):
+        for record in instance.get_run_records(RunsFilter(run_ids=run_ids[start:start + 500])):
+            found[record.dagster_run.run_id] = record
+    return found
+
+
+def _group_ends(instance: DagsterInstance, roots: set[str]) -> dict[str, datetime | None]:
+    """For each root run, when the last run of its re-execution group (the root and every run
+    tagged with it) ended; None while one of them is not finished. A re-execution reads the
+    staged op outputs of the run that produced them, which may be any earlier run of the
+    group: nothing of a group goes before all of it is finished and past the retention."""
+    ordered = sorted(roots)
+    records = list(_run_records(instance, ordered).values())
+    for start in range(0, len(ordered), 500):
+        records += instance.get_run_records(
+            RunsFilter(tags={ROOT_RUN_ID_TAG: ordered[start:start + 500]}))
+    ends: dict[str, datetime | None] = {}
+    for record in records:
+        root, run = _root(record.dagster_run), record.dagster_run
+        if not run.is_finished or (root in ends and ends[root] is None):
+            ends[root] = None
+            continue
+        ended = (datetime.fromtimestamp(record.end_time, UTC) if record.end_time
+                 else record.update_timestamp.replace(tzinfo=record.update_timestamp.tzinfo or UTC))
+        ends[root] = max(ended, ends.get(root) or ended)
+    return ends
 
 
 def _clean_lake(context: SensorEvaluationContext, object_store: ObjectStoreResource,
