@@ -129,16 +129,6 @@ class ObjectStore:
 
         return self.retried(f"list s3://{bucket}/ after {start_after!r}", page)
 
-    def list_folders(self, bucket: str, prefix: str) -> list[str]:
-        """The immediate sub-folders of ``prefix`` (each ending in '/'), not their objects."""
-
-        def folders() -> list[str]:
-            return [obj.object_name for obj in
-                    self._client.list_objects(bucket, prefix=prefix, recursive=False)
-                    if obj.is_dir]
-
-        return self.retried(f"list the folders of s3://{bucket}/{prefix}", folders)
-
     def exists(self, bucket: str, key: str) -> bool:
         def stat() -> bool:
             try:

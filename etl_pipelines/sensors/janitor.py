@@ -38,9 +38,8 @@ from libs import postgis
 from libs.lake import (
     OP_OUTPUTS_FOLDER,
     RUNS_FOLDER,
-    delete_under,
-    newest_object,
-    staged_runs,
+    folders_of,
+    staged_objects,
     unlisted_parts,
 )
 from libs.ledger import run_failure_cause
@@ -123,12 +122,13 @@ def staging_janitor(context: SensorEvaluationContext, object_store: ObjectStoreR
 def _clean_staging(context: SensorEvaluationContext, object_store: ObjectStoreResource,
                    cutoff: datetime, budget: int) -> int:
     store, bucket = object_store.store, object_store.staging_bucket
-    staged = staged_runs(store, bucket, [RUNS_FOLDER, OP_OUTPUTS_FOLDER])
+    staged = staged_objects(store, bucket, [RUNS_FOLDER, OP_OUTPUTS_FOLDER])
     known = _run_records(context.instance, list(staged))
     group_ends = _group_ends(context.instance, {_root(r.dagster_run) for r in known.values()})
-    deleted = 0
-    for run_id, prefixes in staged.items():
-        if deleted >= budget:
+    doomed: list[str] = []
+    folders: list[str] = []
+    for run_id, objects in staged.items():
+        if len(doomed) >= budget:
             break
         if run_id in known:
             run = known[run_id].dagster_run
@@ -137,16 +137,19 @@ def _clean_staging(context: SensorEvaluationContext, object_store: ObjectStoreRe
                    f"{ended:%Y-%m-%d %H:%M} UTC" if ended is not None and ended < cutoff
                    else None)
         else:  # another instance's, or deleted from this one: its objects' age alone
-            newest = newest_object(store, bucket, prefixes)
+            newest = max((o.modified for o in objects if o.modified), default=None)
             why = (f"run unknown to this instance, nothing written since {newest:%Y-%m-%d %H:%M}"
                    if newest is not None and newest < cutoff else None)
         if why is None:
             continue
-        keys = delete_under(store, bucket, prefixes, budget - deleted)
-        deleted += len(keys)
-        context.log.info(f"removed {len(keys)} staging object(s) of run {run_id} ({why}): "
-                         f"{', '.join(prefixes)}")
-    return deleted
+        keys = [o.key for o in objects][:budget - len(doomed)]
+        doomed += keys
+        folders += folders_of(keys) if len(keys) == len(objects) else []
+        context.log.info(f"removing {len(keys)} of the {len(objects)} staging object(s) of run "
+                         f"{run_id} ({why})")
+    store.delete_many(bucket, doomed)
+    store.delete_many(bucket, sorted(set(folders), key=lambda f: (-f.count("/"), f)))
+    return len(doomed)
 
 
 def _root(run: DagsterRun) -> str:

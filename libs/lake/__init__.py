@@ -5,9 +5,8 @@ with their completion manifest written last (``publish``), and a batch's dataset
 from libs.lake.batch import batch_datasets, lineage_records, publish_batch_to_lake
 from libs.lake.housekeeping import (
     RUNS_FOLDER,
-    delete_under,
-    newest_object,
-    staged_runs,
+    folders_of,
+    staged_objects,
     unlisted_parts,
 )
 from libs.lake.keys import (
@@ -32,9 +31,8 @@ from libs.lake.publish import (
 __all__ = [
     "OP_OUTPUTS_FOLDER",
     "RUNS_FOLDER",
-    "delete_under",
-    "newest_object",
-    "staged_runs",
+    "folders_of",
+    "staged_objects",
     "unlisted_parts",
     "CHUNK_STAGES",
     "chunk_key",

@@ -31,32 +31,29 @@ PART_KEY = re.compile(r"^(?P<dataset>[^/]+)/(?P<batch>[^/]+)/"
                       r"(?P<run_id>[A-Za-z0-9-]+)\.[0-9a-f]{8}/part-\d{5}\.parquet$")
 
 
-def staged_runs(store: ObjectStore, bucket: str, folders: list[str]) -> dict[str, list[str]]:
-    """Run id -> its staging prefixes, for every ``<folder>/<run_id>/`` in ``bucket``."""
-    runs: dict[str, list[str]] = {}
+def staged_objects(store: ObjectStore, bucket: str,
+                   folders: list[str]) -> dict[str, list[ObjectInfo]]:
+    """Run id -> its objects, for every object under ``<folder>/<run_id>/`` in ``bucket``: one
+    listing of each folder (pages of 1,000 keys), not one per run."""
+    runs: dict[str, list[ObjectInfo]] = {}
     for folder in folders:
-        for prefix in store.list_folders(bucket, f"{folder}/"):
-            run_id = prefix[len(folder) + 1:].rstrip("/")
-            if run_id:
-                runs.setdefault(run_id, []).append(prefix)
+        for info in store.list(bucket, f"{folder}/"):
+            run_id, _, rest = info.key[len(folder) + 1:].partition("/")
+            if run_id and rest:
+                runs.setdefault(run_id, []).append(info)
     return runs
 
 
-def newest_object(store: ObjectStore, bucket: str, prefixes: list[str]) -> datetime | None:
-    """When the newest object under ``prefixes`` was written (None: no object, or no dates)."""
-    dates = [o.modified for p in prefixes for o in store.list(bucket, p) if o.modified]
-    return max(dates, default=None)
-
-
-def delete_under(store: ObjectStore, bucket: str, prefixes: list[str], limit: int) -> list[str]:
-    """Delete up to ``limit`` objects under ``prefixes``; returns their keys (what is left
-    waits for the next call)."""
-    for prefix in prefixes:
-        if not prefix.endswith("/") or prefix.count("/") < 2:
-            raise ValueError(f"refusing to delete under {prefix!r}: not a run's folder")
-    keys = [info.key for prefix in prefixes for info in store.list(bucket, prefix)][:limit]
-    store.delete_many(bucket, keys)
-    return keys
+def folders_of(keys: list[str], depth: int = 2) -> list[str]:
+    """Every folder holding ``keys`` below the first ``depth`` levels (``runs/<run_id>/`` and
+    below), deepest first. SeaweedFS keeps a folder once emptied; deleting these keys after
+    their objects removes it (on S3 proper they do not exist and the delete is a no-op; a
+    folder that is not empty stays either way)."""
+    folders = set()
+    for key in keys:
+        parts = key.split("/")[:-1]
+        folders.update("/".join(parts[:n]) + "/" for n in range(depth, len(parts) + 1))
+    return sorted(folders, key=lambda folder: (-folder.count("/"), folder))
 
 
 def unlisted_parts(store: ObjectStore, lake_bucket: str, objects: list[ObjectInfo], *,
