@@ -1,4 +1,4 @@
-"""What the janitor may remove from the staging bucket and the lake, removed in bounded amounts.
+"""What the janitor may remove from the staging bucket and the lake, and why it may.
 
 Whether a run is finished, and since when, is the orchestrator's to say: callers pass that in.
 This module decides from keys, object ages and completion manifests, and never from anything

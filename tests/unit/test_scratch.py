@@ -1,5 +1,6 @@
-"""The run's local scratch: locked while its process lives, removed by the janitor once the
-process is killed, and the free-space check made before a batch is downloaded into it."""
+"""Housekeeping offline: the run's local scratch (locked while its process lives, removed by the
+janitor once the process is killed), the free-space check made before a batch is downloaded
+into it, and which staging folders and lake keys the staging janitor recognises."""
 
 import os
 import shutil
@@ -13,6 +14,8 @@ from dagster import DagsterInstance, build_sensor_context
 from etl_pipelines.resources import ScratchResource
 from etl_pipelines.sensors.janitor import scratch_janitor
 from libs.errors import ScratchSpaceError
+from libs.lake import folders_of
+from libs.lake.housekeeping import PART_KEY
 from libs.sharding import check_scratch_space, remove_dead_scratch, run_scratch
 from libs.sharding.scratch import scratch_bytes_needed
 
@@ -95,3 +98,19 @@ def test_free_space_check_names_the_batch_the_bytes_and_the_directory(tmp_path):
     assert f"needs about {3800 + free + 2**30:,} bytes of local scratch (3 x the files, 8 x " \
            "those in a compressed format (geoparquet, shapefile_zip)" in message
     assert f"but {tmp_path} has " in message and "Nothing was downloaded" in message
+
+
+def test_the_folders_an_emptied_run_leaves_are_named_deepest_first_and_only_below_the_run():
+    assert folders_of(["runs/r1/chunks/points/chunk-00000.parquet",
+                       "runs/r1/results/j/part-00000.parquet", "runs/r1/x.json"]) == [
+        "runs/r1/chunks/points/", "runs/r1/results/j/", "runs/r1/chunks/", "runs/r1/results/",
+        "runs/r1/"]
+
+
+def test_only_a_publication_part_key_is_a_lake_part():
+    run = "0c1d3a2e-aaaa-4bbb-8ccc-000000000001"
+    assert PART_KEY.match(f"points/b1/{run}.0a1b2c3d/part-00000.parquet")["run_id"] == run
+    for key in (f"points/b1/{run}/part-00000.parquet",  # no publication suffix
+                f"points/b1/{run}.0a1b2c3d/notes.txt", "_batches/b1.json",
+                f"points/b1/{run}.0a1b2c3d/sub/part-00000.parquet"):
+        assert PART_KEY.match(key) is None, key
