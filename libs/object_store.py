@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import TypeVar
 
@@ -112,6 +113,19 @@ class ObjectStore:
                     if not obj.is_dir]
 
         yield from self.retried(f"list s3://{bucket}/{prefix}", listing)
+
+    def list_page(self, bucket: str, *, after: str = "", limit: int) -> list[ObjectInfo]:
+        """At most ``limit`` objects whose key sorts after ``after`` (recursively, in key
+        order): a listing that resumes (S3 ``start-after``), so its cost is the page asked
+        for, not the bucket (the client fetches 1,000 keys per request, lazily)."""
+
+        def listing() -> list[ObjectInfo]:
+            found = (obj for obj in self._client.list_objects(
+                bucket, recursive=True, start_after=after or None) if not obj.is_dir)
+            return [ObjectInfo(obj.object_name, obj.size or 0, (obj.etag or "").strip('"'))
+                    for obj in islice(found, limit)]
+
+        return self.retried(f"list s3://{bucket}/ after {after!r}", listing)
 
     def exists(self, bucket: str, key: str) -> bool:
         def stat() -> bool:

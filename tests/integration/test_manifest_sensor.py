@@ -7,7 +7,7 @@ from dagster import DagsterInstance, SkipReason
 
 from libs.landing import land_batch
 from libs.sample_batch import write_sample_batch
-from tests.integration.pipeline import land_sample, request_for, sensor_tick
+from tests.integration.pipeline import land_sample, request_for, requested_nothing, sensor_tick
 
 pytestmark = pytest.mark.integration
 
@@ -77,4 +77,4 @@ def test_a_batch_id_never_starts_a_second_run_even_under_a_new_key(
     # and a fresh cursor (e.g. a reset sensor) does not bring the started batch back either:
     # the ledger remembers both manifests, so the tick has nothing to do
     reset = sensor_tick(instance, focus=[batch_id, f"{batch_id}-again"])
-    assert isinstance(reset, SkipReason), reset
+    assert requested_nothing(reset), reset
