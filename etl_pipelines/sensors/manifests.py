@@ -2,7 +2,7 @@
 
 A tick never stops on one manifest: a bad one (size, UTF-8, JSON, nesting, schema) is
 recorded in the ledger's ``manifests`` as ``invalid`` with the reason and the tick goes on; a
-failed read is recorded ``unreadable`` and tried again next tick; if the ledger write fails,
+failed read is recorded ``unreadable`` and tried again by the sweep; if the ledger write fails,
 the manifest stays out of the cursor for a later tick (a ledger gone mid-tick ends the tick).
 ``batches`` makes ``batch_id`` single-use (another key: ``duplicate_batch``; the claiming key
 replaced after its run started: ``refused``); ``run_key = batch_id`` guards it in Dagster.
@@ -19,7 +19,7 @@ user-chosen) or a replaced manifest is found within ceil(objects / SWEEP_PAGE) t
 costs what is new plus one page, not the landing zone. Neither position passes a manifest
 the tick did not look at. No position (a fresh or older cursor): one full listing.
 Bound: MAX_RECENT settled entries plus the unsettled ones (at most the run queue), each at
-most ~1.1 KB (an S3 key is <= 1,024 bytes), plus two keys: about 553 KB at worst, ~40 KB for
+most ~1.1 KB (an S3 key is <= 1,024 bytes), plus two keys: under 553 KB, ~36 KB for
 typical keys (docs/limits.md).
 """
 
@@ -93,8 +93,8 @@ def write_cursor(processed: dict[str, str], position: Position | None = None) ->
 
 
 class Unreadable(ManifestError):
-    """The manifest object could not be read: recorded, but retried by the next tick (a
-    blip must not refuse a batch for good)."""
+    """The manifest object could not be read: recorded, but retried when the sweep lists it
+    again (a blip must not refuse a batch for good)."""
 
 
 def _read(store: ObjectStore, bucket: str, obj: ObjectInfo, limits: ManifestLimits):
