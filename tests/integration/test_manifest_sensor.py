@@ -31,7 +31,7 @@ def test_valid_manifest_requests_one_run_keyed_by_batch_id(landing_store, tmp_pa
     config = request.run_config["ops"]["validate_batch"]["config"]
     assert config == {"manifest_key": f"{batch_id}/manifest.json", "batch_id": batch_id}
     cursor = _cursor(first)
-    assert cursor["version"] == 2 and f"{batch_id}/manifest.json" in cursor["processed"]
+    assert cursor["version"] == 3 and f"{batch_id}/manifest.json" in cursor["processed"]
     second = sensor_tick(instance, cursor=first.cursor)
     assert isinstance(second, SkipReason) or request_for(second, batch_id) is None
 
