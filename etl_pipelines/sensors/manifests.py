@@ -17,7 +17,8 @@ Discovery (docs/manifest-discovery.md): each tick lists what landed after ``posi
 bucket round and round from ``position.sweep``: a key sorting before ``after`` (keys are
 user-chosen) or a replaced manifest is found within ceil(objects / SWEEP_PAGE) ticks. A tick
 costs what is new plus one page, not the landing zone. Neither position passes a manifest
-the tick did not look at. No position (a fresh or older cursor): one full listing.
+the tick did not look at. No position (a fresh or older cursor): one full listing (at most
+FIRST_PAGE keys, then the tail goes on from there).
 Bound: MAX_RECENT settled entries plus the unsettled ones (at most the run queue), each at
 most ~1.1 KB (an S3 key is <= 1,024 bytes), plus two keys: under 553 KB, ~36 KB for
 typical keys (docs/limits.md).
@@ -52,6 +53,9 @@ MAX_RECENT = 500
 TAIL_PAGE = 10_000
 #: Keys the reconciliation sweep lists per tick: one S3 listing request.
 SWEEP_PAGE = 1_000
+#: Keys listed by a tick without a position (~15 s on SeaweedFS: well under Dagster's 60 s
+#: sensor timeout, which a whole listing of a larger landing zone would pass every tick).
+FIRST_PAGE = 100_000
 
 
 @dataclass(frozen=True)
@@ -160,10 +164,10 @@ def _consider(context: SensorEvaluationContext, book: Ledger, obj: ObjectInfo,
 
 def _list(store: ObjectStore, bucket: str,
           position: Position) -> tuple[list[ObjectInfo], list[ObjectInfo]]:
-    """What landed past ``position.after`` and the sweep's next page (nothing without a
-    position: the full listing covers it)."""
+    """What landed past ``position.after`` and the sweep's next page (without a position:
+    the bucket from its first key, FIRST_PAGE keys at most, and no sweep)."""
     if position.after is None:
-        return list(store.list(bucket)), []
+        return store.list_page(bucket, limit=FIRST_PAGE), []
     fresh = store.list_page(bucket, after=position.after, limit=TAIL_PAGE)
     swept = store.list_page(bucket, after=position.sweep, limit=SWEEP_PAGE)
     return fresh, swept
