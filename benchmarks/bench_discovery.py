@@ -133,7 +133,9 @@ def test_discovery_tick(benchmark, zones, instance, case):
     landed: list[str] = []
 
     def setup():
-        key = f"~new-{uuid.uuid4().hex[:12]}/{MANIFEST_FILENAME}"  # after the marker
+        # after the marker; without a position, first (the first listing stops at FIRST_PAGE)
+        first = "!" if mode == "full-listing" else "~"
+        key = f"{first}new-{uuid.uuid4().hex[:12]}/{MANIFEST_FILENAME}"
         zone.store.write_bytes(zone.bucket, key, b"{}", "application/json")
         landed.append(key)
         return (instance, None if mode == "full-listing" else zone.steady_cursor()), {}
