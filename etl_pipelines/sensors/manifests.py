@@ -250,7 +250,7 @@ def manifest_sensor(
                 book.record_manifest(manifest_key=obj.key, etag=obj.etag, status="unreadable",
                                      batch_id=None, errors=exc.errors)
                 context.log.warning(str(exc))
-                continue  # not in the cursor, and not settled in the ledger: retried
+                continue  # not in the cursor, not settled in the ledger: the sweep retries it
             except ManifestError as exc:
                 book.record_manifest(manifest_key=obj.key, etag=obj.etag, status="invalid",
                                      batch_id=None, errors=exc.errors)
@@ -266,7 +266,7 @@ def manifest_sensor(
                               "it and the manifests after it are left for the next tick")
             unlooked = new[index:]
             break
-        except Exception as exc:  # e.g. a ledger write refused: retried next tick
+        except Exception as exc:  # e.g. a ledger write refused: the sweep retries it
             context.log.error(f"manifest {obj.key!r} left for a later tick: {exc!r}")
             continue
         processed.pop(obj.key, None)  # re-inserted: the newest entry
