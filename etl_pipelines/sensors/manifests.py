@@ -13,9 +13,9 @@ keeps a ``position``. Past MAX_RECENT entries, the oldest settled ones (refused,
 with a run started) leave the map; a listed version not in it is looked up in the ledger.
 
 Discovery (docs/manifest-discovery.md): each tick lists what landed after ``position.after``
-(at most TAIL_PAGE keys, S3 start-after) plus one SWEEP_PAGE of a sweep that walks the whole
+(at most TAIL_PAGE keys, S3 start-after) plus one page of a sweep that walks the whole
 bucket round and round from ``position.sweep``: a key sorting before ``after`` (keys are
-user-chosen) or a replaced manifest is found within ceil(objects / SWEEP_PAGE) ticks. A tick
+user-chosen) or a replaced manifest is found within ~ceil(objects / SWEEP_PAGE) ticks. A tick
 costs what is new plus one page, not the landing zone. Neither position passes a manifest
 the tick did not look at. No position (a fresh or older cursor): one full listing (at most
 FIRST_PAGE keys, then the tail goes on from there).
@@ -25,6 +25,7 @@ typical keys (docs/limits.md).
 """
 
 import json
+import random
 from dataclasses import dataclass
 
 from dagster import (
@@ -51,7 +52,9 @@ MAX_MANIFESTS_PER_TICK = 50
 MAX_RECENT = 500
 #: Keys listed past ``position.after`` per tick (a larger burst takes several ticks).
 TAIL_PAGE = 10_000
-#: Keys the reconciliation sweep lists per tick: one S3 listing request.
+#: Keys the reconciliation sweep lists per tick (one S3 listing request): between 3/4 of it
+#: and all of it, at random, so that page boundaries differ from round to round (SeaweedFS
+#: resumes after a key that is also a folder, "a" beside "a/b", past everything under it).
 SWEEP_PAGE = 1_000
 #: Keys listed by a tick without a position (~15 s on SeaweedFS: well under Dagster's 60 s
 #: sensor timeout, which a whole listing of a larger landing zone would pass every tick).
@@ -163,14 +166,14 @@ def _consider(context: SensorEvaluationContext, book: Ledger, obj: ObjectInfo,
 
 
 def _list(store: ObjectStore, bucket: str,
-          position: Position) -> tuple[list[ObjectInfo], list[ObjectInfo]]:
-    """What landed past ``position.after`` and the sweep's next page (without a position:
-    the bucket from its first key, FIRST_PAGE keys at most, and no sweep)."""
+          position: Position) -> tuple[list[ObjectInfo], list[ObjectInfo], int]:
+    """What landed past ``position.after``, the sweep's next page and the keys it asked for
+    (without a position: the bucket from its first key, FIRST_PAGE keys at most, no sweep)."""
     if position.after is None:
-        return store.list_page(bucket, limit=FIRST_PAGE), []
+        return store.list_page(bucket, limit=FIRST_PAGE), [], 0
     fresh = store.list_page(bucket, after=position.after, limit=TAIL_PAGE)
-    swept = store.list_page(bucket, after=position.sweep, limit=SWEEP_PAGE)
-    return fresh, swept
+    asked = SWEEP_PAGE - random.randrange(SWEEP_PAGE // 4 + 1)
+    return fresh, store.list_page(bucket, after=position.sweep, limit=asked), asked
 
 
 def _advance(start: str, page: list[ObjectInfo], held: set[str]) -> str:
@@ -184,12 +187,12 @@ def _advance(start: str, page: list[ObjectInfo], held: set[str]) -> str:
 
 
 def next_position(position: Position, fresh: list[ObjectInfo], swept: list[ObjectInfo],
-                  held: set[str]) -> Position:
+                  held: set[str], asked: int) -> Position:
     """Past what this tick listed (``fresh`` after ``position.after``, ``swept`` after
     ``position.sweep``), never past a manifest in ``held`` (not looked at); a sweep page
-    shorter than SWEEP_PAGE reached the bucket's end: the sweep starts over."""
+    shorter than the ``asked`` keys reached the bucket's end: the sweep starts over."""
     after = _advance(position.after or "", fresh, held)
-    if position.after is None or (len(swept) < SWEEP_PAGE and not held & {o.key for o in swept}):
+    if position.after is None or (len(swept) < asked and not held & {o.key for o in swept}):
         return Position(after=after, sweep="")  # the sweep went round: from the start again
     return Position(after=after, sweep=_advance(position.sweep, swept, held))
 
@@ -221,7 +224,7 @@ def manifest_sensor(
     store = object_store.store
     bucket = object_store.landing_bucket
     try:
-        fresh, swept = _list(store, bucket, position)
+        fresh, swept, asked = _list(store, bucket, position)
         listed = [o for o in {o.key: o for o in fresh + swept}.values()
                   if o.key.rsplit("/", 1)[-1] == MANIFEST_FILENAME
                   and processed.get(o.key) != o.etag]
@@ -237,7 +240,7 @@ def manifest_sensor(
     new = [o for o in listed if (o.key, o.etag) not in settled]
     if not new:
         skip = SkipReason(f"no new manifest in s3://{bucket} ({len(processed)} in the cursor)")
-        moved = write_cursor(processed, next_position(position, fresh, swept, set()))
+        moved = write_cursor(processed, next_position(position, fresh, swept, set(), asked))
         # the listing moved on (or the sweep went on): the position is kept even on a skip
         return skip if moved == context.cursor else SensorResult(skip_reason=skip, cursor=moved)
     requests: list[RunRequest] = []
@@ -272,5 +275,5 @@ def manifest_sensor(
         processed.pop(obj.key, None)  # re-inserted: the newest entry
         processed[obj.key] = obj.etag
     _prune(context, book, processed)
-    position = next_position(position, fresh, swept, {o.key for o in unlooked})
+    position = next_position(position, fresh, swept, {o.key for o in unlooked}, asked)
     return SensorResult(run_requests=requests, cursor=write_cursor(processed, position))

@@ -85,7 +85,8 @@ def test_a_manifest_sorting_before_the_position_is_found_by_the_sweep(
     land_batch(admin, tmp_path / early, early, bucket=bucket)
     objects = len(list(admin.list(bucket)))
     found, ticks = [], 0
-    while not found and ticks <= math.ceil(objects / manifests.SWEEP_PAGE) + 1:
+    smallest_page = manifests.SWEEP_PAGE - manifests.SWEEP_PAGE // 4  # pages vary at random
+    while not found and ticks <= math.ceil(objects / smallest_page) + 1:
         result, cursor = _tick(instance, stack_env, bucket, cursor)
         found = [r for r in getattr(result, "run_requests", None) or [] if r.run_key == early]
         ticks += 1
@@ -126,7 +127,7 @@ def test_nothing_is_missed_across_ticks_and_the_cursor_stays_bounded(
             landed[(key, _put(admin, bucket, key, b'{"replaced": true}'))] = 1
         tick()
     objects = len(list(admin.list(bucket)))
-    bound = math.ceil(objects / 5) + math.ceil(len(landed) / 2) + 2
+    bound = math.ceil(objects / 4) + math.ceil(len(landed) / 2) + 2  # sweep pages of 4-5 keys
 
     def missing():  # recorded invalid is settled: one query by id for all of them
         return sorted(set(landed) - ledger.settled_manifests(list(landed)))
@@ -143,9 +144,28 @@ def test_nothing_is_missed_across_ticks_and_the_cursor_stays_bounded(
     before = records()
     assert len(before) == len(landed) and {s for s, _ in before.values()} == {"invalid"}
     # once everything is recorded, further ticks (a whole sweep round) record nothing again
-    for _ in range(math.ceil(objects / 5) + 1):
+    for _ in range(math.ceil(objects / 4) + 1):
         tick()
     assert records() == before
+
+
+def test_a_manifest_under_a_key_that_is_also_an_object_is_found(
+        admin, bucket, instance, stack_env, ledger, monkeypatch):
+    # SeaweedFS resumes a listing after "h" past everything under "h/" (MinIO does not): the
+    # tail's position lands on "h" here, so only the sweep can find h/manifest.json, and a
+    # sweep page ending on "h" would skip it too; its page sizes vary so a round finds it
+    monkeypatch.setattr(manifests, "SWEEP_PAGE", 4)  # pages of 3 or 4 keys
+    for key in ("g1", "g2", "h"):
+        _put(admin, bucket, key)
+    _, cursor = _tick(instance, stack_env, bucket, None)
+    assert manifests.read_position(cursor).after == "h"
+    key = f"h/{uuid.uuid4().hex[:8]}/{MANIFEST_FILENAME}"
+    _put(admin, bucket, key, b"{}")
+    ticks = 0
+    while not ledger.manifests_for_key(key) and ticks < 40:  # a miss per round: p <= 1/2
+        _, cursor = _tick(instance, stack_env, bucket, cursor)
+        ticks += 1
+    assert ledger.manifests_for_key(key), f"{key} not found in {ticks} ticks"
 
 
 def test_the_pipeline_identity_lists_the_landing_zone_from_a_position(

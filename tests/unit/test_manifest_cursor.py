@@ -53,29 +53,31 @@ def test_an_unknown_version_is_refused_naming_it():
 
 def test_the_tail_moves_past_what_was_listed_but_not_past_a_manifest_left_unlooked():
     fresh = _objects("k/a.fgb", "k/manifest.json", "l/manifest.json", "m/b.fgb")
-    assert next_position(Position("j", ""), fresh, [], set()).after == "m/b.fgb"
-    held = next_position(Position("j", ""), fresh, [], {"l/manifest.json"})
+    assert next_position(Position("j", ""), fresh, [], set(), SWEEP_PAGE).after == "m/b.fgb"
+    held = next_position(Position("j", ""), fresh, [], {"l/manifest.json"}, SWEEP_PAGE)
     assert held.after == "k/manifest.json"
-    first = next_position(Position("j", ""), fresh, [], {"k/manifest.json"})
+    first = next_position(Position("j", ""), fresh, [], {"k/manifest.json"}, SWEEP_PAGE)
     assert first.after == "k/a.fgb"
     assert next_position(Position("j", ""), _objects("k/manifest.json"), [],
-                         {"k/manifest.json"}).after == "j"  # nothing passed: stays
-    assert next_position(Position("j", ""), [], [], set()).after == "j"
+                         {"k/manifest.json"}, SWEEP_PAGE).after == "j"  # nothing passed: stays
+    assert next_position(Position("j", ""), [], [], set(), SWEEP_PAGE).after == "j"
 
 
 def test_the_sweep_goes_on_page_by_page_and_starts_over_at_the_end():
-    full = _objects(*[f"k{i:05d}" for i in range(SWEEP_PAGE)])
-    assert next_position(Position("z", ""), [], full, set()).sweep == full[-1].key
-    assert next_position(Position("z", "k"), [], full[:3], set()).sweep == ""  # the end
+    full = _objects(*[f"k{i:05d}" for i in range(800)])
+    assert next_position(Position("z", ""), [], full, set(), 800).sweep == full[-1].key
+    assert next_position(Position("z", "k"), [], full[:3], set(), 800).sweep == ""  # the end
+    assert next_position(Position("z", "k"), [], full, set(), 801).sweep == ""  # short of asked
     # a short page with a manifest left unlooked does not start over: it resumes before it
-    assert next_position(Position("z", "a"), [], full[:3], {full[1].key}).sweep == full[0].key
+    assert next_position(Position("z", "a"), [], full[:3], {full[1].key},
+                         800).sweep == full[0].key
 
 
 def test_a_full_listing_sets_the_tail_and_starts_the_sweep():
     listed = _objects("a/manifest.json", "b/x", "c/manifest.json")
-    assert next_position(Position(), listed, [], set()) == Position(after="c/manifest.json")
-    assert next_position(Position(), listed, [], {"c/manifest.json"}) == Position(after="b/x")
-    assert next_position(Position(), [], [], set()) == Position(after="")
+    assert next_position(Position(), listed, [], set(), 0) == Position(after="c/manifest.json")
+    assert next_position(Position(), listed, [], {"c/manifest.json"}, 0) == Position(after="b/x")
+    assert next_position(Position(), [], [], set(), 0) == Position(after="")
 
 
 def test_cursor_stays_under_its_documented_bound_with_the_longest_keys():
