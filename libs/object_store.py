@@ -115,9 +115,10 @@ class ObjectStore:
         yield from self.retried(f"list s3://{bucket}/{prefix}", listing)
 
     def list_page(self, bucket: str, *, after: str = "", limit: int) -> list[ObjectInfo]:
-        """At most ``limit`` objects whose key sorts after ``after`` (recursively, in key
-        order): a listing that resumes (S3 ``start-after``), so its cost is the page asked
-        for, not the bucket (the client fetches 1,000 keys per request, lazily)."""
+        """At most ``limit`` objects listed after the key ``after`` (recursively, in the store's
+        order: by key bytes on S3 and MinIO, folder by folder on SeaweedFS): a listing that
+        resumes (S3 ``start-after``), so its cost is the page asked for, not the bucket (the
+        client fetches 1,000 keys per request, lazily)."""
 
         def listing() -> list[ObjectInfo]:
             found = (obj for obj in self._client.list_objects(

@@ -36,13 +36,12 @@ def cursor_focused_on(store: ObjectStore, prefixes: list[str]) -> str:
 
 
 def sensor_tick(instance: DagsterInstance, cursor: str | None = None, *,
-                focus: str | list[str] | None = None, limits=None, ledger=None,
-                resume: bool = False):
-    """One tick. Unless ``resume``, a given cursor loses its listing position, so the tick
-    lists the whole landing zone: these tests are about claims and records, and must not
-    depend on how many objects earlier tests left (test_manifest_discovery tests resuming)."""
+                focus: str | list[str] | None = None, limits=None, ledger=None):
+    """One tick. A given cursor loses its listing position, so the tick lists the whole
+    landing zone: these tests are about claims and records, and must not depend on how many
+    objects earlier tests left (test_manifest_discovery tests the resuming listing)."""
     resources = build_resources()
-    if cursor is not None and not resume:
+    if cursor is not None:
         cursor = write_cursor(read_cursor(cursor))
     if cursor is None and focus is not None:
         store = ObjectStore(ObjectStoreSettings(os.environ["MINIO_ENDPOINT"],
