@@ -42,8 +42,6 @@ SMALL = int(os.environ.get("BENCH_DISCOVERY_SMALL", "1000"))
 ROUNDS = int(os.environ.get("BENCH_DISCOVERY_ROUNDS", "15"))
 FOLDER = 100  # objects per batch folder, the last one its manifest
 MARKER = "~filled"  # sorts after every filler key
-#: The documented bound of the cursor (sensor docstring, docs/limits.md).
-CURSOR_BOUND_BYTES = 553_000
 _best: dict[str, float] = {}
 
 
@@ -150,7 +148,7 @@ def test_discovery_tick(benchmark, zones, instance, case):
             processed = manifests.read_cursor(result.cursor)
             assert key in processed, (case, key)
             assert zone.ledger.manifests_for_key(key)[0]["status"] == "invalid"
-            assert len(result.cursor.encode()) < CURSOR_BOUND_BYTES
+            assert len(result.cursor.encode()) < manifests.CURSOR_BOUND_BYTES
     finally:
         for key in landed:
             zone.store.delete(zone.bucket, key)

@@ -56,6 +56,8 @@ TAIL_PAGE = 10_000
 #: and all of it, at random, so that page boundaries differ from round to round (SeaweedFS
 #: resumes after a key that is also a folder, "a" beside "a/b", past everything under it).
 SWEEP_PAGE = 1_000
+#: The cursor's documented bound (MAX_RECENT settled entries, the longest keys, the position).
+CURSOR_BOUND_BYTES = 553_000
 #: Keys listed by a tick without a position (~15 s on SeaweedFS: well under Dagster's 60 s
 #: sensor timeout, which a whole listing of a larger landing zone would pass every tick).
 FIRST_PAGE = 100_000

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from etl_pipelines.sensors.manifests import (
+    CURSOR_BOUND_BYTES,
     CURSOR_VERSION,
     MAX_RECENT,
     SWEEP_PAGE,
@@ -15,9 +16,6 @@ from etl_pipelines.sensors.manifests import (
     write_cursor,
 )
 from libs.object_store import ObjectInfo
-
-#: The documented bound (sensor docstring, docs/limits.md) for MAX_RECENT settled entries.
-CURSOR_BOUND_BYTES = 553_000
 
 
 def _objects(*keys: str) -> list[ObjectInfo]:
