@@ -117,17 +117,18 @@ class ObjectStore:
 
         yield from self.retried(f"list s3://{bucket}/{prefix}", listing)
 
-    def list_page(self, bucket: str, *, start_after: str = "", limit: int) -> list[ObjectInfo]:
-        """At most ``limit`` objects of the bucket whose keys sort after ``start_after``, in key
-        order: a scan that resumes where the last page ended costs ``limit`` keys, not the
-        bucket."""
+    def list_page(self, bucket: str, *, after: str = "", limit: int) -> list[ObjectInfo]:
+        """At most ``limit`` objects listed after the key ``after`` (recursively, in the store's
+        order: by key bytes on S3 and MinIO, folder by folder on SeaweedFS): a listing that
+        resumes (S3 ``start-after``), so its cost is the page asked for, not the bucket (the
+        client fetches 1,000 keys per request, lazily)."""
 
-        def page() -> list[ObjectInfo]:
-            listing = self._client.list_objects(bucket, recursive=True,
-                                                start_after=start_after or None)
-            return [_info(obj) for obj in islice(listing, limit)]
+        def listing() -> list[ObjectInfo]:
+            found = (obj for obj in self._client.list_objects(
+                bucket, recursive=True, start_after=after or None) if not obj.is_dir)
+            return [_info(obj) for obj in islice(found, limit)]
 
-        return self.retried(f"list s3://{bucket}/ after {start_after!r}", page)
+        return self.retried(f"list s3://{bucket}/ after {after!r}", listing)
 
     def exists(self, bucket: str, key: str) -> bool:
         def stat() -> bool:

@@ -193,7 +193,7 @@ def _clean_lake(context: SensorEvaluationContext, object_store: ObjectStoreResou
     """Examine one page of lake keys; returns the parts removed and where the next page starts
     ('' once the scan reached the end of the bucket)."""
     store, bucket = object_store.store, object_store.lake_bucket
-    page = store.list_page(bucket, start_after=after, limit=retention.lake_keys_per_tick)
+    page = store.list_page(bucket, after=after, limit=retention.lake_keys_per_tick)
 
     def run_is_live(run_id: str) -> bool:
         run = context.instance.get_run_by_id(run_id)

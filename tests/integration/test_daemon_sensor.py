@@ -64,6 +64,11 @@ def test_daemon_sensor_launches_a_run_that_publishes(store, landing_store, tmp_p
         assert run.tags["dagster/run_key"] == batch_id
         assert len(instance.get_runs(RunsFilter(tags={"batch_id": batch_id}))) == 1
         assert store.exists("data-lake", completion_key(batch_id))
+        # the daemon stored the version 3 cursor: the listing resumes from a position
+        [state] = [s for s in instance.all_instigator_state() if s.name == "manifest_sensor"]
+        stored = json.loads(state.instigator_data.cursor)
+        assert stored["version"] == 3 and stored["position"]["after"], stored["position"]
+        assert f"{batch_id}/{MANIFEST_FILENAME}" in stored["processed"]
     finally:
         terminate_tree(daemon.pid, timeout=30, signal_group=True)
         daemon.wait()
