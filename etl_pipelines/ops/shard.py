@@ -85,7 +85,8 @@ def shard_batch(
     with ray_cluster.early_tasks(transform_chunk, enabled=config.transform_early) as early, \
             tempfile.TemporaryDirectory(prefix="shard-") as scratch:
         landed = download_landed(store, object_store.landing_bucket, plan.folder, manifest.files,
-                                 Path(scratch) / "landed", max_file_bytes=config.max_file_bytes)
+                                 Path(scratch) / "landed", max_file_bytes=config.max_file_bytes,
+                                 pins=plan.pins())
         index = shard_landed_batch(
             store, manifest, landed, landing_bucket=object_store.landing_bucket,
             staging_bucket=staging, staging_prefix=prefix,

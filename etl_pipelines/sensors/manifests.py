@@ -7,6 +7,9 @@ the manifest stays out of the cursor for a later tick (a ledger gone mid-tick en
 ``batches`` makes ``batch_id`` single-use (another key: ``duplicate_batch``; the claiming key
 replaced after its run started: ``refused``); ``run_key = batch_id`` guards it in Dagster.
 
+Exactly once under crashes (claimants, stale claims: docs/run-lifecycle.md): a claim names
+this Dagster instance and tick; another instance's claim is a duplicate, not cursored.
+
 The ledger is the memory of what was seen; the cursor (JSON, ``version`` 2; a version 1
 cursor is read as is and pruned on the next tick) maps recently processed keys to their
 ETag, oldest first. Past MAX_RECENT entries, the oldest whose ledger record is settled
@@ -19,10 +22,13 @@ Still O(landing zone) per tick: the whole bucket is listed (resuming is open, is
 """
 
 import json
+import time
+import uuid
 
 from dagster import (
     DefaultSensorStatus,
     RunRequest,
+    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -33,7 +39,7 @@ from pymongo.errors import ConnectionFailure, PyMongoError
 from etl_pipelines.jobs.ingest import ingest_batch
 from etl_pipelines.resources import InputLimitsResource, LedgerResource, ObjectStoreResource
 from libs.errors import ManifestError
-from libs.ledger import CLAIM_TOKEN_TAG, Claim, Ledger
+from libs.ledger import CLAIM_TOKEN_TAG, Claim, Claimant, Ledger
 from libs.manifest import MANIFEST_FILENAME, ManifestLimits, parse_manifest
 from libs.object_store import ObjectInfo, ObjectStore
 from libs.retry import ServiceUnavailable
@@ -42,6 +48,13 @@ CURSOR_VERSION = 2
 MAX_MANIFESTS_PER_TICK = 50
 #: Settled entries kept in the cursor (the ledger remembers the rest).
 MAX_RECENT = 500
+#: This instance's unstarted claims older than this with no run in its run storage are
+#: requested again (a run request is stored within seconds of its tick).
+STALE_CLAIM_SECONDS = 60
+#: Key of this Dagster instance's claimant id in its run storage's key-value table.
+INSTANCE_ID_KEY = "spatial-etl/claimant-instance-id"
+#: Dagster's run tag of a sensor's run key.
+RUN_KEY_TAG = "dagster/run_key"
 
 
 def read_cursor(raw: str | None) -> dict[str, str]:
@@ -89,22 +102,39 @@ def _read(store: ObjectStore, bucket: str, obj: ObjectInfo, limits: ManifestLimi
         raise ManifestError(obj.key, [f"could not be parsed: {exc!r}"]) from None
 
 
+def claimant_of(context: SensorEvaluationContext) -> Claimant:
+    """This Dagster instance's claimant id (made once, kept in its run storage) and the tick's
+    id (the daemon's tick id, the last part of the tick's log key)."""
+    storage = context.instance.run_storage
+    found = storage.get_cursor_values({INSTANCE_ID_KEY}).get(INSTANCE_ID_KEY)
+    if not found:
+        storage.set_cursor_values({INSTANCE_ID_KEY: uuid.uuid4().hex})
+        found = storage.get_cursor_values({INSTANCE_ID_KEY})[INSTANCE_ID_KEY]
+    tick = context.log_key[-1] if context.log_key else f"at {time.time():.3f}"
+    return Claimant(instance=found, tick=str(tick))
+
+
+def _request(batch_id: str, manifest_key: str, token: str,
+             run_tags: dict[str, str]) -> RunRequest:
+    return RunRequest(
+        run_key=batch_id,
+        run_config={"ops": {"validate_batch": {"config": {
+            "manifest_key": manifest_key, "batch_id": batch_id}}}},
+        tags={"batch_id": batch_id, "manifest_key": manifest_key, CLAIM_TOKEN_TAG: token,
+              **run_tags})
+
+
 def _consider(context: SensorEvaluationContext, book: Ledger, obj: ObjectInfo,
-              manifest, run_tags: dict[str, str]) -> RunRequest | None:
+              manifest, run_tags: dict[str, str], claimant: Claimant) -> RunRequest | Claim | None:
     """Claim the manifest's batch and record the outcome (a run request carries ``run_tags``
-    too); a ledger error propagates."""
+    too); a ledger error propagates. ``Claim.DUPLICATE`` when another instance holds it."""
     batch_id = manifest.batch_id
     claim = book.claim_batch(batch_id=batch_id, manifest_key=obj.key, etag=obj.etag,
-                             manifest=manifest.model_dump(mode="json"))
+                             manifest=manifest.model_dump(mode="json"), claimant=claimant)
     if claim is Claim.CLAIMED:
         book.record_manifest(manifest_key=obj.key, etag=obj.etag, status="accepted",
                              batch_id=batch_id, run_key=batch_id)
-        return RunRequest(
-            run_key=batch_id,
-            run_config={"ops": {"validate_batch": {"config": {
-                "manifest_key": obj.key, "batch_id": batch_id}}}},
-            tags={"batch_id": batch_id, "manifest_key": obj.key,
-                  CLAIM_TOKEN_TAG: book.claim_token(batch_id), **run_tags})
+        return _request(batch_id, obj.key, book.claim_token(batch_id), run_tags)
     holder = book.batch(batch_id) or {}
     runs = holder.get("run_ids") or []
     if claim is Claim.ALREADY_STARTED:
@@ -112,6 +142,15 @@ def _consider(context: SensorEvaluationContext, book: Ledger, obj: ObjectInfo,
         context.log.info(f"manifest {obj.key!r}: batch {batch_id!r} already has run(s) {runs}; "
                          "retries go through Dagster re-execution")
         return None
+    if claim is Claim.DUPLICATE and holder.get("manifest_key") == obj.key:
+        # the manifest's record is the claiming instance's: the attempt goes in the batch
+        book.record_duplicate_claim(batch_id, claimant)
+        context.log.warning(
+            f"manifest {obj.key!r}: batch {batch_id!r} is claimed by another Dagster instance "
+            f"sharing the ledger ({holder.get('claimed_by')}, at {holder.get('claimed_at')}); "
+            "that instance runs it. Looked at again each tick until its run starts; taken "
+            "over if its claim expires unstarted")
+        return Claim.DUPLICATE
     if claim is Claim.REFUSED:
         error = (f"batch id {batch_id!r} already claimed by run {', '.join(runs) or '(starting)'} "
                  f"(manifest {obj.key!r} was replaced after its run started); land a new batch "
@@ -124,6 +163,24 @@ def _consider(context: SensorEvaluationContext, book: Ledger, obj: ObjectInfo,
                          batch_id=batch_id, errors=[error])
     context.log.warning(f"manifest {obj.key!r}: {error}")
     return None
+
+
+def _stale_claims(context: SensorEvaluationContext, book: Ledger, claimant: Claimant,
+                  run_tags: dict[str, str]) -> list[RunRequest]:
+    """Run requests again for this instance's claims that are STALE_CLAIM_SECONDS old, not
+    started, and have no run in this instance's run storage."""
+    requests = []
+    for claim in book.unstarted_claims(claimant.instance, STALE_CLAIM_SECONDS,
+                                       limit=MAX_MANIFESTS_PER_TICK):
+        batch_id = claim["_id"]
+        if context.instance.get_run_ids(
+                RunsFilter(tags={RUN_KEY_TAG: batch_id}), limit=1):
+            continue
+        context.log.warning(f"batch {batch_id!r}: claimed by this instance "
+                            f"({claim.get('claimed_by')}) but no run was ever stored; "
+                            "requesting it again")
+        requests.append(_request(batch_id, claim["manifest_key"], claim["claim_token"], run_tags))
+    return requests
 
 
 def _prune(context: SensorEvaluationContext, book: Ledger, processed: dict[str, str]) -> None:
@@ -160,12 +217,14 @@ def manifest_sensor(
     book = ledger.ledger
     try:
         settled = book.settled_manifests([(o.key, o.etag) for o in listed])
+        claimant = claimant_of(context)
+        stale = _stale_claims(context, book, claimant, input_limits.max_runtime_tags)
     except (PyMongoError, ServiceUnavailable) as exc:  # its retry budget spent
         # without the ledger nothing can be claimed or recorded: the cursor stays as it is
         return SkipReason(f"the ledger did not answer ({exc!r}); no manifest was looked at, "
                           "the next tick retries")
     new = [o for o in listed if (o.key, o.etag) not in settled]
-    if not new:
+    if not new and not stale:
         return SkipReason(f"no new manifest in s3://{bucket} ({len(processed)} in the cursor)")
     requests: list[RunRequest] = []
     for obj in new[:MAX_MANIFESTS_PER_TICK]:
@@ -182,7 +241,10 @@ def manifest_sensor(
                                      batch_id=None, errors=exc.errors)
                 context.log.warning(str(exc))
             else:
-                request = _consider(context, book, obj, manifest, input_limits.max_runtime_tags)
+                request = _consider(context, book, obj, manifest, input_limits.max_runtime_tags,
+                                    claimant)
+                if request is Claim.DUPLICATE:
+                    continue  # another instance's claim: not cursored, looked at again
                 if request is not None:
                     requests.append(request)
         except (ConnectionFailure, ServiceUnavailable) as exc:
@@ -196,5 +258,6 @@ def manifest_sensor(
             continue
         processed.pop(obj.key, None)  # re-inserted: the newest entry
         processed[obj.key] = obj.etag
+    requests += [r for r in stale if r.run_key not in {q.run_key for q in requests}]
     _prune(context, book, processed)
     return SensorResult(run_requests=requests, cursor=write_cursor(processed))
