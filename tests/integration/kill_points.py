@@ -1,0 +1,40 @@
+"""Test-only kill points for the daemon tests (tests/integration/kill_point_defs.py): the
+arming file, and a run coordinator for the test instance's dagster.yaml that kills its own
+daemon once a run request is stored. Imported by the daemon: dagster and stdlib only."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+from dagster import QueuedRunCoordinator
+
+
+def kill_if_armed(point: str, pid: int | None = None) -> None:
+    """SIGKILL the armed daemon (``pid``, else the arming file's) if ``point`` is the armed
+    one; the arming file (KILL_POINT_FILE) is removed first, so it fires once."""
+    path = Path(os.environ.get("KILL_POINT_FILE", "/nonexistent"))
+    try:
+        armed = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if armed.get("point") != point:
+        return
+    path.unlink()
+    os.kill(pid or int(armed["pid"]), signal.SIGKILL)
+    if pid is None:  # in the code server: the daemon is gone, the tick goes no further
+        raise RuntimeError(f"killed the daemon at {point} (test kill point)")
+
+
+def arm(path: Path, point: str, pid: int) -> None:
+    path.write_text(json.dumps({"point": point, "pid": pid}))
+
+
+class KillingRunCoordinator(QueuedRunCoordinator):
+    """The queued run coordinator; armed ``after_run_stored``, it kills its own daemon once
+    the run is in the run storage (queued), before the sensor's tick is finished."""
+
+    def submit_run(self, context):
+        run = super().submit_run(context)
+        kill_if_armed("after_run_stored", pid=os.getpid())
+        return run
