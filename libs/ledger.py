@@ -107,6 +107,7 @@ class Ledger:
                  policy: RetryPolicy | None = None):
         self.db: Database = client[database]
         self.policy = policy or RetryPolicy()
+        self._pending_indexed = False
 
     @_retried
     def record_manifest(
@@ -141,7 +142,8 @@ class Ledger:
         try:
             self.db.batches.insert_one({"_id": batch_id, "manifest_key": manifest_key,
                                         "etag": etag, "manifest": manifest, "claimed_by": ours,
-                                        "claimed_at": _now(), "claim_token": secrets.token_hex(16)})
+                                        "pending": claimant.instance, "claimed_at": _now(),
+                                        "claim_token": secrets.token_hex(16)})
             return Claim.CLAIMED
         except DuplicateKeyError:
             holder = self.db.batches.find_one({"_id": batch_id}) or {}
@@ -159,7 +161,8 @@ class Ledger:
                 {**unstarted, "claimed_by": holder.get("claimed_by"),
                  "claimed_at": {"$lt": _now() - timedelta(seconds=expires_seconds)}},
                 {"$set": {"etag": etag, "manifest": manifest, "claimed_by": ours,
-                          "claimed_at": _now(), "claim_token": secrets.token_hex(16)},
+                          "pending": claimant.instance, "claimed_at": _now(),
+                          "claim_token": secrets.token_hex(16)},
                  "$push": {"taken_over": {"from": holder.get("claimed_by"), "at": _now()}}})
             return Claim.CLAIMED if expired.modified_count == 1 else Claim.DUPLICATE
         if holder.get("etag") == etag:
@@ -181,9 +184,14 @@ class Ledger:
     def unstarted_claims(self, instance: str, older_than_seconds: float,
                          limit: int = 50) -> list[dict]:
         """``instance``'s claims at least ``older_than_seconds`` old whose run has not started
-        (oldest first): the sensor re-requests those without a run in its run storage."""
+        (oldest first): the sensor re-requests those without a run in its run storage.
+        ``pending`` (the claimant's id, unset when the claim is spent) keeps this an index
+        lookup of the few unstarted claims, not a scan of every batch ever claimed."""
+        if not self._pending_indexed:
+            self.db.batches.create_index("pending", sparse=True)
+            self._pending_indexed = True
         return list(self.db.batches.find(
-            {"claimed_by.instance": instance, "run_ids": {"$exists": False},
+            {"pending": instance, "run_ids": {"$exists": False},
              "claim_spent_by": {"$exists": False},
              "claimed_at": {"$lt": _now() - timedelta(seconds=older_than_seconds)}},
             {"manifest_key": 1, "etag": 1, "claim_token": 1, "claimed_by": 1},
@@ -233,7 +241,8 @@ class Ledger:
             spent = batches.find_one_and_update(
                 {"_id": batch_id, "claim_token": claim_token, "etag": etag,
                  "$or": [{"claim_spent_by": {"$exists": False}}, {"claim_spent_by": run_id}]},
-                {"$set": {"claim_spent_by": run_id}, "$addToSet": {"run_ids": run_id}})
+                {"$set": {"claim_spent_by": run_id}, "$addToSet": {"run_ids": run_id},
+                 "$unset": {"pending": ""}})
             if spent:
                 return RunStart.SENSOR
             claim = batches.find_one({"_id": batch_id, "claim_token": claim_token,
@@ -264,7 +273,8 @@ class Ledger:
                 "with the reason as its value")
         batches.update_one({"_id": batch_id}, {
             "$addToSet": {"run_ids": run_id},
-            "$push": {"overrides": {"run_id": run_id, "reason": override, "at": _now()}}})
+            "$push": {"overrides": {"run_id": run_id, "reason": override, "at": _now()}},
+            "$unset": {"pending": ""}})
         return RunStart.OVERRIDE
 
     @_retried

@@ -38,7 +38,7 @@ from pymongo.errors import ConnectionFailure, PyMongoError
 
 from etl_pipelines.jobs.ingest import ingest_batch
 from etl_pipelines.resources import InputLimitsResource, LedgerResource, ObjectStoreResource
-from libs.errors import ManifestError
+from libs.errors import ManifestError, PinnedVersionChanged
 from libs.ledger import CLAIM_TOKEN_TAG, Claim, Claimant, Ledger
 from libs.manifest import MANIFEST_FILENAME, ManifestLimits, parse_manifest
 from libs.object_store import ObjectInfo, ObjectStore
@@ -86,9 +86,14 @@ def _read(store: ObjectStore, bucket: str, obj: ObjectInfo, limits: ManifestLimi
     if too_big:
         raise ManifestError(obj.key, [too_big])
     try:
-        raw = store.get_bytes(bucket, obj.key, max_bytes=limits.max_bytes)
+        # the listed version exactly: the claim records its ETag
+        raw = store.get_bytes(bucket, obj.key, max_bytes=limits.max_bytes, pin=obj)
     except ValueError:
         raise ManifestError(obj.key, [limits.size_problem(limits.max_bytes + 1)]) from None
+    except PinnedVersionChanged:
+        raise Unreadable(obj.key, [
+            f"was replaced while this tick read it (listed ETag {obj.etag!r}); the next tick "
+            "reads the new version"]) from None
     except Exception as exc:  # any read failure is this manifest's problem, maybe passing
         raise Unreadable(obj.key, [
             f"could not be read from s3://{bucket}/{obj.key}: {exc!r}; expected a readable "
