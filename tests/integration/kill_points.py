@@ -10,15 +10,16 @@ from pathlib import Path
 from dagster import QueuedRunCoordinator
 
 
-def kill_if_armed(point: str, pid: int | None = None) -> None:
+def kill_if_armed(point: str, batches: set[str], pid: int | None = None) -> None:
     """SIGKILL the armed daemon (``pid``, else the arming file's) if ``point`` is the armed
-    one; the arming file (KILL_POINT_FILE) is removed first, so it fires once."""
+    one and the armed batch is among ``batches`` (those the point sees); the arming file
+    (KILL_POINT_FILE) is removed first, so it fires once."""
     path = Path(os.environ.get("KILL_POINT_FILE", "/nonexistent"))
     try:
         armed = json.loads(path.read_text())
     except (OSError, ValueError):
         return
-    if armed.get("point") != point:
+    if armed.get("point") != point or armed.get("batch") not in batches:
         return
     path.unlink()
     os.kill(pid or int(armed["pid"]), signal.SIGKILL)
@@ -26,8 +27,8 @@ def kill_if_armed(point: str, pid: int | None = None) -> None:
         raise RuntimeError(f"killed the daemon at {point} (test kill point)")
 
 
-def arm(path: Path, point: str, pid: int) -> None:
-    path.write_text(json.dumps({"point": point, "pid": pid}))
+def arm(path: Path, point: str, batch: str, pid: int) -> None:
+    path.write_text(json.dumps({"point": point, "batch": batch, "pid": pid}))
 
 
 class KillingRunCoordinator(QueuedRunCoordinator):
@@ -36,5 +37,5 @@ class KillingRunCoordinator(QueuedRunCoordinator):
 
     def submit_run(self, context):
         run = super().submit_run(context)
-        kill_if_armed("after_run_stored", pid=os.getpid())
+        kill_if_armed("after_run_stored", {run.tags.get("batch_id", "")}, pid=os.getpid())
         return run

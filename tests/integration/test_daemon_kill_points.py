@@ -3,8 +3,9 @@
 after-claim case the manifest is replaced while the daemon is down (issue 26).
 
 One code server (tests.integration.kill_point_defs: the manifest sensor wrapped with kill
-points) and one instance for the three cases; the instance's run queue launches nothing
-(max_concurrent_runs 0): a run in the run storage is the proof, the job need not run.
+points), one instance, four daemon lives for the three cases; the instance's run queue
+launches nothing (max_concurrent_runs 0): a run in the run storage is the proof, the job
+need not run. ~65 s.
 """
 
 import time
@@ -53,16 +54,6 @@ def test_a_daemon_killed_at_each_point_of_a_tick_starts_exactly_one_run_per_batc
         dagster.start_code_server()
         instance = DagsterInstance.from_config(str(dagster.home))
 
-        def killed_at(point: str, before_restart=lambda: None) -> None:
-            daemon = dagster.start_daemon()
-            arm(kill_file, point, daemon.pid)
-            code = wait_for(lambda: daemon.poll(), 180, dagster.log_tail, interval=0.5)
-            assert code == -9 and not kill_file.exists(), f"{point}: exit {code}"
-            before_restart()
-            dagster.start_daemon()
-
-        cases = {point: f"{batch_id}-{n}" for n, point in
-                 enumerate(("before_claim", "after_claim", "after_run_stored"))}
         replaced: dict[str, str] = {}
 
         def replace_manifest(batch: str) -> None:
@@ -72,21 +63,28 @@ def test_a_daemon_killed_at_each_point_of_a_tick_starts_exactly_one_run_per_batc
                         edit=lambda m: m)  # rewritten compact: another ETag
             replaced[batch] = store.stat("landing-zone", f"{batch}/{MANIFEST_FILENAME}").etag
 
+        # one daemon life per kill: armed for the batch about to land, killed by the tick
+        # (or the run submission) that reaches the point with it, restarted
+        daemon = dagster.start_daemon()
+        cases = {point: f"{batch_id}-{n}" for n, point in
+                 enumerate(("before_claim", "after_claim", "after_run_stored"))}
         for point, batch in cases.items():
+            arm(kill_file, point, batch, daemon.pid)
             land_sample(landing_store, tmp_path / "v1", batch, n_points=10)
+            code = wait_for(lambda d=daemon: d.poll(), 180, dagster.log_tail, interval=0.5)
+            assert code == -9 and not kill_file.exists(), f"{point}: exit {code}"
             if point == "after_claim":
-                killed_at(point, lambda b=batch: replace_manifest(b))
-            else:
-                killed_at(point)
+                replace_manifest(batch)
             if point == "after_run_stored":
                 assert len(_runs(instance, batch)) == 1, "stored before the kill"
+            else:
+                assert _runs(instance, batch) == [], f"{point}: no run before the restart"
+            daemon = dagster.start_daemon()
             wait_for(lambda b=batch: _runs(instance, b), 180, dagster.log_tail, interval=0.5)
-            dagster.stop_daemon()
         assert ledger.batch(cases["after_claim"])["etag"] == replaced[cases["after_claim"]]
 
-        # a last daemon life: two whole ticks after every batch has its run request nothing more
+        # two whole ticks after every batch has its run: nothing more is requested
         restarted = time.time()
-        dagster.start_daemon()
         wait_for(lambda: _finished_ticks_since(instance, restarted) >= 2, 120, dagster.log_tail)
         me = instance.run_storage.get_cursor_values({INSTANCE_ID_KEY})[INSTANCE_ID_KEY]
         for point, batch in cases.items():
