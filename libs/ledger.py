@@ -263,6 +263,11 @@ class Ledger:
             holder = batches.find_one({"_id": batch_id}) or {}
         if run_id in holder.get("run_ids", []):  # this run's own validate step, retried
             return RunStart.OVERRIDE if override else RunStart.FIRST
+        if not override and claim_token is not None and holder.get("taken_over"):
+            raise BatchAlreadyClaimed(
+                f"batch {batch_id!r}: this run's claim expired unstarted and was taken over by "
+                f"{holder.get('claimed_by')} (the batch's taken_over record), which runs the "
+                "batch; nothing to do here, or land the data under a new batch_id")
         if not override:
             raise BatchAlreadyClaimed(
                 f"batch {batch_id!r} already has run(s) {holder.get('run_ids', [])} or a claim "

@@ -78,7 +78,8 @@ def test_a_second_instance_sharing_the_ledger_gets_no_run_until_the_claim_expire
         assert claim["claimed_by"]["instance"] == _instance_id(b)
         assert claim["taken_over"][0]["from"]["instance"] == _instance_id(a)
         late = _validate_only(a, first)
-        assert not late.success and "spatial-etl/override-claim" in _failure(late, "validate_batch")
+        assert not late.success and "claim expired unstarted and was taken over by" in \
+            _failure(late, "validate_batch")
         assert _validate_only(b, taken).success
 
 
