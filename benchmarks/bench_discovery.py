@@ -33,7 +33,7 @@ from devstack.envfile import read_env_file
 from devstack.layout import ENV_FILE
 from devstack.s3 import store_settings
 from etl_pipelines.resources import InputLimitsResource, LedgerResource, ObjectStoreResource
-from etl_pipelines.sensors import manifests
+from etl_pipelines.sensors import discovery, manifests
 from libs.ledger import Ledger
 from libs.manifest import MANIFEST_FILENAME
 from libs.object_store import ObjectStore
@@ -92,8 +92,8 @@ class Zone:
     def steady_cursor(self) -> str:
         """Past every filler key (and the marker), the sweep where a full page follows
         (halfway through the large zone, at the start of the small one)."""
-        half = "" if self.size < 2 * manifests.SWEEP_PAGE else _key(self.size // 2)
-        return manifests.write_cursor({}, manifests.Position(after=MARKER, sweep=half))
+        half = "" if self.size < 2 * discovery.SWEEP_PAGE else _key(self.size // 2)
+        return discovery.write_cursor({}, discovery.Position(after=MARKER, sweep=half))
 
     def tick(self, instance: DagsterInstance, cursor: str | None):
         with build_sensor_context(instance=instance, cursor=cursor,
@@ -146,10 +146,10 @@ def test_discovery_tick(benchmark, zones, instance, case):
                            # the first tick connects to the ledger
                            warmup_rounds=1 if mode == "resume" else 0)
         for key, result in zip(landed, results, strict=True):
-            processed = manifests.read_cursor(result.cursor)
+            processed = discovery.read_cursor(result.cursor)
             assert key in processed, (case, key)
             assert zone.ledger.manifests_for_key(key)[0]["status"] == "invalid"
-            assert len(result.cursor.encode()) < manifests.CURSOR_BOUND_BYTES
+            assert len(result.cursor.encode()) < discovery.CURSOR_BOUND_BYTES
     finally:
         for key in landed:
             zone.store.delete(zone.bucket, key)

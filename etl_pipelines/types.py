@@ -5,6 +5,20 @@ from pydantic import BaseModel, ConfigDict
 
 from libs.descriptors import StagedPart
 from libs.manifest import Manifest
+from libs.object_store import ObjectInfo
+
+
+class PinnedObject(BaseModel):
+    """One landing object's version as validated: every later read gets exactly this one."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    etag: str
+    size: int
+
+    def info(self) -> ObjectInfo:
+        return ObjectInfo(self.key, self.size, self.etag)
 
 
 class BatchPlan(BaseModel):
@@ -18,9 +32,17 @@ class BatchPlan(BaseModel):
     # the validating run's; a re-execution reuses this plan, so ops stage under their own
     # run's prefix (libs.lake.run_prefix(context.run_id)), never one derived from this id
     run_id: str
+    # the versions validated (the ledger's batch records them too); a plan staged before
+    # pinning existed has none, and its re-execution reads what is landed now
+    manifest_version: PinnedObject | None = None
+    pinned: tuple[PinnedObject, ...] = ()
 
     def landing_key(self, path: str) -> str:
         return f"{self.folder}{path}"
+
+    def pins(self) -> dict[str, ObjectInfo]:
+        """Landing key -> the version to read."""
+        return {pin.key: pin.info() for pin in self.pinned}
 
 
 class JoinResult(BaseModel):

@@ -33,6 +33,19 @@ class ScratchSpaceError(SpatialEtlError):
     """The run's local scratch directory has too little free space for the batch."""
 
 
+class PinnedVersionChanged(InputDataError):
+    """A landed object is not the version the batch pinned when it was validated."""
+
+    def __init__(self, uri: str, pinned: tuple[str, int], now: tuple[str, int] | None):
+        self.uri, self.pinned, self.now = uri, pinned, now
+        was = f"pinned ETag {pinned[0]!r} ({pinned[1]:,} bytes)"
+        is_now = f"now ETag {now[0]!r} ({now[1]:,} bytes)" if now else "now gone"
+        super().__init__(
+            f"{uri} changed after the batch was validated: {was}, {is_now}; a batch reads "
+            "exactly the versions it validated and landed objects are never changed in "
+            "place: land the data again under a new batch_id (a new folder with its manifest)")
+
+
 class TransformError(SpatialEtlError):
     """A transformation step failed on a chunk."""
 

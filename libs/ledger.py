@@ -4,8 +4,10 @@ Collections:
 - ``manifests``: one document per manifest object version seen by the sensor (valid or not,
   with every error listed).
 - ``batches``: one document per accepted ``batch_id`` (its ``_id``); inserting it is how a
-  batch is claimed, so a batch id can start at most one run. The claim's single-use token
-  goes with the sensor's run request; ``start_run`` spends it (see there).
+  batch is claimed, so a batch id can start at most one run. The claim names its claimant
+  (Dagster instance and sensor tick); its single-use token goes with the sensor's run
+  request; ``start_run`` spends it (see there). ``pinned``: the manifest's and every landed
+  object's ETag and size, as validated; every later read of the batch reads exactly those.
 - ``runs``: one document per Dagster run: status, timings, counts.
 - ``lineage``: one document per object published to the lake: inputs with checksums, run,
   recipe, join, row counts.
@@ -19,7 +21,8 @@ from __future__ import annotations
 import functools
 import secrets
 from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -37,12 +40,26 @@ CLAIM_TOKEN_TAG = "spatial-etl/claim-token"
 OVERRIDE_CLAIM_TAG = "spatial-etl/override-claim"
 
 
+#: A claim older than this, of another Dagster instance, with no run started for it, is taken
+#: over (its claimant is presumed gone: a run queued there that starts later finds its claim
+#: token replaced and fails in validate_batch, naming the new claimant).
+CLAIM_EXPIRES_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class Claimant:
+    """Who claims a batch: a Dagster instance's stable id and the sensor tick that claimed."""
+
+    instance: str
+    tick: str
+
+
 class Claim(StrEnum):
     """Outcome of claiming a batch id for a manifest version."""
 
     CLAIMED = "claimed"  # ours: request the run
     ALREADY_STARTED = "already_started"  # this very manifest version already has a run
-    DUPLICATE = "duplicate_batch"  # another manifest holds the batch id
+    DUPLICATE = "duplicate_batch"  # another manifest, or another instance, holds the batch id
     REFUSED = "refused"  # this manifest's key holds the batch id, but its run already started
 
 
@@ -58,6 +75,10 @@ class RunStart(StrEnum):
 class BatchAlreadyClaimed(RuntimeError):
     """A run that neither the sensor requested nor re-executes the batch's run, for a batch
     id the ledger already holds a claim or a run for, and without an override."""
+
+
+class ClaimedVersionChanged(BatchAlreadyClaimed):
+    """The run's manifest is not the version its claim was made for (replaced since)."""
 
 
 def _now() -> datetime:
@@ -86,6 +107,7 @@ class Ledger:
                  policy: RetryPolicy | None = None):
         self.db: Database = client[database]
         self.policy = policy or RetryPolicy()
+        self._pending_indexed = False
 
     @_retried
     def record_manifest(
@@ -103,32 +125,93 @@ class Ledger:
 
     @_retried
     def claim_batch(self, *, batch_id: str, manifest_key: str, etag: str,
-                    manifest: dict[str, Any]) -> Claim:
-        """Claim ``batch_id`` for this manifest version.
+                    manifest: dict[str, Any], claimant: Claimant,
+                    expires_seconds: float = CLAIM_EXPIRES_SECONDS) -> Claim:
+        """Claim ``batch_id`` for this manifest version, for ``claimant``.
 
-        Claiming again with the same manifest version is CLAIMED while no run has started for
-        the batch, so a sensor tick that died after claiming still requests its run on the
-        next tick, but no second run is ever requested once one has started. A new version
-        of the claiming manifest (same key, replaced before its run started) takes the claim
-        over, so the batch runs on what is landed now; once a run started it is REFUSED.
+        Claiming again with the same manifest version is CLAIMED for the same Dagster instance
+        while no run has started for the batch, so a sensor tick that died after claiming
+        still requests its run on the next tick (``run_key`` dedups it in Dagster), but no
+        second run is ever requested once one has started. Another instance's claim makes
+        this one a DUPLICATE, until it is ``expires_seconds`` old with no run started: then it
+        is taken over, with a new token. A new version of the claiming manifest (same key,
+        replaced before its run started) takes the claim over, so the batch runs on what is
+        landed now; once a run started it is REFUSED.
         """
+        ours = asdict(claimant)
         try:
             self.db.batches.insert_one({"_id": batch_id, "manifest_key": manifest_key,
-                                        "etag": etag, "manifest": manifest,
-                                        "claimed_at": _now(), "claim_token": secrets.token_hex(16)})
+                                        "etag": etag, "manifest": manifest, "claimed_by": ours,
+                                        "pending": claimant.instance, "claimed_at": _now(),
+                                        "claim_token": secrets.token_hex(16)})
             return Claim.CLAIMED
         except DuplicateKeyError:
             holder = self.db.batches.find_one({"_id": batch_id}) or {}
-            if holder.get("manifest_key") != manifest_key:
-                return Claim.DUPLICATE
-            if holder.get("etag") == etag:
-                return Claim.ALREADY_STARTED if holder.get("run_ids") else Claim.CLAIMED
-            # conditional on no run having started: a run spending the token meanwhile wins
-            moved = self.db.batches.update_one(
-                {"_id": batch_id, "etag": holder.get("etag"), "run_ids": {"$exists": False},
-                 "claim_spent_by": {"$exists": False}},
-                {"$set": {"etag": etag, "manifest": manifest, "reclaimed_at": _now()}})
-            return Claim.CLAIMED if moved.modified_count == 1 else Claim.REFUSED
+        if holder.get("manifest_key") != manifest_key:
+            return Claim.DUPLICATE
+        started = bool(holder.get("run_ids")) or "claim_spent_by" in holder
+        if started:
+            return Claim.ALREADY_STARTED if holder.get("etag") == etag else Claim.REFUSED
+        unstarted = {"_id": batch_id, "run_ids": {"$exists": False},
+                     "claim_spent_by": {"$exists": False}}
+        # a claim made before claimants were recorded is the first instance's to take
+        held_by = (holder.get("claimed_by") or {}).get("instance", claimant.instance)
+        if held_by != claimant.instance:
+            expired = self.db.batches.update_one(
+                {**unstarted, "claimed_by": holder.get("claimed_by"),
+                 "claimed_at": {"$lt": _now() - timedelta(seconds=expires_seconds)}},
+                {"$set": {"etag": etag, "manifest": manifest, "claimed_by": ours,
+                          "pending": claimant.instance, "claimed_at": _now(),
+                          "claim_token": secrets.token_hex(16)},
+                 "$push": {"taken_over": {"from": holder.get("claimed_by"), "at": _now()}}})
+            return Claim.CLAIMED if expired.modified_count == 1 else Claim.DUPLICATE
+        if holder.get("etag") == etag:
+            return Claim.CLAIMED
+        # conditional on no run having started: a run spending the token meanwhile wins
+        moved = self.db.batches.update_one(
+            {**unstarted, "etag": holder.get("etag")},
+            {"$set": {"etag": etag, "manifest": manifest, "claimed_by": ours,
+                      "reclaimed_at": _now()}})
+        return Claim.CLAIMED if moved.modified_count == 1 else Claim.REFUSED
+
+    @_retried
+    def record_duplicate_claim(self, batch_id: str, claimant: Claimant) -> None:
+        """Note another instance's attempt to claim the batch (the last 20 are kept)."""
+        self.db.batches.update_one({"_id": batch_id}, {"$push": {"duplicate_claims": {
+            "$each": [{**asdict(claimant), "at": _now()}], "$slice": -20}}})
+
+    @_retried
+    def unstarted_claims(self, instance: str, older_than_seconds: float,
+                         limit: int = 50) -> list[dict]:
+        """``instance``'s claims at least ``older_than_seconds`` old whose run has not started
+        (oldest first): the sensor re-requests those without a run in its run storage.
+        ``pending`` (the claimant's id, unset when the claim is spent) keeps this an index
+        lookup of the few unstarted claims, not a scan of every batch ever claimed."""
+        if not self._pending_indexed:
+            self.db.batches.create_index("pending", sparse=True)
+            self._pending_indexed = True
+        return list(self.db.batches.find(
+            {"pending": instance, "run_ids": {"$exists": False},
+             "claim_spent_by": {"$exists": False},
+             "claimed_at": {"$lt": _now() - timedelta(seconds=older_than_seconds)}},
+            {"manifest_key": 1, "etag": 1, "claim_token": 1, "claimed_by": 1},
+        ).sort("claimed_at", 1).limit(limit))
+
+    @_retried
+    def pin_versions(self, batch_id: str, run_id: str, pinned: dict[str, Any]) -> dict[str, Any]:
+        """Record the versions ``run_id`` validated (``{"manifest": {...}, "objects": [...]}``,
+        each with key, etag and size), unless the batch has pins already: returns the pins
+        the batch reads from now on (an earlier run's, if any)."""
+        self.db.batches.update_one({"_id": batch_id, "pinned": {"$exists": False}},
+                                   {"$set": {"pinned": {**pinned, "by_run": run_id,
+                                                        "at": _now()}}})
+        return (self.db.batches.find_one({"_id": batch_id}, {"pinned": 1}) or {}).get("pinned", {})
+
+    @_retried
+    def repin_versions(self, batch_id: str, run_id: str, pinned: dict[str, Any]) -> None:
+        """Replace the batch's pins (a run that processes the batch again on purpose)."""
+        self.db.batches.update_one({"_id": batch_id}, {"$set": {"pinned": {
+            **pinned, "by_run": run_id, "at": _now()}}})
 
     @_retried
     def claim_token(self, batch_id: str) -> str:
@@ -156,20 +239,35 @@ class Ledger:
                 return RunStart.REEXECUTION
         if claim_token is not None:
             spent = batches.find_one_and_update(
-                {"_id": batch_id, "claim_token": claim_token,
+                {"_id": batch_id, "claim_token": claim_token, "etag": etag,
                  "$or": [{"claim_spent_by": {"$exists": False}}, {"claim_spent_by": run_id}]},
-                {"$set": {"claim_spent_by": run_id}, "$addToSet": {"run_ids": run_id}})
+                {"$set": {"claim_spent_by": run_id}, "$addToSet": {"run_ids": run_id},
+                 "$unset": {"pending": ""}})
             if spent:
                 return RunStart.SENSOR
+            claim = batches.find_one({"_id": batch_id, "claim_token": claim_token,
+                                      "claim_spent_by": {"$exists": False}}) or {}
+            if claim and claim.get("etag") != etag:
+                raise ClaimedVersionChanged(
+                    f"batch {batch_id!r}: manifest {manifest_key!r} was replaced after the "
+                    f"manifest sensor claimed it (claimed ETag {claim.get('etag')!r}, now "
+                    f"{etag!r}); the run reads only the version it claimed. The sensor takes "
+                    "the claim over for the new version within a tick or two; then re-execute "
+                    "this run, or land the data under a new batch_id")
         try:
             batches.insert_one({"_id": batch_id, "manifest_key": manifest_key, "etag": etag,
-                                "claimed_at": _now(), "claimed_by": "run", "run_ids": [run_id],
+                                "claimed_at": _now(), "claimed_by": {"run": run_id}, "run_ids": [run_id],
                                 "claim_spent_by": run_id})
             return RunStart.FIRST
         except DuplicateKeyError:
             holder = batches.find_one({"_id": batch_id}) or {}
         if run_id in holder.get("run_ids", []):  # this run's own validate step, retried
             return RunStart.OVERRIDE if override else RunStart.FIRST
+        if not override and claim_token is not None and holder.get("taken_over"):
+            raise BatchAlreadyClaimed(
+                f"batch {batch_id!r}: this run's claim expired unstarted and was taken over by "
+                f"{holder.get('claimed_by')} (the batch's taken_over record), which runs the "
+                "batch; nothing to do here, or land the data under a new batch_id")
         if not override:
             raise BatchAlreadyClaimed(
                 f"batch {batch_id!r} already has run(s) {holder.get('run_ids', [])} or a claim "
@@ -180,7 +278,8 @@ class Ledger:
                 "with the reason as its value")
         batches.update_one({"_id": batch_id}, {
             "$addToSet": {"run_ids": run_id},
-            "$push": {"overrides": {"run_id": run_id, "reason": override, "at": _now()}}})
+            "$push": {"overrides": {"run_id": run_id, "reason": override, "at": _now()}},
+            "$unset": {"pending": ""}})
         return RunStart.OVERRIDE
 
     @_retried

@@ -1,5 +1,9 @@
 """S3-compatible object storage (MinIO in compose, SeaweedFS locally) behind one small API.
 
+Reads can be pinned to the version a batch validated (``ObjectInfo`` from ``stat``): the GET
+carries ``If-Match`` and the answer's ETag and size are compared too (a store that ignores
+the header is still caught), else ``PinnedVersionChanged`` names the object, both versions.
+
 Settings travel as a plain picklable dataclass so that Ray workers, which run on other
 machines in a real cluster, can open their own client from the same description. Every call
 goes through the settings' ``RetryPolicy`` (``libs.retry``), in every stage and Ray task.
@@ -23,7 +27,7 @@ from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
-from libs.errors import ConfigError
+from libs.errors import ConfigError, PinnedVersionChanged
 from libs.retry import RetryPolicy
 
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+:\d{1,5}$")
@@ -34,6 +38,7 @@ _PART_SIZE = 16 * 1024 * 1024
 # (measured against SeaweedFS: docs/benchmarks-journal.md). Bigger objects still go in parts.
 SINGLE_PUT_BYTES = 64 * 1024 * 1024
 T = TypeVar("T")
+_MISSING = ("NoSuchKey", "NoSuchObject", "ResourceNotFound")
 
 
 @dataclass(frozen=True)
@@ -131,28 +136,59 @@ class ObjectStore:
         return self.retried(f"list s3://{bucket}/ after {after!r}", listing)
 
     def exists(self, bucket: str, key: str) -> bool:
-        def stat() -> bool:
-            try:
-                self._client.stat_object(bucket, key)
-            except S3Error as exc:
-                if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
-                    return False
-                raise
-            return True
+        return self.stat(bucket, key) is not None
 
-        return self.retried(f"look up s3://{bucket}/{key}", stat)
+    def stat(self, bucket: str, key: str) -> ObjectInfo | None:
+        """The object's size and ETag (a HEAD request), or None when there is no such key."""
+
+        def head() -> ObjectInfo | None:
+            try:
+                found = self._client.stat_object(bucket, key)
+            except S3Error as exc:
+                if exc.code in _MISSING:
+                    return None
+                raise
+            return ObjectInfo(key, int(found.size or 0), (found.etag or "").strip('"'))
+
+        return self.retried(f"look up s3://{bucket}/{key}", head)
+
+    def _changed(self, bucket: str, pin: ObjectInfo) -> PinnedVersionChanged:
+        now = self.stat(bucket, pin.key)
+        return PinnedVersionChanged(f"s3://{bucket}/{pin.key}", (pin.etag, pin.size),
+                                    (now.etag, now.size) if now else None)
+
+    def _get(self, bucket: str, key: str, pin: ObjectInfo | None):
+        """An open GET response for ``key``: of exactly the ``pin`` version, when given."""
+        if pin is None:
+            return self._client.get_object(bucket, key)
+        try:
+            response = self._client.get_object(bucket, key,
+                                               request_headers={"If-Match": f'"{pin.etag}"'})
+        except S3Error as exc:
+            if exc.code in ("PreconditionFailed", *_MISSING):
+                raise self._changed(bucket, pin) from None
+            raise
+        etag = (response.headers.get("ETag") or "").strip('"')
+        length = response.headers.get("Content-Length")
+        if etag != pin.etag or (length is not None and int(length) != pin.size):
+            response.close()
+            response.release_conn()
+            raise self._changed(bucket, pin)
+        return response
 
     def size(self, bucket: str, key: str) -> int:
         """The object's size in bytes, from a HEAD request (nothing is downloaded)."""
         return self.retried(f"look up s3://{bucket}/{key}",
                             lambda: int(self._client.stat_object(bucket, key).size or 0))
 
-    def get_bytes(self, bucket: str, key: str, max_bytes: int | None = None) -> bytes:
+    def get_bytes(self, bucket: str, key: str, max_bytes: int | None = None,
+                  pin: ObjectInfo | None = None) -> bytes:
         """The object's bytes; with ``max_bytes``, at most that many are read and a larger
-        object raises ``ValueError`` (it may have grown since its size was checked)."""
+        object raises ``ValueError`` (it may have grown since its size was checked). With
+        ``pin``, exactly that version or ``PinnedVersionChanged``."""
 
         def read() -> bytes:
-            response = self._client.get_object(bucket, key)
+            response = self._get(bucket, key, pin)
             try:
                 if max_bytes is None:
                     return response.read()
@@ -166,13 +202,15 @@ class ObjectStore:
 
         return self.retried(f"read s3://{bucket}/{key}", read)
 
-    def download(self, bucket: str, key: str, path: Path, max_bytes: int | None = None) -> str:
+    def download(self, bucket: str, key: str, path: Path, max_bytes: int | None = None,
+                 pin: ObjectInfo | None = None) -> str:
         """Stream an object to ``path``; returns its sha256 (hex) computed on the way. With
-        ``max_bytes``, stops with ``ValueError`` once more than that many arrived."""
+        ``max_bytes``, stops with ``ValueError`` once more than that many arrived. With
+        ``pin``, exactly that version or ``PinnedVersionChanged``."""
 
         def fetch() -> str:
             digest = hashlib.sha256()
-            response = self._client.get_object(bucket, key)
+            response = self._get(bucket, key, pin)
             received = 0
             try:
                 with open(path, "wb") as out:

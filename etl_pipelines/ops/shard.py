@@ -93,7 +93,8 @@ def shard_batch(
             run_scratch(scratch.root(), context.run_id) as scratch_dir:
         landed = download_landed(store, object_store.landing_bucket, plan.folder, manifest.files,
                                  scratch_dir / "landed", max_file_bytes=config.max_file_bytes,
-                                 check_space=_space_check(context, scratch, scratch_dir, plan))
+                                 check_space=_space_check(context, scratch, scratch_dir, plan),
+                                 pins=plan.pins())
         index = shard_landed_batch(
             store, manifest, landed, landing_bucket=object_store.landing_bucket,
             staging_bucket=staging, staging_prefix=prefix,

@@ -1,15 +1,23 @@
 """First op: re-read and validate the manifest, check the landed files, open the run's ledger
 entry, and hold the batch id to one run: a run neither the manifest sensor requested nor a
-re-execution of the batch's run needs the override tag once the batch has a claim or run."""
+re-execution of the batch's run needs the override tag once the batch has a claim or run.
+
+It pins what it read: the manifest's ETag (which must be the one the sensor's claim holds:
+a manifest replaced after the claim fails here, saying so) and every declared file's ETag
+and size go into the plan, which every later op and a re-execution read, and into the
+ledger's batch; a later validate of the batch (not an override) must find the same."""
+
+from dataclasses import asdict
 
 from dagster import Config, Failure, MetadataValue, OpExecutionContext, Out, op
 from pydantic import Field
 
 from etl_pipelines.resources import InputLimitsResource, LedgerResource, ObjectStoreResource
-from etl_pipelines.types import BatchPlan
-from libs.errors import InputDataError
+from etl_pipelines.types import BatchPlan, PinnedObject
+from libs.errors import InputDataError, PinnedVersionChanged
 from libs.ledger import CLAIM_TOKEN_TAG, OVERRIDE_CLAIM_TAG, BatchAlreadyClaimed, Ledger, RunStart
-from libs.manifest import batch_folder, parse_manifest
+from libs.manifest import Manifest, batch_folder, parse_manifest
+from libs.object_store import ObjectInfo, ObjectStore
 
 
 class BatchConfig(Config):
@@ -27,40 +35,77 @@ def validate_batch(
     ledger: LedgerResource,
     input_limits: InputLimitsResource,
 ) -> BatchPlan:
-    """Read the manifest again (the sensor's view may be stale), check every file is there."""
-    store = object_store.store
-    bucket = object_store.landing_bucket
-    limits = input_limits.manifest
-    manifest = parse_manifest(store.get_bytes(bucket, config.manifest_key, limits.max_bytes + 1),
-                              config.manifest_key, limits)
+    """Read the manifest again (the sensor's view may be stale), check every file is there,
+    and pin the versions read: the plan and the ledger's batch record them."""
+    store, bucket, book = object_store.store, object_store.landing_bucket, ledger.ledger
+    limits, key = input_limits.manifest, config.manifest_key
+    head = store.stat(bucket, key)
+    if head is None:
+        raise InputDataError(f"manifest s3://{bucket}/{key} is gone; it was there when the run "
+                             "was requested: land the batch again under a new batch_id")
+    manifest = parse_manifest(store.get_bytes(bucket, key, limits.max_bytes + 1, pin=head),
+                              key, limits)
     if manifest.batch_id != config.batch_id:
         raise InputDataError(
-            f"manifest {config.manifest_key!r} now says batch_id {manifest.batch_id!r} but the run "
+            f"manifest {key!r} now says batch_id {manifest.batch_id!r} but the run "
             f"was started for {config.batch_id!r}; batch ids are immutable, land a new manifest"
         )
-    folder = batch_folder(config.manifest_key)
-    missing = [f.path for f in manifest.files if not store.exists(bucket, folder + f.path)]
-    if missing:
-        raise InputDataError(
-            f"batch {manifest.batch_id!r}: files listed in the manifest are not in "
-            f"s3://{bucket}/{folder}: {missing}; land them before the manifest"
-        )
-    plan = BatchPlan(manifest=manifest, manifest_key=config.manifest_key, folder=folder,
-                     run_id=context.run_id)
-    etag = next((o.etag for o in store.list(bucket, config.manifest_key)
-                 if o.key == config.manifest_key), "")
-    _start_run(context, ledger.ledger, manifest.batch_id, config.manifest_key, etag)
-    ledger.ledger.record_run(context.run_id, batch_id=manifest.batch_id,
-                             manifest_key=config.manifest_key, status="STARTED",
-                             job=context.job_name)
+    folder = batch_folder(key)
+    objects = _landed_versions(store, bucket, folder, manifest)
+    _start_run(context, book, manifest.batch_id, key, head.etag)
+    _pin(context, book, f"s3://{bucket}/", manifest.batch_id, [head, *objects])
+    book.record_run(context.run_id, batch_id=manifest.batch_id, manifest_key=key,
+                    status="STARTED", job=context.job_name)
     context.add_output_metadata({
         "batch_id": manifest.batch_id,
         "files": len(manifest.files),
         "layers": MetadataValue.json(manifest.layers),
         "target_crs": manifest.target_crs,
-        "manifest": MetadataValue.url(f"s3://{bucket}/{config.manifest_key}"),
+        "manifest": MetadataValue.url(f"s3://{bucket}/{key}"),
+        "manifest_etag": head.etag,
     })
-    return plan
+    return BatchPlan(manifest=manifest, manifest_key=key, folder=folder, run_id=context.run_id,
+                     manifest_version=_pinned(head), pinned=tuple(map(_pinned, objects)))
+
+
+def _pinned(info: ObjectInfo) -> PinnedObject:
+    return PinnedObject(key=info.key, etag=info.etag, size=info.size)
+
+
+def _landed_versions(store: ObjectStore, bucket: str, folder: str,
+                     manifest: Manifest) -> list[ObjectInfo]:
+    """Every declared file's current version (HEAD), or an error listing the missing ones."""
+    found = {f.path: store.stat(bucket, folder + f.path) for f in manifest.files}
+    missing = [path for path, info in found.items() if info is None]
+    if missing:
+        raise InputDataError(
+            f"batch {manifest.batch_id!r}: files listed in the manifest are not in "
+            f"s3://{bucket}/{folder}: {missing}; land them before the manifest"
+        )
+    return [info for info in found.values() if info is not None]
+
+
+def _pin(context: OpExecutionContext, book: Ledger, where: str, batch_id: str,
+         versions: list[ObjectInfo]) -> None:
+    """Record the versions validated; the batch's pins, once recorded, hold for every later
+    run of it (a validate re-executed after a failure, say) except an override's."""
+    ours = {"manifest": asdict(versions[0]), "objects": [asdict(o) for o in versions[1:]]}
+    if (context.run.tags.get(OVERRIDE_CLAIM_TAG) or "").strip():
+        book.repin_versions(batch_id, context.run_id, ours)
+        return
+    held = book.pin_versions(batch_id, context.run_id, ours)
+    now = {o["key"]: o for o in [ours["manifest"], *ours["objects"]]}
+    changed = []
+    for pin in [held.get("manifest", {}), *held.get("objects", [])]:
+        current = now.get(pin.get("key"))
+        if current is None or (current["etag"], current["size"]) != (pin["etag"], pin["size"]):
+            changed.append(str(PinnedVersionChanged(
+                f"{where}{pin['key']}", (pin["etag"], pin["size"]),
+                (current["etag"], current["size"]) if current else None)))
+    if changed:
+        raise Failure(description=f"batch {batch_id!r}: its landed objects are not the "
+                      f"versions run {held.get('by_run')} validated and pinned:\n" +
+                      "\n".join(changed))
 
 
 def _start_run(context: OpExecutionContext, book: Ledger, batch_id: str, manifest_key: str,

@@ -7,30 +7,24 @@ the manifest stays out of the cursor for a later tick (a ledger gone mid-tick en
 ``batches`` makes ``batch_id`` single-use (another key: ``duplicate_batch``; the claiming key
 replaced after its run started: ``refused``); ``run_key = batch_id`` guards it in Dagster.
 
-The ledger is the memory of what was seen; the cursor (JSON, ``version`` 3; versions 1 and 2
-are read, without a position) maps recently processed keys to their ETag, oldest first, and
-keeps a ``position``. Past MAX_RECENT entries, the oldest settled ones (refused, or accepted
-with a run started) leave the map; a listed version not in it is looked up in the ledger.
+Exactly once under crashes (claimants, stale claims: docs/run-lifecycle.md): a claim names
+this Dagster instance and tick; another instance's claim is a duplicate, not cursored.
 
-Discovery (docs/manifest-discovery.md): each tick lists what landed after ``position.after``
-(at most TAIL_PAGE keys, S3 start-after) plus one page of a sweep that walks the whole
-bucket round and round from ``position.sweep``: a key sorting before ``after`` (keys are
-user-chosen) or a replaced manifest is found within ~ceil(objects / SWEEP_PAGE) ticks. A tick
-costs what is new plus one page, not the landing zone. Neither position passes a manifest
-the tick did not look at. No position (a fresh or older cursor): one full listing (at most
-FIRST_PAGE keys, then the tail goes on from there).
-Bound: MAX_RECENT settled entries plus the unsettled ones (at most the run queue), each at
-most ~1.1 KB (an S3 key is <= 1,024 bytes), plus two keys: under 553 KB, ~36 KB for
-typical keys (docs/limits.md).
+The ledger is the memory of what was seen; the cursor maps recently processed keys to their
+ETag, oldest first, and keeps the listing's ``position``. Past MAX_RECENT entries, the oldest
+settled ones (refused, or accepted with a run started) leave the map; a listed version not in
+it is looked up in the ledger.
+
+Listing and cursor position: ``discovery`` (docs/manifest-discovery.md).
 """
 
-import json
-import random
-from dataclasses import dataclass
+import time
+import uuid
 
 from dagster import (
     DefaultSensorStatus,
     RunRequest,
+    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -40,65 +34,30 @@ from pymongo.errors import ConnectionFailure, PyMongoError
 
 from etl_pipelines.jobs.ingest import ingest_batch
 from etl_pipelines.resources import InputLimitsResource, LedgerResource, ObjectStoreResource
-from libs.errors import ManifestError
-from libs.ledger import CLAIM_TOKEN_TAG, Claim, Ledger
+from etl_pipelines.sensors.discovery import (
+    list_new,
+    next_position,
+    read_cursor,
+    read_position,
+    write_cursor,
+)
+from libs.errors import ManifestError, PinnedVersionChanged
+from libs.ledger import CLAIM_TOKEN_TAG, Claim, Claimant, Ledger
 from libs.manifest import MANIFEST_FILENAME, ManifestLimits, parse_manifest
 from libs.object_store import ObjectInfo, ObjectStore
 from libs.retry import ServiceUnavailable
 
-CURSOR_VERSION = 3
 MAX_MANIFESTS_PER_TICK = 50
 #: Settled entries kept in the cursor (the ledger remembers the rest).
 MAX_RECENT = 500
-#: Keys listed past ``position.after`` per tick (a larger burst takes several ticks).
-TAIL_PAGE = 10_000
-#: Keys the reconciliation sweep lists per tick (one S3 listing request): between 3/4 of it
-#: and all of it, at random, so that page boundaries differ from round to round (SeaweedFS
-#: resumes after a key that is also a folder, "a" beside "a/b", past everything under it).
-SWEEP_PAGE = 1_000
-#: The cursor's documented bound (MAX_RECENT settled entries, the longest keys, the position).
-CURSOR_BOUND_BYTES = 553_000
-#: Keys listed by a tick without a position (~15 s on SeaweedFS: well under Dagster's 60 s
-#: sensor timeout, which a whole listing of a larger landing zone would pass every tick).
-FIRST_PAGE = 100_000
 
-
-@dataclass(frozen=True)
-class Position:
-    """Where the next tick's listings resume: ``after`` (None: list everything once) and the
-    sweep's ``sweep`` ("" starts it over from the bucket's first key)."""
-
-    after: str | None = None
-    sweep: str = ""
-
-
-def read_cursor(raw: str | None) -> dict[str, str]:
-    """Processed manifest key -> ETag, oldest first (versions 1 and 2 had the same map)."""
-    if not raw:
-        return {}
-    data = json.loads(raw)
-    if data.get("version") not in (1, 2, CURSOR_VERSION):
-        raise ValueError(f"manifest sensor cursor version {data.get('version')!r} is not "
-                         f"{CURSOR_VERSION} (or 1, 2); reset the cursor deliberately")
-    return dict(data["processed"])
-
-
-def read_position(raw: str | None) -> Position:
-    """The listing position a cursor carries; none (a fresh, version 1 or 2 cursor) is a full
-    listing on the next tick."""
-    place = json.loads(raw).get("position") if raw else None
-    if not place:
-        return Position()
-    return Position(after=place.get("after"), sweep=place.get("sweep") or "")
-
-
-def write_cursor(processed: dict[str, str], position: Position | None = None) -> str:
-    # insertion order is age order: no sort_keys
-    place = position or Position()
-    # ensure_ascii=False: a key of 1,024 UTF-8 bytes stays <= 1,024 characters (escaped, up to 3x)
-    return json.dumps({"version": CURSOR_VERSION, "processed": processed,
-                       "position": {"after": place.after, "sweep": place.sweep}},
-                      ensure_ascii=False)
+#: This instance's unstarted claims older than this with no run in its run storage are
+#: requested again (a run request is stored within seconds of its tick).
+STALE_CLAIM_SECONDS = 60
+#: Key of this Dagster instance's claimant id in its run storage's key-value table.
+INSTANCE_ID_KEY = "spatial-etl/claimant-instance-id"
+#: Dagster's run tag of a sensor's run key.
+RUN_KEY_TAG = "dagster/run_key"
 
 
 class Unreadable(ManifestError):
@@ -114,9 +73,14 @@ def _read(store: ObjectStore, bucket: str, obj: ObjectInfo, limits: ManifestLimi
     if too_big:
         raise ManifestError(obj.key, [too_big])
     try:
-        raw = store.get_bytes(bucket, obj.key, max_bytes=limits.max_bytes)
+        # the listed version exactly: the claim records its ETag
+        raw = store.get_bytes(bucket, obj.key, max_bytes=limits.max_bytes, pin=obj)
     except ValueError:
         raise ManifestError(obj.key, [limits.size_problem(limits.max_bytes + 1)]) from None
+    except PinnedVersionChanged:
+        raise Unreadable(obj.key, [
+            f"was replaced while this tick read it (listed ETag {obj.etag!r}); the next tick "
+            "reads the new version"]) from None
     except Exception as exc:  # any read failure is this manifest's problem, maybe passing
         raise Unreadable(obj.key, [
             f"could not be read from s3://{bucket}/{obj.key}: {exc!r}; expected a readable "
@@ -130,22 +94,39 @@ def _read(store: ObjectStore, bucket: str, obj: ObjectInfo, limits: ManifestLimi
         raise ManifestError(obj.key, [f"could not be parsed: {exc!r}"]) from None
 
 
+def claimant_of(context: SensorEvaluationContext) -> Claimant:
+    """This Dagster instance's claimant id (made once, kept in its run storage) and the tick's
+    id (the daemon's tick id, the last part of the tick's log key)."""
+    storage = context.instance.run_storage
+    found = storage.get_cursor_values({INSTANCE_ID_KEY}).get(INSTANCE_ID_KEY)
+    if not found:
+        storage.set_cursor_values({INSTANCE_ID_KEY: uuid.uuid4().hex})
+        found = storage.get_cursor_values({INSTANCE_ID_KEY})[INSTANCE_ID_KEY]
+    tick = context.log_key[-1] if context.log_key else f"at {time.time():.3f}"
+    return Claimant(instance=found, tick=str(tick))
+
+
+def _request(batch_id: str, manifest_key: str, token: str,
+             run_tags: dict[str, str]) -> RunRequest:
+    return RunRequest(
+        run_key=batch_id,
+        run_config={"ops": {"validate_batch": {"config": {
+            "manifest_key": manifest_key, "batch_id": batch_id}}}},
+        tags={"batch_id": batch_id, "manifest_key": manifest_key, CLAIM_TOKEN_TAG: token,
+              **run_tags})
+
+
 def _consider(context: SensorEvaluationContext, book: Ledger, obj: ObjectInfo,
-              manifest, run_tags: dict[str, str]) -> RunRequest | None:
+              manifest, run_tags: dict[str, str], claimant: Claimant) -> RunRequest | Claim | None:
     """Claim the manifest's batch and record the outcome (a run request carries ``run_tags``
-    too); a ledger error propagates."""
+    too); a ledger error propagates. ``Claim.DUPLICATE`` when another instance holds it."""
     batch_id = manifest.batch_id
     claim = book.claim_batch(batch_id=batch_id, manifest_key=obj.key, etag=obj.etag,
-                             manifest=manifest.model_dump(mode="json"))
+                             manifest=manifest.model_dump(mode="json"), claimant=claimant)
     if claim is Claim.CLAIMED:
         book.record_manifest(manifest_key=obj.key, etag=obj.etag, status="accepted",
                              batch_id=batch_id, run_key=batch_id)
-        return RunRequest(
-            run_key=batch_id,
-            run_config={"ops": {"validate_batch": {"config": {
-                "manifest_key": obj.key, "batch_id": batch_id}}}},
-            tags={"batch_id": batch_id, "manifest_key": obj.key,
-                  CLAIM_TOKEN_TAG: book.claim_token(batch_id), **run_tags})
+        return _request(batch_id, obj.key, book.claim_token(batch_id), run_tags)
     holder = book.batch(batch_id) or {}
     runs = holder.get("run_ids") or []
     if claim is Claim.ALREADY_STARTED:
@@ -153,6 +134,15 @@ def _consider(context: SensorEvaluationContext, book: Ledger, obj: ObjectInfo,
         context.log.info(f"manifest {obj.key!r}: batch {batch_id!r} already has run(s) {runs}; "
                          "retries go through Dagster re-execution")
         return None
+    if claim is Claim.DUPLICATE and holder.get("manifest_key") == obj.key:
+        # the manifest's record is the claiming instance's: the attempt goes in the batch
+        book.record_duplicate_claim(batch_id, claimant)
+        context.log.warning(
+            f"manifest {obj.key!r}: batch {batch_id!r} is claimed by another Dagster instance "
+            f"sharing the ledger ({holder.get('claimed_by')}, at {holder.get('claimed_at')}); "
+            "that instance runs it. Looked at again when the discovery sweep lists it, until "
+            "its run starts; taken over if its claim expires unstarted")
+        return Claim.DUPLICATE
     if claim is Claim.REFUSED:
         error = (f"batch id {batch_id!r} already claimed by run {', '.join(runs) or '(starting)'} "
                  f"(manifest {obj.key!r} was replaced after its run started); land a new batch "
@@ -167,36 +157,22 @@ def _consider(context: SensorEvaluationContext, book: Ledger, obj: ObjectInfo,
     return None
 
 
-def _list(store: ObjectStore, bucket: str,
-          position: Position) -> tuple[list[ObjectInfo], list[ObjectInfo], int]:
-    """What landed past ``position.after``, the sweep's next page and the keys it asked for
-    (without a position: the bucket from its first key, FIRST_PAGE keys at most, no sweep)."""
-    if position.after is None:
-        return store.list_page(bucket, limit=FIRST_PAGE), [], 0
-    fresh = store.list_page(bucket, after=position.after, limit=TAIL_PAGE)
-    asked = SWEEP_PAGE - random.randrange(SWEEP_PAGE // 4 + 1)
-    return fresh, store.list_page(bucket, after=position.sweep, limit=asked), asked
-
-
-def _advance(start: str, page: list[ObjectInfo], held: set[str]) -> str:
-    """Where a listing resumes next: past ``page``, but not past a key in ``held``."""
-    last = start
-    for obj in page:
-        if obj.key in held:
-            break
-        last = obj.key
-    return last
-
-
-def next_position(position: Position, fresh: list[ObjectInfo], swept: list[ObjectInfo],
-                  held: set[str], asked: int) -> Position:
-    """Past what this tick listed (``fresh`` after ``position.after``, ``swept`` after
-    ``position.sweep``), never past a manifest in ``held`` (not looked at); a sweep page
-    shorter than the ``asked`` keys reached the bucket's end: the sweep starts over."""
-    after = _advance(position.after or "", fresh, held)
-    if position.after is None or (len(swept) < asked and not held & {o.key for o in swept}):
-        return Position(after=after, sweep="")  # the sweep went round: from the start again
-    return Position(after=after, sweep=_advance(position.sweep, swept, held))
+def _stale_claims(context: SensorEvaluationContext, book: Ledger, claimant: Claimant,
+                  run_tags: dict[str, str]) -> list[RunRequest]:
+    """Run requests again for this instance's claims that are STALE_CLAIM_SECONDS old, not
+    started, and have no run in this instance's run storage."""
+    requests = []
+    for claim in book.unstarted_claims(claimant.instance, STALE_CLAIM_SECONDS,
+                                       limit=MAX_MANIFESTS_PER_TICK):
+        batch_id = claim["_id"]
+        if context.instance.get_run_ids(
+                RunsFilter(tags={RUN_KEY_TAG: batch_id}), limit=1):
+            continue
+        context.log.warning(f"batch {batch_id!r}: claimed by this instance "
+                            f"({claim.get('claimed_by')}) but no run was ever stored; "
+                            "requesting it again")
+        requests.append(_request(batch_id, claim["manifest_key"], claim["claim_token"], run_tags))
+    return requests
 
 
 def _prune(context: SensorEvaluationContext, book: Ledger, processed: dict[str, str]) -> None:
@@ -226,7 +202,7 @@ def manifest_sensor(
     store = object_store.store
     bucket = object_store.landing_bucket
     try:
-        fresh, swept, asked = _list(store, bucket, position)
+        fresh, swept, asked = list_new(store, bucket, position)
         listed = [o for o in {o.key: o for o in fresh + swept}.values()
                   if o.key.rsplit("/", 1)[-1] == MANIFEST_FILENAME
                   and processed.get(o.key) != o.etag]
@@ -235,12 +211,14 @@ def manifest_sensor(
     book = ledger.ledger
     try:
         settled = book.settled_manifests([(o.key, o.etag) for o in listed])
+        claimant = claimant_of(context)
+        stale = _stale_claims(context, book, claimant, input_limits.max_runtime_tags)
     except (PyMongoError, ServiceUnavailable) as exc:  # its retry budget spent
         # without the ledger nothing can be claimed or recorded: the cursor stays as it is
         return SkipReason(f"the ledger did not answer ({exc!r}); no manifest was looked at, "
                           "the next tick retries")
     new = [o for o in listed if (o.key, o.etag) not in settled]
-    if not new:
+    if not new and not stale:
         skip = SkipReason(f"no new manifest in s3://{bucket} ({len(processed)} in the cursor)")
         moved = write_cursor(processed, next_position(position, fresh, swept, set(), asked))
         # the listing moved on (or the sweep went on): the position is kept even on a skip
@@ -261,7 +239,10 @@ def manifest_sensor(
                                      batch_id=None, errors=exc.errors)
                 context.log.warning(str(exc))
             else:
-                request = _consider(context, book, obj, manifest, input_limits.max_runtime_tags)
+                request = _consider(context, book, obj, manifest, input_limits.max_runtime_tags,
+                                    claimant)
+                if request is Claim.DUPLICATE:
+                    continue  # another instance's claim: not cursored, looked at again
                 if request is not None:
                     requests.append(request)
         except (ConnectionFailure, ServiceUnavailable) as exc:
@@ -276,6 +257,7 @@ def manifest_sensor(
             continue
         processed.pop(obj.key, None)  # re-inserted: the newest entry
         processed[obj.key] = obj.etag
+    requests += [r for r in stale if r.run_key not in {q.run_key for q in requests}]
     _prune(context, book, processed)
     position = next_position(position, fresh, swept, {o.key for o in unlooked}, asked)
     return SensorResult(run_requests=requests, cursor=write_cursor(processed, position))

@@ -9,7 +9,7 @@ that chunk may start) and checks each layer's columns before any of its chunks i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from libs.errors import InputDataError
 from libs.geoparquet import encode_columns
 from libs.manifest import DataFile, Manifest, bad_geometry_policy
 from libs.memory import release_memory
-from libs.object_store import BackgroundPuts, ObjectStore
+from libs.object_store import BackgroundPuts, ObjectInfo, ObjectStore
 from libs.sharding.inputs import plan_layers
 from libs.sharding.limits import ShardLimits
 from libs.sharding.shard import ShardedLayer, shard_layer
@@ -44,17 +44,21 @@ class LandedFile:
 def download_landed(store: ObjectStore, bucket: str, folder: str, files: list[DataFile],
                     into: Path, max_file_bytes: int | None = None,
                     check_space: Callable[[list[tuple[str, int]]], object] | None = None,
-                    ) -> list[LandedFile]:
+                    pins: Mapping[str, ObjectInfo] | None = None) -> list[LandedFile]:
     """Download each declared file (``folder`` + its path) into a numbered folder of its own
     under ``into`` (which keeps names, and a Shapefile zip's siblings, apart), hashing it.
 
-    With ``max_file_bytes`` or ``check_space``, every file's size is read (HEAD) before any is
-    downloaded: each is checked against ``max_file_bytes`` (a download stops should the object
-    have grown since) and ``check_space`` is called with every file's (format, size)."""
+    With ``max_file_bytes`` or ``check_space``, every file's size is read (HEAD, or its pin)
+    before any is downloaded: each is checked against ``max_file_bytes`` (a download stops
+    should the object have grown since) and ``check_space`` is called with every file's
+    (format, size). With ``pins`` (landing key -> version validated), each file is read at
+    exactly that version, else ``PinnedVersionChanged`` names it."""
+    pins = pins or {}
     if max_file_bytes is not None or check_space is not None:
         sizes = []
         for data_file in files:
-            size = store.size(bucket, f"{folder}{data_file.path}")
+            key = f"{folder}{data_file.path}"
+            size = pins[key].size if key in pins else store.size(bucket, key)
             sizes.append((str(data_file.format), size))
             if max_file_bytes is not None and size > max_file_bytes:
                 raise InputDataError(
@@ -69,7 +73,8 @@ def download_landed(store: ObjectStore, bucket: str, folder: str, files: list[Da
         local = into / str(number) / Path(data_file.path).name
         local.parent.mkdir(parents=True)
         try:
-            sha256 = store.download(bucket, key, local, max_bytes=max_file_bytes)
+            sha256 = store.download(bucket, key, local, max_bytes=max_file_bytes,
+                                    pin=pins.get(key))
         except ValueError as exc:
             raise InputDataError(f"file {data_file.path!r}: {exc} (the limit per landed file); "
                                  "it changed after the batch was checked") from None

@@ -7,7 +7,8 @@ from pathlib import Path
 from dagster import DagsterInstance, RunRequest, SkipReason, build_sensor_context
 
 from etl_pipelines.definitions import build_resources, defs
-from etl_pipelines.sensors.manifests import manifest_sensor, read_cursor, write_cursor
+from etl_pipelines.sensors.discovery import read_cursor, write_cursor
+from etl_pipelines.sensors.manifests import manifest_sensor
 from libs.landing import land_batch
 from libs.manifest import MANIFEST_FILENAME
 from libs.object_store import ObjectStore, ObjectStoreSettings

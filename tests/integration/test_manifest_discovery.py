@@ -12,7 +12,7 @@ from dagster import DagsterInstance, build_sensor_context
 
 from devstack.s3 import store_settings
 from etl_pipelines.resources import InputLimitsResource, LedgerResource, ObjectStoreResource
-from etl_pipelines.sensors import manifests
+from etl_pipelines.sensors import discovery, manifests
 from libs.landing import land_batch
 from libs.manifest import MANIFEST_FILENAME
 from libs.object_store import ObjectStore
@@ -65,12 +65,12 @@ def _put(store: ObjectStore, bucket: str, key: str, data: bytes = b"x") -> str:
 
 def test_a_manifest_sorting_before_the_position_is_found_by_the_sweep(
         admin, bucket, instance, stack_env, tmp_path, monkeypatch):
-    monkeypatch.setattr(manifests, "SWEEP_PAGE", 4)
+    monkeypatch.setattr(discovery, "SWEEP_PAGE", 4)
     tag = uuid.uuid4().hex[:8]
     for i in range(12):
         _put(admin, bucket, f"m-{tag}/filler-{i:02d}.bin")
     result, cursor = _tick(instance, stack_env, bucket, None)  # no position: a full listing
-    assert manifests.read_position(cursor).after == f"m-{tag}/filler-11.bin"
+    assert discovery.read_position(cursor).after == f"m-{tag}/filler-11.bin"
 
     late, early = f"z-{tag}", f"a-{tag}"
     for name in (late, early):
@@ -79,13 +79,13 @@ def test_a_manifest_sorting_before_the_position_is_found_by_the_sweep(
     result, cursor = _tick(instance, stack_env, bucket, cursor)
     assert [r.run_key for r in result.run_requests] == [late]  # after the position: this tick
     last = max(o.key for o in admin.list(bucket))
-    assert last.startswith(f"{late}/") and manifests.read_position(cursor).after == last
+    assert last.startswith(f"{late}/") and discovery.read_position(cursor).after == last
 
     # a key sorting before everything seen: the tail cannot see it, the sweep must
     land_batch(admin, tmp_path / early, early, bucket=bucket)
     objects = len(list(admin.list(bucket)))
     found, ticks = [], 0
-    smallest_page = manifests.SWEEP_PAGE - manifests.SWEEP_PAGE // 4  # pages vary at random
+    smallest_page = discovery.SWEEP_PAGE - discovery.SWEEP_PAGE // 4  # pages vary at random
     while not found and ticks <= math.ceil(objects / smallest_page) + 1:
         result, cursor = _tick(instance, stack_env, bucket, cursor)
         found = [r for r in getattr(result, "run_requests", None) or [] if r.run_key == early]
@@ -94,14 +94,14 @@ def test_a_manifest_sorting_before_the_position_is_found_by_the_sweep(
     config = found[0].run_config["ops"]["validate_batch"]["config"]
     assert config == {"manifest_key": f"{early}/{MANIFEST_FILENAME}", "batch_id": early}
     # the tail never went back: it is still past the late batch
-    assert manifests.read_position(cursor).after == last
+    assert discovery.read_position(cursor).after == last
 
 
 def test_nothing_is_missed_across_ticks_and_the_cursor_stays_bounded(
         admin, bucket, instance, stack_env, ledger, monkeypatch):
     # pages and caps far below the objects landed, so every position and hold is exercised
-    monkeypatch.setattr(manifests, "SWEEP_PAGE", 5)
-    monkeypatch.setattr(manifests, "TAIL_PAGE", 6)
+    monkeypatch.setattr(discovery, "SWEEP_PAGE", 5)
+    monkeypatch.setattr(discovery, "TAIL_PAGE", 6)
     monkeypatch.setattr(manifests, "MAX_MANIFESTS_PER_TICK", 2)
     monkeypatch.setattr(manifests, "MAX_RECENT", 3)
     monkeypatch.setattr(manifests, "FIRST_PAGE", 3)  # even the first listing stops early
@@ -112,7 +112,7 @@ def test_nothing_is_missed_across_ticks_and_the_cursor_stays_bounded(
         nonlocal cursor, ticks
         _, cursor = _tick(instance, stack_env, bucket, cursor)
         ticks += 1
-        processed = manifests.read_cursor(cursor)
+        processed = discovery.read_cursor(cursor)
         # every manifest here is invalid, so settled: pruning keeps the map at MAX_RECENT
         assert len(processed) <= manifests.MAX_RECENT, processed
         assert len(cursor.encode()) < 4 * 1100 + 200  # 3 entries and 2 position keys
@@ -154,11 +154,11 @@ def test_a_manifest_under_a_key_that_is_also_an_object_is_found(
     # SeaweedFS resumes a listing after "h" past everything under "h/" (MinIO does not): the
     # tail's position lands on "h" here, so only the sweep can find h/manifest.json, and a
     # sweep page ending on "h" would skip it too; its page sizes vary so a round finds it
-    monkeypatch.setattr(manifests, "SWEEP_PAGE", 4)  # pages of 3 or 4 keys
+    monkeypatch.setattr(discovery, "SWEEP_PAGE", 4)  # pages of 3 or 4 keys
     for key in ("g1", "g2", "h"):
         _put(admin, bucket, key)
     _, cursor = _tick(instance, stack_env, bucket, None)
-    assert manifests.read_position(cursor).after == "h"
+    assert discovery.read_position(cursor).after == "h"
     key = f"h/{uuid.uuid4().hex[:8]}/{MANIFEST_FILENAME}"
     _put(admin, bucket, key, b"{}")
     ticks = 0
@@ -180,7 +180,7 @@ def test_the_pipeline_identity_lists_the_landing_zone_from_a_position(
 def test_the_tail_never_passes_a_manifest_left_for_the_next_tick(
         admin, bucket, instance, stack_env, ledger, monkeypatch):
     # no sweep at all (a page of 0 keys): only the tail's hold can find what the cap left
-    monkeypatch.setattr(manifests, "SWEEP_PAGE", 0)
+    monkeypatch.setattr(discovery, "SWEEP_PAGE", 0)
     monkeypatch.setattr(manifests, "MAX_MANIFESTS_PER_TICK", 2)
     _put(admin, bucket, "a/part.bin")
     _, cursor = _tick(instance, stack_env, bucket, None)
@@ -192,4 +192,4 @@ def test_the_tail_never_passes_a_manifest_left_for_the_next_tick(
         _, cursor = _tick(instance, stack_env, bucket, cursor)
     assert all(ledger.manifests_for_key(key) for key in keys), \
         [key for key in keys if not ledger.manifests_for_key(key)]
-    assert manifests.read_position(cursor).after == keys[-1]
+    assert discovery.read_position(cursor).after == keys[-1]

@@ -8,7 +8,8 @@ import pytest
 from dagster import DagsterInstance, SkipReason
 
 from etl_pipelines.resources import InputLimitsResource, LedgerResource
-from etl_pipelines.sensors.manifests import MAX_RECENT, write_cursor
+from etl_pipelines.sensors.discovery import write_cursor
+from etl_pipelines.sensors.manifests import MAX_RECENT
 from libs.manifest import MANIFEST_FILENAME
 from tests.integration.pipeline import land_sample, request_for, requested_nothing, sensor_tick
 

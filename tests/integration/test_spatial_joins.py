@@ -25,7 +25,7 @@ from dagster import DagsterInstance
 from psycopg import sql
 from pyproj import Geod
 
-from etl_pipelines.sensors.manifests import CURSOR_VERSION
+from etl_pipelines.sensors.discovery import CURSOR_VERSION
 from libs.errors import LoadError, ReconciliationError
 from libs.geoparquet import GEOMETRY
 from libs.lake import completion_key

@@ -4,10 +4,9 @@ import json
 
 import pytest
 
-from etl_pipelines.sensors.manifests import (
+from etl_pipelines.sensors.discovery import (
     CURSOR_BOUND_BYTES,
     CURSOR_VERSION,
-    MAX_RECENT,
     SWEEP_PAGE,
     Position,
     next_position,
@@ -15,6 +14,7 @@ from etl_pipelines.sensors.manifests import (
     read_position,
     write_cursor,
 )
+from etl_pipelines.sensors.manifests import MAX_RECENT
 from libs.object_store import ObjectInfo
 
 
