@@ -2,7 +2,9 @@
 (a proxy in front of the real S3 refuses or swallows connections) is ridden out by the retry
 policy, with a lake identical to a clean run's; PostgreSQL restarted mid-COPY fails the run
 naming the cause, and re-execution from the failure publishes the batch; the ledger rides out
-MongoDB unreachable for a few seconds (a proxy in front of the real server)."""
+MongoDB unreachable for a few seconds (a proxy in front of the real server); MongoDB gone at
+the lineage write fails the run with the lake unchanged, and re-execution publishes the batch
+with its lineage."""
 
 import hashlib
 import io
@@ -23,7 +25,10 @@ from libs.ledger import Ledger
 from libs.retry import RetryPolicy, ServiceUnavailable
 from tests.integration.faulty_proxy import FaultyProxy
 from tests.integration.pipeline import land_sample, request_for, sensor_tick
-from tests.integration.reexecutable import ingest_batch_job
+from tests.integration.reexecutable import (
+    ingest_batch_job,
+    ingest_batch_job_with_a_short_ledger_budget,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 POINTS = 40_000
@@ -31,12 +36,21 @@ PG_POINTS = 200_000
 OUTAGE_SECONDS = 5.0
 
 
-def _run(instance, batch_id: str, **shard_config):
+def _run(instance, batch_id: str, job=ingest_batch_job, **shard_config):
     request = request_for(sensor_tick(instance, focus=batch_id), batch_id)
     config = json.loads(json.dumps(request.run_config))
     config["ops"]["shard_batch"] = {"config": {"chunk_rows": 10_000, **shard_config}}
-    return execute_job(reconstructable(ingest_batch_job), instance, run_config=config,
-                       tags=request.tags)
+    return execute_job(reconstructable(job), instance, run_config=config, tags=request.tags)
+
+
+def _failure_chain(result, step: str) -> tuple[list, str]:
+    """The step's error, then its causes, and all of them as text."""
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert failure.step_key == step, failure.step_key
+    chain = [failure.step_failure_data.error]
+    while chain[-1].cause is not None:
+        chain.append(chain[-1].cause)
+    return chain, "\n".join(e.to_string() for e in chain)
 
 
 def _lake(store, batch_id: str) -> dict[str, dict]:
@@ -238,3 +252,50 @@ def test_the_ledger_rides_out_mongodb_unreachable_and_names_the_call_when_it_sta
     finally:
         client.close()
         proxy.close()
+
+
+@pytest.fixture
+def proxied_ledger(stack_env, monkeypatch):
+    """A proxy in front of the real MongoDB, which the run's ledger goes through."""
+    uri = stack_env["MONGO_CONNECTION_STRING"]
+    address = uri.split("@", 1)[1].split("/", 1)[0]
+    host, port = address.rsplit(":", 1)
+    proxy = FaultyProxy(host, int(port))
+    monkeypatch.setenv("MONGO_CONNECTION_STRING", uri.replace(address, proxy.endpoint))
+    yield proxy
+    proxy.close()
+
+
+def test_mongodb_gone_at_the_lineage_write_leaves_the_lake_unchanged_and_reexecution_publishes(
+        store, landing_store, tmp_path, batch_id, proxied_ledger, ledger):
+    land_sample(landing_store, tmp_path, batch_id, n_points=5_000)
+    job = ingest_batch_job_with_a_short_ledger_budget
+    with instance_for_test() as instance:
+        # the first write to the lineage collection (BSON of {"update": "lineage", ...}) never
+        # reaches MongoDB, nor does anything after it until bring_up
+        proxied_ledger.go_down_at(b"\x02update\x00\x08\x00\x00\x00lineage\x00")
+        failed = _run(instance, batch_id, job=job)
+        assert proxied_ledger.outages, "the lineage write never happened"
+        assert not failed.success
+        chain, text = _failure_chain(failed, "publish_batch")
+        assert chain[1].cls_name == "PublishError", text
+        assert "nothing new was published" in chain[1].message, chain[1].message
+        assert "record_lineages" in chain[1].message and "MongoDB" in chain[1].message, text
+        # not published, and none of the failed publication's parts remain
+        assert not store.exists("data-lake", completion_key(batch_id))
+        assert not [o.key for o in store.list("data-lake", prefix=f"points/{batch_id}/")]
+
+        proxied_ledger.bring_up()
+        again = execute_job(reconstructable(job), instance,
+                            reexecution_options=ReexecutionOptions.from_failure(
+                                failed.run_id, instance))
+        assert again.success
+    manifest = json.loads(store.get_bytes("data-lake", completion_key(batch_id)))
+    assert manifest["run_id"] == again.run_id
+    listed = {f"s3://data-lake/{o['key']}" for d in manifest["datasets"].values()
+              for o in d["objects"]}
+    lineage = ledger.lineage_for_batch(batch_id, manifest["publication"])
+    assert {doc["_id"] for doc in lineage} == listed
+    assert all(doc["run_id"] == again.run_id for doc in lineage)
+    # the failed attempt recorded no lineage (MongoDB was gone before its first document)
+    assert len(ledger.lineage_for_batch(batch_id)) == len(listed)
