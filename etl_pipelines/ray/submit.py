@@ -43,6 +43,9 @@ class TaskLimitError(RuntimeError):
 #: ``OSError`` in general: a missing file or a full disk would fail the same way again.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
 
+#: Seconds to fetch the result of a task ``ray.wait`` reported ready.
+RESULT_FETCH_TIMEOUT_S = 60.0
+
 #: Tasks started ahead (``EarlyTasks.started``): task name -> (spec, Ray object ref).
 StartedTasks = dict[str, tuple[TaskSpec, Any]]
 
@@ -56,9 +59,11 @@ def _submit(remote: Any, spec: TaskSpec, *, max_retries: int,
 
 
 def _result(ray: Any, ref: Any, spec: TaskSpec) -> Any:
-    """The task's result; a task Ray gave up on after memory kills fails naming its chunk."""
+    """The task's result; a task Ray gave up on after memory kills fails naming its chunk.
+    ``ray.wait`` said it is ready, so fetching the small descriptor is quick; the deadline
+    only catches a node that died holding it."""
     try:
-        return ray.get(ref)
+        return ray.get(ref, timeout=RESULT_FETCH_TIMEOUT_S)
     except ray.exceptions.OutOfMemoryError as exc:
         raise TaskLimitError(
             f"task {spec.name} was killed for lack of memory and retried until its OOM retries "
