@@ -1,6 +1,6 @@
 """Outages on the real local stack: the object store gone for 5 s mid-shard and mid-transform
 (a proxy in front of the real S3 refuses or swallows connections) is ridden out by the retry
-policy, with a lake identical to a clean run's; PostgreSQL restarted mid-COPY fails the run
+policy, with a lake identical to a clean run's; PostgreSQL restarted mid-COPY or mid-join fails the run
 naming the cause, and re-execution from the failure publishes the batch; the ledger rides out
 MongoDB unreachable for a few seconds (a proxy in front of the real server); MongoDB gone at
 the lineage write fails the run with the lake unchanged, and re-execution publishes the batch
@@ -143,13 +143,13 @@ def test_the_object_store_gone_for_5_s_is_ridden_out_and_the_lake_is_identical(
     assert lake["points"]["rows"] == POINTS
 
 
-class CopyWatcher(threading.Thread):
-    """Restarts PostgreSQL (pg_ctl stop -m fast, then start) as soon as a COPY into a run
-    schema shows in pg_stat_activity."""
+class StatementWatcher(threading.Thread):
+    """Restarts PostgreSQL (pg_ctl stop -m fast, then start) as soon as an active statement
+    matching ``pattern`` (an ILIKE pattern) shows in pg_stat_activity."""
 
-    def __init__(self, settings, postgres: Postgres):
+    def __init__(self, settings, postgres: Postgres, pattern: str):
         super().__init__(daemon=True)
-        self.settings, self.postgres = settings, postgres
+        self.settings, self.postgres, self.pattern = settings, postgres, pattern
         self.restarted = threading.Event()
         self.stop = threading.Event()
 
@@ -160,10 +160,10 @@ class CopyWatcher(threading.Thread):
                                      user=self.settings.user, password=self.settings.password,
                                      dbname=self.settings.dbname, autocommit=True) as conn:
                     while not self.stop.is_set():
-                        copying = conn.execute(
-                            "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE "
-                            "'COPY %%etl_run_%%FROM STDIN%%' AND state = 'active'").fetchone()[0]
-                        if copying:
+                        running = conn.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE %s "
+                            "AND state = 'active'", (self.pattern,)).fetchone()[0]
+                        if running:
                             break
                         time.sleep(0.02)
             except psycopg.Error:
@@ -178,11 +178,16 @@ class CopyWatcher(threading.Thread):
             return
 
 
-def test_postgres_restarted_mid_copy_fails_naming_the_cause_and_reexecution_publishes(
-        stack_env, store, landing_store, tmp_path, batch_id, postgis_settings):
+@pytest.mark.parametrize("stage, pattern", [
     # 20 chunks of points, COPYed one after another (BRIN order): a window the watcher sees
+    ("copy", "COPY %etl_run_%FROM STDIN%"),
+    # the join's result table (CREATE UNLOGGED TABLE are its helper tables)
+    ("join", "CREATE TABLE %etl_run_% AS %"),
+])
+def test_postgres_restarted_mid_stage_fails_naming_the_cause_and_reexecution_publishes(
+        stage, pattern, stack_env, store, landing_store, tmp_path, batch_id, postgis_settings):
     land_sample(landing_store, tmp_path, batch_id, n_points=PG_POINTS)
-    watcher = CopyWatcher(postgis_settings, Postgres(stack_env))
+    watcher = StatementWatcher(postgis_settings, Postgres(stack_env), pattern)
     with instance_for_test() as instance:
         watcher.start()
         try:
@@ -190,14 +195,10 @@ def test_postgres_restarted_mid_copy_fails_naming_the_cause_and_reexecution_publ
         finally:
             watcher.stop.set()
             watcher.join(timeout=120)
-        assert watcher.restarted.is_set(), "no COPY was seen: the restart never happened"
+        assert watcher.restarted.is_set(), f"no {stage} was seen: the restart never happened"
         assert not failed.success
-        failure = next(e for e in failed.all_events if e.event_type_value == "STEP_FAILURE")
-        assert failure.step_key == "load_and_join"
-        chain = [failure.step_failure_data.error]  # Dagster's step error, then its causes
-        while chain[-1].cause is not None:
-            chain.append(chain[-1].cause)
-        raised, text = chain[1], "\n".join(e.to_string() for e in chain)
+        chain, text = _failure_chain(failed, "load_and_join")
+        raised = chain[1]
         # the error the op raised is the real one, naming it (no cleanup error took its
         # place), and the server's own words are chained under it
         assert raised.cls_name == "LoadError", text
