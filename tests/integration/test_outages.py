@@ -2,7 +2,8 @@
 (a proxy in front of the real S3 refuses or swallows connections) is ridden out by the retry
 policy, with a lake identical to a clean run's; PostgreSQL restarted mid-COPY or mid-join fails the run
 naming the cause, and re-execution from the failure publishes the batch; the ledger rides out
-MongoDB unreachable for a few seconds (a proxy in front of the real server); MongoDB gone at
+MongoDB unreachable for a few seconds (a proxy in front of the real server); MongoDB gone at a
+sensor tick (at the batch's claim) loses no batch and gives it exactly one run; gone at
 the lineage write fails the run with the lake unchanged, and re-execution publishes the batch
 with its lineage."""
 
@@ -16,15 +17,24 @@ import time
 import psycopg
 import pyarrow.parquet as pq
 import pytest
-from dagster import ReexecutionOptions, execute_job, instance_for_test, reconstructable
+from dagster import (
+    DagsterInstance,
+    EnvVar,
+    ReexecutionOptions,
+    SensorResult,
+    execute_job,
+    instance_for_test,
+    reconstructable,
+)
 from pymongo import MongoClient
 
 from devstack.postgis import Postgres
+from etl_pipelines.resources import LedgerResource
 from libs.lake import completion_key
 from libs.ledger import Ledger
 from libs.retry import RetryPolicy, ServiceUnavailable
 from tests.integration.faulty_proxy import FaultyProxy
-from tests.integration.pipeline import land_sample, request_for, sensor_tick
+from tests.integration.pipeline import land_sample, request_for, run_ingest, sensor_tick
 from tests.integration.reexecutable import (
     ingest_batch_job,
     ingest_batch_job_with_a_short_ledger_budget,
@@ -300,3 +310,31 @@ def test_mongodb_gone_at_the_lineage_write_leaves_the_lake_unchanged_and_reexecu
     assert all(doc["run_id"] == again.run_id for doc in lineage)
     # the failed attempt recorded no lineage (MongoDB was gone before its first document)
     assert len(ledger.lineage_for_batch(batch_id)) == len(listed)
+
+
+def test_mongodb_gone_at_a_sensor_tick_loses_no_batch_and_the_batch_gets_one_run(
+        store, landing_store, tmp_path, batch_id, proxied_ledger, ledger):
+    land_sample(landing_store, tmp_path, batch_id, n_points=2_000)
+    # the proxied URI (the fixture set it), a short budget so the tick gives up in ~1 s
+    flaky = LedgerResource(connection_string=EnvVar("MONGO_CONNECTION_STRING"), timeout_ms=500,
+                           retry_deadline_seconds=1.0)
+    with DagsterInstance.ephemeral() as instance:
+        # MongoDB goes at the claim: the first insert into `batches` never reaches it
+        proxied_ledger.go_down_at(b"\x02insert\x00\x08\x00\x00\x00batches\x00")
+        down = sensor_tick(instance, focus=batch_id, ledger=flaky)
+        assert proxied_ledger.outages, "the tick never tried to claim the batch"
+        assert request_for(down, batch_id) is None if isinstance(down, SensorResult) else True
+        assert ledger.batch(batch_id) is None, "claimed although MongoDB was gone"
+        # the next tick starts from the cursor the failed one left
+        cursor = down.cursor if isinstance(down, SensorResult) else None
+        assert batch_id not in (cursor or ""), "the manifest was marked processed"
+        proxied_ledger.bring_up()
+        up = sensor_tick(instance, cursor, focus=batch_id, ledger=flaky)
+        request = request_for(up, batch_id)
+        assert request is not None, "the batch got no run once MongoDB was back"
+        again = sensor_tick(instance, up.cursor, ledger=flaky)
+        assert request_for(again, batch_id) is None if isinstance(again, SensorResult) else True
+        result = run_ingest(instance, request)
+        assert result.success
+    assert store.exists("data-lake", completion_key(batch_id))
+    assert ledger.batch(batch_id)["run_ids"] == [result.run_id]
