@@ -104,10 +104,14 @@ class RayResource(ConfigurableResource):
         return started
 
     def job_id(self) -> str | None:
-        """This run's Ray job id (hex), or None when not connected."""
+        """This run's Ray job id (hex), or None when not connected (or the cluster does not
+        answer: the next Ray call fails naming that)."""
         import ray
 
-        return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+        try:
+            return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+        except Exception:  # noqa: BLE001 - for metadata only
+            return None
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         import ray
@@ -130,11 +134,14 @@ class RayResource(ConfigurableResource):
 
     def disconnect(self) -> None:
         """End this run's Ray job (its workers exit with it): called once nothing later in
-        the run submits a task. Idempotent."""
+        the run submits a task. Idempotent.
+
+        Unconditional: a Ray Client session whose cluster was lost reports itself not
+        initialized but keeps its context, and the next ``ray.init`` of this process (the
+        re-execution, in tests) would be refused; ``ray.shutdown`` clears it."""
         import ray
 
-        if ray.is_initialized():
-            ray.shutdown()
+        ray.shutdown()
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         self.disconnect()
