@@ -26,6 +26,7 @@ from dagster import (
 from devstack.procs import process_tree, send_signal
 from devstack.ray_layout import RayHead
 from devstack.ray_nodes import running_cluster, running_pid, start, wait_until_ready
+from etl_pipelines.ray.metrics import connected_to_ray
 from libs.lake import completion_key
 from tests.integration.pipeline import land_sample, request_for, run_ingest, sensor_tick
 from tests.integration.ray_test_cluster import ray_address
@@ -59,6 +60,8 @@ class KillAfterStep(threading.Thread):
         super().__init__(daemon=True)
         self.instance, self.head, self.step, self.event = instance, head, step, event
         self.killed_at: float | None = None
+        #: whether this process (the run's, in-process) was connected to Ray at the kill
+        self.connected_at_kill: bool | None = None
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -66,6 +69,7 @@ class KillAfterStep(threading.Thread):
             for run in self.instance.get_runs():
                 if any(e.step_key == self.step for e in self.instance.all_logs(
                         run.run_id, of_type=self.event)):
+                    self.connected_at_kill = connected_to_ray()
                     kill_head(self.head)
                     self.killed_at = time.monotonic()
                     return
@@ -145,6 +149,7 @@ def test_the_head_killed_right_after_the_transform_does_not_stop_load_join_and_p
             killer.join(timeout=30)
         assert killer.killed_at is not None, "the transform never finished"
         assert running_pid(head) is None, "the head survived"
+        assert killer.connected_at_kill is False, "the run was still connected to Ray"
         assert result.success, "load, join or publish failed once the head was gone"
         messages = [e.user_message for e in instance.all_logs(result.run_id)]
         assert any(m.startswith("disconnected from Ray") for m in messages)
