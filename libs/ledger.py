@@ -10,7 +10,10 @@ Collections:
   object's ETag and size, as validated; every later read of the batch reads exactly those.
 - ``runs``: one document per Dagster run: status, timings, counts.
 - ``lineage``: one document per object published to the lake: inputs with checksums, run,
-  recipe, join, row counts.
+  publication, recipe, join, row counts. It is written before the completion manifest
+  switches to the publication, so a publication that never went live (its switch failed, or
+  another run's won) may have lineage: readers ask for the publication the completion
+  manifest names (``lineage_for_batch(batch_id, publication)``).
 
 Every method is one call under the ledger's ``RetryPolicy`` (``libs.retry``): each is safe to
 repeat after a reconnect (an insert whose acknowledgement was lost finds its own document).
@@ -26,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from pymongo import MongoClient
+from pymongo import MongoClient, ReplaceOne
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
@@ -308,8 +311,28 @@ class Ledger:
         )
 
     @_retried
-    def lineage_for_batch(self, batch_id: str) -> list[dict]:
-        return list(self.db.lineage.find({"batch_id": batch_id}).sort("_id", 1))
+    def record_lineages(self, records: list[tuple[str, dict[str, Any]]]) -> None:
+        """``record_lineage`` of every (lake URI, document) in one round trip (a batch can
+        have thousands of parts); repeating it after a lost acknowledgement is harmless."""
+        if records:
+            now = _now()
+            self.db.lineage.bulk_write([ReplaceOne({"_id": uri}, {**doc, "recorded_at": now},
+                                                   upsert=True) for uri, doc in records],
+                                       ordered=False)
+
+    @_retried
+    def forget_lineage(self, publication: str) -> int:
+        """Remove the lineage of a publication that never went live; how many documents."""
+        return self.db.lineage.delete_many({"publication": publication}).deleted_count
+
+    @_retried
+    def lineage_for_batch(self, batch_id: str, publication: str | None = None) -> list[dict]:
+        """The lineage of the batch's objects: of ``publication`` only (the one the batch's
+        completion manifest names: what readers see), or of every publication ever tried."""
+        query = {"batch_id": batch_id}
+        if publication is not None:
+            query["publication"] = publication
+        return list(self.db.lineage.find(query).sort("_id", 1))
 
     @_retried
     def settled_manifests(self, versions: list[tuple[str, str]]) -> set[tuple[str, str]]:

@@ -25,8 +25,8 @@ def release_memory() -> None:
     run's process) stays at the high-water mark of its largest unit of work, and on a shared
     machine those retained peaks add up. Called after each sharded layer and each chunk the
     load step COPYs; not in the Ray workers after every chunk task, whose successor reuses
-    the pages (the transform op ends the idle workers once its stage is done:
-    ``etl_pipelines.ray.workers.retire_workers``); costs a few milliseconds.
+    the pages (the transform op ends the run's Ray job, and its workers, once its stage is
+    done); costs a few milliseconds.
     """
     pa.default_memory_pool().release_unused()
     trim = _malloc_trim()

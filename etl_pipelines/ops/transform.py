@@ -8,7 +8,6 @@ from dagster import MetadataValue, OpExecutionContext, Out, op
 from etl_pipelines.ray.metrics import StageProgress
 from etl_pipelines.ray.submit import TaskSpec, run_bounded
 from etl_pipelines.ray.tasks import transform_chunk, transform_spec
-from etl_pipelines.ray.workers import retire_workers
 from etl_pipelines.resources import ObjectStoreResource, RayResource
 from etl_pipelines.types import BatchPlan
 from libs.descriptors import ChunkIndex, TransformedChunk
@@ -52,9 +51,11 @@ def transform_chunks(
                 max_retries=ray_cluster.task_max_retries, on_done=on_done,
                 scheduling_strategy=ray_cluster.scheduling_strategy, started=started,
                 time_limit=ray_cluster.task_time_limit_seconds)
-    # nothing after this stage runs on Ray: the job's idle workers would only hold memory
-    retired = retire_workers(scheduling_strategy=ray_cluster.scheduling_strategy)
-    context.log.debug(f"retired {len(retired)} idle Ray worker(s) of job {job_id}")
+    # nothing after this stage runs on Ray: ending the run's Ray job frees its workers'
+    # memory for PostgreSQL and unties load, join and publish from the head's life
+    ray_cluster.disconnect()
+    context.log.info(f"disconnected from Ray (job {job_id} ended): the transform was its last "
+                     "use in this run")
     index = results.index()
     context.add_output_metadata({**_metadata(
         manifest, sharded, index, results, len(tasks), len(started), elapsed[0], ray_cluster,

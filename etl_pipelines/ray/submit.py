@@ -37,11 +37,31 @@ class TaskLimitError(RuntimeError):
     """A task ran past its time limit, or was killed for memory more often than allowed."""
 
 
+class RayClusterLost(ConnectionError):
+    """The run lost its connection to the Ray cluster (head stopped or unreachable)."""
+
+
+def cluster_lost(exc: BaseException) -> bool:
+    """True when ``exc`` says the driver lost the cluster (Ray Client's gRPC channel, a
+    connection error of Ray's own), not that a task failed: a task's error arrives as a
+    ``RayTaskError``, which also subclasses its cause (a ``ConnectionError`` of the store)."""
+    import ray
+
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        return False
+    module = type(exc).__module__ or ""
+    return (module.startswith("grpc") or isinstance(exc, (ConnectionError,
+                                                          ray.exceptions.RaySystemError)))
+
+
 #: What Ray retries a task for (besides worker death). A task retries transient errors itself
 #: with the run's policy (``libs.retry``); one that outlasts it escapes as
 #: ``ServiceUnavailable``, a ``ConnectionError``, and the task gets another go from Ray. Not
 #: ``OSError`` in general: a missing file or a full disk would fail the same way again.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+
+#: Seconds to fetch the result of a task ``ray.wait`` reported ready.
+RESULT_FETCH_TIMEOUT_S = 60.0
 
 #: Tasks started ahead (``EarlyTasks.started``): task name -> (spec, Ray object ref).
 StartedTasks = dict[str, tuple[TaskSpec, Any]]
@@ -56,15 +76,23 @@ def _submit(remote: Any, spec: TaskSpec, *, max_retries: int,
 
 
 def _result(ray: Any, ref: Any, spec: TaskSpec) -> Any:
-    """The task's result; a task Ray gave up on after memory kills fails naming its chunk."""
+    """The task's result; a task Ray gave up on after memory kills fails naming its chunk.
+    ``ray.wait`` said it is ready, so fetching the small descriptor is quick; the deadline
+    only catches a node that died holding it."""
     try:
-        return ray.get(ref)
+        return ray.get(ref, timeout=RESULT_FETCH_TIMEOUT_S)
     except ray.exceptions.OutOfMemoryError as exc:
         raise TaskLimitError(
             f"task {spec.name} was killed for lack of memory and retried until its OOM retries "
             f"(RAY_task_oom_retries) ran out; it asked for {spec.memory / 2**20:,.0f} MiB: "
             f"make its chunks smaller (shard op chunk_megabytes) or give the workers more "
             f"memory ({str(exc).splitlines()[0]})") from None
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: first line`` of ``exc`` (gRPC errors span several lines)."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}"[:300]
 
 
 def _overdue(pending: dict[Any, TaskSpec], submitted: dict[Any, float], now: float,
@@ -132,6 +160,15 @@ def run_bounded(
                     f"task {pending.pop(late[0]).name} ran longer than its time limit of "
                     f"{time_limit:g} s and was cancelled: raise the transform's time limit "
                     "(RayResource.task_time_limit_seconds) or make its chunks smaller")
+    except Exception as exc:
+        if not cluster_lost(exc):
+            raise
+        pending.clear()  # nothing left to cancel on a cluster that is gone
+        early.clear()
+        raise RayClusterLost(
+            f"lost the Ray cluster with {len(todo)} task(s) not started ({_describe(exc)}): "
+            "its head was stopped or became unreachable. Nothing was published; re-execute "
+            "the run from failure once the cluster (RAY_ADDRESS) is back") from exc
     finally:
         for ref in [*pending, *(ref for _, ref in early.values())]:
             ray.cancel(ref)

@@ -76,5 +76,5 @@ def transform_chunk(
     result = result.model_copy(update={"peak_rss": peak_rss()})
     # no release_memory() here: the worker's next chunk reuses these pages, and fresh ones
     # cost it ~10% more CPU (more on a VM that hands freed pages back to its host); the op
-    # ends the idle workers once the stage's last chunk is done (retire_workers)
+    # ends the run's Ray job, and with it the workers, once the stage's last chunk is done
     return result

@@ -54,10 +54,9 @@ def retire_workers(*, scheduling_strategy: str = "SPREAD", hold_s: float = 0.2,
     A worker keeps its imports (~230 MiB: GEOS, PROJ, pandas, pyarrow) and the pages of its
     largest chunk (a chunk task leaves its freed memory to the worker's next chunk, which
     reuses those pages: faulting fresh ones in cost a 250k-point task ~10% more CPU). After
-    the transform stage nothing of the run runs on Ray, but the job's workers would stay
-    idle in its pool through the load, the join and the publish, the stages where PostgreSQL
-    needs the memory; the driver stays connected (those stages still record their Ray
-    metrics). So the op calls this: one task per cluster CPU, submitted together and each
+    a stage nothing of the job runs on Ray, its workers would stay idle in its pool (the
+    transform op ends the whole job instead: ``RayResource.disconnect``; this is for a
+    driver that stays connected). One task per cluster CPU, submitted together and each
     holding its CPU for ``hold_s`` so that every idle worker takes one, declared with
     ``max_calls=1``, which makes the worker that ran it exit (Ray's own way of recycling a
     worker). Best effort: waits at most ``timeout_s`` and returns the pids of the workers

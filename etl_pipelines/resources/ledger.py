@@ -15,7 +15,13 @@ class LedgerResource(ConfigurableResource):
 
     connection_string: str = Field(description="MongoDB URI (MONGO_CONNECTION_STRING)")
     database: str = Field(default=DATABASE, description="database name")
-    timeout_ms: int = Field(default=10_000, description="server selection timeout")
+    timeout_ms: int = Field(default=10_000, description="server selection timeout (ms): how "
+                            "long one call waits for a reachable MongoDB")
+    connect_timeout_ms: int = Field(default=5_000, gt=0, description="TCP connect timeout (ms)")
+    socket_timeout_ms: int = Field(
+        default=30_000, gt=0, description="how long one call waits for MongoDB's answer (ms); "
+        "a ledger call reads or writes a few documents, so an answer this late means a dead "
+        "server or network")
     retry_deadline_seconds: float = Field(
         default=30.0, gt=0, description="total time one ledger call may spend retrying "
         "(MongoDB unreachable, a reconnect, an election) before the step fails naming it")
@@ -24,7 +30,8 @@ class LedgerResource(ConfigurableResource):
 
     def _connect(self) -> MongoClient:
         return MongoClient(self.connection_string, serverSelectionTimeoutMS=self.timeout_ms,
-                           tz_aware=True)
+                           connectTimeoutMS=self.connect_timeout_ms,
+                           socketTimeoutMS=self.socket_timeout_ms, tz_aware=True)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         self._client = self._connect()

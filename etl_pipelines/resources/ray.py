@@ -1,7 +1,10 @@
 """Ray resource: connects the run to a Ray cluster; ``import ray`` stays inside.
 
-Cleanup policy: the run's driver connection is closed when the run ends; the cluster and
-its other jobs are never touched.
+Cleanup policy: the run's driver connection is closed as soon as the run no longer needs
+Ray (``disconnect``, after the transform's last task), or when the run ends; a re-execution
+whose steps need no Ray never connects. A driver stays tied to the head (Ray ends it 60 s
+after losing the GCS), so load, join and publish run without one. The cluster and its other
+jobs are never touched.
 
 Why not dagster-ray's resources: we looked at them (0.4.x). Its ``LocalRay`` starts a
 private cluster inside the run process, and its KubeRay resources create a cluster per run
@@ -15,6 +18,8 @@ per-run clusters on Kubernetes stays a small change.
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -56,6 +61,10 @@ class RayResource(ConfigurableResource):
         "cluster's nodes and drivers get RAY_task_oom_retries=2 from the stack that starts "
         "them (local stack, compose, KubeRay, cluster launcher)")
     local_num_cpus: int = Field(default=2, description="CPUs of a private 'local' cluster")
+    connect_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="how long the run waits for the head's address to "
+        "accept a connection before it fails naming it (ray.init itself retries an "
+        "unreachable GCS for minutes)")
     scheduling_strategy: Literal["SPREAD", "DEFAULT"] = Field(
         default="SPREAD", description="placement of chunk tasks: SPREAD over every node with a "
         "free CPU (independent chunks, data in object storage: nothing gains from locality), "
@@ -95,10 +104,14 @@ class RayResource(ConfigurableResource):
         return started
 
     def job_id(self) -> str | None:
-        """This run's Ray job id (hex), or None when not connected."""
+        """This run's Ray job id (hex), or None when not connected (or the cluster does not
+        answer: the next Ray call fails naming that)."""
         import ray
 
-        return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+        try:
+            return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+        except Exception:  # noqa: BLE001 - for metadata only
+            return None
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         import ray
@@ -112,14 +125,43 @@ class RayResource(ConfigurableResource):
                      include_dashboard=False, log_to_driver=False,
                      _system_config={"task_oom_retries": self.task_oom_retries})
         else:
+            wait_for_head(self.address, self.connect_timeout_seconds)
             ray.init(address=self.address, namespace=self.namespace, log_to_driver=False)
         if self.prestart_workers:
             from etl_pipelines.ray.workers import prestart_workers
 
             prestart_workers(PRESTART_MODULES, scheduling_strategy=self.scheduling_strategy)
 
-    def teardown_after_execution(self, context: InitResourceContext) -> None:
+    def disconnect(self) -> None:
+        """End this run's Ray job (its workers exit with it): called once nothing later in
+        the run submits a task. Idempotent.
+
+        Unconditional: a Ray Client session whose cluster was lost reports itself not
+        initialized but keeps its context, and the next ``ray.init`` of this process (the
+        re-execution, in tests) would be refused; ``ray.shutdown`` clears it."""
         import ray
 
-        if ray.is_initialized():
-            ray.shutdown()
+        ray.shutdown()
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        self.disconnect()
+
+
+def wait_for_head(address: str, timeout_s: float) -> None:
+    """Return once ``address`` ('host:port' or 'ray://host:port') accepts a TCP connection;
+    ConnectionError naming it after ``timeout_s``. Other forms ('auto') are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)).close()
+            return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(
+                    f"the Ray head at {address} (RAY_ADDRESS) did not accept a connection "
+                    f"within {timeout_s:g} s ({exc}); start or fix the cluster, then "
+                    "re-execute the run") from exc
+            time.sleep(1.0)

@@ -51,19 +51,22 @@ def _refuse_clash(name: str, datasets: dict, what: str) -> None:
 
 def publish_batch_to_lake(store: ObjectStore, lake_bucket: str, transformed: ChunkIndex,
                           join_name: str, join_parts: list[StagedPart], manifest: Manifest,
-                          run_id: str) -> dict:
-    """Publish every dataset of the batch, completion manifest last; returns the manifest."""
+                          run_id: str, before_switch: Callable[[dict], None] | None = None
+                          ) -> dict:
+    """Publish every dataset of the batch, completion manifest last (``before_switch``: see
+    ``publish_to_lake``); returns the manifest."""
     datasets, info = batch_datasets(transformed, join_name, join_parts, manifest)
     return publish_to_lake(
         store, staging_bucket=transformed.staging_bucket, lake_bucket=lake_bucket,
-        batch_id=manifest.batch_id, run_id=run_id, datasets=datasets, dataset_info=info)
+        batch_id=manifest.batch_id, run_id=run_id, datasets=datasets, dataset_info=info,
+        before_switch=before_switch)
 
 
 def lineage_records(completion: dict, transformed: ChunkIndex, manifest: Manifest,
                     manifest_key: str, run_id: str,
                     lake_uri: Callable[[str], str]) -> list[tuple[str, dict]]:
     """(lake URI, lineage document) for every object the completion manifest lists: its
-    batch, run, dataset, checksum and rows, the landed files it came from (with their
+    batch, run, publication, dataset, checksum and rows, the landed files it came from (with their
     sha256), the manifest, the layer's recipe and the join."""
     inputs = [s.model_dump() for s in transformed.sources]
     records = []
@@ -72,7 +75,8 @@ def lineage_records(completion: dict, transformed: ChunkIndex, manifest: Manifes
                         if entry["kind"] == "join" or i["layer"] == entry.get("layer")]
         for obj in entry["objects"]:
             records.append((lake_uri(obj["key"]), {
-                "batch_id": manifest.batch_id, "run_id": run_id, "dataset": dataset,
+                "batch_id": manifest.batch_id, "run_id": run_id,
+                "publication": completion.get("publication"), "dataset": dataset,
                 "kind": entry["kind"], "key": obj["key"], "sha256": obj["sha256"],
                 "rows": obj["rows"], "inputs": layer_inputs, "manifest_key": manifest_key,
                 "recipe": [step.model_dump() for step in manifest.recipe_for(entry["layer"])]

@@ -4,7 +4,9 @@ A batch is published when, and only when, its completion manifest exists; reader
 ``_batches/`` and read only the objects a manifest names never see a partial batch. Each
 publication copies its parts under a folder of its own, so the objects the live manifest lists
 are never written over; one PUT of the manifest switches readers from the old set to the new;
-the old set is removed only after that switch. The PUT is conditional (``If-Match`` the ETag
+the old set is removed only after that switch, and whatever must be true of a published batch
+besides its objects (its lineage in the ledger) is recorded before it (``before_switch``). The
+PUT is conditional (``If-Match`` the ETag
 read at the start, ``If-None-Match: *`` for a first publication): of two runs publishing one
 batch at once, one wins and the other fails, removing only its own parts.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import UTC, datetime, timedelta
 
@@ -93,6 +96,7 @@ def publish_to_lake(
     datasets: dict[str, list[StagedPart]],
     dataset_info: dict[str, dict],
     copy_threads: int = 4,
+    before_switch: Callable[[dict], None] | None = None,
 ) -> dict:
     """Copy staged parts into this publication's lake keys, switch the completion manifest to
     them (conditionally: see the module), then remove the objects the previous manifest listed;
@@ -100,6 +104,10 @@ def publish_to_lake(
 
     The copies are server-side (no byte passes through this process) and ``copy_threads`` run
     at once: each waits on the store far more than it works here.
+
+    ``before_switch(manifest)`` runs once every part is in place and before the switch: what
+    it records (the lineage) exists before readers can see the batch. If it raises, nothing is
+    switched and the error is handled as below.
 
     Every object-store call is retried by the store's policy (``libs.retry``). If the
     store stays unavailable, or another run switched the manifest first
@@ -142,6 +150,8 @@ def publish_to_lake(
             "published_at": datetime.now(UTC).isoformat(),
             "datasets": manifest_datasets,
         }
+        if before_switch is not None:
+            before_switch(manifest)
         body = json.dumps(manifest, indent=2, sort_keys=True).encode()
         _switch(store, lake_bucket, batch_id, body, etag, publication, retried)
     except Exception as exc:

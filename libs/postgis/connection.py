@@ -25,7 +25,11 @@ _SCHEMA_RE = re.compile(rf"^{SCHEMA_PREFIX}([0-9a-f]{{32}})$")
 
 @dataclass(frozen=True)
 class PostGISSettings:
-    """Connection settings; timeouts bound every statement and lock wait of the pipeline."""
+    """Connection settings; every wait of a pipeline connection is bounded: connecting
+    (``connect_timeout_s``), each statement and lock wait (server-side timeouts), and a
+    server that vanished without closing the connection (TCP keepalives while waiting for an
+    answer: ``keepalives_idle_s + keepalives_count * keepalives_interval_s``; unacknowledged
+    data, e.g. mid-COPY: ``tcp_user_timeout_ms``). docs/limits.md has the table."""
 
     host: str
     port: int
@@ -35,20 +39,35 @@ class PostGISSettings:
     statement_timeout_ms: int = 600_000
     lock_timeout_ms: int = 30_000
     application_name: str = "spatial-etl"
+    connect_timeout_s: int = 10
+    keepalives_idle_s: int = 30
+    keepalives_interval_s: int = 10
+    keepalives_count: int = 3
+    tcp_user_timeout_ms: int = 60_000
 
     def __repr__(self) -> str:  # never print the password
         return f"PostGISSettings(host={self.host!r}, port={self.port}, dbname={self.dbname!r})"
 
 
 def connect(settings: PostGISSettings, *, autocommit: bool = False) -> psycopg.Connection:
-    return psycopg.connect(
+    return psycopg.connect(autocommit=autocommit, **connection_parameters(settings))
+
+
+def connection_parameters(settings: PostGISSettings) -> dict[str, object]:
+    """The libpq parameters of a pipeline connection (password included: never log them)."""
+    return dict(
         host=settings.host,
         port=settings.port,
         user=settings.user,
         password=settings.password,
         dbname=settings.dbname,
         application_name=settings.application_name,
-        autocommit=autocommit,
+        connect_timeout=settings.connect_timeout_s,
+        keepalives=1,
+        keepalives_idle=settings.keepalives_idle_s,
+        keepalives_interval=settings.keepalives_interval_s,
+        keepalives_count=settings.keepalives_count,
+        tcp_user_timeout=settings.tcp_user_timeout_ms,
         options=f"-c statement_timeout={settings.statement_timeout_ms} "
         f"-c lock_timeout={settings.lock_timeout_ms}",
     )

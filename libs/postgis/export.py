@@ -31,7 +31,9 @@ from libs.postgis.tables import LayerTable
 STREAM_BATCH_BYTES = 16 << 20
 #: libpq settings of a psycopg connection that the export's own connection copies.
 _CONNINFO_KEYS = ("host", "hostaddr", "port", "user", "dbname", "options", "application_name",
-                  "sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout")
+                  "sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout",
+                  "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+                  "tcp_user_timeout")
 
 
 def _conninfo_of(conn: psycopg.Connection) -> str:

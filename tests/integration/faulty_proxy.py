@@ -14,7 +14,8 @@ class FaultyProxy:
     at an exact point of a run, whatever the thread scheduling. With ``for_seconds`` the
     outage ends by itself. ``mode``: "refuse" resets every connection (a server that is
     down); "blackhole" accepts connections and swallows what they send, answering nothing (a
-    network that drops packets: only the client's timeouts end a call).
+    network that drops packets: only the client's timeouts end a call). ``go_down_at(marker)``
+    goes down before the request containing ``marker`` is forwarded.
     """
 
     def __init__(self, target_host: str, target_port: int):
@@ -30,6 +31,7 @@ class FaultyProxy:
         self._marker: bytes | None = None
         self._armed_on: socket.socket | None = None
         self._answered = False
+        self._down_at: bytes | None = None
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         self._open: set[socket.socket] = set()
@@ -77,6 +79,11 @@ class FaultyProxy:
         self.mode, self._for_seconds = mode, for_seconds
         self._marker = marker
 
+    def go_down_at(self, marker: bytes) -> None:
+        """Go down (refusing) when a request containing ``marker`` arrives, before it is
+        forwarded: that request, and everything after it until ``bring_up``, fails."""
+        self.mode, self._for_seconds, self._down_at = "refuse", None, marker
+
     def close(self) -> None:
         self._closed = True
         self.take_down()
@@ -116,6 +123,11 @@ class FaultyProxy:
                     if from_client:
                         self.turned_away += 1
                     continue  # swallowed
+                if from_client and self._down_at is not None and self._down_at in data:
+                    self._down_at = None
+                    self.turned_away += 1
+                    self.take_down()
+                    return
                 if from_client and self._answered:
                     self.take_down()
                     if self.mode == "blackhole":

@@ -1,6 +1,7 @@
 """The pipeline's Ray application metrics, scraped from the nodes' Prometheus endpoints after a
-run on the two-node test cluster: every stage's spatial_etl_* series carry the run's batch_id,
-and the feature counts equal the row counts the run recorded."""
+run on the two-node test cluster: the shard and transform stages' spatial_etl_* series carry
+the run's batch_id, and the feature counts equal the row counts the run recorded (load, join
+and publish run after the run has left Ray: progress lines only)."""
 
 import json
 import logging
@@ -57,23 +58,20 @@ def run(stack_env, store, cluster, tmp_path_factory):
     return {"batch_id": batch_id, **summary, "completion": completion}
 
 
+#: Stages that export Ray metrics: the run disconnects from Ray after the transform, so load,
+#: join and publish report through their progress lines and metadata only (docs/ray-metrics.md)
+RAY_STAGES = ("shard", "transform")
+
+
 def _expected_features(run) -> dict[tuple[str, str], int]:
-    shard = run["metadata"]["shard_batch"]
-    load = run["metadata"]["load_and_join"]
-    datasets = run["completion"]["datasets"]
-    join = next(name for name, d in datasets.items() if d["kind"] == "join")
     expected = {}
-    for layer, rows in shard["rows_per_layer"].items():
+    for layer, rows in run["metadata"]["shard_batch"]["rows_per_layer"].items():
         expected[("shard", layer)] = rows
         expected[("transform", layer)] = rows  # features in = rows sharded
-        expected[("load", layer)] = datasets[layer]["rows"]  # nothing rejected in the sample
-    expected[("join", join)] = load["rows"]
-    for name, dataset in datasets.items():
-        expected[("publish", name)] = dataset["rows"]
     return expected
 
 
-def test_every_stage_exports_feature_counts_equal_to_the_row_counts(cluster, run):
+def test_the_ray_stages_export_feature_counts_equal_to_the_row_counts(cluster, run):
     features = ray_metrics.prometheus_name(ray_metrics.FEATURES)
     assert features == "ray_spatial_etl_features_total"
     expected = _expected_features(run)
@@ -92,7 +90,7 @@ def test_every_stage_exports_feature_counts_equal_to_the_row_counts(cluster, run
         time.sleep(1)
     log.info("metrics complete after %.1fs: %s", time.monotonic() - started, dict(observed))
     assert dict(observed) == expected
-    # transform tasks ran (and recorded) on both nodes; the other stages in the driver, which
+    # transform tasks ran (and recorded) on both nodes; the shard in the driver, which
     # reports to the head
     for node in per_node:
         assert any(stage == "transform" for (_, stage, _) in node), per_node
@@ -100,7 +98,7 @@ def test_every_stage_exports_feature_counts_equal_to_the_row_counts(cluster, run
     run["scraped"] = per_node
 
 
-def test_bytes_and_chunks_are_exported_for_every_stage(run):
+def test_bytes_and_chunks_are_exported_for_the_ray_stages(run):
     per_node = run.get("scraped")
     if per_node is None:
         pytest.skip("the feature counts never completed (see the test above)")
@@ -108,7 +106,8 @@ def test_bytes_and_chunks_are_exported_for_every_stage(run):
     for node in per_node:
         for (name, stage, _), value in node.items():
             totals[(name, stage)] += value
-    for stage in ray_metrics.STAGES:
+    assert {stage for (_, stage) in totals} == set(RAY_STAGES), totals
+    for stage in RAY_STAGES:
         assert totals[(ray_metrics.prometheus_name(ray_metrics.BYTES), stage)] > 0, stage
         assert totals[(ray_metrics.prometheus_name(ray_metrics.CHUNKS), stage)] > 0, stage
     chunks = run["metadata"]["transform_chunks"]["chunks"]

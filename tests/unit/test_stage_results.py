@@ -107,7 +107,7 @@ def test_batch_datasets_and_lineage():
         "points": [20], "countries": [2], "points_rejects": [10], "per_country": [2]}
     assert info["points"]["kind"] == "layer" and info["points_rejects"]["kind"] == "rejects"
     assert info["per_country"]["join"]["right"] == "points"
-    completion = {"datasets": {
+    completion = {"publication": "r1.abcd0123", "datasets": {
         name: {**info[name], "objects": [{"key": f"{name}/b1/part-0", "sha256": p.sha256,
                                           "rows": p.rows} for p in parts]}
         for name, parts in datasets.items()}}
@@ -119,6 +119,8 @@ def test_batch_datasets_and_lineage():
     joined = records["s3://data-lake/per_country/b1/part-0"]
     assert [i["key"] for i in joined["inputs"]] == ["b1/p.fgb", "b1/c.zip"]
     assert joined["recipe"] is None and joined["run_id"] == "r1"
+    # readers select the lineage of the publication the completion manifest names
+    assert {r["publication"] for r in records.values()} == {"r1.abcd0123"}
 
 
 def test_a_join_named_like_a_rejects_dataset_is_not_published_over_it():
