@@ -1,0 +1,89 @@
+"""The in-process executor, with a heartbeat: the run worker stamps its run every few seconds.
+
+The job runs in one process (``in_process_executor``), so the executor lives exactly as long
+as the run's work: a daemon thread writes ``HEARTBEAT_TAG`` (epoch seconds) to run storage
+every ``HEARTBEAT_SECONDS`` from the start of execution to its end, whichever steps run (a
+re-execution from failure too). ``run_health.launcher`` fails a run whose beats stopped. A
+beat that cannot be written (storage blip) is logged and retried at the next beat; the
+launcher tolerates missed beats (``MIN_MISSED_BEATS``).
+
+A living run that hangs keeps beating: its max runtime (``dagster/max_runtime``) stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+from dagster import DagsterInstance, Executor, InitExecutorContext, executor, in_process_executor
+
+from run_health.launcher import HEARTBEAT_EVERY_TAG, HEARTBEAT_TAG
+
+#: Seconds between beats: one run-storage update each; small beside the launcher's timeout.
+HEARTBEAT_SECONDS = 5
+#: The tags a job carries to opt in to heartbeat health checks (with this executor).
+HEARTBEAT_JOB_TAGS = {HEARTBEAT_EVERY_TAG: str(HEARTBEAT_SECONDS)}
+
+log = logging.getLogger(__name__)
+
+
+class RunHeartbeat:
+    """A daemon thread stamping ``run_id`` with ``HEARTBEAT_TAG`` every ``every`` seconds,
+    first at entry; stopped at exit."""
+
+    def __init__(self, instance: DagsterInstance, run_id: str, every: float) -> None:
+        self.instance, self.run_id, self.every = instance, run_id, every
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.loop, name=f"heartbeat-{run_id[:8]}",
+                                       daemon=True)
+
+    def beat(self) -> bool:
+        try:
+            self.instance.add_run_tags(self.run_id, {HEARTBEAT_TAG: f"{time.time():.3f}"})
+            return True
+        except Exception:  # the next beat retries; the launcher tolerates gaps
+            log.warning("run %s: heartbeat not written, retrying in %s s", self.run_id,
+                        self.every, exc_info=True)
+            return False
+
+    def loop(self) -> None:
+        while not self.stopped.wait(self.every):
+            self.beat()
+
+    def __enter__(self) -> RunHeartbeat:
+        self.beat()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=self.every + 30)
+
+
+class HeartbeatingExecutor(Executor):
+    """Runs the plan with ``inner`` while a ``RunHeartbeat`` stamps the run."""
+
+    def __init__(self, inner: Executor, every: float) -> None:
+        self.inner, self.every = inner, every
+
+    @property
+    def retries(self):  # dagster's RetryMode
+        return self.inner.retries
+
+    @property
+    def step_dependency_config(self):
+        return self.inner.step_dependency_config
+
+    def execute(self, plan_context, execution_plan) -> Iterator:
+        with RunHeartbeat(plan_context.instance, plan_context.run_id, self.every):
+            yield from self.inner.execute(plan_context, execution_plan)
+
+
+# Same name and config as in_process_executor: run config written for it keeps working.
+@executor(name="in_process", config_schema=in_process_executor.config_schema)
+def heartbeat_in_process_executor(init_context: InitExecutorContext) -> Executor:
+    """``in_process_executor`` whose run worker heartbeats (``RunHeartbeat``)."""
+    return HeartbeatingExecutor(in_process_executor.executor_creation_fn(init_context),
+                                HEARTBEAT_SECONDS)
