@@ -39,6 +39,15 @@ telemetry:
   enabled: false
 nux:
   enabled: false
+# The root dagster.yaml's queue: four runs at once; a run dequeued while the code server is
+# down (restarting) is retried, not failed at launch.
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    max_concurrent_runs: 4
+    max_user_code_failure_retries: 10
+    user_code_failure_retry_delay: 5
 # The root dagster.yaml's launcher and monitoring, with short timeouts: a run lost with its
 # process is failed within ~35 s (30 s without a heartbeat, then a 5 s poll).
 run_launcher:

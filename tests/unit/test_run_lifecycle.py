@@ -40,6 +40,15 @@ def test_both_instances_monitor_runs_without_resuming_them():
         assert monitoring["poll_interval_seconds"] > 0, name
 
 
+def test_both_instances_queue_four_runs_and_retry_a_launch_while_user_code_is_down():
+    for name, text in (("dagster.yaml", (REPO / "dagster.yaml").read_text()),
+                       ("devstack", DAGSTER_YAML.format(home="/h"))):
+        coordinator = yaml.safe_load(text)["run_coordinator"]
+        assert coordinator["class"] == "QueuedRunCoordinator", name
+        assert coordinator["config"]["max_concurrent_runs"] == 4, name
+        assert coordinator["config"]["max_user_code_failure_retries"] > 0, name
+
+
 def test_runs_get_a_max_runtime_tag_unless_disabled():
     assert InputLimitsResource().max_runtime_tags == {MAX_RUNTIME_TAG: str(DEFAULT_MAX_RUN_SECONDS)}
     assert InputLimitsResource(max_run_seconds=90).max_runtime_tags == {MAX_RUNTIME_TAG: "90"}
