@@ -16,10 +16,24 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from dagster import DagsterInstance, Executor, InitExecutorContext, executor, in_process_executor
+from dagster import (
+    DagsterEvent,
+    DagsterInstance,
+    Executor,
+    InitExecutorContext,
+    executor,
+    in_process_executor,
+)
 
 from run_health.launcher import HEARTBEAT_EVERY_TAG, HEARTBEAT_TAG
+
+if TYPE_CHECKING:  # dagster's own types, not re-exported at its top level
+    from dagster._core.execution.context.system import PlanOrchestrationContext
+    from dagster._core.execution.plan.plan import ExecutionPlan
+    from dagster._core.execution.retries import RetryMode
+    from dagster._core.execution.step_dependency_config import StepDependencyConfig
 
 #: Seconds between beats: one run-storage update each; small beside the launcher's timeout.
 HEARTBEAT_SECONDS = 5
@@ -69,14 +83,15 @@ class HeartbeatingExecutor(Executor):
         self.inner, self.every = inner, every
 
     @property
-    def retries(self):  # dagster's RetryMode
+    def retries(self) -> RetryMode:
         return self.inner.retries
 
     @property
-    def step_dependency_config(self):
+    def step_dependency_config(self) -> StepDependencyConfig:
         return self.inner.step_dependency_config
 
-    def execute(self, plan_context, execution_plan) -> Iterator:
+    def execute(self, plan_context: PlanOrchestrationContext,
+                execution_plan: ExecutionPlan) -> Iterator[DagsterEvent]:
         with RunHeartbeat(plan_context.instance, plan_context.run_id, self.every):
             yield from self.inner.execute(plan_context, execution_plan)
 

@@ -46,6 +46,8 @@ MODULE = "tests.integration.monitored_defs"
 PORT = 54123  # not the stack's code server (54000)
 #: Killed in the first round, one run per slot of the instance's four; publish goes second.
 KILL_FIRST = ("shard", "transform", "load", "join")
+#: Queued behind them: a run killed in publish, one that hangs (in transform), a clean one.
+SECOND = ("publish", "hang", "clean")
 N_POINTS = 3_000
 #: devstack's heartbeat_timeout_seconds (30) + poll_interval_seconds (5), and slack for a
 #: loaded 2-core machine (the monitor's poll itself, the launcher's storage reads).
@@ -194,12 +196,12 @@ def test_runs_killed_in_every_stage_are_failed_fast_recorded_and_reexecute_once(
     """Five runs, each killed (its process with the code server's whole tree, what a lost
     user-code container does) while paused inside its stage: shard, transform, load, join
     (round 1, the instance's four run slots) and publish (round 2, queued behind them with a
-    clean batch). Each is failed by its missing heartbeat within DETECTION_BOUND_S (its max
-    runtime is 30 minutes), the ledger gives the cause, the queued batches start, no run
-    schema remains, and re-execution from failure publishes each batch once, as the clean
-    batch was published."""
-    ids = {stage: f"{batch_id}-{stage}" for stage in (*STAGES, "clean")}
-    monitored.plan_pauses({ids[stage]: stage for stage in STAGES})
+    run that hangs and a clean batch). Each killed run is failed by its missing heartbeat
+    within DETECTION_BOUND_S (its max runtime is 30 minutes), the hung one by its max runtime;
+    the ledger gives the cause, the queued batches start, no run schema remains, and
+    re-execution from failure publishes each batch once, as the clean batch was published."""
+    ids = {stage: f"{batch_id}-{stage}" for stage in (*STAGES, "hang", "clean")}
+    monitored.plan_pauses({**{ids[stage]: stage for stage in STAGES}, ids["hang"]: "transform"})
     monitored.start(skip_existing_manifests_of=store)
     instance = DagsterInstance.from_config(str(monitored.home))
 
@@ -211,10 +213,10 @@ def test_runs_killed_in_every_stage_are_failed_fast_recorded_and_reexecute_once(
     paused = wait_for(lambda: all(monitored.paused_in(ids[s]) for s in KILL_FIRST) and
                       {s: monitored.paused_in(ids[s]) for s in KILL_FIRST}, 420, diagnose)
     assert paused == {s: s for s in KILL_FIRST}, paused
-    for stage in ("publish", "clean"):
+    for stage in SECOND:
         land_sample(landing_store, tmp_path, ids[stage], n_points=N_POINTS)
     wait_for(lambda: all((r := _the_run(instance, ids[s])) and r.status == DagsterRunStatus.QUEUED
-                         for s in ("publish", "clean")), 120, diagnose)
+                         for s in SECOND), 120, diagnose)
     runs = {stage: _the_run(instance, ids[stage]) for stage in KILL_FIRST}
     assert all(r.status == DagsterRunStatus.STARTED for r in runs.values()), runs
 
@@ -226,9 +228,17 @@ def test_runs_killed_in_every_stage_are_failed_fast_recorded_and_reexecute_once(
 
     # the slots are free: the queued batches start; the clean one is published
     wait_for(lambda: monitored.paused_in(ids["publish"]) == "publish", 300, diagnose)
+    wait_for(lambda: monitored.paused_in(ids["hang"]) == "transform", 300, diagnose)
     clean = wait_for(lambda: (r := _the_run(instance, ids["clean"])) and r.is_finished and r,
                      300, diagnose)
     assert clean.status == DagsterRunStatus.SUCCESS, clean.status
+    # the hung run still beats: its max runtime (shortened now, as a user may) stops it
+    runs["hang"] = _the_run(instance, ids["hang"])
+    assert runs["hang"].tags[MAX_RUNTIME_TAG] == "1800", "the sensor's tag"
+    instance.add_run_tags(runs["hang"].run_id, {MAX_RUNTIME_TAG: "1"})
+    hung = wait_for(lambda: (r := instance.get_run_by_id(runs["hang"].run_id)).is_finished and r,
+                    120, diagnose)
+    assert hung.status == DagsterRunStatus.FAILURE, hung.status
     runs["publish"] = _the_run(instance, ids["publish"])
     killed_at = time.time()
     monitored.kill_code_server_tree()
@@ -237,7 +247,10 @@ def test_runs_killed_in_every_stage_are_failed_fast_recorded_and_reexecute_once(
 
     for stage, run in runs.items():
         record = wait_for(lambda r=run: _ledger_run(ledger, r.run_id), 300, diagnose, interval=2)
-        assert record["cause"] == PROCESS_LOST_CAUSE, record
+        if stage == "hang":
+            assert "maximum runtime" in record["cause"], record
+        else:
+            assert record["cause"] == PROCESS_LOST_CAUSE, record
         assert record["batch_id"] == ids[stage]
         assert not store.exists("data-lake", completion_key(ids[stage])), stage
     schemas = {postgis.run_schema_name(run.run_id) for run in runs.values()}
