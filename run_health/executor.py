@@ -8,19 +8,26 @@ beat that cannot be written (storage blip) is logged and retried at the next bea
 launcher tolerates missed beats (``MIN_MISSED_BEATS``).
 
 A living run that hangs keeps beating: its max runtime (``dagster/max_runtime``) stops it.
+A run found FAILURE or CANCELED in storage while its work goes on, without a termination
+request (given up by run monitoring after a stall longer than the launcher's timeout, or
+storage unreachable that long), is interrupted at that beat as a termination request would,
+so that it does not go on to publish a batch its run and ledger call failed.
 """
 
 from __future__ import annotations
 
+import _thread
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from dagster import (
     DagsterEvent,
+    DagsterEventType,
     DagsterInstance,
+    DagsterRunStatus,
     Executor,
     InitExecutorContext,
     executor,
@@ -40,15 +47,21 @@ HEARTBEAT_SECONDS = 5
 #: The tags a job carries to opt in to heartbeat health checks (with this executor).
 HEARTBEAT_JOB_TAGS = {HEARTBEAT_EVERY_TAG: str(HEARTBEAT_SECONDS)}
 
+#: A run in one of these has been given up (by run monitoring, or a user) in storage.
+GIVEN_UP = (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
+
 log = logging.getLogger(__name__)
 
 
 class RunHeartbeat:
     """A daemon thread stamping ``run_id`` with ``HEARTBEAT_TAG`` every ``every`` seconds,
-    first at entry; stopped at exit."""
+    first at entry; stopped at exit. ``on_given_up`` (default: a SIGINT to the main thread,
+    Dagster's termination path) is called once if the run is found given up (``GIVEN_UP``)."""
 
-    def __init__(self, instance: DagsterInstance, run_id: str, every: float) -> None:
+    def __init__(self, instance: DagsterInstance, run_id: str, every: float,
+                 on_given_up: Callable[[], None] = _thread.interrupt_main) -> None:
         self.instance, self.run_id, self.every = instance, run_id, every
+        self.on_given_up, self.gave_up = on_given_up, False
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.loop, name=f"heartbeat-{run_id[:8]}",
                                        daemon=True)
@@ -56,11 +69,23 @@ class RunHeartbeat:
     def beat(self) -> bool:
         try:
             self.instance.add_run_tags(self.run_id, {HEARTBEAT_TAG: f"{time.time():.3f}"})
-            return True
+            run = self.instance.get_run_by_id(self.run_id)
         except Exception:  # the next beat retries; the launcher tolerates gaps
             log.warning("run %s: heartbeat not written, retrying in %s s", self.run_id,
                         self.every, exc_info=True)
             return False
+        if run is not None and run.status in GIVEN_UP and not self.gave_up:
+            self.gave_up = True
+            if self.termination_requested():
+                return True  # the termination in progress stops the run: no second interrupt
+            log.error("run %s is %s in run storage while its worker still runs (given up by "
+                      "run monitoring after a silence longer than its heartbeat timeout?): "
+                      "interrupting it", self.run_id, run.status.value)
+            self.on_given_up()
+        return True
+
+    def termination_requested(self) -> bool:
+        return bool(self.instance.all_logs(self.run_id, of_type=DagsterEventType.RUN_CANCELING))
 
     def loop(self) -> None:
         while not self.stopped.wait(self.every):

@@ -4,6 +4,7 @@ of a run that run monitoring failed."""
 
 import ast
 import sys
+import threading
 import time
 
 import yaml
@@ -16,7 +17,12 @@ from etl_pipelines.jobs.ingest import ingest_batch
 from etl_pipelines.resources import InputLimitsResource
 from etl_pipelines.resources.limits import DEFAULT_MAX_RUN_SECONDS, MAX_RUNTIME_TAG
 from libs.ledger import PROCESS_LOST_CAUSE, run_failure_cause
-from run_health.executor import HEARTBEAT_JOB_TAGS, HEARTBEAT_SECONDS, heartbeat_in_process_executor
+from run_health.executor import (
+    HEARTBEAT_JOB_TAGS,
+    HEARTBEAT_SECONDS,
+    RunHeartbeat,
+    heartbeat_in_process_executor,
+)
 from run_health.launcher import (
     HEARTBEAT_EVERY_TAG,
     HEARTBEAT_TAG,
@@ -160,3 +166,30 @@ def test_a_run_worker_stamps_its_run_after_its_start(tmp_path):
         assert record.start_time <= beat <= record.end_time
         health = instance.run_launcher.check_run_worker_health(record.dagster_run)
         assert health.status == WorkerStatus.RUNNING  # (the monitor checks STARTED runs only)
+
+
+def test_a_run_given_up_while_its_worker_runs_is_interrupted_at_the_next_beat(tmp_path):
+    (tmp_path / "dagster.yaml").write_text(DAGSTER_YAML.format(home=tmp_path))
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        run = instance.create_run_for_job(job_def=heartbeating_job)
+        interrupted = threading.Event()
+        with RunHeartbeat(instance, run.run_id, 0.05, on_given_up=interrupted.set) as beat:
+            assert not interrupted.wait(0.3), "a living run is left alone"
+            instance.report_run_failed(run, "Detected run worker status FAILED: 'x'.")
+            assert interrupted.wait(10), "the monitor failed the run: its worker stops"
+        assert beat.gave_up
+
+
+def test_a_run_being_terminated_is_not_interrupted_twice(tmp_path):
+    (tmp_path / "dagster.yaml").write_text(DAGSTER_YAML.format(home=tmp_path))
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        run = instance.create_run_for_job(job_def=heartbeating_job)
+        interrupted = threading.Event()
+        with RunHeartbeat(instance, run.run_id, 0.05, on_given_up=interrupted.set) as beat:
+            # what run monitoring does at a max runtime: cancel, terminate, mark failed
+            instance.report_run_canceling(run, message="Canceling due to exceeding maximum")
+            instance.report_run_failed(run, "Exceeded maximum runtime of 1 seconds.")
+            wait_until = time.monotonic() + 10
+            while not beat.gave_up and time.monotonic() < wait_until:
+                time.sleep(0.05)
+        assert beat.gave_up and not interrupted.is_set()
