@@ -107,6 +107,10 @@ class MonitoredDagster:
         processed = {o.key: o.etag for o in skip_existing_manifests_of.list("landing-zone")
                      if o.key.endswith("/" + MANIFEST_FILENAME)}
         cursor = json.dumps({"version": 1, "processed": processed})
+        # The instance's storage is created here, first: the code server and the sensor CLI
+        # creating its SQLite databases at once made the CLI fail in alembic's
+        # get_current_revision (both stamped the schema version).
+        DagsterInstance.from_config(str(self.home)).dispose()
         self.start_code_server(wait=False)  # it imports the location meanwhile (~15 s)
         for args in (["cursor", "manifest_sensor", "--set", cursor], ["start", "manifest_sensor"]):
             subprocess.run([DAGSTER_BIN / "dagster", "sensor", *args, "-m", MODULE],
