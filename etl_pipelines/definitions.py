@@ -15,9 +15,16 @@ from etl_pipelines.resources import (
     ObjectStoreResource,
     PostGISResource,
     RayResource,
+    RetentionResource,
+    ScratchResource,
     StagingIOManager,
 )
-from etl_pipelines.sensors.janitor import ledger_run_failure_sensor, postgis_schema_janitor
+from etl_pipelines.sensors.janitor import (
+    ledger_run_failure_sensor,
+    postgis_schema_janitor,
+    scratch_janitor,
+    staging_janitor,
+)
 from etl_pipelines.sensors.manifests import manifest_sensor
 
 
@@ -32,6 +39,8 @@ def build_resources() -> dict[str, object]:
         "object_store": object_store,
         "io_manager": StagingIOManager(object_store=object_store),
         "input_limits": InputLimitsResource(),
+        "scratch": ScratchResource(),
+        "retention": RetentionResource(),
         "ledger": LedgerResource(connection_string=EnvVar("MONGO_CONNECTION_STRING")),
         "postgis_db": PostGISResource(
             host=EnvVar("POSTGRES_HOST"),
@@ -48,6 +57,7 @@ def build_resources() -> dict[str, object]:
 
 defs = Definitions(
     jobs=[ingest_batch],
-    sensors=[manifest_sensor, postgis_schema_janitor, ledger_run_failure_sensor],
+    sensors=[manifest_sensor, postgis_schema_janitor, ledger_run_failure_sensor,
+             staging_janitor, scratch_janitor],
     resources=build_resources(),
 )

@@ -29,6 +29,10 @@ class InputDataError(SpatialEtlError):
     """A landed data file cannot be read or does not match what the manifest declares."""
 
 
+class ScratchSpaceError(SpatialEtlError):
+    """The run's local scratch directory has too little free space for the batch."""
+
+
 class TransformError(SpatialEtlError):
     """A transformation step failed on a chunk."""
 

@@ -13,11 +13,14 @@ import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import islice
 from pathlib import Path
 from typing import TypeVar
 
 import urllib3
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
 from libs.errors import ConfigError
@@ -65,6 +68,7 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+    modified: datetime | None = None  # from a listing; None where the store gave none
 
 
 class ObjectStore:
@@ -107,11 +111,23 @@ class ObjectStore:
         whole before the first object is yielded, so a retry never repeats objects."""
 
         def listing() -> list[ObjectInfo]:
-            return [ObjectInfo(obj.object_name, obj.size or 0, (obj.etag or "").strip('"'))
-                    for obj in self._client.list_objects(bucket, prefix=prefix, recursive=True)
+            return [_info(obj) for obj in
+                    self._client.list_objects(bucket, prefix=prefix, recursive=True)
                     if not obj.is_dir]
 
         yield from self.retried(f"list s3://{bucket}/{prefix}", listing)
+
+    def list_page(self, bucket: str, *, start_after: str = "", limit: int) -> list[ObjectInfo]:
+        """At most ``limit`` objects of the bucket whose keys sort after ``start_after``, in key
+        order: a scan that resumes where the last page ended costs ``limit`` keys, not the
+        bucket."""
+
+        def page() -> list[ObjectInfo]:
+            listing = self._client.list_objects(bucket, recursive=True,
+                                                start_after=start_after or None)
+            return [_info(obj) for obj in islice(listing, limit)]
+
+        return self.retried(f"list s3://{bucket}/ after {start_after!r}", page)
 
     def exists(self, bucket: str, key: str) -> bool:
         def stat() -> bool:
@@ -206,6 +222,28 @@ class ObjectStore:
 
     def delete(self, bucket: str, key: str) -> None:
         self.retried(f"delete s3://{bucket}/{key}", lambda: self._client.remove_object(bucket, key))
+
+    def delete_many(self, bucket: str, keys: list[str]) -> None:
+        """Delete ``keys`` in multi-object DELETE requests of up to 1,000 keys (S3's bound):
+        one request instead of one per key. A key that is already gone is no error."""
+        for start in range(0, len(keys), 1000):
+            batch = keys[start:start + 1000]
+
+            def remove(batch: list[str] = batch) -> None:
+                errors = [e for e in self._client.remove_objects(
+                    bucket, [DeleteObject(key) for key in batch])
+                    if e.code not in ("NoSuchKey", "NoSuchObject")]
+                if errors:
+                    raise RuntimeError(f"could not delete {len(errors)} object(s) of s3://{bucket}/,"
+                                       f" first {errors[0].name!r}: {errors[0].code} "
+                                       f"{errors[0].message}")
+
+            self.retried(f"delete {len(batch)} object(s) of s3://{bucket}/", remove)
+
+
+def _info(obj) -> ObjectInfo:
+    return ObjectInfo(obj.object_name, obj.size or 0, (obj.etag or "").strip('"'),
+                      obj.last_modified)
 
 
 class BackgroundPuts:

@@ -7,8 +7,8 @@ With ``transform_early``, each written chunk's transform starts on Ray at once, 
 and the transform of the chunks already cut takes the other. The Ray resource hands those
 tasks to the transform op, which waits for them and runs the rest."""
 
-import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -18,12 +18,19 @@ from pydantic import Field
 from etl_pipelines.ray.metrics import StageProgress
 from etl_pipelines.ray.submit import EarlyTasks
 from etl_pipelines.ray.tasks import transform_chunk, transform_spec
-from etl_pipelines.resources import ObjectStoreResource, RayResource
+from etl_pipelines.resources import ObjectStoreResource, RayResource, ScratchResource
 from etl_pipelines.types import BatchPlan
 from libs.descriptors import Chunk, ChunkIndex
 from libs.lake import chunk_key, run_prefix
 from libs.memory import use_jemalloc_pool
-from libs.sharding import ShardedLayer, ShardLimits, download_landed, shard_landed_batch
+from libs.sharding import (
+    ShardedLayer,
+    ShardLimits,
+    check_scratch_space,
+    download_landed,
+    run_scratch,
+    shard_landed_batch,
+)
 from libs.transformations import plan_recipe
 
 
@@ -63,7 +70,7 @@ class ShardConfig(Config):
 @op(out=Out(ChunkIndex), tags={"stage": "shard"})
 def shard_batch(
     context: OpExecutionContext, config: ShardConfig, plan: BatchPlan,
-    object_store: ObjectStoreResource, ray_cluster: RayResource,
+    object_store: ObjectStoreResource, ray_cluster: RayResource, scratch: ScratchResource,
 ) -> ChunkIndex:
     context.log.debug(f"Arrow memory pool of the run process: {use_jemalloc_pool()}")
     manifest, store, staging = plan.manifest, object_store.store, object_store.staging_bucket
@@ -83,13 +90,14 @@ def shard_batch(
             f"chunk(s), {(time.monotonic() - started):.1f}s so far")
 
     with ray_cluster.early_tasks(transform_chunk, enabled=config.transform_early) as early, \
-            tempfile.TemporaryDirectory(prefix="shard-") as scratch:
+            run_scratch(scratch.root(), context.run_id) as scratch_dir:
         landed = download_landed(store, object_store.landing_bucket, plan.folder, manifest.files,
-                                 Path(scratch) / "landed", max_file_bytes=config.max_file_bytes)
+                                 scratch_dir / "landed", max_file_bytes=config.max_file_bytes,
+                                 check_space=_space_check(context, scratch, scratch_dir, plan))
         index = shard_landed_batch(
             store, manifest, landed, landing_bucket=object_store.landing_bucket,
             staging_bucket=staging, staging_prefix=prefix,
-            chunk_key=partial(chunk_key, prefix, "chunks"), scratch=Path(scratch),
+            chunk_key=partial(chunk_key, prefix, "chunks"), scratch=scratch_dir,
             rejects_key=partial(chunk_key, prefix, "rejects"),
             limits=_limits(config), check_schema=check_schema, on_layer=sharded_layer,
             on_staged=partial(_chunk_staged, context, progress, early, plan, object_store))
@@ -97,6 +105,21 @@ def shard_batch(
     context.log.info(progress.line())
     context.add_output_metadata(_metadata(index, landed, time.monotonic() - started, early))
     return index
+
+
+def _space_check(context: OpExecutionContext, scratch: ScratchResource, directory: Path,
+                 plan: BatchPlan) -> Callable[[list[tuple[str, int]]], None]:
+    """Called with the landed files' (format, size) before any is downloaded."""
+
+    def check(files: list[tuple[str, int]]) -> None:
+        free = check_scratch_space(directory, files, factor=scratch.space_factor,
+                                   compressed_factor=scratch.compressed_space_factor,
+                                   reserve_bytes=scratch.reserve_megabytes * 2**20,
+                                   batch_id=plan.manifest.batch_id)
+        context.log.info(f"scratch {directory}: {free:,} bytes free for "
+                         f"{sum(size for _, size in files):,} landed bytes")
+
+    return check
 
 
 def _limits(config: ShardConfig) -> ShardLimits:

@@ -1,5 +1,6 @@
 """Typed Dagster resources: each wraps one service; settings come from EnvVar where wired."""
 
+from etl_pipelines.resources.housekeeping import RetentionResource, ScratchResource
 from etl_pipelines.resources.io_manager import StagingIOManager
 from etl_pipelines.resources.ledger import LedgerResource
 from etl_pipelines.resources.limits import InputLimitsResource
@@ -13,5 +14,7 @@ __all__ = [
     "ObjectStoreResource",
     "PostGISResource",
     "RayResource",
+    "RetentionResource",
+    "ScratchResource",
     "StagingIOManager",
 ]

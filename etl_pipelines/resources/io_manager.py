@@ -17,7 +17,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from etl_pipelines.resources.object_store import ObjectStoreResource
 from libs.errors import StagingError
-from libs.lake.keys import op_output_key
+from libs.lake.keys import OP_OUTPUTS_FOLDER, op_output_key
 
 
 def _declared_type(context: OutputContext | InputContext) -> Any:
@@ -32,7 +32,8 @@ class StagingIOManager(ConfigurableIOManager):
     """JSON op outputs under ``<staging_bucket>/<prefix>/<run_id>/<step>/<output>.json``."""
 
     object_store: ObjectStoreResource
-    prefix: str = Field(default="dagster-io", description="key prefix in the staging bucket")
+    prefix: str = Field(default=OP_OUTPUTS_FOLDER, description="key prefix in the staging "
+                        "bucket (the staging janitor cleans the default one only)")
 
     def _key(self, context: OutputContext) -> str:
         return op_output_key(self.prefix, context.get_identifier())

@@ -1,10 +1,17 @@
 """The lake stage: the key of every staged and published object (``keys``), publishing datasets
 with their completion manifest written last (``publish``), and a batch's datasets and lineage
-(``batch``)."""
+(``batch``), and what the janitor may remove of staging and stray lake parts (``housekeeping``)."""
 
 from libs.lake.batch import batch_datasets, lineage_records, publish_batch_to_lake
+from libs.lake.housekeeping import (
+    RUNS_FOLDER,
+    folders_of,
+    staged_objects,
+    unlisted_parts,
+)
 from libs.lake.keys import (
     CHUNK_STAGES,
+    OP_OUTPUTS_FOLDER,
     chunk_key,
     completion_key,
     dataset_prefix,
@@ -22,6 +29,11 @@ from libs.lake.publish import (
 )
 
 __all__ = [
+    "OP_OUTPUTS_FOLDER",
+    "RUNS_FOLDER",
+    "folders_of",
+    "staged_objects",
+    "unlisted_parts",
     "CHUNK_STAGES",
     "chunk_key",
     "batch_datasets",

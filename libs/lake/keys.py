@@ -1,6 +1,7 @@
 """Every object key the pipeline writes, in one place: the run's staging area and the lake.
 
-Staging (bucket ``etl-staging``), one prefix per run, removed once the batch is published::
+Staging (bucket ``etl-staging``), one prefix per run, removed once the batch is published
+(what a failed run leaves: by the staging janitor after a retention, ``housekeeping``)::
 
     runs/<run_id>/chunks/<layer>/chunk-<NNNNN>.parquet       sharded chunks
     runs/<run_id>/transformed/<layer>/chunk-<NNNNN>.parquet  transformed chunks
@@ -27,6 +28,8 @@ from libs.manifest import REJECTS_SUFFIX
 #: The stages whose chunks are staged per layer.
 CHUNK_STAGES = ("chunks", "transformed", "rejects")
 COMPLETION_PREFIX = "_batches/"
+#: The IO manager's default prefix for op outputs in the staging bucket.
+OP_OUTPUTS_FOLDER = "dagster-io"
 
 
 def run_prefix(run_id: str) -> str:

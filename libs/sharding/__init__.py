@@ -29,6 +29,7 @@ from libs.sharding.gdal_guard import (
 from libs.sharding.hilbert import hilbert_index
 from libs.sharding.inputs import normalised_layer_name, plan_layers
 from libs.sharding.limits import ShardLimits
+from libs.sharding.scratch import check_scratch_space, remove_dead_scratch, run_scratch
 from libs.sharding.shard import ShardedLayer, shard_layer
 from libs.sharding.sources import LayerSource
 from libs.sharding.writer import ChunkSink
@@ -42,11 +43,14 @@ __all__ = [
     "ShardLimits",
     "ShardedLayer",
     "check_gdal_locked_down",
+    "check_scratch_space",
     "download_landed",
     "hilbert_index",
     "lock_down_gdal",
     "normalised_layer_name",
     "plan_layers",
+    "remove_dead_scratch",
+    "run_scratch",
     "shard_landed_batch",
     "shard_layer",
 ]

@@ -42,20 +42,27 @@ class LandedFile:
 
 
 def download_landed(store: ObjectStore, bucket: str, folder: str, files: list[DataFile],
-                    into: Path, max_file_bytes: int | None = None) -> list[LandedFile]:
+                    into: Path, max_file_bytes: int | None = None,
+                    check_space: Callable[[list[tuple[str, int]]], object] | None = None,
+                    ) -> list[LandedFile]:
     """Download each declared file (``folder`` + its path) into a numbered folder of its own
     under ``into`` (which keeps names, and a Shapefile zip's siblings, apart), hashing it.
 
-    With ``max_file_bytes``, every file's size is checked (HEAD) before any is downloaded,
-    and a download stops should the object have grown since."""
-    if max_file_bytes is not None:
+    With ``max_file_bytes`` or ``check_space``, every file's size is read (HEAD) before any is
+    downloaded: each is checked against ``max_file_bytes`` (a download stops should the object
+    have grown since) and ``check_space`` is called with every file's (format, size)."""
+    if max_file_bytes is not None or check_space is not None:
+        sizes = []
         for data_file in files:
             size = store.size(bucket, f"{folder}{data_file.path}")
-            if size > max_file_bytes:
+            sizes.append((str(data_file.format), size))
+            if max_file_bytes is not None and size > max_file_bytes:
                 raise InputDataError(
                     f"file {data_file.path!r} is {size:,} bytes; the limit is {max_file_bytes:,} "
                     "bytes per landed file: split it into several files of the same layer "
                     "(or raise the shard op's max_file_bytes)")
+        if check_space is not None:
+            check_space(sizes)
     landed = []
     for number, data_file in enumerate(files):
         key = f"{folder}{data_file.path}"

@@ -11,7 +11,8 @@ def test_definitions_load_and_register_everything():
     assert {n.name for n in job.nodes} == {
         "validate_batch", "shard_batch", "transform_chunks", "load_and_join", "publish_batch"}
     names = {s.name for s in defs.sensors}
-    assert names == {"manifest_sensor", "postgis_schema_janitor", "ledger_run_failure_sensor"}
+    assert names == {"manifest_sensor", "postgis_schema_janitor", "ledger_run_failure_sensor",
+                     "staging_janitor", "scratch_janitor"}
     assert set(defs.resources) >= {"object_store", "io_manager", "ledger", "postgis_db",
                                    "ray_cluster"}
 
