@@ -22,6 +22,11 @@ RUN pip install -r /tmp/requirements.txt \
     && pip check \
     && rm /tmp/requirements.txt
 
+# The run launcher dagster.yaml names (run_health.launcher: dagster + stdlib only, no other
+# project code), importable by the webserver and the daemon.
+COPY run_health /opt/dagster/lib/run_health
+ENV PYTHONPATH=/opt/dagster/lib
+
 # Non-root user. UID/GID 10001 is shared with the user-code image so that the
 # dagster-storage volume (compute logs, local artifacts) is writable from both.
 RUN groupadd --gid 10001 dagster \

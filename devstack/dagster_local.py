@@ -39,8 +39,22 @@ telemetry:
   enabled: false
 nux:
   enabled: false
-# Short timeouts, so that a lost run is failed within seconds of its max runtime
-# (dagster.yaml at the root says why no resume attempts with the default launcher).
+# The root dagster.yaml's queue: four runs at once; a run dequeued while the code server is
+# down (restarting) is retried, not failed at launch.
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    max_concurrent_runs: 4
+    max_user_code_failure_retries: 10
+    user_code_failure_retry_delay: 5
+# The root dagster.yaml's launcher and monitoring, with short timeouts: a run lost with its
+# process is failed within ~35 s (30 s without a heartbeat, then a 5 s poll).
+run_launcher:
+  module: run_health.launcher
+  class: HeartbeatRunLauncher
+  config:
+    heartbeat_timeout_seconds: 30
 run_monitoring:
   enabled: true
   start_timeout_seconds: 120

@@ -489,6 +489,10 @@ def test_webserver_image_layout() -> None:
     assert any("dagster.yaml" in c and "workspace.yaml" in c and "DAGSTER_HOME" in c for c in copies), (
         f"copy dagster.yaml and workspace.yaml into $DAGSTER_HOME: {copies}"
     )
+    # the run launcher dagster.yaml names, and nothing else of the project
+    assert any(c.split()[0] == "run_health" for c in copies), copies
+    assert not any(c.split()[0] in ("libs", "etl_pipelines", ".") for c in copies), copies
+    assert "PYTHONPATH=/opt/dagster/lib" in envs
     users = instruction_args(DOCKERFILE, "USER")
     assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
 
@@ -502,7 +506,8 @@ def test_user_code_image_installs_heavy_requirements_and_the_project() -> None:
     assert any(re.search(r"pip install (.* )?-r \S*requirements-user-code\.txt", r) for r in runs)
     assert any("pip install --no-deps" in r for r in runs), "install the project with --no-deps"
     copies = " ".join(instruction_args(DOCKERFILE_USER_CODE, "COPY"))
-    needed = ("requirements-user-code.txt", "pyproject.toml", "README.md", "libs", "etl_pipelines")
+    needed = ("requirements-user-code.txt", "pyproject.toml", "README.md", "libs", "etl_pipelines",
+              "run_health")
     for path in needed:
         assert path in copies, f"Dockerfile.user-code does not COPY {path}"
     users = instruction_args(DOCKERFILE_USER_CODE, "USER")
@@ -568,7 +573,9 @@ def test_dagster_yaml_run_coordination_and_telemetry() -> None:
     assert coordinator["class"] == "QueuedRunCoordinator"
     limit = coordinator["config"]["max_concurrent_runs"]
     assert isinstance(limit, int) and limit > 0
-    assert instance["run_launcher"]["class"] == "DefaultRunLauncher"
+    launcher = instance["run_launcher"]
+    assert (launcher["module"], launcher["class"]) == ("run_health.launcher", "HeartbeatRunLauncher")
+    assert launcher["config"]["heartbeat_timeout_seconds"] > 0
     assert instance["telemetry"] == {"enabled": False}
 
 

@@ -1,6 +1,7 @@
-"""Run monitoring under the real daemon: a run lost with its code server is failed, recorded
-in the ledger with its cause, its schema dropped, and re-execution from failure publishes it
-once; a run past its max runtime is failed the same way.
+"""Run monitoring under the real daemon: runs lost with their code server in every stage are
+failed by their missing heartbeat within a minute, recorded in the ledger with their cause,
+their schemas dropped, the queue moves on, and re-execution from failure publishes each once;
+a run past its max runtime (hung: it still beats) is stopped and failed.
 
 The test owns its code server (the stack's own ``up --dagster`` one would also pick up the
 batches this test lands) and its daemon, over an instance configured exactly as devstack's.
@@ -34,6 +35,7 @@ from libs import postgis
 from libs.lake import completion_key
 from libs.ledger import PROCESS_LOST_CAUSE
 from libs.manifest import MANIFEST_FILENAME
+from tests.integration.monitored_defs import STAGES
 from tests.integration.pipeline import land_sample
 from tests.integration.reexecutable import ingest_batch_job
 
@@ -42,6 +44,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DAGSTER_BIN = Path(sys.executable).parent
 MODULE = "tests.integration.monitored_defs"
 PORT = 54123  # not the stack's code server (54000)
+#: Killed in the first round, one run per slot of the instance's four; publish goes second.
+KILL_FIRST = ("shard", "transform", "load", "join")
+#: Queued behind them: a run killed in publish, one that hangs (in transform), a clean one.
+SECOND = ("publish", "hang", "clean")
+N_POINTS = 3_000
+#: devstack's heartbeat_timeout_seconds (30) + poll_interval_seconds (5), and slack for a
+#: loaded 2-core machine (the monitor's poll itself, the launcher's storage reads).
+DETECTION_BOUND_S = 30 + 5 + 25
 
 
 class MonitoredDagster:
@@ -54,8 +64,12 @@ class MonitoredDagster:
         (home / "dagster.yaml").write_text(DAGSTER_YAML.format(home=home))
         (home / "workspace.yaml").write_text(WORKSPACE_YAML.format(host="127.0.0.1", port=PORT,
                                                                    module=MODULE))
+        self.pause_plan = logs / "pauses" / "plan.json"
+        self.pause_plan.parent.mkdir()
+        self.plan_pauses({})
         self.env = {**os.environ, "DAGSTER_HOME": str(home),
-                    "MONITORED_MAX_RUN_SECONDS": str(max_run_seconds)}
+                    "MONITORED_MAX_RUN_SECONDS": str(max_run_seconds),
+                    "MONITORED_PAUSE_PLAN": str(self.pause_plan)}
         self.code_server: subprocess.Popen | None = None
         self.daemon: subprocess.Popen | None = None
 
@@ -68,25 +82,40 @@ class MonitoredDagster:
         finally:
             log.close()
 
+    def plan_pauses(self, plan: dict[str, str]) -> None:
+        """Runs of these batch ids pause in these stages (``monitored_defs.STAGES``)."""
+        self.pause_plan.write_text(json.dumps(plan))
+
+    def paused_in(self, batch_id: str) -> str | None:
+        """The stage the run of ``batch_id`` is paused in, if it is."""
+        marker = self.pause_plan.parent / f"{batch_id}.paused"
+        return json.loads(marker.read_text())["stage"] if marker.exists() else None
+
     def log_tail(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")[-3000:]
 
-    def start_code_server(self) -> None:
+    def start_code_server(self, wait: bool = True) -> None:
         assert not port_in_use(PORT), f"port {PORT} is taken"
         self.code_server = self._spawn("code-server", [
             DAGSTER_BIN / "dagster", "code-server", "start", "-m", MODULE,
             "--location-name", MODULE, "-h", "127.0.0.1", "-p", str(PORT)])
-        wait_for(lambda: port_in_use(PORT), 180, lambda: self.log_tail("code-server"))
+        if wait:
+            wait_for(lambda: port_in_use(PORT), 180, lambda: self.log_tail("code-server"))
 
     def start(self, skip_existing_manifests_of) -> None:
         # Everything already landed counts as processed: the sensor reacts to this test's batch.
         processed = {o.key: o.etag for o in skip_existing_manifests_of.list("landing-zone")
                      if o.key.endswith("/" + MANIFEST_FILENAME)}
         cursor = json.dumps({"version": 1, "processed": processed})
+        # The instance's storage is created here, first: the code server and the sensor CLI
+        # creating its SQLite databases at once made the CLI fail in alembic's
+        # get_current_revision (both stamped the schema version).
+        DagsterInstance.from_config(str(self.home)).dispose()
+        self.start_code_server(wait=False)  # it imports the location meanwhile (~15 s)
         for args in (["cursor", "manifest_sensor", "--set", cursor], ["start", "manifest_sensor"]):
             subprocess.run([DAGSTER_BIN / "dagster", "sensor", *args, "-m", MODULE],
                            cwd=REPO, env=self.env, check=True, capture_output=True, timeout=120)
-        self.start_code_server()
+        wait_for(lambda: port_in_use(PORT), 180, lambda: self.log_tail("code-server"))
         self.daemon = self._spawn("daemon", [DAGSTER_BIN / "dagster-daemon", "run", "-w",
                                              self.home / "workspace.yaml"])
 
@@ -141,53 +170,113 @@ def _ledger_run(ledger, run_id: str) -> dict | None:
     return record if record and record.get("status") == "FAILURE" else None
 
 
-@pytest.mark.parametrize("monitored", [120], indirect=True)
-def test_run_lost_with_its_code_server_is_failed_recorded_and_reexecutes_once(
-        monitored, store, landing_store, ledger, pg, tmp_path, batch_id):
-    monitored.start(skip_existing_manifests_of=store)
-    instance = DagsterInstance.from_config(str(monitored.home))
-    land_sample(landing_store, tmp_path, batch_id, n_points=300_000)
+def _wait_failed_by_heartbeat(instance, runs, killed_at: float, diagnose) -> None:
+    """Each of ``runs`` (killed at ``killed_at``) is FAILURE, by the heartbeat check, within
+    DETECTION_BOUND_S of the kill."""
+    for run in runs:
+        record = wait_for(lambda r=run: (rec := instance.get_run_record_by_id(r.run_id))
+                          .dagster_run.is_finished and rec, 300, diagnose, interval=1)
+        assert record.dagster_run.status == DagsterRunStatus.FAILURE, record.dagster_run.status
+        messages = [e.message or "" for e in instance.all_logs(run.run_id)]
+        assert any("no heartbeat from the run worker" in m for m in messages), messages[-5:]
+        took = record.end_time - killed_at
+        assert took <= DETECTION_BOUND_S, f"{run.run_id} failed {took:.0f} s after the kill"
 
-    def in_transform():
-        run = _the_run(instance, batch_id)
-        assert run is None or not run.is_finished, f"the run ended before the kill: {run.status}"
-        return run if run and "transform_chunks" in _started_steps(instance, run.run_id) else None
 
-    run = wait_for(in_transform, 300, lambda: monitored.log_tail("daemon"), interval=0.5)
-    assert run.tags[MAX_RUNTIME_TAG] == "120", "the sensor tags every run with its max runtime"
-    killed = monitored.kill_code_server_tree()
-    assert len(killed) >= 3, f"code server, its gRPC server and the run worker: {killed}"
-    # devstack's `up --dagster` starts a code server that is gone: the same, by hand
-    monitored.start_code_server()
+def _rows(manifest: dict) -> dict[str, int]:
+    return {dataset: entry["rows"] for dataset, entry in manifest["datasets"].items()}
 
-    failed = wait_for(lambda: (r := instance.get_run_by_id(run.run_id)).is_finished and r,
-                      600, lambda: monitored.log_tail("daemon"), interval=2)
-    assert failed.status == DagsterRunStatus.FAILURE, failed.status
-    record = wait_for(lambda: _ledger_run(ledger, run.run_id), 300,
-                      lambda: monitored.log_tail("daemon"), interval=2)
-    assert record["cause"] == PROCESS_LOST_CAUSE, record
-    assert record["batch_id"] == batch_id
-    schema = postgis.run_schema_name(run.run_id)
-    wait_for(lambda: schema not in _schemas(pg), 180, lambda: monitored.log_tail("daemon"))
-    assert not store.exists("data-lake", completion_key(batch_id))
 
-    # Re-execution from failure, in this process; a larger max runtime tag overrides the
-    # parent's (this instance's daemon monitors every run in it, in-process ones included).
-    again = execute_job(reconstructable(ingest_batch_job), instance,
-                        reexecution_options=ReexecutionOptions.from_failure(run.run_id, instance),
-                        tags={MAX_RUNTIME_TAG: "1800"})
-    assert again.success
-    assert instance.get_run_by_id(again.run_id).parent_run_id == run.run_id
-    manifest = json.loads(store.get_bytes("data-lake", completion_key(batch_id)))
-    assert manifest["datasets"]["points"]["rows"] == 300_000
+def _assert_lake_holds_exactly(store, manifest: dict) -> None:
     for entry in manifest["datasets"].values():
         listed = sorted(o.key for o in store.list("data-lake", entry["prefix"]))
         assert listed == sorted(o["key"] for o in entry["objects"]), "no duplicates, no orphans"
         for obj in entry["objects"]:
             digest = hashlib.sha256(store.get_bytes("data-lake", obj["key"])).hexdigest()
             assert digest == obj["sha256"], obj["key"]
-    children = [r.run_id for r in instance.get_runs() if r.parent_run_id == run.run_id]
-    assert children == [again.run_id]
+
+
+@pytest.mark.parametrize("monitored", [1800], indirect=True)
+def test_runs_killed_in_every_stage_are_failed_fast_recorded_and_reexecute_once(
+        monitored, store, landing_store, ledger, pg, tmp_path, batch_id):
+    """Five runs, each killed (its process with the code server's whole tree, what a lost
+    user-code container does) while paused inside its stage: shard, transform, load, join
+    (round 1, the instance's four run slots) and publish (round 2, queued behind them with a
+    run that hangs and a clean batch). Each killed run is failed by its missing heartbeat
+    within DETECTION_BOUND_S (its max runtime is 30 minutes), the hung one by its max runtime;
+    the ledger gives the cause, the queued batches start, no run schema remains, and
+    re-execution from failure publishes each batch once, as the clean batch was published."""
+    ids = {stage: f"{batch_id}-{stage}" for stage in (*STAGES, "hang", "clean")}
+    monitored.plan_pauses({**{ids[stage]: stage for stage in STAGES}, ids["hang"]: "transform"})
+    monitored.start(skip_existing_manifests_of=store)
+    instance = DagsterInstance.from_config(str(monitored.home))
+
+    def diagnose() -> str:
+        return monitored.log_tail("daemon") + "\n---\n" + monitored.log_tail("code-server")
+
+    for stage in KILL_FIRST:
+        land_sample(landing_store, tmp_path, ids[stage], n_points=N_POINTS)
+    paused = wait_for(lambda: all(monitored.paused_in(ids[s]) for s in KILL_FIRST) and
+                      {s: monitored.paused_in(ids[s]) for s in KILL_FIRST}, 420, diagnose)
+    assert paused == {s: s for s in KILL_FIRST}, paused
+    for stage in SECOND:
+        land_sample(landing_store, tmp_path, ids[stage], n_points=N_POINTS)
+    wait_for(lambda: all((r := _the_run(instance, ids[s])) and r.status == DagsterRunStatus.QUEUED
+                         for s in SECOND), 120, diagnose)
+    runs = {stage: _the_run(instance, ids[stage]) for stage in KILL_FIRST}
+    assert all(r.status == DagsterRunStatus.STARTED for r in runs.values()), runs
+
+    killed_at = time.time()
+    killed = monitored.kill_code_server_tree()
+    assert len(killed) >= 2 + len(KILL_FIRST), f"code server, gRPC server, run workers: {killed}"
+    monitored.start_code_server()  # devstack's `up --dagster` would: the same, by hand
+    _wait_failed_by_heartbeat(instance, runs.values(), killed_at, diagnose)
+
+    # the slots are free: the queued batches start; the clean one is published
+    wait_for(lambda: monitored.paused_in(ids["publish"]) == "publish", 300, diagnose)
+    wait_for(lambda: monitored.paused_in(ids["hang"]) == "transform", 300, diagnose)
+    clean = wait_for(lambda: (r := _the_run(instance, ids["clean"])) and r.is_finished and r,
+                     300, diagnose)
+    assert clean.status == DagsterRunStatus.SUCCESS, clean.status
+    # the hung run still beats: its max runtime (shortened now, as a user may) stops it
+    runs["hang"] = _the_run(instance, ids["hang"])
+    assert runs["hang"].tags[MAX_RUNTIME_TAG] == "1800", "the sensor's tag"
+    instance.add_run_tags(runs["hang"].run_id, {MAX_RUNTIME_TAG: "1"})
+    hung = wait_for(lambda: (r := instance.get_run_by_id(runs["hang"].run_id)).is_finished and r,
+                    120, diagnose)
+    assert hung.status == DagsterRunStatus.FAILURE, hung.status
+    runs["publish"] = _the_run(instance, ids["publish"])
+    killed_at = time.time()
+    monitored.kill_code_server_tree()
+    monitored.start_code_server()  # the ledger's failure sensor and the janitor run there
+    _wait_failed_by_heartbeat(instance, [runs["publish"]], killed_at, diagnose)
+
+    for stage, run in runs.items():
+        record = wait_for(lambda r=run: _ledger_run(ledger, r.run_id), 300, diagnose, interval=2)
+        if stage == "hang":
+            assert "maximum runtime" in record["cause"], record
+        else:
+            assert record["cause"] == PROCESS_LOST_CAUSE, record
+        assert record["batch_id"] == ids[stage]
+        assert not store.exists("data-lake", completion_key(ids[stage])), stage
+    schemas = {postgis.run_schema_name(run.run_id) for run in runs.values()}
+    wait_for(lambda: not schemas & _schemas(pg), 180, diagnose)
+
+    reference = json.loads(store.get_bytes("data-lake", completion_key(ids["clean"])))
+    assert _rows(reference)["points"] == N_POINTS
+    for stage, run in runs.items():
+        # in this process; a larger max runtime tag overrides the parent's
+        again = execute_job(reconstructable(ingest_batch_job), instance,
+                            reexecution_options=ReexecutionOptions.from_failure(run.run_id,
+                                                                                instance),
+                            tags={MAX_RUNTIME_TAG: "1800"})
+        assert again.success, stage
+        manifest = json.loads(store.get_bytes("data-lake", completion_key(ids[stage])))
+        assert manifest["run_id"] == again.run_id
+        assert _rows(manifest) == _rows(reference), stage
+        _assert_lake_holds_exactly(store, manifest)
+        children = [r.run_id for r in instance.get_runs() if r.parent_run_id == run.run_id]
+        assert children == [again.run_id], stage
 
 
 @pytest.mark.parametrize("monitored", [2], indirect=True)

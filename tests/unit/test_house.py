@@ -17,7 +17,8 @@ STAGES = ("manifest", "sharding", "transformations", "postgis", "lake")
 #: The foundation every stage may use; it uses no stage.
 FOUNDATION = ("errors", "geoparquet", "wkb_layout", "object_store", "ledger", "descriptors", "memory",
               "retry")
-PROJECT_DIRS = ("libs", "etl_pipelines", "devstack", "scripts", "tests", "benchmarks", "ray_cluster")
+PROJECT_DIRS = ("libs", "etl_pipelines", "devstack", "scripts", "tests", "benchmarks", "ray_cluster",
+                "run_health")
 
 
 def _python_files(*folders: str) -> list[Path]:
