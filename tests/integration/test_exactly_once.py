@@ -11,7 +11,6 @@ from dagster import (
     DagsterInstance,
     DagsterRun,
     ReexecutionOptions,
-    SkipReason,
     execute_job,
     instance_for_test,
     reconstructable,
@@ -22,7 +21,7 @@ from etl_pipelines.sensors.manifests import INSTANCE_ID_KEY, STALE_CLAIM_SECONDS
 from libs.ledger import CLAIM_EXPIRES_SECONDS, CLAIM_TOKEN_TAG
 from libs.manifest import MANIFEST_FILENAME
 from libs.sample_batch import write_sample_batch
-from tests.integration.pipeline import land_sample, request_for, sensor_tick
+from tests.integration.pipeline import land_sample, request_for, requested_nothing, sensor_tick
 from tests.integration.reexecutable import ingest_batch_job
 
 pytestmark = pytest.mark.integration
@@ -61,7 +60,7 @@ def test_a_second_instance_sharing_the_ledger_gets_no_run_until_the_claim_expire
         first = request_for(sensor_tick(a, focus=batch_id), batch_id)
         assert ledger.batch(batch_id)["claimed_by"]["instance"] == _instance_id(a)
         other = sensor_tick(b, focus=batch_id)
-        assert isinstance(other, SkipReason) or request_for(other, batch_id) is None
+        assert requested_nothing(other) or request_for(other, batch_id) is None
         assert key not in (getattr(other, "cursor", None) or ""), "looked at again next tick"
         assert ledger.batch(batch_id)["duplicate_claims"][-1]["instance"] == _instance_id(b)
         assert [r["status"] for r in ledger.manifests_for_key(key)] == ["accepted"]
@@ -90,14 +89,14 @@ def test_a_claim_whose_run_was_never_stored_is_requested_again(landing_store, le
         first = sensor_tick(instance, focus=batch_id)
         request = request_for(first, batch_id)
         # the tick's cursor was kept but its run request never reached the run storage
-        assert isinstance(sensor_tick(instance, cursor=first.cursor), SkipReason), "too fresh"
+        assert requested_nothing(sensor_tick(instance, cursor=first.cursor)), "too fresh"
         _backdate_claim(ledger, batch_id, STALE_CLAIM_SECONDS + 5)
         stale = request_for(sensor_tick(instance, cursor=first.cursor), batch_id)
         assert (stale.run_config, stale.tags) == (request.run_config, request.tags)
         # once a run is in the run storage (queued, not started), it is not requested again
         instance.add_run(DagsterRun(job_name="ingest_batch", run_id=str(uuid.uuid4()),
                                     tags={**stale.tags, "dagster/run_key": batch_id}))
-        assert isinstance(sensor_tick(instance, cursor=first.cursor), SkipReason)
+        assert requested_nothing(sensor_tick(instance, cursor=first.cursor))
 
 
 def test_a_manifest_replaced_after_its_claim_fails_validate_saying_so(

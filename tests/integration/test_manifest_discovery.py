@@ -104,7 +104,7 @@ def test_nothing_is_missed_across_ticks_and_the_cursor_stays_bounded(
     monkeypatch.setattr(discovery, "TAIL_PAGE", 6)
     monkeypatch.setattr(manifests, "MAX_MANIFESTS_PER_TICK", 2)
     monkeypatch.setattr(manifests, "MAX_RECENT", 3)
-    monkeypatch.setattr(manifests, "FIRST_PAGE", 3)  # even the first listing stops early
+    monkeypatch.setattr(discovery, "FIRST_PAGE", 3)  # even the first listing stops early
     landed: dict[tuple[str, str], int] = {}  # every manifest version landed
     cursor, ticks = None, 0
 
