@@ -118,6 +118,15 @@ class RayResource(ConfigurableResource):
 
         if ray.is_initialized():
             return
+        try:
+            self._connect(ray)
+        except BaseException:
+            # a failed connect (a Ray Client session refused, say) leaves half-set global
+            # state behind that makes this process's next ray.init fail an internal assert
+            ray.shutdown()
+            raise
+
+    def _connect(self, ray) -> None:
         if self.address == "local":
             # Ray retries a task its memory monitor killed without end unless told otherwise;
             # a shared cluster gets RAY_task_oom_retries from its stack (docs/limits.md)

@@ -106,6 +106,7 @@ def test_the_head_killed_mid_transform_fails_the_run_and_reexecution_publishes(
     land_sample(landing_store, tmp_path, batch_id, n_points=100_000)
     monkeypatch.setenv("RAY_CLIENT_RECONNECT_GRACE_PERIOD", "5")
     client = f"ray://{head.host}:{head.client_server_port}"
+    wait_for_ray_client(client)  # a fresh head's client server refuses sessions for a while
     with ray_address(client, head.dashboard_url), instance_for_test() as instance:
         request = _request(instance, batch_id, 5_000)
         killer = KillAfterStep(instance, head, "transform_chunks", DagsterEventType.STEP_START)
