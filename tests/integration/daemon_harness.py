@@ -2,7 +2,7 @@
 and a daemon on a fresh instance whose dagster.yaml is devstack's plus what the test adds.
 
 Tests that need the real daemon use it instead of the stack's ``up --dagster`` one, which
-would also pick up the batches they land. (test_run_monitoring.py keeps a copy of its own.)
+would also pick up the batches they land.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from dagster import DagsterInstance
 
 from devstack.dagster_local import DAGSTER_YAML, WORKSPACE_YAML
 from devstack.layout import REPO
@@ -66,11 +68,15 @@ class OwnDagster:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
-    def start_code_server(self) -> None:
+    def start_code_server(self, wait: bool = True) -> None:
         assert not port_in_use(self.port), f"port {self.port} is taken"
         self.code_server = self._spawn("code-server", [
             DAGSTER_BIN / "dagster", "code-server", "start", "-m", self.module,
             "--location-name", self.module, "-h", "127.0.0.1", "-p", str(self.port)])
+        if wait:
+            self.wait_for_code_server()
+
+    def wait_for_code_server(self) -> None:
         wait_for(lambda: port_in_use(self.port), 180, lambda: self.log_tail("code-server"))
 
     def start_sensor(self, skip_existing_manifests_of: ObjectStore,
@@ -90,8 +96,13 @@ class OwnDagster:
         return self.daemon
 
     def start(self, skip_existing_manifests_of: ObjectStore) -> None:
+        # The instance's storage is created here, first: the code server and the sensor CLI
+        # creating its SQLite databases at once made the CLI fail in alembic's
+        # get_current_revision (both stamped the schema version).
+        DagsterInstance.from_config(str(self.home)).dispose()
+        self.start_code_server(wait=False)  # it imports the location meanwhile (~15 s)
         self.start_sensor(skip_existing_manifests_of)
-        self.start_code_server()
+        self.wait_for_code_server()
         self.start_daemon()
 
     def kill_code_server_tree(self) -> set[int]:

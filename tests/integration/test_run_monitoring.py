@@ -1,7 +1,7 @@
 """Run monitoring under the real daemon: runs lost with their code server in every stage are
 failed by their missing heartbeat within a minute, recorded in the ledger with their cause,
 their schemas dropped, the queue moves on, and re-execution from failure publishes each once;
-a run past its max runtime (hung: it still beats) is stopped and failed.
+a run past its max runtime (hung: it still beats) is stopped and failed (the hang case).
 
 The test owns its code server (the stack's own ``up --dagster`` one would also pick up the
 batches this test lands) and its daemon, over an instance configured exactly as devstack's.
@@ -9,10 +9,6 @@ batches this test lands) and its daemon, over an instance configured exactly as 
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,21 +23,17 @@ from dagster import (
     reconstructable,
 )
 
-from devstack.dagster_local import DAGSTER_YAML, WORKSPACE_YAML
-from devstack.layout import REPO
-from devstack.procs import port_in_use, process_tree, reset_signals, send_signal, terminate_tree
 from etl_pipelines.resources.limits import MAX_RUNTIME_TAG
 from libs import postgis
 from libs.lake import completion_key
 from libs.ledger import PROCESS_LOST_CAUSE
-from libs.manifest import MANIFEST_FILENAME
+from tests.integration.daemon_harness import OwnDagster, wait_for
 from tests.integration.monitored_defs import STAGES
 from tests.integration.pipeline import land_sample
 from tests.integration.reexecutable import ingest_batch_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-DAGSTER_BIN = Path(sys.executable).parent
 MODULE = "tests.integration.monitored_defs"
 PORT = 54123  # not the stack's code server (54000)
 #: Killed in the first round, one run per slot of the instance's four; publish goes second.
@@ -54,33 +46,17 @@ N_POINTS = 3_000
 DETECTION_BOUND_S = 30 + 5 + 25
 
 
-class MonitoredDagster:
-    """A code server (``dagster code-server start``, as devstack runs it) and a daemon on a
-    fresh instance whose dagster.yaml is devstack's, run monitoring included."""
+class MonitoredDagster(OwnDagster):
+    """The test location ``monitored_defs`` (its pause points, its max runtime) on a fresh
+    instance whose dagster.yaml is devstack's, run monitoring included."""
 
     def __init__(self, home: Path, logs: Path, max_run_seconds: int) -> None:
-        self.home, self.logs = home, logs
-        home.mkdir()
-        (home / "dagster.yaml").write_text(DAGSTER_YAML.format(home=home))
-        (home / "workspace.yaml").write_text(WORKSPACE_YAML.format(host="127.0.0.1", port=PORT,
-                                                                   module=MODULE))
         self.pause_plan = logs / "pauses" / "plan.json"
         self.pause_plan.parent.mkdir()
         self.plan_pauses({})
-        self.env = {**os.environ, "DAGSTER_HOME": str(home),
-                    "MONITORED_MAX_RUN_SECONDS": str(max_run_seconds),
-                    "MONITORED_PAUSE_PLAN": str(self.pause_plan)}
-        self.code_server: subprocess.Popen | None = None
-        self.daemon: subprocess.Popen | None = None
-
-    def _spawn(self, name: str, args: list) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "ab")
-        try:
-            return subprocess.Popen(args, cwd=REPO, env=self.env, stdout=log,
-                                    stderr=subprocess.STDOUT, preexec_fn=reset_signals,
-                                    start_new_session=True)
-        finally:
-            log.close()
+        super().__init__(home, logs, module=MODULE, port=PORT, env={
+            "MONITORED_MAX_RUN_SECONDS": str(max_run_seconds),
+            "MONITORED_PAUSE_PLAN": str(self.pause_plan)})
 
     def plan_pauses(self, plan: dict[str, str]) -> None:
         """Runs of these batch ids pause in these stages (``monitored_defs.STAGES``)."""
@@ -90,59 +66,6 @@ class MonitoredDagster:
         """The stage the run of ``batch_id`` is paused in, if it is."""
         marker = self.pause_plan.parent / f"{batch_id}.paused"
         return json.loads(marker.read_text())["stage"] if marker.exists() else None
-
-    def log_tail(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")[-3000:]
-
-    def start_code_server(self, wait: bool = True) -> None:
-        assert not port_in_use(PORT), f"port {PORT} is taken"
-        self.code_server = self._spawn("code-server", [
-            DAGSTER_BIN / "dagster", "code-server", "start", "-m", MODULE,
-            "--location-name", MODULE, "-h", "127.0.0.1", "-p", str(PORT)])
-        if wait:
-            wait_for(lambda: port_in_use(PORT), 180, lambda: self.log_tail("code-server"))
-
-    def start(self, skip_existing_manifests_of) -> None:
-        # Everything already landed counts as processed: the sensor reacts to this test's batch.
-        processed = {o.key: o.etag for o in skip_existing_manifests_of.list("landing-zone")
-                     if o.key.endswith("/" + MANIFEST_FILENAME)}
-        cursor = json.dumps({"version": 1, "processed": processed})
-        # The instance's storage is created here, first: the code server and the sensor CLI
-        # creating its SQLite databases at once made the CLI fail in alembic's
-        # get_current_revision (both stamped the schema version).
-        DagsterInstance.from_config(str(self.home)).dispose()
-        self.start_code_server(wait=False)  # it imports the location meanwhile (~15 s)
-        for args in (["cursor", "manifest_sensor", "--set", cursor], ["start", "manifest_sensor"]):
-            subprocess.run([DAGSTER_BIN / "dagster", "sensor", *args, "-m", MODULE],
-                           cwd=REPO, env=self.env, check=True, capture_output=True, timeout=120)
-        wait_for(lambda: port_in_use(PORT), 180, lambda: self.log_tail("code-server"))
-        self.daemon = self._spawn("daemon", [DAGSTER_BIN / "dagster-daemon", "run", "-w",
-                                             self.home / "workspace.yaml"])
-
-    def kill_code_server_tree(self) -> set[int]:
-        """SIGKILL the code server and everything it spawned (its gRPC server, the run worker)
-        at once: what a lost user-code container does to them."""
-        tree = process_tree(self.code_server.pid)
-        send_signal(tree, signal.SIGKILL)
-        self.code_server.wait(timeout=30)
-        return tree
-
-    def stop(self) -> None:
-        for proc in (self.daemon, self.code_server):
-            if proc is not None and proc.poll() is None:
-                terminate_tree(proc.pid, timeout=30, signal_group=True)
-                proc.wait()
-
-
-def wait_for(predicate, deadline_s: float, diagnose=lambda: "", interval: float = 1.0):
-    """Poll ``predicate`` until truthy (returned) or a generous deadline (a failed assert)."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"gave up after {deadline_s:.0f}s\n{diagnose()}")
 
 
 @pytest.fixture
@@ -277,28 +200,3 @@ def test_runs_killed_in_every_stage_are_failed_fast_recorded_and_reexecute_once(
         _assert_lake_holds_exactly(store, manifest)
         children = [r.run_id for r in instance.get_runs() if r.parent_run_id == run.run_id]
         assert children == [again.run_id], stage
-
-
-@pytest.mark.parametrize("monitored", [2], indirect=True)
-def test_run_past_its_max_runtime_is_stopped_failed_and_recorded(
-        monitored, store, landing_store, ledger, pg, tmp_path, batch_id):
-    """A run that outlives its dagster/max_runtime tag (2 s here; 1,000,000 points take
-    ~40 s to validate, shard, transform, load and publish, and monitoring polls every 5 s:
-    300,000 points, ~13 s, once finished before a poll caught them in CI) is
-    stopped and failed by run monitoring, its process alive and able to clean up."""
-    monitored.start(skip_existing_manifests_of=store)
-    instance = DagsterInstance.from_config(str(monitored.home))
-    land_sample(landing_store, tmp_path, batch_id, n_points=1_000_000)
-    run = wait_for(lambda: _the_run(instance, batch_id), 300, lambda: monitored.log_tail("daemon"))
-    assert run.tags[MAX_RUNTIME_TAG] == "2"
-    finished = wait_for(lambda: (r := instance.get_run_by_id(run.run_id)).is_finished and r,
-                        600, lambda: monitored.log_tail("daemon"), interval=2)
-    assert finished.status == DagsterRunStatus.FAILURE, finished.status
-    messages = [e.message for e in instance.all_logs(run.run_id)]
-    assert any("exceeding maximum runtime of 2 seconds" in (m or "") for m in messages), messages
-    record = wait_for(lambda: _ledger_run(ledger, run.run_id), 300,
-                      lambda: monitored.log_tail("daemon"), interval=2)
-    assert "maximum runtime" in record["cause"], record
-    schema = postgis.run_schema_name(run.run_id)
-    wait_for(lambda: schema not in _schemas(pg), 180, lambda: monitored.log_tail("daemon"))
-    assert not store.exists("data-lake", completion_key(batch_id))
