@@ -7,7 +7,6 @@ would also pick up the batches they land.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from dagster import DagsterInstance
 from devstack.dagster_local import DAGSTER_YAML, WORKSPACE_YAML
 from devstack.layout import REPO
 from devstack.procs import port_in_use, process_tree, reset_signals, send_signal, terminate_tree
+from etl_pipelines.sensors.discovery import Position, write_cursor
 from libs.manifest import MANIFEST_FILENAME
 from libs.object_store import ObjectStore
 
@@ -79,13 +79,16 @@ class OwnDagster:
     def wait_for_code_server(self) -> None:
         wait_for(lambda: port_in_use(self.port), 180, lambda: self.log_tail("code-server"))
 
-    def start_sensor(self, skip_existing_manifests_of: ObjectStore,
+    def start_sensor(self, skip_existing_manifests_of: ObjectStore, focus: str,
                      sensor: str = "manifest_sensor") -> None:
-        """Start ``sensor`` with every manifest already landed in its cursor: it reacts only
-        to what the test lands."""
+        """Start ``sensor`` with every manifest already landed in its cursor and its listing
+        position just before the keys under ``focus`` (the test's batch id, a prefix of every
+        batch it lands): it reacts only to what the test lands, on its first tick, however
+        many objects earlier tests left (a key sorting before a stored position would wait for
+        the discovery sweep: docs/manifest-discovery.md)."""
         processed = {o.key: o.etag for o in skip_existing_manifests_of.list("landing-zone")
                      if o.key.endswith("/" + MANIFEST_FILENAME)}
-        cursor = json.dumps({"version": 1, "processed": processed})
+        cursor = write_cursor(processed, Position(after=focus))
         for args in (["cursor", sensor, "--set", cursor], ["start", sensor]):
             subprocess.run([DAGSTER_BIN / "dagster", "sensor", *args, "-m", self.module],
                            cwd=REPO, env=self.env, check=True, capture_output=True, timeout=120)
@@ -95,13 +98,13 @@ class OwnDagster:
                                              self.home / "workspace.yaml"])
         return self.daemon
 
-    def start(self, skip_existing_manifests_of: ObjectStore) -> None:
+    def start(self, skip_existing_manifests_of: ObjectStore, focus: str) -> None:
         # The instance's storage is created here, first: the code server and the sensor CLI
         # creating its SQLite databases at once made the CLI fail in alembic's
         # get_current_revision (both stamped the schema version).
         DagsterInstance.from_config(str(self.home)).dispose()
         self.start_code_server(wait=False)  # it imports the location meanwhile (~15 s)
-        self.start_sensor(skip_existing_manifests_of)
+        self.start_sensor(skip_existing_manifests_of, focus)
         self.wait_for_code_server()
         self.start_daemon()
 

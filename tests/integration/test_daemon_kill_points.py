@@ -50,7 +50,7 @@ def test_a_daemon_killed_at_each_point_of_a_tick_starts_exactly_one_run_per_batc
                          module="tests.integration.kill_point_defs", port=PORT,
                          env={"KILL_POINT_FILE": str(kill_file)}, extra_yaml=QUEUE_ONLY)
     try:
-        dagster.start_sensor(skip_existing_manifests_of=store)
+        dagster.start_sensor(skip_existing_manifests_of=store, focus=batch_id)
         dagster.start_code_server()
         instance = DagsterInstance.from_config(str(dagster.home))
 

@@ -131,7 +131,7 @@ def test_runs_killed_in_every_stage_are_failed_fast_recorded_and_reexecute_once(
     re-execution from failure publishes each batch once, as the clean batch was published."""
     ids = {stage: f"{batch_id}-{stage}" for stage in (*STAGES, "hang", "clean")}
     monitored.plan_pauses({**{ids[stage]: stage for stage in STAGES}, ids["hang"]: "transform"})
-    monitored.start(skip_existing_manifests_of=store)
+    monitored.start(skip_existing_manifests_of=store, focus=batch_id)
     instance = DagsterInstance.from_config(str(monitored.home))
 
     def diagnose() -> str:
