@@ -133,6 +133,13 @@ def area_of_use_lonlat(crs: CRS) -> Domain | None:
     return Domain(*bounds, what="area of use")
 
 
+def outside_rows(bounds: np.ndarray, box: Domain) -> np.ndarray:
+    """Per geometry, from its (n, 4) bounds: not entirely inside ``box`` (exact for a box;
+    NaN bounds, of NULL and empty geometries too, count as outside: the caller sorts those)."""
+    return ~((bounds[:, 0] >= box.minx) & (bounds[:, 2] <= box.maxx)
+             & (bounds[:, 1] >= box.miny) & (bounds[:, 3] <= box.maxy))
+
+
 def first_outside(x: np.ndarray, y: np.ndarray, index: np.ndarray, count: int,
                   domain: Domain) -> tuple[np.ndarray, np.ndarray]:
     """(per geometry: has a coordinate outside ``domain``; per such geometry, in order, the
@@ -144,24 +151,20 @@ def first_outside(x: np.ndarray, y: np.ndarray, index: np.ndarray, count: int,
     return bad, np.flatnonzero(out)[first]
 
 
-def swapped(x: np.ndarray, y: np.ndarray, index: np.ndarray, bad: np.ndarray,
+def swapped(x: np.ndarray, y: np.ndarray, index: np.ndarray, present: int,
             domain: Domain) -> bool:
-    """Whether most geometries (with coordinates) are outside ``domain``, by more than
-    ``SWAP_SLACK`` of it, and every one outside would be inside with x and y exchanged: axes
-    swapped, not stray rows nor polar data a rounding error beyond 90°."""
-    present = np.unique(index).size
-    if not present or bad.sum() <= SWAP_FRACTION * present:
+    """Whether the geometries outside ``domain`` (``x, y``: their coordinates, ``index``:
+    0..k-1, which) are most of the ``present`` ones, lie outside by more than ``SWAP_SLACK``
+    of it, and every one would be inside with x and y exchanged: axes swapped, not stray
+    rows nor polar data a rounding error beyond 90°."""
+    if not present or index.size == 0 or index.max() + 1 <= SWAP_FRACTION * present:
         return False
-    # polar data just over 90° (rounding) is not a swap: most must be well outside
     slack = Domain(*(v + s * SWAP_SLACK for v, s in zip(
         (domain.minx, domain.miny, domain.maxx, domain.maxy),
         (domain.minx - domain.maxx, domain.miny - domain.maxy,
          domain.maxx - domain.minx, domain.maxy - domain.miny), strict=True)), what="")
     far = np.unique(index[slack.outside(x, y)]).size
-    if far <= SWAP_FRACTION * present:
-        return False
-    mine = bad[index]
-    return not domain.outside(y[mine], x[mine]).any()
+    return far > SWAP_FRACTION * present and not domain.outside(y, x).any()
 
 
 def coordinates(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -158,23 +158,31 @@ def cached_transformer(source_wkt: str, target_wkt: str) -> Transformer:
 def _domain_rejects(geoms: np.ndarray, crs: CRS, side: str) -> dict[int, str]:
     """The rows (positions) with a coordinate outside ``crs``'s domain, each with a reason
     quoting its first offending coordinate. Most of the chunk outside but inside with x and
-    y exchanged fails the chunk whatever the policy: its axes are swapped."""
+    y exchanged fails the chunk whatever the policy: its axes are swapped. Bounds find the
+    rows (exact for a box); only theirs are looked at coordinate by coordinate."""
     box = domain.domain_of(crs)
     if box is None:
         return {}
-    x, y, index = domain.coordinates(geoms)
-    bad, first = domain.first_outside(x, y, index, len(geoms), box)
-    if side == "source" and domain.swapped(x, y, index, bad, box):
-        at = int(first[0])
-        raise TransformError(
-            f"reproject: {int(bad.sum())} of {np.unique(index).size} geometries of the chunk "
-            f"have coordinates outside the source CRS {crs.name!r} ({box.what}), e.g. "
-            f"(x, y) = ({float(x[at])!r}, {float(y[at])!r}), and all of them would be inside as (y, x): did "
-            "you swap x and y? Put longitude/easting first (a CSV's x_column), or fix the "
-            "file's axis order, and land it again")
-    return {row: f"reproject: coordinate (x, y) = ({float(x[i])!r}, {float(y[i])!r}) is outside the {side} "
-                 f"CRS {crs.name!r} ({box.what})"
-            for row, i in zip(np.flatnonzero(bad).tolist(), first.tolist(), strict=True)}
+    candidates = np.flatnonzero(domain.outside_rows(shapely.bounds(geoms), box))
+    hollow = shapely.is_missing(geoms[candidates]) | shapely.is_empty(geoms[candidates])
+    rows = candidates[~hollow]
+    if not len(rows):
+        return {}
+    x, y, index = domain.coordinates(geoms[rows])
+    _, first = domain.first_outside(x, y, index, len(rows), box)
+    if side == "source":
+        present = len(geoms) - int((shapely.is_missing(geoms) | shapely.is_empty(geoms)).sum())
+        if domain.swapped(x, y, index, present, box):
+            at = int(first[0])
+            raise TransformError(
+                f"reproject: {len(rows)} of {present} geometries of the chunk have coordinates "
+                f"outside the source CRS {crs.name!r} ({box.what}), e.g. (x, y) = "
+                f"({float(x[at])!r}, {float(y[at])!r}), and all of them would be inside as "
+                "(y, x): did you swap x and y? Put longitude/easting first (a CSV's x_column), "
+                "or fix the file's axis order, and land it again")
+    return {row: f"reproject: coordinate (x, y) = ({float(x[i])!r}, {float(y[i])!r}) is outside "
+                 f"the {side} CRS {crs.name!r} ({box.what})"
+            for row, i in zip(rows.tolist(), first.tolist(), strict=True)}
 
 
 def _clamped(frame: gpd.GeoDataFrame, source: CRS, target: CRS) -> gpd.GeoDataFrame:

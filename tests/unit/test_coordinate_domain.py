@@ -70,16 +70,21 @@ def test_first_outside_names_each_geometry_once_with_its_first_offending_coordin
     assert first.tolist() == [1, 3, 5]
 
 
-def test_swapped_only_when_most_are_outside_and_all_of_them_fit_exchanged():
+def test_outside_rows_from_bounds():
     box = domain.domain_of(CRS("EPSG:4326"))
-    x, y = np.array([45.0, 50.0, 10.0]), np.array([120.0, 130.0, 20.0])
-    index = np.arange(3)
-    bad, _ = domain.first_outside(x, y, index, 3, box)
-    assert domain.swapped(x, y, index, bad, box)
-    x2, y2 = np.array([45.0, 10.0, 10.0]), np.array([120.0, 20.0, 20.0])
-    assert not domain.swapped(x2, y2, index, domain.first_outside(x2, y2, index, 3, box)[0], box)
-    x3, y3 = np.array([45.0, 500.0, 10.0]), np.array([120.0, 130.0, 20.0])  # 500 fits neither way
-    assert not domain.swapped(x3, y3, index, domain.first_outside(x3, y3, index, 3, box)[0], box)
+    bounds = np.array([[0, 0, 1, 1], [0, 0, 1, 91], [-361, 0, 0, 0], [np.nan] * 4], dtype=float)
+    assert domain.outside_rows(bounds, box).tolist() == [False, True, True, True]
+
+
+def test_swapped_only_when_most_are_outside_well_beyond_and_all_of_them_fit_exchanged():
+    box = domain.domain_of(CRS("EPSG:4326"))
+    # the coordinates of the geometries outside (0..k-1) and how many geometries there are
+    assert domain.swapped(np.array([45.0, 50.0]), np.array([120.0, 130.0]), np.arange(2), 3, box)
+    assert not domain.swapped(np.array([45.0]), np.array([120.0]), np.arange(1), 3, box)
+    assert not domain.swapped(np.array([45.0, 500.0]), np.array([120.0, 130.0]), np.arange(2),
+                              3, box)  # 500 fits neither way
+    assert not domain.swapped(np.array([45.0, 50.0]), np.array([90.001, 90.2]), np.arange(2),
+                              3, box)  # polar data a rounding error beyond the pole
 
 
 def test_clipped_moves_coordinates_onto_the_edge_and_keeps_z():
