@@ -186,3 +186,10 @@ def test_in_domain_chunks_keep_the_array_path_and_out_of_domain_ones_leave_it(mo
                           "EPSG:3857", 0)  # inside the source, outside the target
     transform_chunk_bytes(chunk(lines), [Reproject(clip_to_domain=True)], "EPSG:3857", 0)
     assert taken == [True, False, False, False]
+
+
+def test_swapped_easting_and_northing_fail_too():
+    x, y = CRS_points("EPSG:25833", [15.0, 16.0, 14.0], [60.0, 61.0, 62.0])
+    geoms = [shapely.Point(b, a) for a, b in zip(x, y, strict=True)]  # (northing, easting)
+    with pytest.raises(TransformError, match=r"ETRS89 / UTM zone 33N.*did you swap x and y\?"):
+        transform_chunk_bytes(chunk(geoms, "EPSG:25833"), [Reproject()], "EPSG:4326", 0)
