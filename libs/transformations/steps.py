@@ -179,7 +179,7 @@ def _domain_rejects(geoms: np.ndarray, crs: CRS, side: str) -> dict[int, str]:
                 f"outside the source CRS {crs.name!r} ({box.what}), e.g. (x, y) = "
                 f"({float(x[at])!r}, {float(y[at])!r}), and all of them would be inside as "
                 "(y, x): did you swap x and y? Put longitude/easting first (a CSV's x_column), "
-                "or fix the file's axis order, and land it again")
+                "or fix the file's axis order, and land it under a new batch id")
     return {row: f"reproject: coordinate (x, y) = ({float(x[i])!r}, {float(y[i])!r}) is outside "
                  f"the {side} CRS {crs.name!r} ({box.what})"
             for row, i in zip(rows.tolist(), first.tolist(), strict=True)}
