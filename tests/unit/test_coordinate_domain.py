@@ -193,3 +193,14 @@ def test_swapped_easting_and_northing_fail_too():
     geoms = [shapely.Point(b, a) for a, b in zip(x, y, strict=True)]  # (northing, easting)
     with pytest.raises(TransformError, match=r"ETRS89 / UTM zone 33N.*did you swap x and y\?"):
         transform_chunk_bytes(chunk(geoms, "EPSG:25833"), [Reproject()], "EPSG:4326", 0)
+
+
+def test_clip_to_domain_from_a_projected_source_clamps_through_lon_lat():
+    x, y = CRS_points("EPSG:25833", [15.0, 15.0], [60.0, 89.0])  # 89 N: outside UTM 33N's box
+    geoms = [shapely.Point(x[0], y[0]), shapely.Point(x[1], y[1])]
+    result = transform_chunk_bytes(chunk(geoms, "EPSG:25833"),
+                                   [Reproject(clip_to_domain=True)], "EPSG:3857", 0)
+    assert (result.rows_out, result.rows_rejected) == (2, 0)
+    north = CRS("EPSG:3857").area_of_use.north
+    edge = CRS_points("EPSG:3857", [0.0], [north])[1][0]
+    assert read_chunk(result.data).geometry.y.max() == pytest.approx(edge, rel=1e-9)
