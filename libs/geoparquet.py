@@ -120,8 +120,9 @@ def geometry_bounds(geoms: np.ndarray, *, points: bool | None = None) -> np.ndar
 
 
 def total_bbox(bounds: np.ndarray) -> BBox | None:
-    """The bbox of the non-empty geometries, None when there is none."""
-    present = bounds[~np.isnan(bounds[:, 0])]
+    """The bbox of the non-empty geometries with finite bounds, None when there is none: a
+    reject's infinite or NaN coordinate never reaches a bbox a reader would trust."""
+    present = bounds[np.isfinite(bounds).all(axis=1)]
     if not len(present):
         return None
     return (float(present[:, 0].min()), float(present[:, 1].min()),
@@ -133,10 +134,15 @@ def covering_column(bounds: Sequence[np.ndarray],
     """The bbox covering column from xmin, ymin, xmax, ymax (float64): float32 rounded
     outwards, null exactly where the geometry is null (``missing``)."""
     rounded = []
+    largest = float(np.finfo(np.float32).max)
     for values, outwards in zip(bounds, (-np.inf, -np.inf, np.inf, np.inf), strict=True):
-        narrow = values.astype(np.float32)
+        # a reject's 1e300 or infinite coordinate: the largest float32, never inf (NaN stays:
+        # an empty geometry has no bounds)
+        narrow = np.clip(values, -largest, largest).astype(np.float32)
         inside = narrow > values if outwards < 0 else narrow < values
-        rounded.append(np.where(inside, np.nextafter(narrow, np.float32(outwards)), narrow))
+        with np.errstate(over="ignore"):  # the largest float32 moved outwards: clipped below
+            outward = np.where(inside, np.nextafter(narrow, np.float32(outwards)), narrow)
+        rounded.append(np.clip(outward, -np.float32(largest), np.float32(largest)))
     if isinstance(missing, pa.ChunkedArray):
         mask = missing.combine_chunks()
     elif isinstance(missing, pa.Array):

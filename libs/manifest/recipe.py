@@ -61,9 +61,20 @@ class _Step(BaseModel):
 
 
 class Reproject(_Step):
-    """Reproject to the manifest's ``target_crs`` (inserted first when a recipe omits it)."""
+    """Reproject to the manifest's ``target_crs`` (inserted first when a recipe omits it).
+    Coordinates are checked against the source CRS's valid domain before and the target's
+    after (see docs/coordinate-domain.md)."""
 
     step: Literal["reproject"] = "reproject"
+    # coordinate domain checks (issue 27)
+    policy: Literal["reject", "fail"] = Field(
+        default="reject", description="a geometry with a coordinate outside the source or "
+        "target CRS's domain (or not finite after reprojection): 'reject' the row or 'fail' "
+        "the run")
+    clip_to_domain: bool = Field(
+        default=False, description="move coordinates outside the source CRS's domain onto its "
+        "edge, and clamp them to the target CRS's area of use before projecting (polar data "
+        "in Web Mercator), instead of rejecting the row")
 
 
 class MakeValid(_Step):

@@ -10,8 +10,9 @@ result is the WKB GEOS would write. ``make_valid`` asks GEOS about polygons only
 it finds invalid are repaired by the general path's call and spliced in.
 
 Taken only when the result is the general path's, byte for byte (tests compare them): steps
-``reproject``, ``make_valid`` or ``drop_empty`` only, non-empty finite 2D little-endian ISO
-WKB, attributes unchanged. Anything else returns None and the caller runs the general path.
+``reproject`` (without ``clip_to_domain``), ``make_valid`` or ``drop_empty`` only, non-empty
+finite 2D little-endian ISO WKB inside the source and target CRSs' domains, attributes
+unchanged. Anything else returns None and the caller runs the general path.
 The exact conditions and what the path bought: see docs/transform-arrays.md.
 """
 
@@ -35,6 +36,7 @@ from libs.geoparquet import (
     point_wkb,
 )
 from libs.manifest.recipe import ROW_ID, DropEmpty, MakeValid, RecipeStep, Reproject
+from libs.transformations.domain import domain_of
 from libs.transformations.plan import parse_crs
 from libs.transformations.steps import add_row_ids, cached_transformer, keep_multi
 from libs.wkb_layout import LINE, TYPE_NAMES, WkbLayout, wkb_layout
@@ -91,6 +93,12 @@ def _spliced(wkb: pa.Array, rows: np.ndarray, replacements: list[bytes]) -> pa.A
                                                          pa.py_buffer(b"".join(pieces))])
 
 
+def _inside(crs: CRS, x: np.ndarray, y: np.ndarray) -> bool:
+    """Every (finite) coordinate inside ``crs``'s domain (``libs.transformations.domain``)."""
+    box = domain_of(crs)
+    return box is None or box.holds(x, y)
+
+
 def _transform(layout: WkbLayout | None, source: CRS, target: CRS, x: np.ndarray,
                y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # The transformers the general path uses: steps.reproject's for a chunk of plain points,
@@ -130,6 +138,9 @@ def transform_array_chunk(parts: tuple[pd.DataFrame, pa.Array, CRS | None],
         return None
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         return None
+    if not _inside(crs, x, y) or any(isinstance(s, Reproject) and s.clip_to_domain
+                                     for s in steps):
+        return None  # rejects, a failure or clamping: the general path's (steps.reproject)
     target = parse_crs(target_crs, "target_crs")
     current: CRS = crs
     # rows make_valid repaired (sorted) and their GEOS geometries; never moved again
@@ -141,7 +152,7 @@ def transform_array_chunk(parts: tuple[pd.DataFrame, pa.Array, CRS | None],
                 return None  # a repaired geometry would need reprojecting: the general path
             x, y = _transform(layout, current, target, x, y)
             current, current_wkb = target, None
-            if not (np.isfinite(x).all() and np.isfinite(y).all()):
+            if not (np.isfinite(x).all() and np.isfinite(y).all()) or not _inside(target, x, y):
                 return None
         elif isinstance(step, MakeValid) and layout is not None:
             if len(patched) and not shapely.is_valid(repairs).all():

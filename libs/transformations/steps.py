@@ -58,7 +58,7 @@ from libs.manifest.recipe import (
     Reproject,
     Simplify,
 )
-from libs.transformations import predicates
+from libs.transformations import domain, predicates
 from libs.transformations.casting import cast_array, show_value
 from libs.transformations.naming import normalized_names
 from libs.transformations.plan import measuring_crs_problem, parse_crs
@@ -155,18 +155,78 @@ def cached_transformer(source_wkt: str, target_wkt: str) -> Transformer:
     return Transformer.from_crs(CRS.from_wkt(source_wkt), CRS.from_wkt(target_wkt), always_xy=True)
 
 
-def reproject(frame: gpd.GeoDataFrame, step: Reproject, target_crs: str) -> StepResult:
-    """Reproject to ``target_crs``; a chunk already in it is returned unchanged.
+def _domain_rejects(geoms: np.ndarray, crs: CRS, side: str) -> dict[int, str]:
+    """The rows (positions) with a coordinate outside ``crs``'s domain, each with a reason
+    quoting its first offending coordinate. Most of the chunk outside but inside with x and
+    y exchanged fails the chunk whatever the policy: its axes are swapped. Bounds find the
+    rows (exact for a box); only theirs are looked at coordinate by coordinate."""
+    box = domain.domain_of(crs)
+    if box is None:
+        return {}
+    candidates = np.flatnonzero(domain.outside_rows(shapely.bounds(geoms), box))
+    hollow = shapely.is_missing(geoms[candidates]) | shapely.is_empty(geoms[candidates])
+    rows = candidates[~hollow]
+    if not len(rows):
+        return {}
+    x, y, index = domain.coordinates(geoms[rows])
+    _, first = domain.first_outside(x, y, index, len(rows), box)
+    if side == "source":
+        present = len(geoms) - int((shapely.is_missing(geoms) | shapely.is_empty(geoms)).sum())
+        if domain.swapped(x, y, index, present, box):
+            at = int(first[0])
+            raise TransformError(
+                f"reproject: {len(rows)} of {present} geometries of the chunk have coordinates "
+                f"outside the source CRS {crs.name!r} ({box.what}), e.g. (x, y) = "
+                f"({float(x[at])!r}, {float(y[at])!r}), and all of them would be inside as "
+                "(y, x): did you swap x and y? Put longitude/easting first (a CSV's x_column), "
+                "or fix the file's axis order, and land it under a new batch id")
+    return {row: f"reproject: coordinate (x, y) = ({float(x[i])!r}, {float(y[i])!r}) is outside "
+                 f"the {side} CRS {crs.name!r} ({box.what})"
+            for row, i in zip(rows.tolist(), first.tolist(), strict=True)}
 
-    A row whose coordinates do not survive the transformation (infinite: outside the target
-    CRS's area of use) is rejected.
+
+def _clamped(frame: gpd.GeoDataFrame, source: CRS, target: CRS) -> gpd.GeoDataFrame:
+    """``clip_to_domain``: coordinates moved onto the source CRS's domain, then (projected
+    target with an area of use) clamped in lon/lat to that area of use, so that polar data
+    ends on the map's edge instead of millions of metres beyond it."""
+    geoms = _geometries(frame)
+    box = domain.domain_of(source)
+    if box is not None:
+        geoms = domain.clipped(geoms, box)
+    area = domain.area_of_use_lonlat(target) if target.is_projected else None
+    if area is not None and not source.equals(target):
+        lonlat = source.geodetic_crs if source.is_projected else source
+        there = cached_transformer(source.to_wkt(), lonlat.to_wkt())
+        back = cached_transformer(lonlat.to_wkt(), source.to_wkt())
+
+        def clamp(xy: np.ndarray) -> np.ndarray:
+            lon, lat = (there.transform(xy[:, 0], xy[:, 1]) if source.is_projected
+                        else (xy[:, 0], xy[:, 1]))
+            lon, lat = area.clip(np.asarray(lon), np.asarray(lat))
+            return domain.with_xy(xy, *(back.transform(lon, lat) if source.is_projected
+                                        else (lon, lat)))
+
+        geoms = shapely.transform(geoms, clamp, include_z=None)
+    return _with_geometries(frame, geoms)
+
+
+def reproject(frame: gpd.GeoDataFrame, step: Reproject, target_crs: str) -> StepResult:
+    """Check the source CRS's domain, reproject to ``target_crs`` (a chunk already in it is
+    not moved), check the target CRS's domain.
+
+    A row with a coordinate outside either domain, or not finite after reprojection (outside
+    the target CRS's area of use), is rejected, or fails the run under ``policy: fail``;
+    ``clip_to_domain`` clamps instead (see ``_clamped``). See ``libs.transformations.domain``.
     """
     source = _chunk_crs(frame, step.step)
     target = parse_crs(target_crs, "target_crs")
-    if source.equals(target):
-        return _keep_all(frame)
+    if step.clip_to_domain:
+        frame = _clamped(frame, source, target)
     geoms = _geometries(frame)
-    if plain_points(geoms):
+    by_row = _domain_rejects(geoms, source, "source")
+    if source.equals(target):
+        projected = frame
+    elif plain_points(geoms):
         # The same transformer as GeoDataFrame.to_crs, applied to one coordinate array and
         # the points made anew: half the GEOS work of cloning each point to set its coordinates.
         xy = shapely.get_coordinates(geoms)
@@ -175,10 +235,20 @@ def reproject(frame: gpd.GeoDataFrame, step: Reproject, target_crs: str) -> Step
                                                      index=frame.index, name=frame.geometry.name))
     else:
         projected = frame.to_crs(target)
-    bad = _non_finite(_geometries(projected))
-    reason = (f"reproject: coordinates are not finite in {target.name!r} (the geometry lies "
-              "outside the target CRS's area of use)")
-    return _split(frame, bad, [reason] * int(bad.sum()), out=projected)
+    out_geoms = _geometries(projected)
+    infinite = (f"reproject: coordinates are not finite in {target.name!r} (the geometry lies "
+                "outside the target CRS's area of use)")
+    for row in np.flatnonzero(_non_finite(out_geoms)).tolist():
+        by_row.setdefault(row, infinite)
+    if not source.equals(target):  # else the source's check was the target's
+        for row, why in _domain_rejects(out_geoms, target, "target").items():
+            by_row.setdefault(row, why)
+    reject = np.zeros(len(frame), dtype=bool)
+    reject[list(by_row)] = True
+    reasons = [by_row[row] for row in np.flatnonzero(reject).tolist()]
+    if step.policy == "fail":
+        _fail_on_first(step.step, frame, reject, reasons, "'reject' (or clip_to_domain)")
+    return _split(frame, reject, reasons, out=projected)
 
 
 _MULTI_OF = {  # shapely type id of a single-part type -> (Multi* constructor, empty Multi*)
