@@ -258,9 +258,7 @@ def collect_layer(layer: str, sources: list[LayerSource], scratch_dir: Path,
                     if batch.num_rows:
                         collector.add(batch, source.data_file.path, where, rows)
                         rows += batch.num_rows
-        collector.stores[-1].close()
-        if rows == 0:
-            raise InputDataError(f"{where} has no features; expected at least one row")
+        collector.stores[-1].close()  # no rows is a valid delivery: an empty layer
         rows_per_source[str(source.path)] = rows
     assert schema is not None
     extent = collector.extent if np.isfinite(collector.extent).all() else np.full(4, np.nan)

@@ -50,6 +50,7 @@ from libs.manifest.recipe import (
     DropEmpty,
     FilterAttribute,
     FilterBBox,
+    Force2D,
     MakeValid,
     NormalizeColumnNames,
     PromoteToMulti,
@@ -254,6 +255,14 @@ def promote_to_multi(frame: gpd.GeoDataFrame, step: PromoteToMulti, target_crs: 
     return _keep_all(_with_geometries(frame, promoted))
 
 
+def force_2d(frame: gpd.GeoDataFrame, step: Force2D, target_crs: str) -> StepResult:
+    """Z and M dropped: each geometry keeps its x and y (NULL stays NULL)."""
+    geoms = _geometries(frame)
+    if not shapely.has_z(geoms).any():
+        return _keep_all(frame)
+    return _keep_all(_with_geometries(frame, shapely.force_2d(geoms)))
+
+
 def simplify(frame: gpd.GeoDataFrame, step: Simplify, target_crs: str) -> StepResult:
     """Topology-preserving Douglas-Peucker with ``tolerance`` in units of ``target_crs``."""
     crs = _chunk_crs(frame, step.step)
@@ -445,6 +454,7 @@ STEP_FUNCTIONS: dict[type, Callable[[gpd.GeoDataFrame, RecipeStep, str], StepRes
     MakeValid: make_valid,
     DropEmpty: drop_empty,
     PromoteToMulti: promote_to_multi,
+    Force2D: force_2d,
     Simplify: simplify,
     FilterBBox: filter_bbox,
     FilterAttribute: filter_attribute,
