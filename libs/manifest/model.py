@@ -129,6 +129,15 @@ class DataFile(_Strict):
         "file's own declaration (.cpg), else UTF-8",
     )
     csv: CsvGeometry | None = Field(default=None, description="geometry columns of a CSV file")
+    # --- issue 27, accepted geometries (mixed families) ---
+    geometry_families: Literal["mixed", "split", "one"] = Field(
+        default="mixed",
+        description="a layer holding points, lines and polygons together: 'mixed' keeps them "
+        "in one dataset (a generic geometry column); 'split' feeds the layers "
+        "'<layer>_points', '<layer>_lines' and '<layer>_polygons' (each published, empty "
+        "when the file has no such geometries; a row without geometry fails the run); 'one' "
+        "fails the run naming the first two families found",
+    )
 
     @field_validator("path")
     @classmethod
@@ -185,6 +194,8 @@ class Aggregation(_Strict):
         return self
 
 
+#: Layer name suffixes of a ``geometry_families: split`` file, one per geometry family.
+FAMILY_SUFFIXES = ("points", "lines", "polygons")
 #: Prefix of a carried right column's output name unless the manifest renames it.
 CARRY_PREFIX = "right_"
 _MAX_IDENTIFIER = 63
@@ -442,6 +453,15 @@ def cross_field_problems(document: object) -> list[str]:
     problems = [f"files: {dup!r} is listed more than once"
                 for dup in sorted({p for p in paths if paths.count(p) > 1})]
     prefixes = [f"{f.get('layer')}_" for f in files if f.get("all_layers") is True]
+    split = [f.get("layer") for f in files if f.get("geometry_families") == "split"
+             and f.get("all_layers") is not True]
+    layers = [name for name in layers if name not in split] + [
+        f"{name}_{suffix}" for name in dict.fromkeys(split) for suffix in FAMILY_SUFFIXES]
+    for layer in {f.get("layer") for f in files}:
+        modes = {f.get("geometry_families", "mixed") for f in files if f.get("layer") == layer}
+        if len(modes) > 1:
+            problems.append(f"files: the files of layer {layer!r} differ in geometry_families "
+                            f"({sorted(map(str, modes))}); give them all one value")
 
     def known(name: object) -> bool:
         return name in layers or (isinstance(name, str) and name.startswith(tuple(prefixes)))

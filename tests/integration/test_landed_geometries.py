@@ -132,3 +132,76 @@ def test_3d_points_lines_polygons_keep_z_through_postgis_and_the_lake(
     z_by_zone = dict(zip(joined["zone_id"], shapely.get_coordinates(
         joined.geometry.values, include_z=True)[::5][:, 2], strict=False))
     assert all(z_by_zone[z] == 100.0 + z for z in z_by_zone)
+
+
+def _mixed_features() -> gpd.GeoDataFrame:
+    """One GeoPackage layer of "features": 4 points, 2 lines and 3 polygons, interleaved."""
+    polygons = _grid_polygons(3, z=None)
+    points = _points_in(polygons[:2], 2, z=None)
+    lines = [shapely.LineString([(0.0, 20_000.0), (50_000.0, 20_000.0)]),
+             shapely.LineString([(5_000.0, -5_000.0), (5_000.0, 15_000.0)])]
+    geoms = [points[0], polygons[0], lines[0], points[1], polygons[1], points[2], lines[1],
+             polygons[2], points[3]]
+    return gpd.GeoDataFrame({"feature_id": np.arange(len(geoms), dtype="int64"),
+                             "kind": [g.geom_type for g in geoms]}, geometry=geoms, crs=CRS)
+
+
+def test_a_mixed_layer_kept_whole_and_an_empty_layer_join_and_publish(
+        stack_env, store, landing_store, tmp_path):
+    """Default ``geometry_families: mixed``: one dataset of every family (a generic geometry
+    column in PostGIS); an empty layer is published with 0 rows and its columns, and the join
+    with it runs (each left row matched by nothing)."""
+    batch_id = f"geom-mixed-{uuid.uuid4().hex[:8]}"
+    folder = tmp_path / batch_id
+    folder.mkdir()
+    features = _mixed_features()
+    pyogrio.write_dataframe(features, folder / "features.gpkg", layer="features",
+                            geometry_type="Unknown")
+    empty = gpd.GeoDataFrame({"name": pd.Series([], dtype="string"),
+                              "height": pd.Series([], dtype="float64")},
+                             geometry=gpd.GeoSeries([], crs=CRS))
+    pyogrio.write_dataframe(empty, folder / "towers.gpkg", layer="towers", geometry_type="Point")
+    files = [{"path": "features.gpkg", "layer": "features", "format": "gpkg"},
+             {"path": "towers.gpkg", "layer": "towers", "format": "gpkg"}]
+    _land(landing_store, folder, batch_id, files, _count_join("features", "towers"))
+
+    result = _run(batch_id)
+    assert result.success, "a mixed layer and an empty layer are ingested"
+    ours = _dataset(store, batch_id, "features").sort_values("feature_id")
+    assert list(ours["kind"]) == list(features["kind"])
+    assert shapely.equals_exact(ours.geometry.values, features.geometry.values, 1e-6).all()
+    assert sorted(_geo_meta(store, batch_id, "features")["columns"]["geometry"][
+        "geometry_types"]) == ["LineString", "Point", "Polygon"]
+    towers = _dataset(store, batch_id, "towers")
+    assert len(towers) == 0 and {"name", "height", "geometry"} <= set(towers.columns)
+    joined = _dataset(store, batch_id, "joined").sort_values("feature_id")
+    assert list(joined["feature_id"]) == list(features["feature_id"])
+    assert (joined["n"] == 0).all()
+
+
+def test_a_mixed_layer_split_into_one_dataset_per_family(stack_env, store, landing_store,
+                                                          tmp_path):
+    """``geometry_families: split``: the layer feeds ``features_points``, ``_lines`` and
+    ``_polygons``, each a dataset of one family, and a join names them."""
+    batch_id = f"geom-split-{uuid.uuid4().hex[:8]}"
+    folder = tmp_path / batch_id
+    folder.mkdir()
+    features = _mixed_features()
+    pyogrio.write_dataframe(features, folder / "features.gpkg", layer="features",
+                            geometry_type="Unknown")
+    files = [{"path": "features.gpkg", "layer": "features", "format": "gpkg",
+              "geometry_families": "split"}]
+    _land(landing_store, folder, batch_id, files,
+          _count_join("features_polygons", "features_points"))
+
+    result = _run(batch_id)
+    assert result.success, "a split mixed layer is ingested"
+    for suffix, kind in (("points", "Point"), ("lines", "LineString"), ("polygons", "Polygon")):
+        ours = _dataset(store, batch_id, f"features_{suffix}").sort_values("feature_id")
+        expected = features[features["kind"] == kind]
+        assert list(ours["feature_id"]) == list(expected["feature_id"]), suffix
+        assert shapely.equals_exact(ours.geometry.values, expected.geometry.values, 1e-6).all()
+        assert _geo_meta(store, batch_id, f"features_{suffix}")["columns"]["geometry"][
+            "geometry_types"] == [kind]
+    joined = _dataset(store, batch_id, "joined").sort_values("feature_id")
+    assert list(joined["n"]) == [2, 2, 0], "two points in each of the first two squares"
