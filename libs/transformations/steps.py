@@ -156,6 +156,19 @@ def cached_transformer(source_wkt: str, target_wkt: str) -> Transformer:
     return Transformer.from_crs(CRS.from_wkt(source_wkt), CRS.from_wkt(target_wkt), always_xy=True)
 
 
+def refuse_m(geoms: np.ndarray, frame: gpd.GeoDataFrame, where: str) -> None:
+    """Raise TransformError when a geometry carries M values: shapely builds no geometry with
+    M from coordinates (a reprojection would turn Z and M into NaN), and the lake's GeoParquet
+    geometry types cannot say M. Z alone is kept everywhere."""
+    has_m = shapely.has_m(geoms)
+    if has_m.any():
+        row = frame[ROW_ID].iloc[int(np.flatnonzero(has_m)[0])]
+        raise TransformError(
+            f"{where}: {int(has_m.sum())} of {len(geoms)} geometries carry M (measure) values, the first at "
+            f"{ROW_ID} {row}; M is not supported (Z is). Add a 'force_2d' step before "
+            "'reproject' in the layer's recipe to drop Z and M, or land the data without M")
+
+
 def reproject(frame: gpd.GeoDataFrame, step: Reproject, target_crs: str) -> StepResult:
     """Reproject to ``target_crs``; a chunk already in it is returned unchanged.
 
@@ -167,6 +180,7 @@ def reproject(frame: gpd.GeoDataFrame, step: Reproject, target_crs: str) -> Step
     if source.equals(target):
         return _keep_all(frame)
     geoms = _geometries(frame)
+    refuse_m(geoms, frame, step.step)
     if plain_points(geoms):
         # The same transformer as GeoDataFrame.to_crs, applied to one coordinate array and
         # the points made anew: half the GEOS work of cloning each point to set its coordinates.

@@ -104,12 +104,16 @@ def test_3d_points_lines_polygons_keep_z_through_postgis_and_the_lake(
              for p in points[::3]]
     frames = {"zones": _frame(polygons, "zone"), "wells": _frame(points, "well"),
               "pipes": _frame(lines, "pipe")}
-    for layer, frame in frames.items():
+    # 2D and 3D points in one layer: an untyped column in PostGIS; and a layer made 2D
+    masts = _frame([shapely.Point(1, 2), shapely.Point(3, 4, 5)], "mast")
+    for layer, frame in {**frames, "masts": masts, "flat": frames["pipes"]}.items():
         pyogrio.write_dataframe(frame, folder / f"{layer}.gpkg", layer=layer)
-    files = [{"path": f"{layer}.gpkg", "layer": layer, "format": "gpkg"} for layer in frames]
+    files = [{"path": f"{layer}.gpkg", "layer": layer, "format": "gpkg"}
+             for layer in (*frames, "masts", "flat")]
     join = {"name": "joined", "left": "zones", "right": "wells", "predicate": "intersects",
             "how": "left", "carry": ["well_id"]}
-    _land(landing_store, folder, batch_id, files, join)
+    _land(landing_store, folder, batch_id, files, join,
+          recipes={"flat": [{"step": "force_2d"}, {"step": "reproject"}]})
 
     result = _run(batch_id)
     assert result.success, "a batch of 3D layers is ingested"
@@ -123,6 +127,11 @@ def test_3d_points_lines_polygons_keep_z_through_postgis_and_the_lake(
                                       shapely.get_coordinates(frame.geometry.values, include_z=True))
         kinds = _geo_meta(store, batch_id, layer)["columns"]["geometry"]["geometry_types"]
         assert all(k.endswith(" Z") for k in kinds), kinds
+    ours = _dataset(store, batch_id, "masts").sort_values("mast_id")
+    assert list(shapely.has_z(ours.geometry.values)) == [False, True]
+    flat = _dataset(store, batch_id, "flat").sort_values("pipe_id")
+    assert not shapely.has_z(flat.geometry.values).any()
+    assert shapely.equals(flat.geometry.values, frames["pipes"].geometry.values).all()
     # the join ran through PostGIS on the 3D tables (2D predicate) and carried Z out again
     joined = _dataset(store, batch_id, "joined")
     assert len(joined) == 15 and shapely.has_z(joined.geometry.values).all()
