@@ -453,15 +453,8 @@ def cross_field_problems(document: object) -> list[str]:
     problems = [f"files: {dup!r} is listed more than once"
                 for dup in sorted({p for p in paths if paths.count(p) > 1})]
     prefixes = [f"{f.get('layer')}_" for f in files if f.get("all_layers") is True]
-    split = [f.get("layer") for f in files if f.get("geometry_families") == "split"
-             and f.get("all_layers") is not True]
-    layers = [name for name in layers if name not in split] + [
-        f"{name}_{suffix}" for name in dict.fromkeys(split) for suffix in FAMILY_SUFFIXES]
-    for layer in {f.get("layer") for f in files}:
-        modes = {f.get("geometry_families", "mixed") for f in files if f.get("layer") == layer}
-        if len(modes) > 1:
-            problems.append(f"files: the files of layer {layer!r} differ in geometry_families "
-                            f"({sorted(map(str, modes))}); give them all one value")
+    layers, split_problems = _split_family_layers(files, layers)
+    problems += split_problems
 
     def known(name: object) -> bool:
         return name in layers or (isinstance(name, str) and name.startswith(tuple(prefixes)))
@@ -502,6 +495,27 @@ def cross_field_problems(document: object) -> list[str]:
             problems.append(f"join.predicate: {predicate!r} measures distances in metres, but "
                             f"target_crs {target_crs!r} {problem}")
     return problems
+
+
+def _split_family_layers(files: list[dict], layers: list[str]) -> tuple[list[str], list[str]]:
+    """The layer names once each ``geometry_families: split`` layer becomes its three family
+    layers, and the problems that makes (a name too long, or one declared already; files of
+    one layer that disagree on the option)."""
+    split = list(dict.fromkeys(f.get("layer") for f in files if isinstance(f.get("layer"), str)
+                               and f.get("geometry_families") == "split"
+                               and f.get("all_layers") is not True))
+    expanded = [f"{name}_{suffix}" for name in split for suffix in FAMILY_SUFFIXES]
+    problems = [f"files: layer {name!r} (geometry_families 'split') is longer than 63 "
+                "characters, PostgreSQL's limit; shorten the layer name" if len(name) > 63
+                else f"files: layer {name!r} is declared, and is also one that "
+                "geometry_families 'split' makes; rename one of them"
+                for name in expanded if len(name) > 63 or name in layers]
+    for layer in layers:
+        modes = {str(f.get("geometry_families", "mixed")) for f in files if f.get("layer") == layer}
+        if len(modes) > 1:
+            problems.append(f"files: the files of layer {layer!r} differ in geometry_families "
+                            f"({sorted(modes)}); give them all one value")
+    return [name for name in layers if name not in split] + expanded, problems
 
 
 def dataset_name_problems(layers: list[str], join_name: str | None) -> list[str]:
