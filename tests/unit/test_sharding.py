@@ -750,7 +750,17 @@ def test_an_empty_file_is_one_empty_chunk_with_the_layers_schema(tmp_path):
     assert gpd.read_parquet(io.BytesIO(sink.objects[chunk.key])).crs.to_epsg() == 3857
     geojson = tmp_path / "empty.geojson"
     geojson.write_text('{"type": "FeatureCollection", "features": []}')
-    assert shard(tmp_path, [entry(geojson, "geojson", source_crs="EPSG:4326")])[0].rows == 0
+    csv = tmp_path / "empty.csv"
+    csv.write_text("id,wkt\n")
+    pyogrio.write_dataframe(frame, tmp_path / "empty.fgb", driver="FlatGeobuf",
+                            geometry_type="Point")
+    frame.to_parquet(tmp_path / "empty.parquet")
+    for other in (entry(geojson, "geojson", source_crs="EPSG:4326"),
+                  entry(csv, "csv", source_crs="EPSG:4326", csv={"wkt_column": "wkt"}),
+                  entry(tmp_path / "empty.fgb", "flatgeobuf"),
+                  entry(tmp_path / "empty.parquet", "geoparquet")):
+        result, _ = shard(tmp_path, [other])
+        assert (result.rows, len(result.chunks.chunks)) == (0, 1), other[0].name
 
 
 def test_csv_needs_a_source_crs_and_readable_geometry(tmp_path):
