@@ -157,16 +157,17 @@ def cached_transformer(source_wkt: str, target_wkt: str) -> Transformer:
 
 
 def refuse_m(geoms: np.ndarray, frame: gpd.GeoDataFrame, where: str) -> None:
-    """Raise TransformError when a geometry carries M values: shapely builds no geometry with
-    M from coordinates (a reprojection would turn Z and M into NaN), and the lake's GeoParquet
-    geometry types cannot say M. Z alone is kept everywhere."""
+    """Raise TransformError when a geometry to be reprojected carries M values: shapely builds
+    no geometry with M from coordinates (geopandas' to_crs turns Z and M into NaN). M is kept
+    where nothing moves the coordinates (a layer landed in the target CRS)."""
     has_m = shapely.has_m(geoms)
     if has_m.any():
         row = frame[ROW_ID].iloc[int(np.flatnonzero(has_m)[0])]
         raise TransformError(
             f"{where}: {int(has_m.sum())} of {len(geoms)} geometries carry M (measure) values, the first at "
-            f"{ROW_ID} {row}; M is not supported (Z is). Add a 'force_2d' step before "
-            "'reproject' in the layer's recipe to drop Z and M, or land the data without M")
+            f"{ROW_ID} {row}; M cannot be reprojected (Z can). Add a 'force_2d' step before "
+            "'reproject' in the layer's recipe to drop Z and M, or land the layer in the "
+            "target CRS to keep M")
 
 
 def reproject(frame: gpd.GeoDataFrame, step: Reproject, target_crs: str) -> StepResult:

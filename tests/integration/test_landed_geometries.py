@@ -19,6 +19,7 @@ import pytest
 import shapely
 from dagster import DagsterInstance
 
+from libs.geoparquet import to_geoparquet_bytes
 from libs.lake import completion_key
 from libs.landing import land_batch
 from tests.integration.pipeline import request_for, run_ingest, sensor_tick
@@ -93,7 +94,7 @@ def _count_join(left: str, right: str) -> dict:
             "how": "left", "aggregations": [{"function": "count", "output": "n"}]}
 
 
-def test_3d_points_lines_polygons_keep_z_through_postgis_and_the_lake(
+def test_3d_points_lines_polygons_keep_z_and_m_through_postgis_and_the_lake(
         stack_env, store, landing_store, tmp_path):
     batch_id = f"geom-3d-{uuid.uuid4().hex[:8]}"
     folder = tmp_path / batch_id
@@ -108,8 +109,14 @@ def test_3d_points_lines_polygons_keep_z_through_postgis_and_the_lake(
     masts = _frame([shapely.Point(1, 2), shapely.Point(3, 4, 5)], "mast")
     for layer, frame in {**frames, "masts": masts, "flat": frames["pipes"]}.items():
         pyogrio.write_dataframe(frame, folder / f"{layer}.gpkg", layer=layer)
+    # measures (M) too, as GeoParquet (GDAL writes no ISO M from geopandas): kept, since the
+    # layer is landed in the target CRS and nothing moves its coordinates
+    gauges = _frame([shapely.from_wkt("LINESTRING ZM (0 0 1 7, 10 10 2 8)"),
+                     shapely.from_wkt("LINESTRING ZM (50 50 3 9, 60 60 4 10.5)")], "gauge")
+    (folder / "gauges.parquet").write_bytes(to_geoparquet_bytes(gauges))
     files = [{"path": f"{layer}.gpkg", "layer": layer, "format": "gpkg"}
              for layer in (*frames, "masts", "flat")]
+    files.append({"path": "gauges.parquet", "layer": "gauges", "format": "geoparquet"})
     # an aggregating intersects of polygons with points: the join runs part by part
     join = {"name": "joined", "left": "zones", "right": "wells", "predicate": "intersects",
             "how": "left", "aggregations": [{"function": "count", "output": "n"},
@@ -132,6 +139,10 @@ def test_3d_points_lines_polygons_keep_z_through_postgis_and_the_lake(
         assert all(k.endswith(" Z") for k in kinds), kinds
     ours = _dataset(store, batch_id, "masts").sort_values("mast_id")
     assert list(shapely.has_z(ours.geometry.values)) == [False, True]
+    ours = _dataset(store, batch_id, "gauges").sort_values("gauge_id")
+    assert list(ours.geometry.to_wkt()) == list(gauges.geometry.to_wkt())  # Z and M intact
+    assert _geo_meta(store, batch_id, "gauges")["columns"]["geometry"]["geometry_types"] == [
+        "LineString Z"]  # GeoParquet has no M
     flat = _dataset(store, batch_id, "flat").sort_values("pipe_id")
     assert not shapely.has_z(flat.geometry.values).any()
     assert shapely.equals(flat.geometry.values, frames["pipes"].geometry.values).all()

@@ -624,11 +624,18 @@ def test_force_2d_drops_z_and_m_and_keeps_2d_rows_and_nulls():
     assert not shapely.has_m(out.geometry.values).any()
 
 
-def test_m_values_fail_the_chunk_naming_the_row_and_force_2d():
+def test_m_values_are_kept_in_place_and_refused_by_a_reprojection():
+    """M is kept where nothing moves coordinates (types say " M", the GeoParquet metadata,
+    which has no M, the type without it); a reprojection fails naming the row and force_2d."""
     frame = read(chunk_of(["POINT (1 2)", "POINT (3 4)"], n=[1, 2]))
     frame = frame.set_geometry(gpd.GeoSeries(
-        [shapely.Point(1, 2), shapely.from_wkt("LINESTRING M (0 0 1, 1 1 2)")], crs=MERCATOR))
-    for target in (MERCATOR, "EPSG:4326"):  # kept as is, or reprojected
-        with pytest.raises(TransformError, match=r"1 of 2 geometries carry M .* _row_id 11.*"
-                                                 r"'force_2d'"):
-            transform_chunk_bytes(to_geoparquet_bytes(frame), [Reproject()], target, 10)
+        [shapely.Point(1, 2), shapely.from_wkt("LINESTRING ZM (0 0 1 7, 1 1 2 8)")], crs=MERCATOR))
+    data = to_geoparquet_bytes(frame)
+    result, out, _ = run(data, [Reproject(), MakeValid()], MERCATOR)
+    assert out.geometry.values[1].wkt == "LINESTRING ZM (0 0 1 7, 1 1 2 8)"
+    assert result.geometry_types == ["LineString ZM", "Point"]
+    geo = json.loads(pq.read_schema(io.BytesIO(result.data)).metadata[b"geo"])
+    assert geo["columns"]["geometry"]["geometry_types"] == ["LineString Z", "Point"]
+    with pytest.raises(TransformError, match=r"1 of 2 geometries carry M .* _row_id 11.*"
+                                             r"'force_2d'"):
+        transform_chunk_bytes(data, [Reproject()], "EPSG:4326", 10)
