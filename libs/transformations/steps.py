@@ -273,7 +273,7 @@ def promote_to_multi(frame: gpd.GeoDataFrame, step: PromoteToMulti, target_crs: 
 def force_2d(frame: gpd.GeoDataFrame, step: Force2D, target_crs: str) -> StepResult:
     """Z and M dropped: each geometry keeps its x and y (NULL stays NULL)."""
     geoms = _geometries(frame)
-    if not shapely.has_z(geoms).any():
+    if not (shapely.has_z(geoms) | shapely.has_m(geoms)).any():
         return _keep_all(frame)
     return _keep_all(_with_geometries(frame, shapely.force_2d(geoms)))
 

@@ -619,9 +619,10 @@ def test_force_2d_drops_z_and_m_and_keeps_2d_rows_and_nulls():
     assert result.geometry_types == ["LineString", "Point", "Polygon"]
     m_data = chunk_of(["POINT (1 2)"], n=[1])
     frame = read(m_data)
-    frame = frame.set_geometry(gpd.GeoSeries([shapely.from_wkt("POINT ZM (1 2 3 4)")], crs=MERCATOR))
-    _, out, _ = run(to_geoparquet_bytes(frame), [Force2D(), Reproject()], "EPSG:4326")
-    assert not shapely.has_m(out.geometry.values).any()
+    for wkt in ("POINT ZM (1 2 3 4)", "POINT M (1 2 4)"):
+        frame = frame.set_geometry(gpd.GeoSeries([shapely.from_wkt(wkt)], crs=MERCATOR))
+        _, out, _ = run(to_geoparquet_bytes(frame), [Force2D(), Reproject()], "EPSG:4326")
+        assert not shapely.has_m(out.geometry.values).any(), wkt
 
 
 def test_m_values_are_kept_in_place_and_refused_by_a_reprojection():
