@@ -2,7 +2,8 @@
 the lineage each lake object records (which landed files, run, recipe and join made it).
 
 Empty parts (every row of a chunk rejected) are counted but not published, except the one
-part of a layer with no rows at all (an empty delivery: the dataset keeps its schema).
+part of a layer with no rows at all (an empty delivery, or every row rejected): the dataset
+keeps its columns and CRS.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ class PromoteToMulti(_Step):
 
 
 class Force2D(_Step):
-    """Drop Z and M: every geometry keeps only x and y (a layer is 3D by default when landed so)."""
+    """Drop Z and M: every geometry keeps only x and y (both are kept unless a recipe drops them)."""
 
     step: Literal["force_2d"] = "force_2d"
 
@@ -183,8 +183,8 @@ class DropDuplicates(_Step):
 
 
 RecipeStep = Annotated[
-    Reproject | MakeValid | DropEmpty | PromoteToMulti | Force2D | Simplify | FilterBBox | FilterAttribute
-    | Derive | Rename | Cast | NormalizeColumnNames | DropDuplicates,
+    Reproject | MakeValid | DropEmpty | PromoteToMulti | Force2D | Simplify | FilterBBox
+    | FilterAttribute | Derive | Rename | Cast | NormalizeColumnNames | DropDuplicates,
     Field(discriminator="step"),
 ]
 

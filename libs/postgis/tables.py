@@ -80,16 +80,16 @@ GEOMETRY_TYPES = {"Point", "LineString", "Polygon", "MultiPoint", "MultiLineStri
                    "MultiPolygon", "GeometryCollection"}
 #: PostGIS typmod suffixes of the dimensions a column can hold (``PointZ``, ``PolygonZM``).
 _DIMENSIONS = ("", "Z", "M", "ZM")
-#: Untyped column: geometries of more than one dimensionality (2D and 3D) in one layer, which
-#: no typmod admits together; the SRID is still enforced by a CHECK.
+#: Untyped column: geometries of more than one dimensionality (2D beside 3D) in one layer,
+#: which no typmod admits together; the SRID is still enforced by a CHECK.
 ANY_DIMENSION = "*"
 
 
 def column_geometry_type(geometry_types: list[str]) -> str:
-    """The typed column for a layer's GeoParquet geometry types ("Point Z"): its one type
-    (``PointZ``), ``Geometry``/``GeometryZ`` for mixed families of one dimensionality, and
-    ``ANY_DIMENSION`` (an untyped column) for 2D and 3D geometries together. An empty layer
-    (no types) gets ``Geometry``."""
+    """The typed column for a layer's geometry types ("Point Z", "LineString ZM"): its one
+    type (``PointZ``, ``LineStringZM``), ``Geometry``/``GeometryZ``… for mixed families of one
+    dimensionality, and ``ANY_DIMENSION`` (an untyped column) for mixed dimensions (2D beside
+    3D). An empty layer (no types) gets ``Geometry``."""
     kinds, dims = set(), set()
     for name in geometry_types:
         kind, _, dim = name.partition(" ")
