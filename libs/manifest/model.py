@@ -433,8 +433,12 @@ class Manifest(_Strict):
 
     @property
     def layers(self) -> list[str]:
-        """Layer names in the order their first file appears."""
-        return list(dict.fromkeys(f.layer for f in self.files))
+        """Layer names in the order their first file appears; a ``geometry_families: split``
+        layer as its family layers (``all_layers`` files: their declared prefix)."""
+        return list(dict.fromkeys(
+            name for f in self.files
+            for name in ([f"{f.layer}_{s}" for s in FAMILY_SUFFIXES]
+                         if f.geometry_families == "split" and not f.all_layers else [f.layer])))
 
 
 def cross_field_problems(document: object) -> list[str]:

@@ -255,7 +255,8 @@ def test_a_split_layer_is_named_by_its_families_in_join_and_recipes(sample):
              sample["files"][1]]
     join = dict(sample["join"], left="countries", right="feats_points")
     doc = dict(sample, files=files, join=join, recipes={"feats_polygons": [{"step": "force_2d"}]})
-    parse_manifest(json.dumps(doc).encode(), "k/manifest.json")
+    manifest = parse_manifest(json.dumps(doc).encode(), "k/manifest.json")
+    assert manifest.layers == ["feats_points", "feats_lines", "feats_polygons", "countries"]
     jsonschema.validate(doc, json.loads(SCHEMA_FILE.read_text()))
     with pytest.raises(ManifestError, match="join.right: layer 'feats' is not fed by any file"):
         parse_manifest(json.dumps(dict(doc, join=dict(join, right="feats"))).encode(), "k/m")
