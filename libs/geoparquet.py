@@ -163,8 +163,9 @@ def geo_metadata(crs: dict | None, types: Sequence[str], bbox: BBox | None, *,
                  covering: bool = True) -> bytes:
     """The ``geo`` schema metadata of a chunk whose covering column is ``COVERING`` (or, with
     ``covering=False``, that has none)."""
-    column: dict = {"encoding": "WKB", "crs": crs,
-                    "geometry_types": sorted({geoparquet_type_name(t) for t in types})}
+    column: dict = {"encoding": "WKB",
+                    "geometry_types": sorted({geoparquet_type_name(t) for t in types}),
+                    "crs": crs}
     if bbox is not None:
         column["bbox"] = list(bbox)
     if covering:
