@@ -104,11 +104,23 @@ def wkb_to_geometries(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return shapely.from_wkb(array.to_numpy(zero_copy_only=False))
 
 
+_DIMENSION_SUFFIXES = ("", " Z", " M", " ZM")
+
+
 def geometry_type_names(geoms: np.ndarray) -> list[str]:
-    """Sorted GeoParquet geometry type names of the non-NULL geometries ("MultiPolygon Z")."""
+    """Sorted geometry type names of the non-NULL geometries ("MultiPolygon Z"), with " M"
+    and " ZM" for measures, which PostGIS columns need; ``geo_metadata`` writes the
+    GeoParquet names (which have no M) of them."""
     present = geoms[~shapely.is_missing(geoms)]
-    codes = np.unique(shapely.get_type_id(present) * 2 + shapely.has_z(present))
-    return sorted(_TYPE_NAMES[int(c) // 2] + (" Z" if c % 2 else "") for c in codes)
+    codes = np.unique(shapely.get_type_id(present) * 4 + shapely.has_z(present)
+                      + 2 * shapely.has_m(present))
+    return sorted(_TYPE_NAMES[int(c) // 4] + _DIMENSION_SUFFIXES[int(c) % 4] for c in codes)
+
+
+def geoparquet_type_name(name: str) -> str:
+    """The GeoParquet 1.1 geometry type of a ``geometry_type_names`` name: M is not one of
+    its dimensions ("Point ZM" is listed as "Point Z", "Point M" as "Point")."""
+    return name.removesuffix(" M").replace(" ZM", " Z")
 
 
 def geometry_bounds(geoms: np.ndarray, *, points: bool | None = None) -> np.ndarray:
@@ -157,7 +169,9 @@ def geo_metadata(crs: dict | None, types: Sequence[str], bbox: BBox | None, *,
                  covering: bool = True) -> bytes:
     """The ``geo`` schema metadata of a chunk whose covering column is ``COVERING`` (or, with
     ``covering=False``, that has none)."""
-    column: dict = {"encoding": "WKB", "geometry_types": sorted(types), "crs": crs}
+    column: dict = {"encoding": "WKB",
+                    "geometry_types": sorted({geoparquet_type_name(t) for t in types}),
+                    "crs": crs}
     if bbox is not None:
         column["bbox"] = list(bbox)
     if covering:

@@ -1,14 +1,16 @@
 """Publishing one batch: its layers, their rejects and the join result as lake datasets, and
 the lineage each lake object records (which landed files, run, recipe and join made it).
 
-Empty parts (every row of a chunk rejected) are counted but not published.
+Empty parts (every row of a chunk rejected) are counted but not published, except the one
+part of a layer with no rows at all (an empty delivery, or every row rejected): the dataset
+keeps its columns and CRS.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from libs.descriptors import ChunkIndex, StagedPart
+from libs.descriptors import Chunk, ChunkIndex, StagedPart
 from libs.errors import PublishError
 from libs.lake.keys import rejects_dataset
 from libs.lake.publish import publish_to_lake
@@ -21,7 +23,8 @@ def batch_datasets(transformed: ChunkIndex, join_name: str, join_parts: list[Sta
     """The batch's datasets (name -> staged parts) and what the completion manifest says of
     each (kind, layer, CRS, bbox, geometry types, or the join)."""
     datasets: dict[str, list[StagedPart]] = {
-        layer.layer: [StagedPart(c.key, c.rows, c.bytes, c.sha256) for c in layer.chunks if c.rows]
+        layer.layer: [StagedPart(c.key, c.rows, c.bytes, c.sha256)
+                      for c in _published_chunks(layer.chunks)]
         for layer in transformed.layers
     }
     info = {layer.layer: {"kind": "layer", "layer": layer.layer, "crs": layer.crs,
@@ -38,6 +41,12 @@ def batch_datasets(transformed: ChunkIndex, join_name: str, join_parts: list[Sta
     info[join_name] = {"kind": "join", "crs": manifest.target_crs,
                        "join": manifest.join.model_dump()}
     return datasets, info
+
+
+def _published_chunks(chunks: list[Chunk]) -> list[Chunk]:
+    """The chunks holding rows; for a layer of no rows (an empty delivery) its first chunk,
+    so that the dataset still has one object carrying its columns and CRS."""
+    return [c for c in chunks if c.rows] or chunks[:1]
 
 
 def _refuse_clash(name: str, datasets: dict, what: str) -> None:

@@ -5,6 +5,7 @@ and the published JSON Schema (``schema``; ``python -m libs.manifest`` prints it
 from libs.manifest.model import (
     CARRY_PREFIX,
     DISTANCE_PREDICATES,
+    FAMILY_SUFFIXES,
     MANIFEST_FILENAME,
     REJECTS_SUFFIX,
     RESERVED_DATASETS,
@@ -25,6 +26,7 @@ from libs.manifest.schema import manifest_json_schema
 
 __all__ = [
     "CARRY_PREFIX",
+    "FAMILY_SUFFIXES",
     "DISTANCE_PREDICATES",
     "MANIFEST_FILENAME",
     "REJECTS_SUFFIX",

@@ -129,6 +129,15 @@ class DataFile(_Strict):
         "file's own declaration (.cpg), else UTF-8",
     )
     csv: CsvGeometry | None = Field(default=None, description="geometry columns of a CSV file")
+    # --- issue 27, accepted geometries (mixed families) ---
+    geometry_families: Literal["mixed", "split", "one"] = Field(
+        default="mixed",
+        description="a layer holding points, lines and polygons together: 'mixed' keeps them "
+        "in one dataset (a generic geometry column); 'split' feeds the layers "
+        "'<layer>_points', '<layer>_lines' and '<layer>_polygons' (each published, empty "
+        "when the file has no such geometries; a row without geometry fails the run); 'one' "
+        "fails the run naming the first two families found",
+    )
 
     @field_validator("path")
     @classmethod
@@ -185,6 +194,8 @@ class Aggregation(_Strict):
         return self
 
 
+#: Layer name suffixes of a ``geometry_families: split`` file, one per geometry family.
+FAMILY_SUFFIXES = ("points", "lines", "polygons")
 #: Prefix of a carried right column's output name unless the manifest renames it.
 CARRY_PREFIX = "right_"
 _MAX_IDENTIFIER = 63
@@ -422,8 +433,12 @@ class Manifest(_Strict):
 
     @property
     def layers(self) -> list[str]:
-        """Layer names in the order their first file appears."""
-        return list(dict.fromkeys(f.layer for f in self.files))
+        """Layer names in the order their first file appears; a ``geometry_families: split``
+        layer as its family layers (``all_layers`` files: their declared prefix)."""
+        return list(dict.fromkeys(
+            name for f in self.files
+            for name in ([f"{f.layer}_{s}" for s in FAMILY_SUFFIXES]
+                         if f.geometry_families == "split" and not f.all_layers else [f.layer])))
 
 
 def cross_field_problems(document: object) -> list[str]:
@@ -442,6 +457,8 @@ def cross_field_problems(document: object) -> list[str]:
     problems = [f"files: {dup!r} is listed more than once"
                 for dup in sorted({p for p in paths if paths.count(p) > 1})]
     prefixes = [f"{f.get('layer')}_" for f in files if f.get("all_layers") is True]
+    layers, split_problems = _split_family_layers(files, layers)
+    problems += split_problems
 
     def known(name: object) -> bool:
         return name in layers or (isinstance(name, str) and name.startswith(tuple(prefixes)))
@@ -482,6 +499,27 @@ def cross_field_problems(document: object) -> list[str]:
             problems.append(f"join.predicate: {predicate!r} measures distances in metres, but "
                             f"target_crs {target_crs!r} {problem}")
     return problems
+
+
+def _split_family_layers(files: list[dict], layers: list[str]) -> tuple[list[str], list[str]]:
+    """The layer names once each ``geometry_families: split`` layer becomes its three family
+    layers, and the problems that makes (a name too long, or one declared already; files of
+    one layer that disagree on the option)."""
+    split = list(dict.fromkeys(f.get("layer") for f in files if isinstance(f.get("layer"), str)
+                               and f.get("geometry_families") == "split"
+                               and f.get("all_layers") is not True))
+    expanded = [f"{name}_{suffix}" for name in split for suffix in FAMILY_SUFFIXES]
+    problems = [f"files: layer {name!r} (geometry_families 'split') is longer than 63 "
+                "characters, PostgreSQL's limit; shorten the layer name" if len(name) > 63
+                else f"files: layer {name!r} is declared, and is also one that "
+                "geometry_families 'split' makes; rename one of them"
+                for name in expanded if len(name) > 63 or name in layers]
+    for layer in layers:
+        modes = {str(f.get("geometry_families", "mixed")) for f in files if f.get("layer") == layer}
+        if len(modes) > 1:
+            problems.append(f"files: the files of layer {layer!r} differ in geometry_families "
+                            f"({sorted(modes)}); give them all one value")
+    return [name for name in layers if name not in split] + expanded, problems
 
 
 def dataset_name_problems(layers: list[str], join_name: str | None) -> list[str]:

@@ -97,6 +97,12 @@ class PromoteToMulti(_Step):
     step: Literal["promote_to_multi"] = "promote_to_multi"
 
 
+class Force2D(_Step):
+    """Drop Z and M: every geometry keeps only x and y (both are kept unless a recipe drops them)."""
+
+    step: Literal["force_2d"] = "force_2d"
+
+
 class Simplify(_Step):
     """Topology-preserving simplification; ``tolerance`` in units of the target CRS."""
 
@@ -188,8 +194,8 @@ class DropDuplicates(_Step):
 
 
 RecipeStep = Annotated[
-    Reproject | MakeValid | DropEmpty | PromoteToMulti | Simplify | FilterBBox | FilterAttribute
-    | Derive | Rename | Cast | NormalizeColumnNames | DropDuplicates,
+    Reproject | MakeValid | DropEmpty | PromoteToMulti | Force2D | Simplify | FilterBBox
+    | FilterAttribute | Derive | Rename | Cast | NormalizeColumnNames | DropDuplicates,
     Field(discriminator="step"),
 ]
 

@@ -26,6 +26,7 @@ from libs.postgis.export import export_table, stream_table
 from libs.postgis.join import reconcile_join, run_spatial_join, spatial_index_for
 from libs.postgis.load import ChunkLoaded, ChunkSource, copy_chunk_into_table, load_layer_chunks
 from libs.postgis.tables import (
+    ANY_DIMENSION,
     BRIN_PAGES_PER_RANGE,
     LayerTable,
     attribute_schema,
@@ -35,6 +36,7 @@ from libs.postgis.tables import (
 )
 
 __all__ = [
+    "ANY_DIMENSION",
     "BRIN_PAGES_PER_RANGE",
     "GEOM",
     "ROW_ID",

@@ -101,7 +101,8 @@ def export_table(
 ) -> list[StagedPart]:
     """Stream ``layer`` out in ``_row_id`` order and stage it as GeoParquet parts in ``CRS``
     ``crs``: part ``n`` at ``key_for(n)`` in ``bucket`` (``libs.lake.keys`` names them), one
-    part per batch of ``stream_table`` (at most ``part_rows`` rows; an empty table gives no part). Returns the
+    part per batch of ``stream_table`` (at most ``part_rows`` rows; an empty table gives one part
+    of 0 rows). Returns the
     parts, with their rows, bytes and sha256, for ``libs.lake.publish_to_lake``."""
     parts: list[StagedPart] = []
     # each part's PUT overlaps reading and encoding the next (two parts in memory at most)
@@ -112,6 +113,13 @@ def export_table(
             puts.put(bucket, key, data, "application/vnd.apache.parquet")
             parts.append(StagedPart(key, batch.num_rows, len(data),
                                     hashlib.sha256(data).hexdigest()))
+        if not parts:
+            # a result of no rows (a join with an empty layer) is still a dataset: one part
+            # of 0 rows carries its columns and CRS
+            empty = pa.schema([*layer.attributes, pa.field(GEOMETRY, pa.binary())]).empty_table()
+            data = encode_wkb_table(empty, crs)
+            puts.put(bucket, key_for(0), data, "application/vnd.apache.parquet")
+            parts.append(StagedPart(key_for(0), 0, len(data), hashlib.sha256(data).hexdigest()))
         puts.wait()
     return parts
 

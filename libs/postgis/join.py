@@ -45,7 +45,7 @@ def spatial_index_for(join: SpatialJoin, layer: str, geometry_type: str) -> str 
     """
     if layer != join.right:
         return None
-    if join.predicate in PREDICATE_FUNCTIONS and geometry_type == "Point":
+    if join.predicate in PREDICATE_FUNCTIONS and geometry_type.rstrip("ZM") == "Point":
         return "brin"
     return "gist"
 

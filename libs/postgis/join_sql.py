@@ -212,7 +212,8 @@ def subdivides(join: SpatialJoin, left: LayerTable, right: LayerTable) -> bool:
     """Whether the join runs part by part over the left geometries (see the module docstring):
     an aggregating ``intersects`` of polygonal left rows with right points."""
     return (join.predicate == "intersects" and join.carry is None
-            and left.geometry_type in _SUBDIVIDABLE and right.geometry_type == "Point")
+            and left.geometry_type.rstrip("ZM") in _SUBDIVIDABLE
+            and right.geometry_type.rstrip("ZM") == "Point")  # 3D layers: 2D predicates
 
 
 def helper_table_name(join: SpatialJoin, left: LayerTable, what: str) -> sql.Composed:

@@ -42,7 +42,13 @@ from libs.errors import LoadError
 from libs.geoparquet import GEOMETRY
 from libs.postgis import copy_binary
 from libs.postgis.connection import GEOM, ROW_ID, PostGISSettings, connect
-from libs.postgis.tables import LayerTable, attribute_schema, pg_type
+from libs.postgis.tables import (
+    ANY_DIMENSION,
+    LayerTable,
+    attribute_schema,
+    geometry_column_sql,
+    pg_type,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +152,14 @@ def _column_hint(layer: LayerTable, exc: psycopg.Error) -> str:
     if "geometry" not in str(exc.diag.message_primary or "").lower() and \
             f"column {GEOM}" not in (exc.diag.context or ""):
         return ""
-    kind = "" if layer.geometry_type == "Geometry" else f"{layer.geometry_type} "
-    return (f" (column {GEOM} is geometry({layer.geometry_type}, {layer.srid}), which takes 2D "
-            f"{kind}geometries only; make the layer's geometries fit in the recipe, e.g. promote "
-            "them to multi or drop Z/M, or check the geometry types the transform reported)")
+    column = geometry_column_sql(layer.geometry_type, layer.srid).as_string()
+    kind = layer.geometry_type.rstrip("ZM")
+    dims = {"": "2D", "Z": "3D (Z)", "M": "M", "ZM": "ZM"}.get(layer.geometry_type[len(kind):], "")
+    takes = ("geometries of any type and dimension" if layer.geometry_type == ANY_DIMENSION
+             else f"{dims} {'' if kind == 'Geometry' else kind + ' '}geometries only")
+    return (f" (column {GEOM} is {column}, which takes {takes}; make the layer's geometries "
+            "fit in the recipe, e.g. promote_to_multi or force_2d, or check the geometry types "
+            "the transform reported)")
 
 
 @dataclass(frozen=True)

@@ -78,13 +78,40 @@ def attribute_schema(table: pa.Table) -> pa.Schema:
 
 GEOMETRY_TYPES = {"Point", "LineString", "Polygon", "MultiPoint", "MultiLineString",
                    "MultiPolygon", "GeometryCollection"}
+#: PostGIS typmod suffixes of the dimensions a column can hold (``PointZ``, ``PolygonZM``).
+_DIMENSIONS = ("", "Z", "M", "ZM")
+#: Untyped column: geometries of more than one dimensionality (2D beside 3D) in one layer,
+#: which no typmod admits together; the SRID is still enforced by a CHECK.
+ANY_DIMENSION = "*"
 
 
 def column_geometry_type(geometry_types: list[str]) -> str:
-    """The typed column for a layer: its one geometry type, else the generic ``Geometry``."""
-    if len(geometry_types) == 1 and geometry_types[0] in GEOMETRY_TYPES:
-        return geometry_types[0]
-    return "Geometry"
+    """The typed column for a layer's geometry types ("Point Z", "LineString ZM"): its one
+    type (``PointZ``, ``LineStringZM``), ``Geometry``/``GeometryZ``… for mixed families of one
+    dimensionality, and ``ANY_DIMENSION`` (an untyped column) for mixed dimensions (2D beside
+    3D). An empty layer (no types) gets ``Geometry``."""
+    kinds, dims = set(), set()
+    for name in geometry_types:
+        kind, _, dim = name.partition(" ")
+        kinds.add(kind)
+        dims.add(dim)
+    if len(dims) > 1:
+        return ANY_DIMENSION
+    dim = dims.pop() if dims else ""
+    kind = kinds.pop() if len(kinds) == 1 else "Geometry"
+    return (kind if kind in GEOMETRY_TYPES else "Geometry") + dim
+
+
+def geometry_column_sql(geometry_type: str, srid: int) -> sql.Composable:
+    """``geometry(<type>, <srid>)``, or for ``ANY_DIMENSION`` an untyped ``geometry`` whose
+    SRID a CHECK enforces."""
+    if geometry_type == ANY_DIMENSION:
+        return sql.SQL("geometry CHECK (ST_SRID({}) = {})").format(
+            sql.Identifier(GEOM), sql.Literal(srid))
+    if not any(geometry_type == kind + dim for kind in GEOMETRY_TYPES | {"Geometry"}
+               for dim in _DIMENSIONS):
+        raise ValueError(f"unknown geometry type {geometry_type!r}")
+    return sql.SQL("geometry({}, {})").format(sql.SQL(geometry_type), sql.Literal(srid))
 
 
 def create_layer_table(conn: psycopg.Connection, layer: LayerTable, *, unlogged: bool = True) -> None:
@@ -109,10 +136,11 @@ def create_layer_table(conn: psycopg.Connection, layer: LayerTable, *, unlogged:
             )
         columns.append(sql.SQL("{} {}").format(
             sql.Identifier(field.name), sql.SQL(pg_type(field)[0])))
-    if layer.geometry_type not in GEOMETRY_TYPES | {"Geometry"}:
-        raise LoadError(f"layer {layer.table!r}: unknown geometry type {layer.geometry_type!r}")
-    columns.append(sql.SQL("{} geometry({}, {})").format(
-        sql.Identifier(GEOM), sql.SQL(layer.geometry_type), sql.Literal(layer.srid)))
+    try:
+        column = geometry_column_sql(layer.geometry_type, layer.srid)
+    except ValueError as exc:
+        raise LoadError(f"layer {layer.table!r}: {exc}") from None
+    columns.append(sql.SQL("{} {}").format(sql.Identifier(GEOM), column))
     with conn.transaction():
         conn.execute(sql.SQL("CREATE {}TABLE {} ({}) WITH (autovacuum_enabled = false)").format(
             sql.SQL("UNLOGGED " if unlogged else ""), layer.qualified, sql.SQL(", ").join(columns)))

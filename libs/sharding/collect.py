@@ -33,7 +33,7 @@ from libs.sharding.limits import ShardLimits
 from libs.sharding.readers import open_source_stream
 from libs.sharding.schema import unify_schemas
 from libs.sharding.sources import LayerSource, describe_source
-from libs.sharding.wkb import check_one_family, geometry_bounds, over_vertex_limit
+from libs.sharding.wkb import check_one_family, family_rows, geometry_bounds, over_vertex_limit
 
 #: Bbox centres sampled per layer; the external sort takes its bucket boundaries from them.
 SAMPLE_SIZE = 65_536
@@ -170,6 +170,7 @@ class _Collector:
         self.sample = _Sample(SAMPLE_SIZE)
         self.extent = np.array([np.inf, np.inf, -np.inf, -np.inf])
         self.families: dict[str, tuple[str, str, int]] = {}  # family -> (file, type, row)
+        self.one_family = False
         self.types: set[str] = set()
         self.rows = 0
         self.nbytes = 0
@@ -199,7 +200,8 @@ class _Collector:
         if not batch.num_rows:
             return
         bounds, headers = geometry_bounds(batch.column(GEOMETRY), where, first_row)
-        check_one_family(headers, self.families, file, where, first_row, self.layer)
+        if self.one_family:  # geometry_families 'one'; 'mixed' keeps every family
+            check_one_family(headers, self.families, file, where, first_row, self.layer)
         self.types.update(headers.type_names())
         cx, cy = (bounds[0] + bounds[2]) * 0.5, (bounds[1] + bounds[3]) * 0.5
         if not np.isnan(cx).all():
@@ -235,6 +237,7 @@ def collect_layer(layer: str, sources: list[LayerSource], scratch_dir: Path,
     # the first batch: holding the budget's worth first would only leave it in the allocator.
     collector = _Collector(layer, budget, sum(_stored_bytes(s) for s in sources) > budget,
                            limits.max_vertices, vertex_policy)
+    collector.one_family = any(s.data_file.geometry_families == "one" for s in sources)
     schema: pa.Schema | None = None
     schema_owner = ""
     rows_per_source: dict[str, int] = {}
@@ -254,19 +257,34 @@ def collect_layer(layer: str, sources: list[LayerSource], scratch_dir: Path,
             # thread (on errors too) before the reader's dataset closes.
             csv = source.data_file.format is InputFormat.CSV
             with closing(batches if csv else _prefetched(batches)) as stream:
+                read = 0
                 for batch in stream:
+                    read += batch.num_rows
+                    if source.family is not None:
+                        batch = _of_family(batch, source.family, where, read - batch.num_rows)
                     if batch.num_rows:
                         collector.add(batch, source.data_file.path, where, rows)
                         rows += batch.num_rows
-        collector.stores[-1].close()
-        if rows == 0:
-            raise InputDataError(f"{where} has no features; expected at least one row")
+        collector.stores[-1].close()  # no rows is a valid delivery: an empty layer
         rows_per_source[str(source.path)] = rows
     assert schema is not None
     extent = collector.extent if np.isfinite(collector.extent).all() else np.full(4, np.nan)
     return CollectedLayer(collector.stores, schema, crs, collector.rows, collector.nbytes,
                           not collector.spilled, extent, collector.sample.centres,
                           sorted(collector.types), rows_per_source, collector.rejected)
+
+
+def _of_family(batch: pa.RecordBatch, family: str, where: str,
+               first_row: int) -> pa.RecordBatch:
+    """The rows of ``batch`` a split layer of ``family`` takes; a row of no family fails."""
+    mask, placeless = family_rows(batch.column(GEOMETRY), family)
+    if len(placeless):
+        raise InputDataError(
+            f"{where}, feature {first_row + int(placeless[0]) + 1}: no geometry, or one that is "
+            "neither points, lines nor polygons (a GeometryCollection or a curve), which "
+            "geometry_families 'split' cannot place; give it a geometry, or land the file with "
+            "geometry_families 'mixed'")
+    return batch if mask.all() else batch.filter(pa.array(mask))
 
 
 def _prefetched(items: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:

@@ -206,7 +206,11 @@ def _key_column(table: pa.Table) -> np.ndarray:
 def sort_and_emit(collected: CollectedLayer, writer: ChunkWriter, scratch_dir: Path,
                   limits: ShardLimits) -> None:
     """Passes 2 and 3: feed ``writer`` every row of ``collected`` in Hilbert key order (equal
-    keys in source order), in memory or through bucket files in ``scratch_dir``."""
+    keys in source order), in memory or through bucket files in ``scratch_dir``. An empty
+    layer feeds nothing (the writer then makes its one empty chunk)."""
+    if not collected.rows:
+        collected.release()
+        return
     grid = (HilbertGrid.over(collected.extent) if np.isfinite(collected.extent).all()
             else HilbertGrid(0.0, 0.0, 0.0))
     full_schema = pa.schema([*collected.schema,

@@ -15,6 +15,7 @@ import re
 import unicodedata
 import warnings
 import zipfile
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
@@ -23,7 +24,7 @@ import pyogrio
 from pyogrio.errors import DataLayerError
 
 from libs.errors import InputDataError
-from libs.manifest import DataFile, InputFormat
+from libs.manifest import FAMILY_SUFFIXES, DataFile, InputFormat
 from libs.sharding.crs import layer_crs
 from libs.sharding.gdal_guard import (
     DRIVER_FOR_FORMAT,
@@ -343,6 +344,16 @@ def _source_layers(path: Path, data_file: DataFile, limits: ShardLimits) -> list
     return [str(name) for name, geometry_type in listing if geometry_type is not None]
 
 
+def _add_source(plan: dict[str, list[LayerSource]], layer: str, source: LayerSource) -> None:
+    """``source`` feeds ``layer``, or with geometry_families 'split' the layers
+    ``<layer>_points``, ``_lines`` and ``_polygons``, each taking its family's rows."""
+    if source.data_file.geometry_families != "split":
+        plan.setdefault(layer, []).append(source)
+        return
+    for suffix, family in zip(FAMILY_SUFFIXES, ("point", "line", "polygon"), strict=True):
+        plan.setdefault(f"{layer}_{suffix}", []).append(replace(source, family=family))
+
+
 def plan_layers(files: list[tuple[Path, DataFile]],
                 limits: ShardLimits | None = None) -> dict[str, list[LayerSource]]:
     """Group landed files by the layer they feed, checking every file before any is sharded.
@@ -357,8 +368,8 @@ def plan_layers(files: list[tuple[Path, DataFile]],
     for path, data_file in files:
         if not data_file.all_layers:
             probe = probe_source(path, data_file, data_file.source_layer, limits)
-            plan.setdefault(data_file.layer, []).append(
-                LayerSource(path, data_file, data_file.source_layer, probe))
+            _add_source(plan, data_file.layer, LayerSource(path, data_file,
+                                                           data_file.source_layer, probe))
             continue
         names = _source_layers(path, data_file, limits)
         if not names:
@@ -375,7 +386,7 @@ def plan_layers(files: list[tuple[Path, DataFile]],
             produced[layer] = name
             source_layer = None if data_file.format is InputFormat.GEOPARQUET else name
             probe = probe_source(path, data_file, source_layer, limits)
-            plan.setdefault(layer, []).append(LayerSource(path, data_file, source_layer, probe))
+            _add_source(plan, layer, LayerSource(path, data_file, source_layer, probe))
     for layer, sources in plan.items():
         layer_crs(layer, sources, [s.probe for s in sources])
     return plan

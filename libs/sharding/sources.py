@@ -43,6 +43,8 @@ class LayerSource:
     data_file: DataFile
     source_layer: str | None
     probe: SourceProbe | None = field(default=None, repr=False, compare=False)
+    #: geometry_families 'split': the one family this layer takes ('point', 'line', 'polygon')
+    family: str | None = None
 
 
 def describe_source(data_file: DataFile, layer: str | None = None,

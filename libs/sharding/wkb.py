@@ -235,6 +235,21 @@ def _parse_bounds(array: pa.Array, valid: np.ndarray, out: np.ndarray, where: st
     out[:] = shapely.bounds(geoms)
 
 
+#: Family of each WKB type code (index), 0 for none: 1 point, 2 line, 3 polygon.
+_FAMILY_OF_KIND = np.zeros(64, np.int8)
+_FAMILY_OF_KIND[[1, 4]], _FAMILY_OF_KIND[[2, 5]], _FAMILY_OF_KIND[[3, 6]] = 1, 2, 3
+_FAMILY_CODES = {"point": 1, "line": 2, "polygon": 3}
+
+
+def family_rows(array: pa.Array, family: str) -> tuple[np.ndarray, np.ndarray]:
+    """For geometry_families 'split': a mask of the rows of ``family`` ('point', 'line',
+    'polygon'; Multi* included), and the indices of the rows of no family (no geometry, a
+    GeometryCollection, a curve), which no split layer can take."""
+    headers = _wkb_headers(array)[0]
+    codes = np.where(headers.valid, _FAMILY_OF_KIND[np.clip(headers.kind, 0, 63)], 0)
+    return codes == _FAMILY_CODES[family], np.flatnonzero(codes == 0)
+
+
 def check_one_family(headers: WkbHeaders, families: dict[str, tuple[str, str, int]], file: str,
                      where: str, first_row: int, layer: str) -> None:
     """Record the geometry families of a batch in ``families`` (family -> first file, type and

@@ -124,11 +124,20 @@ class ChunkWriter:
         try:
             if self.pending_rows:
                 self._flush()
+            elif not self.chunks and not self.in_flight:
+                # an empty layer is a valid delivery: one chunk of no rows carries its schema
+                self.pending.append((self._empty_rows(), np.arange(0)))
+                self._flush()
             while self.in_flight:
                 self._deliver(self.in_flight.popleft())
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
         return self.chunks
+
+    def _empty_rows(self) -> pa.Table:
+        fields = [self.schema.field(n) for n in self.output_columns]
+        fields += [pa.field(n, pa.float64()) for n in BOUNDS_COLUMNS]
+        return pa.schema([*fields, pa.field(TYPE_CODE_COLUMN, pa.uint8())]).empty_table()
 
     def abort(self) -> None:
         """Stop the encoder threads without delivering what is still pending."""
@@ -174,7 +183,7 @@ class ChunkWriter:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: every geometry empty
             box = (np.nanmin(values[0]), np.nanmin(values[1]), np.nanmax(values[2]),
-                   np.nanmax(values[3]))
+                   np.nanmax(values[3])) if table.num_rows else (np.nan,) * 4
         bbox = None if np.isnan(box).any() else tuple(float(v) for v in box)
         out = pa.Table.from_arrays(
             [table.column(n) for n in self.output_columns],

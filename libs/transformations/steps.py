@@ -50,6 +50,7 @@ from libs.manifest.recipe import (
     DropEmpty,
     FilterAttribute,
     FilterBBox,
+    Force2D,
     MakeValid,
     NormalizeColumnNames,
     PromoteToMulti,
@@ -185,6 +186,20 @@ def _domain_rejects(geoms: np.ndarray, crs: CRS, side: str) -> dict[int, str]:
             for row, i in zip(rows.tolist(), first.tolist(), strict=True)}
 
 
+def refuse_m(geoms: np.ndarray, frame: gpd.GeoDataFrame, where: str) -> None:
+    """Raise TransformError when a geometry to be reprojected carries M values: shapely builds
+    no geometry with M from coordinates (geopandas' to_crs turns Z and M into NaN). M is kept
+    where nothing moves the coordinates (a layer landed in the target CRS)."""
+    has_m = shapely.has_m(geoms)
+    if has_m.any():
+        row = frame[ROW_ID].iloc[int(np.flatnonzero(has_m)[0])]
+        raise TransformError(
+            f"{where}: {int(has_m.sum())} of {len(geoms)} geometries carry M (measure) values, the first at "
+            f"{ROW_ID} {row}; M cannot be reprojected (Z can). Add a 'force_2d' step before "
+            "'reproject' in the layer's recipe to drop Z and M, or land the layer in the "
+            "target CRS to keep M")
+
+
 def _clamped(frame: gpd.GeoDataFrame, source: CRS, target: CRS) -> gpd.GeoDataFrame:
     """``clip_to_domain``: coordinates moved onto the source CRS's domain, then (projected
     target with an area of use) clamped in lon/lat to that area of use, so that polar data
@@ -224,6 +239,8 @@ def reproject(frame: gpd.GeoDataFrame, step: Reproject, target_crs: str) -> Step
         frame = _clamped(frame, source, target)
     geoms = _geometries(frame)
     by_row = _domain_rejects(geoms, source, "source")
+    if not source.equals(target):
+        refuse_m(geoms, frame, step.step)
     if source.equals(target):
         projected = frame
     elif plain_points(geoms):
@@ -322,6 +339,14 @@ def promote_to_multi(frame: gpd.GeoDataFrame, step: PromoteToMulti, target_crs: 
         if hollow.any():
             promoted[hollow] = shapely.from_wkt(empty_wkt)
     return _keep_all(_with_geometries(frame, promoted))
+
+
+def force_2d(frame: gpd.GeoDataFrame, step: Force2D, target_crs: str) -> StepResult:
+    """Z and M dropped: each geometry keeps its x and y (NULL stays NULL)."""
+    geoms = _geometries(frame)
+    if not (shapely.has_z(geoms) | shapely.has_m(geoms)).any():
+        return _keep_all(frame)
+    return _keep_all(_with_geometries(frame, shapely.force_2d(geoms)))
 
 
 def simplify(frame: gpd.GeoDataFrame, step: Simplify, target_crs: str) -> StepResult:
@@ -515,6 +540,7 @@ STEP_FUNCTIONS: dict[type, Callable[[gpd.GeoDataFrame, RecipeStep, str], StepRes
     MakeValid: make_valid,
     DropEmpty: drop_empty,
     PromoteToMulti: promote_to_multi,
+    Force2D: force_2d,
     Simplify: simplify,
     FilterBBox: filter_bbox,
     FilterAttribute: filter_attribute,

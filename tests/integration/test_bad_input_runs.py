@@ -54,7 +54,9 @@ def mixed_geometry_types(folder, manifest):
                              geometry=[shapely.Point(0, 0), shapely.box(0, 0, 1, 1)],
                              crs="EPSG:3857")
     frame.to_file(folder / "points.geojson", driver="GeoJSON")
-    _set_file(manifest, "points", path="points.geojson", format="geojson")
+    # mixed families are accepted by default (issue 27); 'one' asks for a single family
+    _set_file(manifest, "points", path="points.geojson", format="geojson",
+              geometry_families="one")
     return "points.geojson", "Polygon"
 
 

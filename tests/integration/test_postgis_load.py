@@ -23,7 +23,7 @@ from psycopg import sql
 
 from libs import postgis
 from libs.errors import LoadError
-from libs.geoparquet import GEOMETRY
+from libs.geoparquet import GEOMETRY, geometry_type_names
 from libs.manifest import SpatialJoin
 from libs.postgis import ROW_ID, ChunkLoaded, LayerTable, load_layer_chunks
 from tests.unit.test_copy_binary import ATTRIBUTES
@@ -110,6 +110,47 @@ def test_every_attribute_type_and_geometry_round_trips(pg, schema, postgis_setti
             assert wkb is None
         else:
             assert shapely.equals(shapely.from_wkb(wkb), geom) and srid == 3857
+
+
+THREE_D = {
+    "PointZ": [shapely.Point(1, 2, 3), shapely.Point(-4, 5, -6.5)],
+    "LineStringZ": [shapely.LineString([(0, 0, 1), (1, 1, 2)])],
+    "MultiPolygonZ": [shapely.MultiPolygon([shapely.Polygon([(0, 0, 9), (1, 0, 9), (1, 1, 8)])])],
+    "GeometryZ": [shapely.Point(1, 2, 3), shapely.Polygon([(0, 0, 9), (1, 0, 9), (1, 1, 8)])],
+    postgis.ANY_DIMENSION: [shapely.Point(1, 2), shapely.Point(1, 2, 3), None],
+    "PointM": [shapely.from_wkt("POINT M (1 2 4)")],
+    "LineStringZM": [shapely.from_wkt("LINESTRING ZM (0 0 1 7, 1 1 2 8)")],
+}
+
+
+@pytest.mark.parametrize("column", list(THREE_D))
+def test_3d_and_m_geometries_round_trip_in_typed_columns(pg, schema, postgis_settings, column):
+    """Issue 27: Z (and M) kept in PostGIS. The column is typed from the transform's geometry
+    types (``column_geometry_type``), COPY takes the ISO WKB with Z and M, and
+    ``stream_table`` gives the same coordinates back; 2D beside 3D gets an untyped column."""
+    geoms = np.array(THREE_D[column], dtype=object)
+    assert postgis.column_geometry_type(geometry_type_names(geoms)) == column
+    chunk = pa.table({"n": pa.array(np.arange(len(geoms), dtype=np.int64)),
+                      GEOMETRY: pa.array(shapely.to_wkb(geoms, flavor="iso"), pa.binary())})
+    layer = LayerTable(schema, "threed", postgis.attribute_schema(chunk), 3857, column)
+    with postgis.connect(postgis_settings) as conn:
+        postgis.create_layer_table(conn, layer)
+        assert postgis.copy_chunk_into_table(conn, layer, chunk, (0, len(geoms))) == len(geoms)
+    declared = pg.execute("SELECT type, coord_dimension FROM geometry_columns "
+                          "WHERE f_table_schema = %s AND f_table_name = 'threed'",
+                          (schema,)).fetchone()
+    if column == postgis.ANY_DIMENSION:
+        assert declared[0] == "GEOMETRY"
+    else:
+        kind = column.rstrip("ZM")
+        suffix = column[len(kind):]
+        # PostGIS spells a 3-dimension M type POINTM, a Z or ZM one by its plain name
+        expected = kind.upper() + ("M" if suffix == "M" else "")
+        assert declared == (expected, {"Z": 3, "M": 3, "ZM": 4}[suffix])
+    pg.commit()
+    back = pa.concat_tables(list(postgis.stream_table(pg, layer))).column(GEOMETRY).to_pylist()
+    got = np.array([None if w is None else shapely.from_wkb(w) for w in back], dtype=object)
+    assert list(shapely.to_wkt(got)) == list(shapely.to_wkt(geoms))  # Z and M included
 
 
 def test_every_attribute_type_streams_back_out_as_it_was_loaded(pg, schema, postgis_settings):

@@ -27,7 +27,7 @@ from pyproj import Geod
 
 from etl_pipelines.sensors.discovery import CURSOR_VERSION
 from libs.errors import LoadError, ReconciliationError
-from libs.geoparquet import GEOMETRY
+from libs.geoparquet import GEOMETRY, geometry_type_names
 from libs.lake import completion_key
 from libs.manifest import MANIFEST_FILENAME, SpatialJoin
 from libs.postgis import (
@@ -105,7 +105,7 @@ def _load(conn, schema: str, name: str, frame: gpd.GeoDataFrame,
     chunk = attributes.append_column(
         GEOMETRY, pa.array(shapely.to_wkb(frame.geometry.values), type=pa.binary()))
     layer = LayerTable(schema, name, attribute_schema(chunk), frame.crs.to_epsg(),
-                       column_geometry_type(sorted(set(frame.geom_type))))
+                       column_geometry_type(geometry_type_names(frame.geometry.values)))
     create_layer_table(conn, layer)
     copy_chunk_into_table(conn, layer, chunk, (0, len(frame)))
     index_and_analyze(conn, layer, spatial_index=spatial_index)
@@ -120,7 +120,18 @@ def frames() -> dict[str, gpd.GeoDataFrame]:
         "countries": _countries(), "points": points, "points_brin": points,
         "sites": sites, "stations": stations,
         "sites_utm": sites.to_crs(epsg=UTM_32N), "stations_utm": stations.to_crs(epsg=UTM_32N),
+        # the same in 3D, heights up to 50 km apart: a 3D distance would change every match
+        "sites_3d": _with_z(sites.to_crs(epsg=UTM_32N), 13),
+        "stations_3d": _with_z(stations.to_crs(epsg=UTM_32N), 14),
+        "countries_3d": _with_z(_countries(), 15),
     }
+
+
+def _with_z(frame: gpd.GeoDataFrame, seed: int) -> gpd.GeoDataFrame:
+    """``frame`` with a random height per row (every vertex of a row at that height)."""
+    heights = np.random.default_rng(seed).uniform(0, 50_000, len(frame))
+    geoms = [shapely.force_3d(g, z) for g, z in zip(frame.geometry.values, heights, strict=True)]
+    return frame.set_geometry(gpd.GeoSeries(geoms, crs=frame.crs, index=frame.index))
 
 
 @pytest.fixture(scope="module")
@@ -563,6 +574,27 @@ def test_result_streams_in_batches_in_deterministic_order(db):
     keys = first[["site_id", "distance", "right_station_id"]]
     assert keys.equals(keys.sort_values(["site_id", "distance", "right_station_id"],
                                         na_position="last"))
+
+
+@pytest.mark.parametrize("predicate, extra", [("dwithin", {"distance": DWITHIN_M}),
+                                               ("nearest", {"k": 2})])
+def test_3d_layers_join_with_2d_predicates_and_distances(db, predicate, extra):
+    """Issue 27: 3D layers (PointZ, MultiPolygonZ columns) join as their 2D selves do: the
+    predicates and distances are 2D, whatever the heights."""
+    conn, layers = db
+    assert (layers["sites_3d"].geometry_type, layers["countries_3d"].geometry_type) == (
+        "PointZ", "GeometryZ")
+    flat = _run(db, _join(left="sites_utm", right="stations_utm", predicate=predicate,
+                          carry=["station_id"], **extra))
+    high = _run(db, _join(left="sites_3d", right="stations_3d", predicate=predicate,
+                          carry=["station_id"], **extra))
+    assert len(high) == len(flat) > 0
+    assert high["right_station_id"].fillna(-1).tolist() == flat["right_station_id"].fillna(-1).tolist()
+    np.testing.assert_allclose(high["distance"], flat["distance"], rtol=1e-12)
+    counts = {name: _run(db, _join(left=name, right="points", predicate="intersects",
+                                   aggregations=[{"function": "count", "output": "n"}]))
+              for name in ("countries", "countries_3d")}
+    assert counts["countries_3d"]["n"].tolist() == counts["countries"]["n"].tolist()
 
 
 # --- through the pipeline -------------------------------------------------------------------

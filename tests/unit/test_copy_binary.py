@@ -23,7 +23,7 @@ from psycopg.pq import Format
 from libs.errors import LoadError
 from libs.postgis import copy_binary
 from libs.postgis.copy_binary import COPY_SIGNATURE, COPY_TRAILER, Ewkb, copy_stream
-from libs.postgis.tables import pg_type
+from libs.postgis.tables import ANY_DIMENSION, column_geometry_type, geometry_column_sql, pg_type
 
 UTC = dt.UTC
 
@@ -294,3 +294,19 @@ def test_blocks_plan_by_bytes():
 def test_a_block_of_null_geometries_is_all_minus_one():
     rows = parse_copy(encode([pa.array([None, None], pa.binary())], [Ewkb(4326)]))
     assert rows == [[None], [None]]
+
+
+@pytest.mark.parametrize("types, column", [
+    (["Point"], "Point"), (["Point Z"], "PointZ"), (["MultiPolygon Z"], "MultiPolygonZ"),
+    (["Point", "Polygon"], "Geometry"), (["LineString Z", "Point Z"], "GeometryZ"),
+    (["Point", "Point Z"], ANY_DIMENSION), ([], "Geometry")])
+def test_a_layer_column_is_typed_by_its_geometry_types_and_dimensions(types, column):
+    assert column_geometry_type(types) == column
+    sql_text = geometry_column_sql(column, 3857).as_string()
+    assert sql_text == ('geometry CHECK (ST_SRID("geom") = 3857)' if column == ANY_DIMENSION
+                        else f"geometry({column}, 3857)")
+
+
+def test_an_unknown_geometry_column_type_is_refused():
+    with pytest.raises(ValueError, match="unknown geometry type 'PointQ'"):
+        geometry_column_sql("PointQ", 3857)

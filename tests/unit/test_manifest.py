@@ -246,3 +246,28 @@ def test_a_layer_whose_name_only_contains_rejects_is_accepted(sample):
                                dict(sample["files"][0], path="more.fgb", layer="roads_rejects")])
     manifest = parse_manifest(json.dumps(fine).encode(), "b-001/manifest.json")
     assert "roads_rejects" in manifest.layers
+
+
+def test_a_split_layer_is_named_by_its_families_in_join_and_recipes(sample):
+    """geometry_families 'split' makes '<layer>_points' etc. known, and the layer's own name
+    unknown; clashes, disagreeing files and too long names are listed."""
+    files = [dict(sample["files"][0], layer="feats", geometry_families="split"),
+             sample["files"][1]]
+    join = dict(sample["join"], left="countries", right="feats_points")
+    doc = dict(sample, files=files, join=join, recipes={"feats_polygons": [{"step": "force_2d"}]})
+    manifest = parse_manifest(json.dumps(doc).encode(), "k/manifest.json")
+    assert manifest.layers == ["feats_points", "feats_lines", "feats_polygons", "countries"]
+    jsonschema.validate(doc, json.loads(SCHEMA_FILE.read_text()))
+    with pytest.raises(ManifestError, match="join.right: layer 'feats' is not fed by any file"):
+        parse_manifest(json.dumps(dict(doc, join=dict(join, right="feats"))).encode(), "k/m")
+    clash = [*files, dict(sample["files"][0], path="b.fgb", layer="feats_lines")]
+    with pytest.raises(ManifestError, match="layer 'feats_lines' is declared, and is also one"):
+        parse_manifest(json.dumps(dict(doc, files=clash)).encode(), "k/m")
+    mixed = [*files, dict(sample["files"][0], path="b.fgb", layer="feats")]
+    with pytest.raises(ManifestError, match=r"files of layer 'feats' differ in geometry_families "
+                                            r"\(\['mixed', 'split'\]\)"):
+        parse_manifest(json.dumps(dict(doc, files=mixed)).encode(), "k/m")
+    long_name = "x" * 60
+    long_files = [dict(files[0], layer=long_name), files[1]]
+    with pytest.raises(ManifestError, match=f"layer '{long_name}_points' .* longer than 63"):
+        parse_manifest(json.dumps(dict(doc, files=long_files, recipes={})).encode(), "k/m")

@@ -591,11 +591,25 @@ def test_infinite_polygon_vertex_names_the_row(tmp_path, monkeypatch):
 
 
 def test_mixed_geometry_types_in_a_file(tmp_path):
+    """geometry_families: 'mixed' (default) keeps both, 'one' fails naming both, 'split'
+    feeds one layer per family (the polygons' empty) and fails on a row of no family."""
     path = tmp_path / "mixed.geojson"
-    gpd.GeoDataFrame(geometry=[shapely.Point(0, 0), shapely.LineString([(0, 0), (1, 1)])],
-                     crs="EPSG:4326").to_file(path, driver="GeoJSON")
-    fails(tmp_path, [entry(path, "geojson", layer="things")],
+    things = [shapely.Point(0, 0), shapely.LineString([(0, 0), (1, 1)]), shapely.Point(2, 2)]
+    gpd.GeoDataFrame({"n": [0, 1, 2]}, geometry=things, crs="EPSG:4326").to_file(
+        path, driver="GeoJSON")
+    result, sink = shard(tmp_path, [entry(path, "geojson", layer="things")])
+    assert result.rows == 3 and result.geometry_types == ["LineString", "Point"]
+    fails(tmp_path, [entry(path, "geojson", layer="things", geometry_families="one")],
           r"file 'mixed.geojson' \(layer 'things'\) mixes Point \(row 0\) and LineString \(row 1\)")
+    split = [entry(path, "geojson", layer="things", geometry_families="split")]
+    assert list(plan_layers(split)) == ["things_points", "things_lines", "things_polygons"]
+    for layer, expected in (("things_points", [0, 2]), ("things_lines", [1]),
+                            ("things_polygons", [])):
+        result, sink = shard(tmp_path, split, layer=layer)
+        assert chunk_table(sink, result).column("n").to_pylist() == expected
+    gpd.GeoDataFrame({"n": [0, 1]}, geometry=[shapely.Point(0, 0), None],
+                     crs="EPSG:4326").to_file(path, driver="GeoJSON")
+    fails(tmp_path, split, r"'mixed.geojson'.*feature 2: no geometry.*geometry_families 'split'")
 
 
 def test_mixed_geometry_types_across_files(tmp_path, points):
@@ -603,8 +617,11 @@ def test_mixed_geometry_types_across_files(tmp_path, points):
     pyogrio.write_dataframe(points, a, driver="FlatGeobuf")
     boxes = points.iloc[:1].set_geometry([shapely.box(0, 0, 1, 1)])
     pyogrio.write_dataframe(boxes, b, driver="FlatGeobuf")
-    fails(tmp_path, [entry(a, "flatgeobuf"), entry(b, "flatgeobuf")],
+    fails(tmp_path, [entry(a, "flatgeobuf", geometry_families="one"),
+                     entry(b, "flatgeobuf", geometry_families="one")],
           r"layer 'points' mixes Point \(file 'a.fgb', row 0\) and Polygon \(file 'b.fgb', row 0\)")
+    result, _ = shard(tmp_path, [entry(a, "flatgeobuf"), entry(b, "flatgeobuf")])
+    assert result.geometry_types == ["Point", "Polygon"]
 
 
 def _wkb_array(geoms, **to_wkb) -> pa.Array:
@@ -716,11 +733,34 @@ def test_columns_of_a_layers_files_must_agree(tmp_path):
     assert "column 'id' is int64 in 'a.fgb' but string in 'b.fgb'" in message
 
 
-def test_empty_file(tmp_path):
-    path = tmp_path / "empty.geojson"
-    path.write_text('{"type": "FeatureCollection", "features": []}')
-    fails(tmp_path, [entry(path, "geojson")],
-          r"file 'empty.geojson' \(layer 'points'\) has no features; expected at least one row")
+def test_an_empty_file_is_one_empty_chunk_with_the_layers_schema(tmp_path):
+    """An empty delivery is valid (issue 27): the layer is one chunk of no rows that keeps
+    the file's columns, CRS and geometry column, and no bbox."""
+    path = tmp_path / "empty.gpkg"
+    frame = gpd.GeoDataFrame({"name": pd.Series([], dtype="string"),
+                              "height": pd.Series([], dtype="float64")},
+                             geometry=gpd.GeoSeries([], crs="EPSG:3857"))
+    pyogrio.write_dataframe(frame, path, layer="empty", geometry_type="Point")
+    result, sink = shard(tmp_path, [entry(path, "gpkg")])
+    assert result.rows == 0 and len(result.chunks.chunks) == 1
+    chunk = result.chunks.chunks[0]
+    assert chunk.rows == 0 and chunk.bbox is None
+    table = chunk_table(sink, result)
+    assert table.num_rows == 0 and {"name", "height", "geometry"} <= set(table.column_names)
+    assert gpd.read_parquet(io.BytesIO(sink.objects[chunk.key])).crs.to_epsg() == 3857
+    geojson = tmp_path / "empty.geojson"
+    geojson.write_text('{"type": "FeatureCollection", "features": []}')
+    csv = tmp_path / "empty.csv"
+    csv.write_text("id,wkt\n")
+    pyogrio.write_dataframe(frame, tmp_path / "empty.fgb", driver="FlatGeobuf",
+                            geometry_type="Point")
+    frame.to_parquet(tmp_path / "empty.parquet")
+    for other in (entry(geojson, "geojson", source_crs="EPSG:4326"),
+                  entry(csv, "csv", source_crs="EPSG:4326", csv={"wkt_column": "wkt"}),
+                  entry(tmp_path / "empty.fgb", "flatgeobuf"),
+                  entry(tmp_path / "empty.parquet", "geoparquet")):
+        result, _ = shard(tmp_path, [other])
+        assert (result.rows, len(result.chunks.chunks)) == (0, 1), other[0].name
 
 
 def test_csv_needs_a_source_crs_and_readable_geometry(tmp_path):

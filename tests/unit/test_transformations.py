@@ -31,6 +31,7 @@ from libs.manifest.recipe import (
     DropEmpty,
     FilterAttribute,
     FilterBBox,
+    Force2D,
     MakeValid,
     NormalizeColumnNames,
     PromoteToMulti,
@@ -592,3 +593,50 @@ def test_staged_chunk_errors_name_layer_and_chunk(memory_store, parcels):
     memory_store[("staging", chunk.key)] = parcels + b"tampered"
     with pytest.raises(TransformError, match="sha256 is not the one sharding recorded"):
         transform_staged_chunk(SETTINGS, "staging", chunk, "o", "r", RECIPE, MERCATOR)
+
+
+# ---------------------------------------------------------------- Z and M (issue 27)
+
+THREE_D = ["POINT Z (1000 2000 5)", "LINESTRING Z (0 0 1, 1000 1000 2)",
+           "POLYGON Z ((0 0 3, 10 0 3, 10 10 4, 0 0 3))", None]
+
+
+def test_reprojection_keeps_z_unchanged_and_reports_z_types():
+    result, out, _ = run(chunk_of(THREE_D, n=[1, 2, 3, 4]), [Reproject()], "EPSG:4326")
+    geoms = out.geometry.values
+    assert shapely.has_z(geoms[:3]).all()
+    np.testing.assert_array_equal(shapely.get_coordinates(geoms, include_z=True)[:, 2],
+                                  [5, 1, 2, 3, 3, 4, 3])
+    assert result.geometry_types == ["LineString Z", "Point Z", "Polygon Z"]
+
+
+def test_force_2d_drops_z_and_m_and_keeps_2d_rows_and_nulls():
+    data = chunk_of([*THREE_D, "POINT (7 8)"], n=[1, 2, 3, 4, 5])
+    result, out, _ = run(data, [Force2D(), Reproject()], MERCATOR)
+    assert not shapely.has_z(out.geometry.values).any()
+    assert out.geometry.values[3] is None
+    assert [g.wkt for g in out.geometry.values[[0, 4]]] == ["POINT (1000 2000)", "POINT (7 8)"]
+    assert result.geometry_types == ["LineString", "Point", "Polygon"]
+    m_data = chunk_of(["POINT (1 2)"], n=[1])
+    frame = read(m_data)
+    for wkt in ("POINT ZM (1 2 3 4)", "POINT M (1 2 4)"):
+        frame = frame.set_geometry(gpd.GeoSeries([shapely.from_wkt(wkt)], crs=MERCATOR))
+        _, out, _ = run(to_geoparquet_bytes(frame), [Force2D(), Reproject()], "EPSG:4326")
+        assert not shapely.has_m(out.geometry.values).any(), wkt
+
+
+def test_m_values_are_kept_in_place_and_refused_by_a_reprojection():
+    """M is kept where nothing moves coordinates (types say " M", the GeoParquet metadata,
+    which has no M, the type without it); a reprojection fails naming the row and force_2d."""
+    frame = read(chunk_of(["POINT (1 2)", "POINT (3 4)"], n=[1, 2]))
+    frame = frame.set_geometry(gpd.GeoSeries(
+        [shapely.Point(1, 2), shapely.from_wkt("LINESTRING ZM (0 0 1 7, 1 1 2 8)")], crs=MERCATOR))
+    data = to_geoparquet_bytes(frame)
+    result, out, _ = run(data, [Reproject(), MakeValid()], MERCATOR)
+    assert out.geometry.values[1].wkt == "LINESTRING ZM (0 0 1 7, 1 1 2 8)"
+    assert result.geometry_types == ["LineString ZM", "Point"]
+    geo = json.loads(pq.read_schema(io.BytesIO(result.data)).metadata[b"geo"])
+    assert geo["columns"]["geometry"]["geometry_types"] == ["LineString Z", "Point"]
+    with pytest.raises(TransformError, match=r"1 of 2 geometries carry M .* _row_id 11.*"
+                                             r"'force_2d'"):
+        transform_chunk_bytes(data, [Reproject()], "EPSG:4326", 10)
