@@ -181,9 +181,10 @@ class _Collector:
         self.rows = 0
         self.nbytes = 0
 
-    def refuse_rows(self, batch: pa.RecordBatch, problems: RowProblems, label: str,
-                    where: str, first_row: int) -> tuple[pa.RecordBatch, list, WkbHeaders]:
-        """``batch`` without its bad rows, and the bounds and type headers of the rows kept.
+    def refuse_rows(self, batch: pa.RecordBatch, problems: RowProblems, label: str, where: str,
+                    first_row: int) -> tuple[pa.RecordBatch, list, WkbHeaders, np.ndarray | None]:
+        """``batch`` without its bad rows; the bounds and type headers of the rows kept; and
+        where the kept rows were in ``batch`` (None when all were kept).
 
         Each bad row is recorded as rejected with its reason: the reader's ``problems`` and
         geometries PostGIS would refuse (step ``read``), geometries over the vertex limit
@@ -198,37 +199,39 @@ class _Collector:
                     f"{reason} (recipe policy 'fail'); simplify or split the geometry, or set "
                     "make_valid's policy to 'reject' to keep the rest of the layer")
             refused.setdefault(row, ("vertex_limit", reason))
-        kept = self._without(batch, refused)
+        kept, origin = self._kept(batch, refused)
         try:  # the common case: every geometry readable, only the (fast) bounds check runs
-            return (kept, *geometry_bounds(kept.column(GEOMETRY), where, first_row + 1))
+            bounds, headers = geometry_bounds(kept.column(GEOMETRY), where, first_row + 1)
         except InputDataError:
             found = geometry_problems(kept.column(GEOMETRY))
             if not found:
                 raise  # not one row's fault (an unsupported geometry type): the file's
-            rest = np.setdiff1d(np.arange(batch.num_rows), list(refused))  # kept -> batch row
-            kept = self._without(kept, {at: ("read", f"{where}, {label} "
-                                                 f"{first_row + int(rest[at]) + 1}: {reason}")
-                                        for at, reason in found.items()})
-        return (kept, *geometry_bounds(kept.column(GEOMETRY), where, first_row + 1))
+            at = np.arange(batch.num_rows) if origin is None else origin
+            for index, reason in found.items():
+                row = int(at[index])
+                refused[row] = ("read", f"{where}, {label} {first_row + row + 1}: {reason}")
+            kept, origin = self._kept(batch, refused)
+            bounds, headers = geometry_bounds(kept.column(GEOMETRY), where, first_row + 1)
+        if refused:
+            rows = sorted(refused)
+            self.rejected += [(*refused[row], values) for row, values in
+                              zip(rows, attributes_json(batch.take(pa.array(rows))), strict=True)]
+        return kept, bounds, headers, origin
 
-    def _without(self, batch: pa.RecordBatch, refused: dict[int, tuple[str, str]]
-                 ) -> pa.RecordBatch:
-        """``batch`` without the ``refused`` rows, which are recorded (``rejected``)."""
+    @staticmethod
+    def _kept(batch: pa.RecordBatch, refused: dict) -> tuple[pa.RecordBatch, np.ndarray | None]:
         if not refused:
-            return batch
-        rows = sorted(refused)
-        self.rejected += [(*refused[row], values) for row, values in
-                          zip(rows, attributes_json(batch.take(pa.array(rows))), strict=True)]
-        keep = np.ones(batch.num_rows, bool)
-        keep[rows] = False
-        return batch.filter(pa.array(keep))
+            return batch, None
+        origin = np.setdiff1d(np.arange(batch.num_rows), list(refused))
+        return batch.take(pa.array(origin)), origin
 
     def add(self, batch: pa.RecordBatch, problems: RowProblems, file: str, where: str,
             first_row: int, label: str) -> None:
-        batch, bounds, headers = self.refuse_rows(batch, problems, label, where, first_row)
+        batch, bounds, headers, origin = self.refuse_rows(batch, problems, label, where,
+                                                          first_row)
         if not batch.num_rows:
             return
-        check_one_family(headers, self.families, file, where, first_row + 1, self.layer)
+        check_one_family(headers, self.families, file, where, first_row + 1, self.layer, origin)
         self.types.update(headers.type_names())
         cx, cy = (bounds[0] + bounds[2]) * 0.5, (bounds[1] + bounds[3]) * 0.5
         if not np.isnan(cx).all():

@@ -270,14 +270,16 @@ def _unreadable(value: bytes) -> str:
 
 
 def check_one_family(headers: WkbHeaders, families: dict[str, tuple[str, str, int]], file: str,
-                     where: str, first_row: int, layer: str) -> None:
+                     where: str, first_row: int, layer: str,
+                     origin: np.ndarray | None = None) -> None:
     """Record the geometry families of a batch in ``families`` (family -> first file, type and
-    row seen) and raise :class:`InputDataError` once a layer holds more than one."""
+    row seen) and raise :class:`InputDataError` once a layer holds more than one. ``origin``:
+    each row's position in the batch as read, when rows were set apart since."""
     present = headers.valid
     kinds = headers.kind[present]
     if not len(kinds):
         return
-    rows = np.flatnonzero(present)
+    rows = np.flatnonzero(present) if origin is None else origin[present]
     for kind in np.flatnonzero(np.bincount(kinds)).tolist():
         family = _FAMILIES[kind]
         row = first_row + int(rows[np.argmax(kinds == kind)])
