@@ -54,9 +54,8 @@ def breach_message(layer: str, rejected: int, total: int, limit: float,
     if not rejected or rejected <= limit * total:
         return None
     return (f"layer {layer!r}: {rejected:,} of {total:,} rows were rejected as bad data "
-            f"({rejected / total:.1%}), more than its max_reject_fraction {limit:g} allows; "
-            f"nothing was published. The first problems, by reason:\n"
-            f"{grouped_problems(problems)}\n"
-            "Fix the rows (or the declaration: encoding, columns, CRS) and land the batch again "
-            "under a new batch_id, or raise max_reject_fraction for the layer in the manifest "
-            "to publish the good rows and keep the bad ones in its _rejects dataset")
+            f"({rejected / total:.1%}), more than its max_reject_fraction {limit:g} allows. "
+            f"The first problems, by reason:\n{grouped_problems(problems)}\n"
+            "Fix those rows (or the declaration: encoding, columns, CRS), or raise the layer's "
+            "max_reject_fraction to publish the good rows and keep the bad ones in "
+            f"{layer}_rejects.")

@@ -299,8 +299,8 @@ def collect_layer(layer: str, sources: list[LayerSource], scratch_dir: Path,
     if collector.rows == 0:  # every row was read and refused
         problems = [(step, reason) for step, reason, _ in collector.rejected]
         raise InputDataError(
-            f"layer {layer!r}: all {len(problems):,} rows were rejected as bad data; nothing "
-            f"was published. The first problems, by reason:\n{grouped_problems(problems)}")
+            f"layer {layer!r}: all {len(problems):,} rows were rejected as bad data. The "
+            f"first problems, by reason:\n{grouped_problems(problems)}")
     extent = collector.extent if np.isfinite(collector.extent).all() else np.full(4, np.nan)
     return CollectedLayer(collector.stores, schema, crs, collector.rows, collector.nbytes,
                           not collector.spilled, extent, collector.sample.centres,

@@ -93,7 +93,7 @@ def test_a_breach_lists_the_first_problems_grouped_by_reason():
     assert breach_message("s", 10, 100, 0.1, problems) is None  # at the limit is allowed
     message = breach_message("s", 30, 100, 0.1, problems)
     assert message.startswith("layer 's': 30 of 100 rows were rejected as bad data (30.0%), "
-                              "more than its max_reject_fraction 0.1 allows; nothing was published")
+                              "more than its max_reject_fraction 0.1 allows. The first problems")
     listing = grouped_problems(problems)
     assert listing.count("    - ") == 20
     assert listing.splitlines()[0] == "  read: column … holds …, which is not valid WKT (19 listed)"
