@@ -311,10 +311,11 @@ def _csv_options(data_file: DataFile, where: str, info: dict) -> tuple[tuple[str
     assert spec is not None  # the manifest model requires it for csv
     columns = [str(c) for c in info.get("fields", [])]
     wanted = [spec.wkt_column] if spec.wkt_column else [spec.x_column, spec.y_column]
-    for name in wanted:
-        if name not in columns:
-            raise InputDataError(f"{where}: the CSV has no column {name!r}; its columns are "
-                                 f"{columns} (check csv.* in the manifest, names are exact)")
+    missing = [name for name in wanted if name not in columns]
+    if missing:
+        named = " or ".join(repr(name) for name in missing)
+        raise InputDataError(f"{where}: the CSV has no column {named}; its columns are "
+                             f"{columns} (check csv.* in the manifest, names are exact)")
     if spec.wkt_column:
         return (("GEOM_POSSIBLE_NAMES", spec.wkt_column), ("KEEP_GEOM_COLUMNS", "YES"))
     if any(c.upper() == "WKT" for c in columns):
