@@ -7,8 +7,10 @@ fails with how to retry, and re-executing all steps after landing the fix publis
 import io
 import json
 
+import geopandas as gpd
 import pyarrow.parquet as pq
 import pytest
+import shapely
 from dagster import (
     DagsterInstance,
     ReexecutionOptions,
@@ -125,6 +127,34 @@ def test_a_reject_fraction_breach_fails_listing_problems_by_reason_and_publishes
     assert record["status"] == "FAILURE" and record["failed_step"] == "shard_batch"
     assert record["cause"].startswith("InputDataError: layer 'sites': 3 of 20 rows")
     assert "data line 13" in record["cause"] and "Re-execute > All steps" in record["cause"]
+
+
+def test_recipe_rejects_count_too_the_transform_fails_a_breach_and_publishes_nothing(
+        stack_env, store, landing_store, tmp_path, batch_id):
+    folder = tmp_path / batch_id
+    manifest = write_sample_batch(folder, batch_id, n_points=N_POINTS)
+    bowtie = shapely.Polygon([(0, 0), (1, 1), (1, 0), (0, 1), (0, 0)])  # self-intersecting
+    zones = [shapely.box(i, 0, i + 1, 1) for i in range(8)] + [bowtie, bowtie]
+    gpd.GeoDataFrame({"zone": range(10)}, geometry=zones, crs="EPSG:4326").to_file(
+        folder / "zones.geojson", driver="GeoJSON")
+    manifest["files"].append({"path": "zones.geojson", "layer": "zones", "format": "geojson"})
+    manifest["recipes"] = {"zones": [{"step": "make_valid", "policy": "reject"}],
+                           # selections are not problems: 90 % of the points filtered away
+                           "points": [{"step": "filter", "column": "value", "op": ">=",
+                                       "value": 90.0}]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    land_batch(landing_store, folder, batch_id)
+    with DagsterInstance.ephemeral() as instance:
+        result = run_ingest(instance, request_for(sensor_tick(instance, focus=batch_id),
+                                                  batch_id), raise_on_error=False)
+    assert not result.success
+    step, message = _failure(result)
+    assert step == "transform_chunks"
+    assert message.startswith("libs.errors.InputDataError: layer 'zones': 2 of 10 rows were "
+                              "rejected as bad data (20.0%)"), message
+    assert "\n  make_valid: " in message and "(2 listed)" in message, message
+    assert "layer 'points'" not in message
+    _nothing_published(store, batch_id)
 
 
 def test_a_broken_file_says_how_to_retry_and_reexecuting_all_steps_reads_the_fix(

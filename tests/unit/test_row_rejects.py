@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 import shapely
 
+from libs.descriptors import Chunk, ChunkIndex, LayerChunks
 from libs.errors import InputDataError
 from libs.ledger import reexecution_hint, step_failure_cause
 from libs.manifest import DataFile, Manifest
@@ -16,6 +17,7 @@ from libs.manifest.rejects import breach_message, grouped_problems, reason_kind
 from libs.sharding.inputs import plan_layers
 from libs.sharding.shard import shard_layer
 from libs.sharding.wkb import geometry_problems
+from libs.transformations import check_reject_fractions
 
 
 def _shard(tmp_path, text: str, csv: dict, encoding_bytes: bytes | None = None):
@@ -146,3 +148,33 @@ def test_rows_named_after_rejects_keep_their_numbers(tmp_path):
     text = "id,wkt\n1,POINT (1 2)\n2,POINT (oops\n3,\"POLYGON ((0 0, 1 0, 1 1, 0 0))\"\n"
     with pytest.raises(InputDataError, match=r"mixes Point \(row 1\) and Polygon \(row 3\)"):
         _shard(tmp_path, text, {"wkt_column": "wkt"})
+
+
+def _index(rows: int):
+    def chunk(key, n):
+        return Chunk(key=key, layer="a", ordinal=0, row_offset=0, rows=n, bbox=None,
+                     crs="EPSG:4326", bytes=1, sha256="0")
+
+    return ChunkIndex(batch_id="b", staging_bucket="s", prefix="p", sources=[],
+                      layers=[LayerChunks(layer="a", crs="EPSG:4326", chunks=[chunk("c", rows)])],
+                      rejects=[LayerChunks(layer="a", crs="EPSG:4326", chunks=[chunk("r", 3)])])
+
+
+def test_the_transform_check_counts_bad_rows_not_selections_and_reads_only_a_breach():
+    read = []
+
+    def problems_of(chunk):
+        read.append(chunk.key)
+        return [("filter", "value < 60"), ("make_valid", "file 'a' (layer 'a'), row 2: bad")]
+
+    # 3 invalid of 61 rows (50 filtered away do count as rows, not as problems): within 0.1
+    check_reject_fractions(_index(8), {"a": {"make_valid": 3, "filter": 50}}, lambda _: 0.1,
+                           problems_of)
+    check_reject_fractions(_index(8), {"a": {"filter": 50}}, lambda _: 0.0, problems_of)
+    assert read == []
+    with pytest.raises(InputDataError) as caught:
+        check_reject_fractions(_index(8), {"a": {"make_valid": 3}}, lambda _: 0.1, problems_of)
+    assert read == ["r"]
+    assert str(caught.value).startswith("layer 'a': 3 of 11 rows were rejected as bad data")
+    assert "value < 60" not in str(caught.value)
+    assert "  make_valid: bad (1 listed)" in str(caught.value)
