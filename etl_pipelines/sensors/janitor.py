@@ -82,8 +82,11 @@ def ledger_run_failure_sensor(context: RunFailureSensorContext, ledger: LedgerRe
     # A run stopped at its max runtime fails twice (the monitor's event, then its own
     # process's): a later failure without a monitoring cause must not erase the cause.
     cause = run_failure_cause(message)
-    # else the first failed step and its error as the user reads it (not just "steps failed")
+    # else the first failed step and its error as the user reads it (not just "steps failed"),
+    # unless a cause is recorded already (the monitor's, for the run's second failure)
     fields = {"cause": cause} if cause else _step_failure(context)
+    if not cause and "cause" in (ledger.ledger.run(run.run_id) or {}):
+        fields.pop("cause", None)
     ledger.ledger.record_run(run.run_id, status="FAILURE", batch_id=run.tags.get("batch_id"),
                              error=message, **fields)
 
