@@ -220,9 +220,11 @@ class _CsvGeometryCheck:
             given = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)
             bad = pc.and_(geometry_missing, pc.fill_null(given, False))
             for row in np.flatnonzero(bad.to_numpy(zero_copy_only=False)).tolist():
+                # the raw bytes: text not valid UTF-8 must not stop its own report
+                shown = text.cast(pa.binary())[row].as_py()[:60].decode("utf-8", "replace")
                 problems.setdefault(row, (
                     f"{self.line(first_row + row)}: column {self.wkt!r} holds "
-                    f"{text[row].as_py()[:60]!r}, which is not valid WKT; expected e.g. "
+                    f"{shown!r}, which is not valid WKT; expected e.g. "
                     "'POINT (1 2)' (or an empty value for no geometry)"))
             return problems
         x_column, y_column = batch.column(self.xy[0]), batch.column(self.xy[1])
