@@ -163,5 +163,7 @@ def _metadata(index: ChunkIndex, landed: list, seconds: float, early: EarlyTasks
         "geometry_types": MetadataValue.json(index.geometry_types),
         "crs": MetadataValue.json({x.layer: x.crs for x in index.layers}),
         "transforms_started": early.count if early is not None else 0,
-        "rows_over_vertex_limit": sum(x.rows for x in index.rejects),
+        "rows_over_vertex_limit": sum(x.get("vertex_limit", 0)
+                                      for x in index.shard_reject_steps.values()),
+        "rows_unreadable": sum(x.get("read", 0) for x in index.shard_reject_steps.values()),
     }

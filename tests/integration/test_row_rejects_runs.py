@@ -81,6 +81,10 @@ def test_bad_csv_rows_are_rejects_with_their_data_line_and_the_good_rows_are_pub
         result = run_ingest(instance, request_for(sensor_tick(instance, focus=batch_id),
                                                   batch_id))
     assert result.success
+    [metadata] = [e.event_specific_data.metadata for e in result.all_events
+                  if e.event_type_value == "STEP_OUTPUT" and e.step_key == "shard_batch"]
+    assert metadata["rows_unreadable"].value == len(BAD_LINES)
+    assert metadata["rows_over_vertex_limit"].value == 0
     completion = json.loads(store.get_bytes("data-lake", completion_key(batch_id)))
     datasets = completion["datasets"]
     assert datasets["sites"]["rows"] == N_SITES - len(BAD_LINES)
