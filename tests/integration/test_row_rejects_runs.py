@@ -187,6 +187,13 @@ def test_a_broken_file_says_how_to_retry_and_reexecuting_all_steps_reads_the_fix
 
         landing_store.put_bytes("landing-zone", f"{batch_id}/points.fgb", good,
                                 "application/octet-stream")
+        # "from failure" reuses the failed run's plan, which pinned the broken version
+        resumed = execute_job(reconstructable(ingest_batch_job), instance,
+                              reexecution_options=ReexecutionOptions.from_failure(
+                                  failed.run_id, instance), raise_on_error=False)
+        assert not resumed.success
+        step, message = _failure(resumed)
+        assert step == "shard_batch" and "re-execute all steps instead" in message, message
         again = execute_job(reconstructable(ingest_batch_job), instance,
                             reexecution_options=ReexecutionOptions(parent_run_id=failed.run_id))
         assert again.success
