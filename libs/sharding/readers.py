@@ -133,25 +133,47 @@ def _gdal_encoding(name: str) -> str:
         canonical, canonical.upper())
 
 
+#: Undecodable places a transcoding lists before it stops looking.
+MAX_DECODE_PROBLEMS = 20
+
+
 def _transcode_to_utf8(path: Path, encoding: str, out: Path, where: str) -> Path:
-    """Copy a text file as UTF-8 (GDAL's Arrow reader only reads UTF-8 for text formats)."""
+    """Copy a text file as UTF-8 (GDAL's Arrow reader only reads UTF-8 for text formats).
+
+    Bytes the declared encoding cannot decode fail the file (its encoding is wrongly
+    declared, not one row broken), listing the first ``MAX_DECODE_PROBLEMS`` of them."""
     decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
-    consumed, lines = 0, 1
+    consumed, lines, problems = 0, 1, []  # (byte, line, reason)
     with path.open("rb") as source, out.open("w", encoding="utf-8", newline="") as target:
-        while block := source.read(1 << 20):
-            try:
-                text = decoder.decode(block)
-            except UnicodeDecodeError as exc:
-                line = lines + block[: exc.start].count(b"\n")
-                raise InputDataError(
-                    f"{where}: byte {consumed + exc.start:,} (line {line}) cannot be decoded as the "
-                    f"declared encoding {encoding!r} ({exc.reason}); declare the file's real "
-                    "encoding in the manifest (e.g. 'cp1252', 'utf-8')"
-                ) from None
+        while len(problems) < MAX_DECODE_PROBLEMS and (block := source.read(1 << 20)):
+            start, text = 0, ""
+            while len(problems) < MAX_DECODE_PROBLEMS:
+                try:
+                    text = decoder.decode(block[start:])
+                    break
+                except UnicodeDecodeError as exc:  # note it, go on after the bad bytes
+                    at = start + max(exc.start, 0)
+                    problems.append((consumed + at, lines + block[:at].count(b"\n"), exc.reason))
+                    decoder.reset()
+                    start = at + max(exc.end - exc.start, 1)
             consumed += len(block)
             lines += block.count(b"\n")
-            target.write(text)
-        target.write(decoder.decode(b"", final=True))
+            if not problems:
+                target.write(text)
+        try:
+            target.write(decoder.decode(b"", final=True))
+        except UnicodeDecodeError as exc:
+            problems.append((consumed, lines, exc.reason))
+    if problems:
+        (byte, line, reason), more = problems[0], problems[1:]
+        capped = len(problems) >= MAX_DECODE_PROBLEMS
+        also = (f"; also at line(s) {', '.join(str(p[1]) for p in more)}"
+                + (f" (the first {MAX_DECODE_PROBLEMS} listed)" if capped else "")
+                if more else "")
+        raise InputDataError(
+            f"{where}: byte {byte:,} (line {line}) cannot be decoded as the declared encoding "
+            f"{encoding!r} ({reason}){also}; declare the file's real encoding in the manifest "
+            "(e.g. 'cp1252', 'utf-8')")
     return out
 
 

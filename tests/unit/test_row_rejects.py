@@ -178,3 +178,16 @@ def test_the_transform_check_counts_bad_rows_not_selections_and_reads_only_a_bre
     assert str(caught.value).startswith("layer 'a': 3 of 11 rows were rejected as bad data")
     assert "value < 60" not in str(caught.value)
     assert "  make_valid: bad (1 listed)" in str(caught.value)
+
+
+def test_a_wrongly_declared_encoding_lists_the_undecodable_lines_in_one_pass(tmp_path):
+    path = tmp_path / "sites.csv"
+    path.write_bytes(b"id,name,wkt\n1,Z\xfcrich,POINT (1 2)\n2,ok,POINT (1 2)\n3,Caf\xe9,POINT (1 2)\n")
+    data_file = DataFile(path="sites.csv", layer="sites", format="csv", encoding="ascii",
+                         source_crs="EPSG:4326", csv={"wkt_column": "wkt"})
+    plan = plan_layers([(path, data_file)])
+    with pytest.raises(InputDataError) as caught:
+        shard_layer("sites", plan["sites"], lambda o, d: "k", scratch_dir=tmp_path)
+    assert str(caught.value).startswith(
+        "file 'sites.csv' (layer 'sites'): byte 15 (line 2) cannot be decoded as the declared "
+        "encoding 'ascii' (ordinal not in range(128)); also at line(s) 4; declare")
