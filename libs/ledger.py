@@ -209,6 +209,11 @@ class Ledger:
         self.db.batches.update_one({"_id": batch_id, "pinned": {"$exists": False}},
                                    {"$set": {"pinned": {**pinned, "by_run": run_id,
                                                         "at": _now()}}})
+        # data files released after a run failed on them (``release_pins``): pinned anew
+        self.db.batches.update_one(
+            {"_id": batch_id, "pinned": {"$exists": True}, "pinned.objects": {"$exists": False}},
+            {"$set": {"pinned.objects": pinned.get("objects", []), "pinned.by_run": run_id,
+                      "pinned.at": _now()}})
         return (self.db.batches.find_one({"_id": batch_id}, {"pinned": 1}) or {}).get("pinned", {})
 
     @_retried
@@ -219,11 +224,12 @@ class Ledger:
 
     @_retried
     def release_pins(self, batch_id: str, run_id: str, reason: str) -> None:
-        """Forget the batch's pins after ``run_id`` failed on its input data with nothing
-        published: the next validate of the batch (a re-execution of all steps) pins the
-        landed objects as they are then. The release is kept in ``pins_released``."""
+        """Forget the pins of the batch's data files after ``run_id`` failed on its input
+        data with nothing published: the next validate of the batch (a re-execution of all
+        steps) pins the files as they are then. The manifest stays pinned (the batch is the
+        manifest version it claimed). The release is kept in ``pins_released``."""
         self.db.batches.update_one({"_id": batch_id}, {
-            "$unset": {"pinned": ""},
+            "$unset": {"pinned.objects": ""},
             "$push": {"pins_released": {"run_id": run_id, "reason": reason[:2000],
                                         "at": _now()}}})
 

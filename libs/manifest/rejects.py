@@ -56,6 +56,6 @@ def breach_message(layer: str, rejected: int, total: int, limit: float,
     return (f"layer {layer!r}: {rejected:,} of {total:,} rows were rejected as bad data "
             f"({rejected / total:.1%}), more than its max_reject_fraction {limit:g} allows. "
             f"The first problems, by reason:\n{grouped_problems(problems)}\n"
-            "Fix those rows (or the declaration: encoding, columns, CRS), or raise the layer's "
-            "max_reject_fraction to publish the good rows and keep the bad ones in "
-            f"{layer}_rejects.")
+            "Fix those rows, or, to publish the good rows and keep the bad ones in "
+            f"{layer}_rejects, land the batch under a new batch_id with a higher "
+            "max_reject_fraction for the layer (or the right encoding, columns or CRS).")
