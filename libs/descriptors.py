@@ -90,6 +90,9 @@ class ChunkIndex(_Frozen):
         "vertex limit) and, once transformed, the recipe's")
     geometry_types: dict[str, list[str]] = Field(
         default_factory=dict, description="geometry types per layer")
+    shard_reject_steps: dict[str, dict[str, int]] = Field(  # issue 27
+        default_factory=dict, description="rows the shard stage rejected, per layer and step "
+        "('read': unreadable rows, 'vertex_limit')")
 
     @property
     def rows(self) -> int:

@@ -43,7 +43,9 @@ class PinnedVersionChanged(InputDataError):
         super().__init__(
             f"{uri} changed after the batch was validated: {was}, {is_now}; a batch reads "
             "exactly the versions it validated and landed objects are never changed in "
-            "place: land the data again under a new batch_id (a new folder with its manifest)")
+            "place: land the data again under a new batch_id (a new folder with its manifest); "
+            "if an earlier run of this batch failed on that file and you landed its fix, "
+            "re-execute all steps instead (validate pins the fix), not from failure")
 
 
 class TransformError(SpatialEtlError):

@@ -22,6 +22,7 @@ repeat after a reconnect (an insert whose acknowledgement was lost finds its own
 from __future__ import annotations
 
 import functools
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -208,6 +209,11 @@ class Ledger:
         self.db.batches.update_one({"_id": batch_id, "pinned": {"$exists": False}},
                                    {"$set": {"pinned": {**pinned, "by_run": run_id,
                                                         "at": _now()}}})
+        # data files released after a run failed on them (``release_pins``): pinned anew
+        self.db.batches.update_one(
+            {"_id": batch_id, "pinned": {"$exists": True}, "pinned.objects": {"$exists": False}},
+            {"$set": {"pinned.objects": pinned.get("objects", []), "pinned.by_run": run_id,
+                      "pinned.at": _now()}})
         return (self.db.batches.find_one({"_id": batch_id}, {"pinned": 1}) or {}).get("pinned", {})
 
     @_retried
@@ -215,6 +221,17 @@ class Ledger:
         """Replace the batch's pins (a run that processes the batch again on purpose)."""
         self.db.batches.update_one({"_id": batch_id}, {"$set": {"pinned": {
             **pinned, "by_run": run_id, "at": _now()}}})
+
+    @_retried
+    def release_pins(self, batch_id: str, run_id: str, reason: str) -> None:
+        """Forget the pins of the batch's data files after ``run_id`` failed on its input
+        data with nothing published: the next validate of the batch (a re-execution of all
+        steps) pins the files as they are then. The manifest stays pinned (the batch is the
+        manifest version it claimed). The release is kept in ``pins_released``."""
+        self.db.batches.update_one({"_id": batch_id}, {
+            "$unset": {"pinned.objects": ""},
+            "$push": {"pins_released": {"run_id": run_id, "reason": reason[:2000],
+                                        "at": _now()}}})
 
     @_retried
     def claim_token(self, batch_id: str) -> str:
@@ -386,3 +403,24 @@ def run_failure_cause(message: str | None) -> str | None:
         if marker in (message or ""):
             return cause
     return None
+
+
+def reexecution_hint(run_url: str, *, all_steps: bool) -> str:
+    """How to retry a run that failed on landed data: land the fix at the same keys, then
+    re-execute the run (``run_url``) from the Dagster UI; nothing of the batch was published.
+    ``all_steps``: the validate step must run again (it pins the versions the run reads)."""
+    how = ("Re-execute > All steps (not 'From failure': validate must run again to pin the "
+           "corrected files)") if all_steps else "Re-execute (from failure or all steps)"
+    return (f"Nothing of the batch was published. To retry: land the corrected file(s) at the "
+            f"same key(s) in the batch's folder, then open the run in the Dagster UI "
+            f"({run_url}) and choose {how}; the re-execution reads the files as they are then.")
+
+
+def step_failure_cause(step: str | None, message: str | None) -> dict[str, str]:
+    """The ledger's fields for a run that failed in ``step`` with ``message`` (the error the
+    step raised, as the user reads it): ``failed_step`` and ``cause``."""
+    fields = {"failed_step": step} if step else {}
+    if message:
+        # "libs.errors.InputDataError: ..." -> "InputDataError: ...": the class says what kind
+        fields["cause"] = re.sub(r"^(?:[a-z_][\w]*\.)+(?=[A-Z]\w*: )", "", message.strip())
+    return fields

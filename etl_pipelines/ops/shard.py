@@ -18,7 +18,12 @@ from pydantic import Field
 from etl_pipelines.ray.metrics import StageProgress
 from etl_pipelines.ray.submit import EarlyTasks
 from etl_pipelines.ray.tasks import transform_chunk, transform_spec
-from etl_pipelines.resources import ObjectStoreResource, RayResource, ScratchResource
+from etl_pipelines.resources import (
+    LedgerResource,
+    ObjectStoreResource,
+    RayResource,
+    ScratchResource,
+)
 from etl_pipelines.types import BatchPlan
 from libs.descriptors import Chunk, ChunkIndex
 from libs.lake import chunk_key, run_prefix
@@ -71,6 +76,7 @@ class ShardConfig(Config):
 def shard_batch(
     context: OpExecutionContext, config: ShardConfig, plan: BatchPlan,
     object_store: ObjectStoreResource, ray_cluster: RayResource, scratch: ScratchResource,
+    ledger: LedgerResource,
 ) -> ChunkIndex:
     context.log.debug(f"Arrow memory pool of the run process: {use_jemalloc_pool()}")
     manifest, store, staging = plan.manifest, object_store.store, object_store.staging_bucket
@@ -89,7 +95,8 @@ def shard_batch(
             f"{len(sharded.rows_per_source)} source(s) into {len(sharded.chunks.chunks)} "
             f"chunk(s), {(time.monotonic() - started):.1f}s so far")
 
-    with ray_cluster.early_tasks(transform_chunk, enabled=config.transform_early) as early, \
+    with ledger.releasing_pins_on_bad_input(context.run_id, manifest.batch_id), \
+            ray_cluster.early_tasks(transform_chunk, enabled=config.transform_early) as early, \
             run_scratch(scratch.root(), context.run_id) as scratch_dir:
         landed = download_landed(store, object_store.landing_bucket, plan.folder, manifest.files,
                                  scratch_dir / "landed", max_file_bytes=config.max_file_bytes,
@@ -156,5 +163,7 @@ def _metadata(index: ChunkIndex, landed: list, seconds: float, early: EarlyTasks
         "geometry_types": MetadataValue.json(index.geometry_types),
         "crs": MetadataValue.json({x.layer: x.crs for x in index.layers}),
         "transforms_started": early.count if early is not None else 0,
-        "rows_over_vertex_limit": sum(x.rows for x in index.rejects),
+        "rows_over_vertex_limit": sum(x.get("vertex_limit", 0)
+                                      for x in index.shard_reject_steps.values()),
+        "rows_unreadable": sum(x.get("read", 0) for x in index.shard_reject_steps.values()),
     }

@@ -3,23 +3,26 @@ spread over the cluster's nodes, progress logged per chunk, counts reconciled pe
 run (``libs.transformations.TransformResults``). Each task records its chunk's counts as Ray
 application metrics (``etl_pipelines.ray.metrics``)."""
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from dagster import MetadataValue, OpExecutionContext, Out, op
 
 from etl_pipelines.ray.metrics import StageProgress
 from etl_pipelines.ray.submit import TaskSpec, run_bounded
 from etl_pipelines.ray.tasks import transform_chunk, transform_spec
-from etl_pipelines.resources import ObjectStoreResource, RayResource
+from etl_pipelines.resources import LedgerResource, ObjectStoreResource, RayResource
 from etl_pipelines.types import BatchPlan
-from libs.descriptors import ChunkIndex, TransformedChunk
+from libs.descriptors import Chunk, ChunkIndex, TransformedChunk
 from libs.lake import run_prefix
 from libs.manifest import Manifest
-from libs.transformations import TransformResults
+from libs.transformations import TransformResults, check_reject_fractions
+from libs.transformations.chunk import REJECT_REASON, REJECT_STEP
 
 
 @op(out=Out(ChunkIndex), tags={"stage": "transform"})
 def transform_chunks(
     context: OpExecutionContext, plan: BatchPlan, sharded: ChunkIndex,
-    object_store: ObjectStoreResource, ray_cluster: RayResource,
+    object_store: ObjectStoreResource, ray_cluster: RayResource, ledger: LedgerResource,
 ) -> ChunkIndex:
     """Run each layer's recipe on its chunks as Ray tasks; rejected rows are kept apart."""
     manifest = plan.manifest
@@ -30,8 +33,7 @@ def transform_chunks(
     job_id = ray_cluster.job_id()
     if ray_cluster.dashboard_url:
         context.log.info(f"watch the tasks in the Ray dashboard: {ray_cluster.dashboard_url} "
-                         f"(Ray job {job_id}, tasks named "
-                         f"transform:{manifest.batch_id}:<layer>:<chunk>)")
+                         f"(Ray job {job_id}, tasks transform:{manifest.batch_id}:<layer>:<n>)")
     results = TransformResults(sharded, manifest.target_crs)
     # the tasks record the metrics themselves, on the node that ran them
     progress = StageProgress(context.log.info, "transform", manifest.batch_id, len(tasks),
@@ -56,11 +58,28 @@ def transform_chunks(
     ray_cluster.disconnect()
     context.log.info(f"disconnected from Ray (job {job_id} ended): the transform was its last "
                      "use in this run")
-    index = results.index()
+    with ledger.releasing_pins_on_bad_input(context.run_id, manifest.batch_id):
+        index = _checked(manifest, results, object_store)
     context.add_output_metadata({**_metadata(
         manifest, sharded, index, results, len(tasks), len(started), elapsed[0], ray_cluster,
         job_id), "peak_rss_of_memory_request": round(memory[0], 3),
         "peak_worker_rss_mib": round(memory[1] / 2**20)})
+    return index
+
+
+def _checked(manifest: Manifest, results: TransformResults,
+             object_store: ObjectStoreResource) -> ChunkIndex:
+    """The transformed index, or a failure (nothing published) when a layer's bad rows exceed
+    its max_reject_fraction; the message lists the first problems, read from the rejects."""
+    index = results.index()
+
+    def problems_of(chunk: Chunk) -> list[tuple[str, str]]:
+        data = object_store.store.get_bytes(index.staging_bucket, chunk.key)
+        table = pq.read_table(pa.BufferReader(data), columns=[REJECT_STEP, REJECT_REASON])
+        return list(zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True))
+
+    check_reject_fractions(index, results.reject_reasons(), manifest.max_reject_fraction_for,
+                           problems_of)
     return index
 
 

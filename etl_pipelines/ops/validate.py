@@ -15,7 +15,14 @@ from pydantic import Field
 from etl_pipelines.resources import InputLimitsResource, LedgerResource, ObjectStoreResource
 from etl_pipelines.types import BatchPlan, PinnedObject
 from libs.errors import InputDataError, PinnedVersionChanged
-from libs.ledger import CLAIM_TOKEN_TAG, OVERRIDE_CLAIM_TAG, BatchAlreadyClaimed, Ledger, RunStart
+from libs.ledger import (
+    CLAIM_TOKEN_TAG,
+    OVERRIDE_CLAIM_TAG,
+    BatchAlreadyClaimed,
+    Ledger,
+    RunStart,
+    reexecution_hint,
+)
 from libs.manifest import Manifest, batch_folder, parse_manifest
 from libs.object_store import ObjectInfo, ObjectStore
 
@@ -51,7 +58,7 @@ def validate_batch(
             f"was started for {config.batch_id!r}; batch ids are immutable, land a new manifest"
         )
     folder = batch_folder(key)
-    objects = _landed_versions(store, bucket, folder, manifest)
+    objects = _landed_versions(store, bucket, folder, manifest, ledger.run_url(context.run_id))
     _start_run(context, book, manifest.batch_id, key, head.etag)
     _pin(context, book, f"s3://{bucket}/", manifest.batch_id, [head, *objects])
     book.record_run(context.run_id, batch_id=manifest.batch_id, manifest_key=key,
@@ -72,15 +79,17 @@ def _pinned(info: ObjectInfo) -> PinnedObject:
     return PinnedObject(key=info.key, etag=info.etag, size=info.size)
 
 
-def _landed_versions(store: ObjectStore, bucket: str, folder: str,
-                     manifest: Manifest) -> list[ObjectInfo]:
-    """Every declared file's current version (HEAD), or an error listing the missing ones."""
+def _landed_versions(store: ObjectStore, bucket: str, folder: str, manifest: Manifest,
+                     run_url: str) -> list[ObjectInfo]:
+    """Every declared file's current version (HEAD), or an error listing the missing ones
+    (nothing is pinned yet: a re-execution, even from this failure, pins what it finds)."""
     found = {f.path: store.stat(bucket, folder + f.path) for f in manifest.files}
     missing = [path for path, info in found.items() if info is None]
     if missing:
         raise InputDataError(
             f"batch {manifest.batch_id!r}: files listed in the manifest are not in "
-            f"s3://{bucket}/{folder}: {missing}; land them before the manifest"
+            f"s3://{bucket}/{folder}: {missing}; land them (a data team lands its files before "
+            f"the manifest).\n{reexecution_hint(run_url, all_steps=False)}"
         )
     return [info for info in found.values() if info is not None]
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 from pymongo import MongoClient
 
-from libs.ledger import DATABASE, Ledger
+from libs.errors import InputDataError, PinnedVersionChanged
+from libs.ledger import DATABASE, Ledger, reexecution_hint
 from libs.retry import RetryPolicy
 
 
@@ -26,7 +30,29 @@ class LedgerResource(ConfigurableResource):
         default=30.0, gt=0, description="total time one ledger call may spend retrying "
         "(MongoDB unreachable, a reconnect, an election) before the step fails naming it")
 
+    dagster_ui_url: str = Field(
+        default="http://127.0.0.1:3000", description="the Dagster UI as users open it: failure "
+        "messages link to the run there (<url>/runs/<run id>) to say how to re-execute it")
+
     _client: MongoClient | None = PrivateAttr(default=None)
+
+    def run_url(self, run_id: str) -> str:
+        """The run's page in the Dagster UI."""
+        return f"{self.dagster_ui_url.rstrip('/')}/runs/{run_id}"
+
+    @contextmanager
+    def releasing_pins_on_bad_input(self, run_id: str, batch_id: str) -> Iterator[None]:
+        """A landed file that cannot be used (``InputDataError``, except a pinned version
+        that changed) fails the step with how to retry, and releases the batch's pins: the
+        re-execution of all steps validates and pins the corrected files (docs/run-lifecycle.md)."""
+        try:
+            yield
+        except PinnedVersionChanged:
+            raise
+        except InputDataError as exc:
+            self.ledger.release_pins(batch_id, run_id, str(exc))
+            raise InputDataError(f"{exc}\n{reexecution_hint(self.run_url(run_id), all_steps=True)}"
+                                 ) from None
 
     def _connect(self) -> MongoClient:
         return MongoClient(self.connection_string, serverSelectionTimeoutMS=self.timeout_ms,

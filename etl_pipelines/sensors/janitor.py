@@ -42,7 +42,7 @@ from libs.lake import (
     staged_objects,
     unlisted_parts,
 )
-from libs.ledger import run_failure_cause
+from libs.ledger import run_failure_cause, step_failure_cause
 from libs.sharding import remove_dead_scratch
 
 ROOT_RUN_ID_TAG = "dagster/root_run_id"  # Dagster's tag on every re-execution of a run
@@ -82,8 +82,26 @@ def ledger_run_failure_sensor(context: RunFailureSensorContext, ledger: LedgerRe
     # A run stopped at its max runtime fails twice (the monitor's event, then its own
     # process's): a later failure without a monitoring cause must not erase the cause.
     cause = run_failure_cause(message)
+    # else the first failed step and its error as the user reads it (not just "steps failed"),
+    # unless a cause is recorded already (the monitor's, for the run's second failure)
+    fields = {"cause": cause} if cause else _step_failure(context)
+    if not cause and "cause" in (ledger.ledger.run(run.run_id) or {}):
+        fields.pop("cause", None)
     ledger.ledger.record_run(run.run_id, status="FAILURE", batch_id=run.tags.get("batch_id"),
-                             error=message, **({"cause": cause} if cause else {}))
+                             error=message, **fields)
+
+
+def _step_failure(context: RunFailureSensorContext) -> dict[str, str]:
+    """``failed_step`` and ``cause`` of the run's first step failure: what the op raised,
+    under Dagster's wrapping error (``cause`` then holds the op's own error)."""
+    failures = context.get_step_failure_events()
+    if not failures:
+        return {}
+    error = failures[0].event_specific_data.error
+    while error is not None and error.cause is not None and \
+            error.cls_name == "DagsterExecutionStepExecutionError":
+        error = error.cause
+    return step_failure_cause(failures[0].step_key, error.message if error else None)
 
 
 @sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING,

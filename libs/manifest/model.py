@@ -28,6 +28,7 @@ from pyproj import CRS
 from pyproj.exceptions import CRSError
 
 from libs.manifest.recipe import DEFAULT_RECIPE, RecipeStep, effective_recipe
+from libs.manifest.rejects import DEFAULT_MAX_REJECT_FRACTION, SELECTION_STEPS
 
 MANIFEST_FILENAME = "manifest.json"
 #: Suffix of the lake dataset that holds a layer's rejected rows (``<layer>_rejects``).
@@ -414,6 +415,21 @@ class Manifest(_Strict):
         "runs first unless the recipe places it",
     )
 
+    # --- issue 27, row-level rejects: how much of a layer may be rejected as bad data ---
+    max_reject_fraction: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict,
+        description="per layer name ('*': every layer without its own), the largest fraction "
+        f"(0-1) of its rows that may be rejected as bad data before the run fails and nothing "
+        f"is published; default {DEFAULT_MAX_REJECT_FRACTION}. Rows a recipe selects away "
+        f"({', '.join(SELECTION_STEPS)}) do not count",
+    )
+
+    def max_reject_fraction_for(self, layer: str) -> float:
+        """The reject fraction ``layer`` may reach (``max_reject_fraction``)."""
+        limits = self.max_reject_fraction
+        return limits.get(layer, limits.get("*", DEFAULT_MAX_REJECT_FRACTION))
+    # --- end issue 27 ---
+
     def recipe_for(self, layer: str) -> list[RecipeStep]:
         """The effective recipe of ``layer``."""
         steps = self.recipes.get(layer, self.recipes.get("*", list(DEFAULT_RECIPE)))
@@ -467,6 +483,11 @@ def cross_field_problems(document: object) -> list[str]:
     for name in recipes:
         if name != "*" and not known(name):
             problems.append(f"recipes.{name}: no file feeds layer {name!r}; "
+                            f"expected one of {sorted(layers)} or '*'")
+    limits = document.get("max_reject_fraction")  # issue 27: keys name layers, like recipes
+    for name in limits if isinstance(limits, dict) else {}:
+        if name != "*" and not known(name):
+            problems.append(f"max_reject_fraction.{name}: no file feeds layer {name!r}; "
                             f"expected one of {sorted(layers)} or '*'")
     join = document.get("join")
     join_name = join.get("name") if isinstance(join, dict) else None

@@ -23,6 +23,7 @@ from libs.descriptors import Chunk, ChunkIndex, LayerChunks, SourceFile
 from libs.errors import InputDataError
 from libs.geoparquet import encode_columns
 from libs.manifest import DataFile, Manifest, bad_geometry_policy
+from libs.manifest.rejects import breach_message
 from libs.memory import release_memory
 from libs.object_store import BackgroundPuts, ObjectInfo, ObjectStore
 from libs.sharding.inputs import plan_layers
@@ -88,17 +89,27 @@ def _rejects_chunk(store: ObjectStore, bucket: str, key: str, sharded: ShardedLa
     layout (``libs.transformations.chunk``), without geometry: the reason names the file and
     row. Their ``_row_id`` values follow the layer's chunks', so they never collide."""
     rows = len(sharded.rejected)
-    reasons = [reason for reason, _ in sharded.rejected]
+    steps, reasons, values = zip(*sharded.rejected, strict=True)
     attributes = pa.table({
         "_row_id": pa.array(range(sharded.rows, sharded.rows + rows), pa.int64()),
-        "_reject_step": pa.array(["vertex_limit"] * rows, pa.string()),
+        "_reject_step": pa.array(steps, pa.string()),
         "_reject_reason": pa.array(reasons, pa.string()),
-        "_attributes": pa.array([values for _, values in sharded.rejected], pa.string())})
+        "_attributes": pa.array(values, pa.string())})
     data, _, _ = encode_columns(attributes, pa.nulls(rows, pa.binary()), np.full((rows, 4), np.nan),
                                 np.ones(rows, bool), [], CRS.from_user_input(sharded.chunks.crs))
     sha256 = store.put_bytes(bucket, key, data, "application/vnd.apache.parquet")
     return Chunk(key=key, layer=sharded.layer, ordinal=ordinal, row_offset=sharded.rows, rows=rows,
                  bbox=None, crs=sharded.chunks.crs, bytes=len(data), sha256=sha256)
+
+
+def _check_reject_fraction(manifest: Manifest, sharded: ShardedLayer) -> None:
+    """Fail the layer, before any transform, when the rows it refused while reading already
+    exceed its ``max_reject_fraction`` (the transform checks again with the recipe's)."""
+    problems = [(step, reason) for step, reason, _ in sharded.rejected]
+    message = breach_message(sharded.layer, len(problems), sharded.rows + len(problems),
+                             manifest.max_reject_fraction_for(sharded.layer), problems)
+    if message:
+        raise InputDataError(message)
 
 
 def shard_landed_batch(
@@ -113,7 +124,9 @@ def shard_landed_batch(
 
     A geometry over ``limits.max_vertices`` fails the run when the layer's recipe fails on
     bad geometries, else its row goes to the index's rejects, staged at
-    ``rejects_key(layer, <chunks of the layer>)``."""
+    ``rejects_key(layer, <chunks of the layer>)``, as does a row that cannot be read (bad
+    WKT, x/y or text, a geometry PostGIS would refuse); more of those than the layer's
+    ``max_reject_fraction`` fails the run, listing them."""
     planned = plan_layers([(file.path, file.data_file) for file in landed])
     for side in ("left", "right"):
         name = getattr(manifest.join, side)
@@ -123,6 +136,7 @@ def shard_landed_batch(
                 f"files feed {sorted(planned)}")
     by_path = {file.path: file for file in landed}
     layers, sources, types, rejects = [], [], {}, []
+    shard_steps: dict[str, dict[str, int]] = {}
     written: dict[tuple[str, int], Future] = {}
     # chunk writes overlap sorting and encoding the next chunks
     with BackgroundPuts(store, threads=2, max_pending=3) as puts:
@@ -152,11 +166,15 @@ def shard_landed_batch(
             puts.wait()
             release_memory()  # the sort's buffers, before the next layer and the load
             check_schema(layer_name, sharded.schema)
+            _check_reject_fraction(manifest, sharded)
             layers.append(sharded.chunks)
             if sharded.rejected:
                 if rejects_key is None:
                     raise ValueError("rows were rejected but shard_landed_batch got no rejects_key")
                 ordinal = len(sharded.chunks.chunks)
+                counts = shard_steps.setdefault(layer_name, {})
+                for step, _, _ in sharded.rejected:
+                    counts[step] = counts.get(step, 0) + 1
                 rejects.append(LayerChunks(layer=layer_name, crs=sharded.chunks.crs, chunks=[
                     _rejects_chunk(store, staging_bucket, rejects_key(layer_name, ordinal),
                                    sharded, ordinal)]))
@@ -169,5 +187,5 @@ def shard_landed_batch(
             on_layer(sharded)
     return ChunkIndex(batch_id=manifest.batch_id, staging_bucket=staging_bucket,
                       prefix=staging_prefix, layers=layers, sources=sources, geometry_types=types,
-                      rejects=rejects)
+                      rejects=rejects, shard_reject_steps=shard_steps)
 

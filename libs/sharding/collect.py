@@ -26,14 +26,22 @@ from pyproj import CRS
 from libs.errors import InputDataError
 from libs.geoparquet import GEOMETRY
 from libs.manifest import InputFormat
+from libs.manifest.rejects import grouped_problems
 from libs.sharding.columns import BOUNDS_COLUMNS, TYPE_CODE_COLUMN
 from libs.sharding.crs import layer_crs
 from libs.sharding.inputs import probe_source
 from libs.sharding.limits import ShardLimits
-from libs.sharding.readers import open_source_stream
+from libs.sharding.readers import RowProblems, open_source_stream
 from libs.sharding.schema import unify_schemas
-from libs.sharding.sources import LayerSource, describe_source
-from libs.sharding.wkb import check_one_family, family_rows, geometry_bounds, over_vertex_limit
+from libs.sharding.sources import LayerSource, describe_source, row_label
+from libs.sharding.wkb import (
+    WkbHeaders,
+    check_one_family,
+    family_rows,
+    geometry_bounds,
+    geometry_problems,
+    over_vertex_limit,
+)
 
 #: Bbox centres sampled per layer; the external sort takes its bucket boundaries from them.
 SAMPLE_SIZE = 65_536
@@ -144,8 +152,8 @@ class CollectedLayer:
     sample_centres: np.ndarray  # (n, 2): a uniform random sample of the bbox centres
     geometry_types: list[str]
     rows_per_source: dict[str, int]
-    #: rows refused for their vertex count (policy ``reject``): attributes, no geometry
-    rejected: list[tuple[str, str]]  # (reason, attributes as JSON)
+    #: rows refused while reading (step 'read') or for their vertex count ('vertex_limit'):
+    rejected: list[tuple[str, str, str]]  # (step, reason, attributes as JSON)
 
     def read(self) -> Iterator[pa.RecordBatch]:
         """Every validated batch, source by source; spill files are deleted as they are read."""
@@ -165,7 +173,7 @@ class _Collector:
                  vertex_policy: str):
         self.layer, self.budget, self.spilled = layer, budget, spill_now
         self.max_vertices, self.vertex_policy = max_vertices, vertex_policy
-        self.rejected: list[tuple[str, str]] = []
+        self.rejected: list[tuple[str, str, str]] = []
         self.stores: list[SourceStore] = []
         self.sample = _Sample(SAMPLE_SIZE)
         self.extent = np.array([np.inf, np.inf, -np.inf, -np.inf])
@@ -175,33 +183,59 @@ class _Collector:
         self.rows = 0
         self.nbytes = 0
 
-    def refuse_heavy(self, batch: pa.RecordBatch, where: str, first_row: int) -> pa.RecordBatch:
-        """``batch`` without its rows over the vertex limit: each is recorded as rejected
-        (policy ``reject``) or fails the run (``fail``). Rows are 1-based in the messages."""
-        rows, counts = over_vertex_limit(batch.column(GEOMETRY), self.max_vertices)
-        if not len(rows):
-            return batch
-        reasons = [f"{where}, row {first_row + int(r) + 1}: the geometry has {int(n):,} "
-                   f"vertices; the limit is {self.max_vertices:,}" for r, n in zip(rows, counts,
-                                                                                  strict=True)]
-        if self.vertex_policy == "fail":
-            raise InputDataError(
-                f"{reasons[0]} (recipe policy 'fail'); simplify or split the geometry, or set "
-                "make_valid's policy to 'reject' to keep the rest of the layer")
-        heavy = batch.take(pa.array(rows)).drop_columns([GEOMETRY]).to_pylist()
-        self.rejected += [(reason, json.dumps(values, ensure_ascii=False, default=str))
-                          for reason, values in zip(reasons, heavy, strict=True)]
-        keep = np.ones(batch.num_rows, bool)
-        keep[rows] = False
-        return batch.filter(pa.array(keep))
+    def refuse_rows(self, batch: pa.RecordBatch, problems: RowProblems, label: str, where: str,
+                    first_row: int) -> tuple[pa.RecordBatch, list, WkbHeaders, np.ndarray | None]:
+        """``batch`` without its bad rows; the bounds and type headers of the rows kept; and
+        where the kept rows were in ``batch`` (None when all were kept).
 
-    def add(self, batch: pa.RecordBatch, file: str, where: str, first_row: int) -> None:
-        batch = self.refuse_heavy(batch, where, first_row)
+        Each bad row is recorded as rejected with its reason: the reader's ``problems`` and
+        geometries PostGIS would refuse (step ``read``), geometries over the vertex limit
+        (``vertex_limit``; recipe policy ``fail`` fails the run instead)."""
+        refused = {row: ("read", reason) for row, reason in problems.items()}
+        heavy, counts = over_vertex_limit(batch.column(GEOMETRY), self.max_vertices)
+        for row, count in zip(heavy.tolist(), counts.tolist(), strict=True):
+            reason = (f"{where}, {label} {first_row + row + 1}: the geometry has {count:,} "
+                      f"vertices; the limit is {self.max_vertices:,}")
+            if self.vertex_policy == "fail":
+                raise InputDataError(
+                    f"{reason} (recipe policy 'fail'); simplify or split the geometry, or set "
+                    "make_valid's policy to 'reject' to keep the rest of the layer")
+            refused.setdefault(row, ("vertex_limit", reason))
+        kept, origin = self._kept(batch, refused)
+        try:  # the common case: every geometry readable, only the (fast) bounds check runs
+            bounds, headers = geometry_bounds(kept.column(GEOMETRY), where, first_row + 1)
+        except InputDataError:
+            found = geometry_problems(kept.column(GEOMETRY))
+            if not found:
+                raise  # not one row's fault (an unsupported geometry type): the file's
+            at = np.arange(batch.num_rows) if origin is None else origin
+            for index, reason in found.items():
+                row = int(at[index])
+                refused[row] = ("read", f"{where}, {label} {first_row + row + 1}: {reason}")
+            kept, origin = self._kept(batch, refused)
+            bounds, headers = geometry_bounds(kept.column(GEOMETRY), where, first_row + 1)
+        if refused:
+            rows = sorted(refused)
+            self.rejected += [(*refused[row], values) for row, values in
+                              zip(rows, attributes_json(batch.take(pa.array(rows))), strict=True)]
+        return kept, bounds, headers, origin
+
+    @staticmethod
+    def _kept(batch: pa.RecordBatch, refused: dict) -> tuple[pa.RecordBatch, np.ndarray | None]:
+        if not refused:
+            return batch, None
+        origin = np.setdiff1d(np.arange(batch.num_rows), list(refused))
+        return batch.take(pa.array(origin)), origin
+
+    def add(self, batch: pa.RecordBatch, problems: RowProblems, file: str, where: str,
+            first_row: int, label: str) -> None:
+        batch, bounds, headers, origin = self.refuse_rows(batch, problems, label, where,
+                                                          first_row)
         if not batch.num_rows:
             return
-        bounds, headers = geometry_bounds(batch.column(GEOMETRY), where, first_row)
         if self.one_family:  # geometry_families 'one'; 'mixed' keeps every family
-            check_one_family(headers, self.families, file, where, first_row, self.layer)
+            check_one_family(headers, self.families, file, where, first_row + 1, self.layer,
+                             origin)
         self.types.update(headers.type_names())
         cx, cy = (bounds[0] + bounds[2]) * 0.5, (bounds[1] + bounds[3]) * 0.5
         if not np.isnan(cx).all():
@@ -256,35 +290,68 @@ def collect_layer(layer: str, sources: list[LayerSource], scratch_dir: Path,
             # the reading thread alone: CSV is read on this one. ``closing`` stops the helper
             # thread (on errors too) before the reader's dataset closes.
             csv = source.data_file.format is InputFormat.CSV
+            label = row_label(source.data_file, 1).rsplit(" ", 1)[0]  # "row" / "data line"
             with closing(batches if csv else _prefetched(batches)) as stream:
                 read = 0
-                for batch in stream:
+                for batch, problems in stream:
                     read += batch.num_rows
                     if source.family is not None:
-                        batch = _of_family(batch, source.family, where, read - batch.num_rows)
+                        batch, problems = _of_family(batch, problems, source.family, where,
+                                                     read - batch.num_rows)
                     if batch.num_rows:
-                        collector.add(batch, source.data_file.path, where, rows)
+                        collector.add(batch, problems, source.data_file.path, where, rows, label)
                         rows += batch.num_rows
         collector.stores[-1].close()  # no rows is a valid delivery: an empty layer
         rows_per_source[str(source.path)] = rows
     assert schema is not None
+    if collector.rows == 0 and collector.rejected:  # rows were read, and every one refused
+        problems = [(step, reason) for step, reason, _ in collector.rejected]
+        raise InputDataError(
+            f"layer {layer!r}: all {len(problems):,} rows were rejected as bad data. The "
+            f"first problems, by reason:\n{grouped_problems(problems)}")
     extent = collector.extent if np.isfinite(collector.extent).all() else np.full(4, np.nan)
     return CollectedLayer(collector.stores, schema, crs, collector.rows, collector.nbytes,
                           not collector.spilled, extent, collector.sample.centres,
                           sorted(collector.types), rows_per_source, collector.rejected)
 
 
-def _of_family(batch: pa.RecordBatch, family: str, where: str,
-               first_row: int) -> pa.RecordBatch:
-    """The rows of ``batch`` a split layer of ``family`` takes; a row of no family fails."""
+def _of_family(batch: pa.RecordBatch, problems: RowProblems, family: str, where: str,
+               first_row: int) -> tuple[pa.RecordBatch, RowProblems]:
+    """The rows of ``batch`` a split layer of ``family`` takes, and their reader problems; a
+    row of no family fails. A row the reader refused (its geometry unreadable) goes with the
+    points, so that it is rejected once, not once per family."""
     mask, placeless = family_rows(batch.column(GEOMETRY), family)
+    refused = np.zeros(batch.num_rows, bool)
+    refused[list(problems)] = True
+    placeless = placeless[~refused[placeless]]
+    mask = (mask & ~refused) | (refused & (family == "point"))
     if len(placeless):
         raise InputDataError(
             f"{where}, feature {first_row + int(placeless[0]) + 1}: no geometry, or one that is "
             "neither points, lines nor polygons (a GeometryCollection or a curve), which "
             "geometry_families 'split' cannot place; give it a geometry, or land the file with "
             "geometry_families 'mixed'")
-    return batch if mask.all() else batch.filter(pa.array(mask))
+    if mask.all():
+        return batch, problems
+    kept = np.flatnonzero(mask)
+    renumbered = {int(old): new for new, old in enumerate(kept)}
+    return batch.take(pa.array(kept)), {renumbered[row]: reason for row, reason
+                                        in problems.items() if row in renumbered}
+
+
+def attributes_json(rows: pa.RecordBatch) -> list[str]:
+    """Each row's attributes (no geometry) as JSON, text that is not valid UTF-8 shown with
+    replacement characters (a reject keeps what could be read of its row)."""
+    rows = rows.drop_columns([GEOMETRY])
+    columns = {}
+    for item, column in zip(rows.schema, rows.columns, strict=True):
+        if pa.types.is_string(item.type):
+            raw = column.cast(pa.binary()).to_pylist()
+            columns[item.name] = [v if v is None else v.decode("utf-8", "replace") for v in raw]
+        else:
+            columns[item.name] = column.to_pylist()
+    return [json.dumps(dict(zip(columns, values, strict=True)), ensure_ascii=False, default=str)
+            for values in zip(*columns.values(), strict=True)] if columns else ["{}"] * rows.num_rows
 
 
 def _prefetched(items: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:

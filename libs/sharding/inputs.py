@@ -36,6 +36,8 @@ from libs.sharding.limits import ShardLimits
 from libs.sharding.sniffing import check_declared_format, check_shapefile_member, describe_content
 from libs.sharding.sources import GDAL_ERRORS, TEXT_FORMATS, LayerSource, SourceProbe, describe_source
 
+#: Problems listed when several landed files cannot be used (the rest are counted).
+MAX_LISTED_FILE_PROBLEMS = 20
 #: Largest ``.cpg`` member read: a code page file holds a name such as "UTF-8" or "1252".
 MAX_CPG_BYTES = 64
 
@@ -310,10 +312,11 @@ def _csv_options(data_file: DataFile, where: str, info: dict) -> tuple[tuple[str
     assert spec is not None  # the manifest model requires it for csv
     columns = [str(c) for c in info.get("fields", [])]
     wanted = [spec.wkt_column] if spec.wkt_column else [spec.x_column, spec.y_column]
-    for name in wanted:
-        if name not in columns:
-            raise InputDataError(f"{where}: the CSV has no column {name!r}; its columns are "
-                                 f"{columns} (check csv.* in the manifest, names are exact)")
+    missing = [name for name in wanted if name not in columns]
+    if missing:
+        named = " or ".join(repr(name) for name in missing)
+        raise InputDataError(f"{where}: the CSV has no column {named}; its columns are "
+                             f"{columns} (check csv.* in the manifest, names are exact)")
     if spec.wkt_column:
         return (("GEOM_POSSIBLE_NAMES", spec.wkt_column), ("KEEP_GEOM_COLUMNS", "YES"))
     if any(c.upper() == "WKT" for c in columns):
@@ -361,32 +364,54 @@ def plan_layers(files: list[tuple[Path, DataFile]],
     ``all_layers`` files feed one layer per spatial source layer, named
     ``<layer>_<normalised source layer name>``; layer order is first appearance. Checked here,
     without reading features: zip safety, the driver GDAL detects against the declared format,
-    that named layers and CSV columns exist, and each layer's CRS.
+    that named layers and CSV columns exist, and each layer's CRS. Every file is checked
+    before raising: the error lists each problem found (the first ``MAX_LISTED_FILE_PROBLEMS``).
     """
     limits = limits or ShardLimits()
     plan: dict[str, list[LayerSource]] = {}
+    problems: list[str] = []  # every file is checked: one run lists every unusable file
     for path, data_file in files:
-        if not data_file.all_layers:
-            probe = probe_source(path, data_file, data_file.source_layer, limits)
-            _add_source(plan, data_file.layer, LayerSource(path, data_file,
-                                                           data_file.source_layer, probe))
-            continue
-        names = _source_layers(path, data_file, limits)
-        if not names:
-            raise InputDataError(f"{describe_source(data_file)} has no spatial layers; expected at least "
-                                 "one layer with a geometry column")
-        produced: dict[str, str] = {}
-        for name in names:
-            layer = _expanded_layer_name(data_file.layer, name, data_file)
-            if layer in produced:
-                raise InputDataError(
-                    f"{describe_source(data_file)}: source layers {produced[layer]!r} and {name!r} both "
-                    f"become layer {layer!r}; rename one of them in the file"
-                )
-            produced[layer] = name
-            source_layer = None if data_file.format is InputFormat.GEOPARQUET else name
-            probe = probe_source(path, data_file, source_layer, limits)
-            _add_source(plan, layer, LayerSource(path, data_file, source_layer, probe))
+        try:
+            _plan_file(plan, path, data_file, limits)
+        except InputDataError as exc:
+            problems.append(str(exc))
     for layer, sources in plan.items():
-        layer_crs(layer, sources, [s.probe for s in sources])
+        try:
+            layer_crs(layer, sources, [s.probe for s in sources])
+        except InputDataError as exc:
+            problems.append(str(exc))
+    if len(problems) == 1:
+        raise InputDataError(problems[0])
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems[:MAX_LISTED_FILE_PROBLEMS])
+        more = len(problems) - MAX_LISTED_FILE_PROBLEMS
+        raise InputDataError(f"{len(problems)} problems with the landed files:\n{listed}"
+                             + (f"\n  ... and {more} more" if more > 0 else ""))
     return plan
+
+
+def _plan_file(plan: dict[str, list[LayerSource]], path: Path, data_file: DataFile,
+               limits: ShardLimits) -> None:
+    """Add the sources ``data_file`` feeds to ``plan`` (checked; nothing read)."""
+    if not data_file.all_layers:
+        probe = probe_source(path, data_file, data_file.source_layer, limits)
+        _add_source(plan, data_file.layer, LayerSource(path, data_file,
+                                                       data_file.source_layer, probe))
+        return
+    names = _source_layers(path, data_file, limits)
+    if not names:
+        raise InputDataError(f"{describe_source(data_file)} has no spatial layers; expected at least "
+                             "one layer with a geometry column")
+    produced: dict[str, str] = {}
+    for name in names:
+        layer = _expanded_layer_name(data_file.layer, name, data_file)
+        if layer in produced:
+            raise InputDataError(
+                f"{describe_source(data_file)}: source layers {produced[layer]!r} and {name!r} both "
+                f"become layer {layer!r}; rename one of them in the file"
+            )
+        produced[layer] = name
+        source_layer = None if data_file.format is InputFormat.GEOPARQUET else name
+        probe = probe_source(path, data_file, source_layer, limits)
+        _add_source(plan, layer, LayerSource(path, data_file, source_layer, probe))
+

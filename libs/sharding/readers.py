@@ -5,6 +5,10 @@ GDAL formats go through pyogrio's Arrow reader, GeoParquet through
 types are made plain, text is checked against the declared encoding (non-UTF-8 text
 formats are transcoded to a scratch copy first), and CSV rows whose WKT or x/y GDAL could
 not read are reported instead of silently losing their geometry.
+
+A problem confined to one row (unreadable WKT or x/y, text not valid in its encoding) does
+not stop the read: each batch comes with the reasons of its bad rows (``RowProblems``),
+which the collector sets apart as rejects; rows are named from 1 (``sources.row_label``).
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ from libs.sharding.columns import is_reserved_column
 from libs.sharding.gdal_guard import clean_gdal_message, lock_down_gdal
 from libs.sharding.inputs import gdal_path_for, open_parquet, read_geo_metadata
 from libs.sharding.limits import ShardLimits
-from libs.sharding.sources import GDAL_ERRORS, TEXT_FORMATS, LayerSource, SourceProbe
+from libs.sharding.sources import GDAL_ERRORS, TEXT_FORMATS, LayerSource, SourceProbe, row_label
 
-#: A source opened for reading: its normalised schema and an iterator of its batches.
-SourceStream = tuple[pa.Schema, Iterator[pa.RecordBatch]]
+#: Bad rows of a read batch: position in the batch -> the reason (naming file, row, column).
+RowProblems = dict[int, str]
+#: A source opened for reading: its normalised schema and an iterator of its batches, each
+#: with the problems of its rows.
+SourceStream = tuple[pa.Schema, Iterator[tuple[pa.RecordBatch, RowProblems]]]
 
 
 def open_source_stream(source: LayerSource, probe: SourceProbe, where: str, scratch_dir: Path,
@@ -58,6 +65,16 @@ def split_batch(batch: pa.RecordBatch, limits: ShardLimits) -> Iterator[pa.Recor
     rows = limits.batch_rows_for(batch.nbytes / batch.num_rows)
     for start in range(0, batch.num_rows, rows):
         yield batch.slice(start, rows)
+
+
+def _split_with_problems(batch: pa.RecordBatch, problems: RowProblems,
+                         limits: ShardLimits) -> Iterator[tuple[pa.RecordBatch, RowProblems]]:
+    """``split_batch`` with each slice's share of ``problems`` (positions made slice-relative)."""
+    offset = 0
+    for part in split_batch(batch, limits):
+        end = offset + part.num_rows
+        yield part, {row - offset: why for row, why in problems.items() if offset <= row < end}
+        offset = end
 
 
 def _plain_type(data_type: pa.DataType) -> pa.DataType:
@@ -116,29 +133,54 @@ def _gdal_encoding(name: str) -> str:
         canonical, canonical.upper())
 
 
+#: Undecodable places a transcoding lists before it stops looking.
+MAX_DECODE_PROBLEMS = 20
+
+
 def _transcode_to_utf8(path: Path, encoding: str, out: Path, where: str) -> Path:
-    """Copy a text file as UTF-8 (GDAL's Arrow reader only reads UTF-8 for text formats)."""
+    """Copy a text file as UTF-8 (GDAL's Arrow reader only reads UTF-8 for text formats).
+
+    Bytes the declared encoding cannot decode fail the file (its encoding is wrongly
+    declared, not one row broken), listing the first ``MAX_DECODE_PROBLEMS`` of them."""
     decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
-    consumed, lines = 0, 1
+    consumed, lines, problems = 0, 1, []  # (byte, line, reason)
     with path.open("rb") as source, out.open("w", encoding="utf-8", newline="") as target:
-        while block := source.read(1 << 20):
-            try:
-                text = decoder.decode(block)
-            except UnicodeDecodeError as exc:
-                line = lines + block[: exc.start].count(b"\n")
-                raise InputDataError(
-                    f"{where}: byte {consumed + exc.start:,} (line {line}) cannot be decoded as the "
-                    f"declared encoding {encoding!r} ({exc.reason}); declare the file's real "
-                    "encoding in the manifest (e.g. 'cp1252', 'utf-8')"
-                ) from None
+        while len(problems) < MAX_DECODE_PROBLEMS and (block := source.read(1 << 20)):
+            start, text = 0, ""
+            while len(problems) < MAX_DECODE_PROBLEMS:
+                try:
+                    text = decoder.decode(block[start:])
+                    break
+                except UnicodeDecodeError as exc:  # note it, go on after the bad bytes
+                    at = start + max(exc.start, 0)
+                    problems.append((consumed + at, lines + block[:at].count(b"\n"), exc.reason))
+                    decoder.reset()
+                    start = at + max(exc.end - exc.start, 1)
             consumed += len(block)
             lines += block.count(b"\n")
-            target.write(text)
-        target.write(decoder.decode(b"", final=True))
+            if not problems:
+                target.write(text)
+        try:
+            target.write(decoder.decode(b"", final=True))
+        except UnicodeDecodeError as exc:
+            problems.append((consumed, lines, exc.reason))
+    if problems:
+        (byte, line, reason), more = problems[0], problems[1:]
+        capped = len(problems) >= MAX_DECODE_PROBLEMS
+        also = (f"; also at line(s) {', '.join(str(p[1]) for p in more)}"
+                + (f" (the first {MAX_DECODE_PROBLEMS} listed)" if capped else "")
+                if more else "")
+        raise InputDataError(
+            f"{where}: byte {byte:,} (line {line}) cannot be decoded as the declared encoding "
+            f"{encoding!r} ({reason}){also}; declare the file's real encoding in the manifest "
+            "(e.g. 'cp1252', 'utf-8')")
     return out
 
 
-def _check_utf8(batch: pa.RecordBatch, first_row: int, where: str, encoding_note: str) -> None:
+def _utf8_problems(batch: pa.RecordBatch, first_row: int, where: str, encoding_note: str,
+                   data_file: DataFile) -> RowProblems:
+    """The rows whose text is not valid UTF-8 (after any transcoding), one reason per row."""
+    problems: RowProblems = {}
     for item, column in zip(batch.schema, batch.columns, strict=True):
         if not pa.types.is_string(item.type):
             continue
@@ -146,12 +188,14 @@ def _check_utf8(batch: pa.RecordBatch, first_row: int, where: str, encoding_note
             column.validate(full=True)
         except pa.ArrowInvalid:
             values = column.cast(pa.binary()).to_pylist()
-            row = next(i for i, v in enumerate(values) if v is not None and not _is_utf8(v))
-            raise InputDataError(
-                f"{where}, row {first_row + row}, column {item.name!r}: text "
-                f"{values[row][:40]!r} is not valid in encoding {encoding_note}; set 'encoding' "
-                "in the manifest to the file's real encoding (e.g. 'cp1252' or 'latin-1')"
-            ) from None
+            for row, value in enumerate(values):
+                if value is not None and not _is_utf8(value) and row not in problems:
+                    problems[row] = (
+                        f"{where}, {row_label(data_file, first_row + row + 1)}, column "
+                        f"{item.name!r}: text {value[:40]!r} is not valid in encoding "
+                        f"{encoding_note}; set 'encoding' in the manifest to the file's real "
+                        "encoding (e.g. 'cp1252' or 'latin-1')")
+    return problems
 
 
 def _is_utf8(value: bytes) -> bool:
@@ -166,38 +210,45 @@ _CSV_BAD_VALUE = re.compile(r"Invalid value type found in record (\d+) for field
 
 
 class _CsvGeometryCheck:
-    """GDAL's CSV reader turns unreadable WKT or x/y into a NULL geometry: make that an error."""
+    """GDAL's CSV reader turns unreadable WKT or x/y into a NULL geometry: find those rows."""
 
     def __init__(self, data_file: DataFile, where: str):
         spec = data_file.csv
         assert spec is not None
-        self.where = where
+        self.where, self.data_file = where, data_file
         self.wkt = spec.wkt_column
         self.xy = (spec.x_column, spec.y_column) if spec.x_column else None
         self.columns = (self.wkt,) if self.wkt else self.xy
 
+    def line(self, row: int) -> str:
+        """``where, data line N`` for the 0-based ``row`` of the file."""
+        return f"{self.where}, {row_label(self.data_file, row + 1)}"
+
     def __call__(self, batch: pa.RecordBatch, geometry_name: str, first_row: int,
-                 caught: list[warnings.WarningMessage]) -> None:
+                 caught: list[warnings.WarningMessage]) -> RowProblems:
+        problems: RowProblems = {}
         for message in caught:
             match = _CSV_BAD_VALUE.search(str(message.message))
-            if match:
-                raise InputDataError(
-                    f"{self.where}, row {int(match.group(1)) - 1}: column {match.group(2)!r} is not "
-                    "a number; expected numeric x/y coordinates (or both empty for no geometry)"
-                )
+            if match:  # GDAL numbers records from 1, over the whole file
+                row = int(match.group(1)) - 1 - first_row
+                if 0 <= row < batch.num_rows:
+                    problems.setdefault(row, (
+                        f"{self.line(first_row + row)}: column {match.group(2)!r} is not a "
+                        "number; expected numeric x/y coordinates (or both empty for no "
+                        "geometry)"))
         geometry_missing = batch.column(geometry_name).is_null()
         if self.wkt:
             text = batch.column(self.wkt)
             given = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)
             bad = pc.and_(geometry_missing, pc.fill_null(given, False))
-            if pc.any(bad).as_py():
-                row = int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])
-                raise InputDataError(
-                    f"{self.where}, row {first_row + row}: column {self.wkt!r} holds "
-                    f"{text[row].as_py()[:60]!r}, which is not valid WKT; expected e.g. "
-                    "'POINT (1 2)' (or an empty value for no geometry)"
-                )
-            return
+            for row in np.flatnonzero(bad.to_numpy(zero_copy_only=False)).tolist():
+                # the raw bytes: text not valid UTF-8 must not stop its own report
+                shown = text.cast(pa.binary())[row].as_py()[:60].decode("utf-8", "replace")
+                problems.setdefault(row, (
+                    f"{self.line(first_row + row)}: column {self.wkt!r} holds "
+                    f"{shown!r}, which is not valid WKT; expected e.g. "
+                    "'POINT (1 2)' (or an empty value for no geometry)"))
+            return problems
         x_column, y_column = batch.column(self.xy[0]), batch.column(self.xy[1])
         x = x_column.to_numpy(zero_copy_only=False).astype(float)
         y = y_column.to_numpy(zero_copy_only=False).astype(float)
@@ -205,16 +256,15 @@ class _CsvGeometryCheck:
         # as non-finite numbers and silently drops the geometry, so those are errors here.
         x_given = x_column.is_valid().to_numpy(zero_copy_only=False)
         y_given = y_column.is_valid().to_numpy(zero_copy_only=False)
-        problems = (x_given ^ y_given) | (x_given & ~np.isfinite(x)) | (y_given & ~np.isfinite(y))
-        if problems.any():
-            row = int(np.flatnonzero(problems)[0])
-            shown = [v if given else "empty" for v, given in ((x[row], x_given[row]),
+        bad = (x_given ^ y_given) | (x_given & ~np.isfinite(x)) | (y_given & ~np.isfinite(y))
+        for row in np.flatnonzero(bad).tolist():
+            shown = [v if given else "empty or not a number" for v, given in ((x[row], x_given[row]),
                                                               (y[row], y_given[row]))]
-            raise InputDataError(
-                f"{self.where}, row {first_row + row}: x/y ({self.xy[0]!r}, {self.xy[1]!r}) are "
+            problems.setdefault(row, (
+                f"{self.line(first_row + row)}: x/y ({self.xy[0]!r}, {self.xy[1]!r}) are "
                 f"({shown[0]}, {shown[1]}); expected two finite numbers (or both empty for no "
-                "geometry)"
-            )
+                "geometry)"))
+        return problems
 
 
 @contextmanager
@@ -272,13 +322,15 @@ def _gdal_stream(source: LayerSource, probe: SourceProbe, where: str, scratch_di
                         f"{where}: reading failed after row {row} ({gdal_says(exc)}); the file is "
                         f"corrupt or truncated, expected a valid {data_file.format.value} file"
                     ) from None
+                problems: RowProblems = {}
                 if csv_check is not None:
-                    csv_check(batch, geometry_name, row, caught)
+                    problems = csv_check(batch, geometry_name, row, caught)
                     caught.clear()
                 out = normalise(batch)
-                _check_utf8(out, row, where, probe.encoding_note)
+                problems = {**_utf8_problems(out, row, where, probe.encoding_note, data_file),
+                            **problems}
                 row += batch.num_rows
-                yield from split_batch(out, limits)
+                yield from _split_with_problems(out, problems, limits)
 
         yield normalise.schema, batches()
 
@@ -317,9 +369,9 @@ def _geoparquet_stream(source: LayerSource, where: str,
                     "the file is corrupt or truncated, expected a valid GeoParquet file"
                 ) from None
             out = normalise(batch)
-            _check_utf8(out, row, where, "UTF-8 (Parquet)")
+            problems = _utf8_problems(out, row, where, "UTF-8 (Parquet)", source.data_file)
             row += batch.num_rows
-            yield from split_batch(out, limits)
+            yield from _split_with_problems(out, problems, limits)
 
     try:
         yield normalise.schema, batches()

@@ -28,7 +28,7 @@ class ShardedLayer:
     schema: pa.Schema  # attribute columns + geometry (WKB)
     geometry_types: list[str]
     rows_per_source: dict[str, int]  # str(path) -> rows read, rejected ones included
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # (reason, attributes JSON)
+    rejected: list[tuple[str, str, str]] = field(default_factory=list)  # (step, reason, JSON)
 
     @property
     def layer(self) -> str:

@@ -47,6 +47,13 @@ class LayerSource:
     family: str | None = None
 
 
+def row_label(data_file: DataFile, number: int) -> str:
+    """How messages name a row, counting from 1: ``data line 3`` of a CSV (the third row after
+    the header; a quoted value spanning lines still counts once), ``row 3`` (the third
+    feature) of any other format."""
+    return f"data line {number}" if data_file.format is InputFormat.CSV else f"row {number}"
+
+
 def describe_source(data_file: DataFile, layer: str | None = None,
                     source_layer: str | None = None) -> str:
     """How messages name a source: ``file 'a.gpkg' (source layer 'roads', layer 'base_roads')``."""

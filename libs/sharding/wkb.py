@@ -250,15 +250,51 @@ def family_rows(array: pa.Array, family: str) -> tuple[np.ndarray, np.ndarray]:
     return codes == _FAMILY_CODES[family], np.flatnonzero(codes == 0)
 
 
+def geometry_problems(array: pa.Array) -> dict[int, str]:
+    """Rows of a WKB array whose geometry PostGIS would refuse, with why: WKB GEOS cannot read
+    (truncated bytes, an unclosed ring, a line of one point) or coordinates that are NaN or
+    infinite. Slow (parses every geometry): for a batch ``geometry_bounds`` refused."""
+    problems: dict[int, str] = {}
+    headers, _, lengths, _ = _wkb_headers(array)
+    cumulative, start = np.cumsum(lengths), 0
+    while start < len(array):  # at most ~PARSE_BYTES of WKB parsed at a time
+        base = cumulative[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(cumulative, base + PARSE_BYTES, side="right")))
+        values = array.slice(start, stop - start).to_numpy(zero_copy_only=False).copy()
+        # other types (curves, collections) are not one row's fault: the caller's error stays
+        values[~np.isin(headers.kind[start:stop], [0, *_FAMILIES])] = None
+        geoms = shapely.from_wkb(values, on_invalid="ignore")
+        missing = headers.valid[start:stop] & shapely.is_missing(geoms) & (values != None)  # noqa: E711
+        for row in np.flatnonzero(missing).tolist():
+            problems[start + row] = _unreadable(values[row])
+        coords, index = shapely.get_coordinates(geoms, return_index=True)
+        for row in np.unique(index[~np.isfinite(coords).all(axis=1)]).tolist():
+            problems[start + row] = "coordinates are NaN or infinite; expected finite numbers"
+        start = stop
+    return dict(sorted(problems.items()))
+
+
+def _unreadable(value: bytes) -> str:
+    """Why GEOS refuses one WKB value, in its own words (it names the defect)."""
+    try:
+        shapely.from_wkb(value)
+    except shapely.errors.ShapelyError as exc:
+        detail = str(exc).split(":", 1)[-1].strip() or type(exc).__name__
+        return f"the geometry cannot be read ({detail}); expected valid WKB"
+    return "the geometry cannot be read; expected valid WKB"
+
+
 def check_one_family(headers: WkbHeaders, families: dict[str, tuple[str, str, int]], file: str,
-                     where: str, first_row: int, layer: str) -> None:
+                     where: str, first_row: int, layer: str,
+                     origin: np.ndarray | None = None) -> None:
     """Record the geometry families of a batch in ``families`` (family -> first file, type and
-    row seen) and raise :class:`InputDataError` once a layer holds more than one."""
+    row seen) and raise :class:`InputDataError` once a layer holds more than one. ``origin``:
+    each row's position in the batch as read, when rows were set apart since."""
     present = headers.valid
     kinds = headers.kind[present]
     if not len(kinds):
         return
-    rows = np.flatnonzero(present)
+    rows = np.flatnonzero(present) if origin is None else origin[present]
     for kind in np.flatnonzero(np.bincount(kinds)).tolist():
         family = _FAMILIES[kind]
         row = first_row + int(rows[np.argmax(kinds == kind)])

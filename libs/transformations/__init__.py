@@ -6,7 +6,7 @@ against a schema (``plan``), the per-chunk driver (``chunk``) and the object-sto
 from libs.transformations.chunk import ChunkTransformResult, read_chunk, transform_chunk_bytes
 from libs.transformations.naming import normalized_names, safe_identifier
 from libs.transformations.plan import plan_recipe
-from libs.transformations.results import TransformResults
+from libs.transformations.results import TransformResults, check_reject_fractions
 from libs.transformations.staged import transform_staged_chunk
 from libs.transformations.steps import (
     StepResult,
@@ -29,6 +29,7 @@ from libs.transformations.steps import (
 
 __all__ = [
     "TransformResults",
+    "check_reject_fractions",
     "ChunkTransformResult",
     "StepResult",
     "add_row_ids",

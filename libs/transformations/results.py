@@ -4,12 +4,17 @@ counts as they arrive: rows in = rows out + rows rejected, per chunk and per bat
 The transform tasks finish in any order (on any node); ``TransformResults`` takes each
 result as it comes and, once every chunk is in, builds the transformed ``ChunkIndex`` in the
 sharded chunks' order, with each layer's rejects, reject reasons and geometry types.
+``check_reject_fractions`` then fails a layer with more bad rows than its manifest allows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from itertools import islice
+
 from libs.descriptors import Chunk, ChunkIndex, LayerChunks, TransformedChunk
-from libs.errors import ReconciliationError
+from libs.errors import InputDataError, ReconciliationError
+from libs.manifest.rejects import LISTED_PROBLEMS, breach_message, counts_as_problem
 
 
 class TransformResults:
@@ -37,14 +42,12 @@ class TransformResults:
         self.rows_rejected += rejected
 
     def reject_reasons(self) -> dict[str, dict[str, int]]:
-        """Rejected rows per layer (in the batch's order) and recipe step (``vertex_limit``:
-        set apart by the shard stage)."""
+        """Rejected rows per layer (in the batch's order) and recipe step (``read`` and
+        ``vertex_limit``: set apart by the shard stage)."""
         reasons: dict[str, dict[str, int]] = {}
-        shard_rejects = {x.layer: x.rows for x in self.sharded.rejects}
         for layer in self.sharded.layers:
-            counts = reasons[layer.layer] = {}
-            if shard_rejects.get(layer.layer):
-                counts["vertex_limit"] = shard_rejects[layer.layer]
+            counts = reasons[layer.layer] = dict(self.sharded.shard_reject_steps.get(layer.layer,
+                                                                                     {}))
             for chunk in layer.chunks:
                 result = self._results.get((layer.layer, chunk.ordinal))
                 for reason, count in (result.reject_reasons if result else {}).items():
@@ -81,3 +84,23 @@ class TransformResults:
                 f"batch {batch_id!r}: {rows_in} rows sharded or rejected by the shard stage but "
                 f"{index.rows} transformed + {rows_rejected} rejected")
         return index
+
+
+def check_reject_fractions(index: ChunkIndex, reasons: dict[str, dict[str, int]],
+                           limit_for: Callable[[str], float],
+                           problems_of: Callable[[Chunk], Iterable[tuple[str, str]]]) -> None:
+    """Raise :class:`InputDataError` for the first layer of the transformed ``index`` whose
+    rows rejected as bad data (``reasons``: per layer and step; selections do not count)
+    exceed ``limit_for(layer)``, listing the first problems (``problems_of`` reads a rejects
+    chunk's (step, reason) pairs; only a breaching layer's are read)."""
+    rejects = {x.layer: x.chunks for x in index.rejects}
+    for layer in index.layers:
+        counts = reasons.get(layer.layer, {})
+        bad = sum(n for step, n in counts.items() if counts_as_problem(step))
+        total = layer.rows + sum(counts.values())
+        if not bad or bad <= limit_for(layer.layer) * total:
+            continue
+        listed = (pair for chunk in rejects.get(layer.layer, []) for pair in problems_of(chunk)
+                  if counts_as_problem(pair[0]))
+        raise InputDataError(breach_message(layer.layer, bad, total, limit_for(layer.layer),
+                                            islice(listed, LISTED_PROBLEMS)))

@@ -119,6 +119,7 @@ def _land_with_heavy_polygon(landing_store, tmp_path, batch_id: str, policy: str
     manifest["files"].append({"path": "parcels.parquet", "layer": "parcels",
                               "format": "geoparquet"})
     manifest["recipes"] = {"parcels": [{"step": "make_valid", "policy": policy}]}
+    manifest["max_reject_fraction"] = {"parcels": 0.5}  # 1 of its 3 rows is rejected
     (folder / MANIFEST_FILENAME).write_text(json.dumps(manifest))
     land_batch(landing_store, folder, batch_id)
 

@@ -154,7 +154,8 @@ def test_a_geometry_over_the_vertex_limit_is_set_apart_with_its_row_and_reason(
     sharded, objects = shard_with(tmp_path, heavy_layer, "reject", 2000)
     assert sharded.rows == 2
     assert sharded.rows_per_source == {str(heavy_layer): 3}
-    [(reason, attributes)] = sharded.rejected
+    [(step, reason, attributes)] = sharded.rejected
+    assert step == "vertex_limit"
     assert reason == ("file 'shapes.parquet' (layer 'shapes'), row 2: the geometry has 2,001 "
                       "vertices; the limit is 2,000")
     assert json.loads(attributes) == {"name": "heavy"}

@@ -551,14 +551,14 @@ def _cp1252_shapefile(tmp_path: Path, cpg: str | None) -> Path:
 def test_undecodable_text_names_file_row_and_encoding(tmp_path):
     zipped = _cp1252_shapefile(tmp_path, cpg="UTF-8")  # a .cpg that lies
     message = fails(tmp_path, [entry(zipped, "shapefile_zip", layer="places")],
-                    r"file 'places.zip' \(layer 'places'\), row 0, column 'name': text .* is not "
+                    r"file 'places.zip' \(layer 'places'\), row 1, column 'name': text .* is not "
                     r"valid in encoding UTF-8 \(declared by places.cpg\); set 'encoding'")
     assert "cp1252" in message
 
 
 def test_declared_encoding_is_honoured(tmp_path):
     zipped = _cp1252_shapefile(tmp_path, cpg=None)
-    fails(tmp_path, [entry(zipped, "shapefile_zip")], r"row 0, column 'name'.*not valid in encoding "
+    fails(tmp_path, [entry(zipped, "shapefile_zip")], r"(?s)row 1, column 'name'.*not valid in encoding "
           r"UTF-8 \(no .cpg and no encoding in the manifest\)")
     result, sink = shard(tmp_path, [entry(zipped, "shapefile_zip", encoding="cp1252")])
     assert sorted(chunk_table(sink, result).column("name").to_pylist()) == ["Café", "Zürich"]
@@ -568,7 +568,7 @@ def test_csv_encoding_is_transcoded_or_rejected(tmp_path):
     path = tmp_path / "places.csv"
     path.write_bytes("id,name,wkt\n1,Zürich,POINT (8.5 47.4)\n".encode("cp1252"))
     options = {"source_crs": "EPSG:4326", "csv": {"wkt_column": "wkt"}}
-    fails(tmp_path, [entry(path, "csv", **options)], r"'places.csv'.*row 0, column 'name'")
+    fails(tmp_path, [entry(path, "csv", **options)], r"(?s)'places.csv'.*data line 1, column 'name'")
     result, sink = shard(tmp_path, [entry(path, "csv", encoding="cp1252", **options)])
     assert chunk_table(sink, result).column("name").to_pylist() == ["Zürich"]
     fails(tmp_path, [entry(path, "csv", encoding="ascii", **options)],
@@ -579,15 +579,21 @@ def test_nan_coordinates_name_the_row(tmp_path):
     frame = gpd.GeoDataFrame({"a": [1, 2, 3]}, crs="EPSG:4326", geometry=[
         shapely.Point(0, 0), shapely.Point(1, 1), shapely.Point(np.nan, 1)])
     frame.to_parquet(tmp_path / "nan.parquet")
-    fails(tmp_path, [entry(tmp_path / "nan.parquet", "geoparquet", layer="pts")],
-          r"file 'nan.parquet' \(layer 'pts'\), row 2: coordinates are NaN or infinite")
+    result, _ = shard(tmp_path, [entry(tmp_path / "nan.parquet", "geoparquet", layer="pts")])
+    assert result.rows == 2
+    assert [(step, reason, json.loads(values)) for step, reason, values in result.rejected] == [
+        ("read", "file 'nan.parquet' (layer 'pts'), row 3: coordinates are NaN or infinite; "
+         "expected finite numbers", {"a": 3})]
 
 
 def test_infinite_polygon_vertex_names_the_row(tmp_path, monkeypatch):
     monkeypatch.setattr("libs.sharding.wkb.PARSE_BYTES", 50)  # parse row by row: the row still counts
     polygons = [shapely.box(0, 0, 1, 1), shapely.Polygon([(0, 0), (np.inf, 0), (1, 1)])]
     gpd.GeoDataFrame({"a": [1, 2]}, geometry=polygons, crs="EPSG:4326").to_parquet(tmp_path / "p.parquet")
-    fails(tmp_path, [entry(tmp_path / "p.parquet", "geoparquet")], r"'p.parquet'.*row 1: coordinates")
+    result, _ = shard(tmp_path, [entry(tmp_path / "p.parquet", "geoparquet")])
+    assert result.rows == 1
+    [(step, reason, _)] = result.rejected
+    assert step == "read" and reason.startswith("file 'p.parquet' (layer 'points'), row 2: coord")
 
 
 def test_mixed_geometry_types_in_a_file(tmp_path):
@@ -600,7 +606,7 @@ def test_mixed_geometry_types_in_a_file(tmp_path):
     result, sink = shard(tmp_path, [entry(path, "geojson", layer="things")])
     assert result.rows == 3 and result.geometry_types == ["LineString", "Point"]
     fails(tmp_path, [entry(path, "geojson", layer="things", geometry_families="one")],
-          r"file 'mixed.geojson' \(layer 'things'\) mixes Point \(row 0\) and LineString \(row 1\)")
+          r"file 'mixed.geojson' \(layer 'things'\) mixes Point \(row 1\) and LineString \(row 2\)")
     split = [entry(path, "geojson", layer="things", geometry_families="split")]
     assert list(plan_layers(split)) == ["things_points", "things_lines", "things_polygons"]
     for layer, expected in (("things_points", [0, 2]), ("things_lines", [1]),
@@ -619,7 +625,7 @@ def test_mixed_geometry_types_across_files(tmp_path, points):
     pyogrio.write_dataframe(boxes, b, driver="FlatGeobuf")
     fails(tmp_path, [entry(a, "flatgeobuf", geometry_families="one"),
                      entry(b, "flatgeobuf", geometry_families="one")],
-          r"layer 'points' mixes Point \(file 'a.fgb', row 0\) and Polygon \(file 'b.fgb', row 0\)")
+          r"layer 'points' mixes Point \(file 'a.fgb', row 1\) and Polygon \(file 'b.fgb', row 1\)")
     result, _ = shard(tmp_path, [entry(a, "flatgeobuf"), entry(b, "flatgeobuf")])
     assert result.geometry_types == ["Point", "Polygon"]
 
@@ -687,13 +693,13 @@ def test_geometry_collections_are_refused(tmp_path):
     path = tmp_path / "gc.geojson"
     collection = shapely.GeometryCollection([shapely.Point(0, 0)])
     gpd.GeoDataFrame(geometry=[shapely.Point(1, 1), collection], crs="EPSG:4326").to_file(path)
-    fails(tmp_path, [entry(path, "geojson")], r"'gc.geojson'.*row 1: GeometryCollection is not supported")
+    fails(tmp_path, [entry(path, "geojson")], r"'gc.geojson'.*row 2: GeometryCollection is not supported")
 
 
 def test_curves_are_refused(tmp_path):
     path = tmp_path / "curve.gpkg"
     path.write_bytes((PYOGRIO_FIXTURES / "curve.gpkg").read_bytes())
-    fails(tmp_path, [entry(path, "gpkg", source_crs=None)], r"'curve.gpkg'.*row 0: CompoundCurve "
+    fails(tmp_path, [entry(path, "gpkg", source_crs=None)], r"'curve.gpkg'.*row 1: CompoundCurve "
           "geometries are not supported")
 
 
@@ -768,16 +774,20 @@ def test_csv_needs_a_source_crs_and_readable_geometry(tmp_path):
     path.write_text("id,wkt,lon,lat\n1,POINT (1 2),1,2\n2,POINT (oops),x,4\n3,,,\n")
     fails(tmp_path, [entry(path, "csv", csv={"wkt_column": "wkt"})], r"'p.csv'.*declares no CRS "
           r"\(a CSV file never does\)")
-    fails(tmp_path, [entry(path, "csv", source_crs="EPSG:4326", csv={"wkt_column": "wkt"})],
-          r"'p.csv' \(layer 'points'\), row 1: column 'wkt' holds 'POINT \(oops\)', which is not valid WKT")
-    path.write_text("id,lon,lat\n1,1,2\n2,x,4\n")
-    fails(tmp_path, [entry(path, "csv", source_crs="EPSG:4326",
-                           csv={"x_column": "lon", "y_column": "lat"})],
-          r"'p.csv' \(layer 'points'\), row 1: column 'lon' is not a number")
-    path.write_text("id,lon,lat\n1,1,2\n2,nan,4\n")
-    fails(tmp_path, [entry(path, "csv", source_crs="EPSG:4326",
-                           csv={"x_column": "lon", "y_column": "lat"})],
-          r"row 1: x/y \('lon', 'lat'\) are \(nan, 4.0\); expected two finite numbers")
+    xy = {"x_column": "lon", "y_column": "lat"}
+    # a bad row is a reject naming its 1-based data line (the header is not counted)
+    for csv, text, reason in [
+        ({"wkt_column": "wkt"}, None,
+         "data line 2: column 'wkt' holds 'POINT (oops)', which is not valid WKT"),
+        (xy, "id,lon,lat\n1,1,2\n2,x,4\n", "data line 2: column 'lon' is not a number"),
+        (xy, "id,lon,lat\n1,1,2\n2,nan,4\n",
+         "data line 2: x/y ('lon', 'lat') are (nan, 4.0); expected two finite numbers")]:
+        if text:
+            path.write_text(text)
+        result, _ = shard(tmp_path, [entry(path, "csv", source_crs="EPSG:4326", csv=csv)])
+        [(step, got, values)] = result.rejected
+        assert step == "read" and got.startswith(f"file 'p.csv' (layer 'points'), {reason}"), got
+        assert json.loads(values)["id"] == "2"
     fails(tmp_path, [entry(path, "csv", source_crs="EPSG:4326",
                            csv={"x_column": "x", "y_column": "y"})], r"the CSV has no column 'x'")
 
