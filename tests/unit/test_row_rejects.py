@@ -20,14 +20,15 @@ from libs.sharding.wkb import geometry_problems
 from libs.transformations import check_reject_fractions
 
 
-def _shard(tmp_path, text: str, csv: dict, encoding_bytes: bytes | None = None):
+def _shard(tmp_path, text: str, csv: dict, encoding_bytes: bytes | None = None,
+           **data_file_fields):
     path = tmp_path / "sites.csv"
     if encoding_bytes is not None:
         path.write_bytes(encoding_bytes)
     else:
         path.write_text(text)
     data_file = DataFile(path="sites.csv", layer="sites", format="csv", source_crs="EPSG:4326",
-                         csv=csv)
+                         csv=csv, **data_file_fields)
     plan = plan_layers([(path, data_file)])
     scratch = tmp_path / "scratch"
     scratch.mkdir(exist_ok=True)
@@ -147,7 +148,7 @@ def test_the_ledger_cause_is_the_steps_own_error_and_the_hint_links_the_run():
 def test_rows_named_after_rejects_keep_their_numbers(tmp_path):
     text = "id,wkt\n1,POINT (1 2)\n2,POINT (oops\n3,\"POLYGON ((0 0, 1 0, 1 1, 0 0))\"\n"
     with pytest.raises(InputDataError, match=r"mixes Point \(row 1\) and Polygon \(row 3\)"):
-        _shard(tmp_path, text, {"wkt_column": "wkt"})
+        _shard(tmp_path, text, {"wkt_column": "wkt"}, geometry_families="one")
 
 
 def _index(rows: int):
