@@ -7,7 +7,15 @@ Modules, in the order a run uses them: ``connection`` (settings, run schemas), `
 ``batch``, which runs them for one batch.
 """
 
-from libs.postgis.batch import JoinedBatch, load_and_join, srid_of
+from libs.postgis.batch import (
+    MAX_TABLE_COLUMNS,
+    JoinedBatch,
+    JoinOutput,
+    load_and_join,
+    loaded_columns,
+    postgres_width_problem,
+    srid_of,
+)
 from libs.postgis.connection import (
     GEOM,
     ROW_ID,
@@ -40,6 +48,8 @@ __all__ = [
     "ROW_ID",
     "ChunkLoaded",
     "ChunkSource",
+    "MAX_TABLE_COLUMNS",
+    "JoinOutput",
     "JoinedBatch",
     "LayerTable",
     "PostGISSettings",
@@ -56,6 +66,8 @@ __all__ = [
     "index_and_analyze",
     "list_run_schemas",
     "load_and_join",
+    "loaded_columns",
+    "postgres_width_problem",
     "load_layer_chunks",
     "reconcile_join",
     "run_id_of_schema",

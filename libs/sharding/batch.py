@@ -115,12 +115,13 @@ def shard_landed_batch(
     bad geometries, else its row goes to the index's rejects, staged at
     ``rejects_key(layer, <chunks of the layer>)``."""
     planned = plan_layers([(file.path, file.data_file) for file in landed])
-    for side in ("left", "right"):
-        name = getattr(manifest.join, side)
-        if name not in planned:
-            raise InputDataError(
-                f"batch {manifest.batch_id!r}: join.{side} names layer {name!r} but the "
-                f"files feed {sorted(planned)}")
+    for join in manifest.spatial_joins:
+        for side in ("left", "right"):
+            name = getattr(join, side)
+            if name not in planned:
+                raise InputDataError(
+                    f"batch {manifest.batch_id!r}: join {join.name!r}: {side} names layer "
+                    f"{name!r} but the files feed {sorted(planned)}")
     by_path = {file.path: file for file in landed}
     layers, sources, types, rejects = [], [], {}, []
     written: dict[tuple[str, int], Future] = {}

@@ -102,7 +102,7 @@ def _transformed() -> ChunkIndex:
 def test_batch_datasets_and_lineage():
     transformed = _transformed()
     join_parts = [StagedPart("runs/r1/results/per_country/part-00000.parquet", 2, 50, "c" * 64)]
-    datasets, info = batch_datasets(transformed, "per_country", join_parts, MANIFEST)
+    datasets, info = batch_datasets(transformed, {"per_country": join_parts}, MANIFEST)
     assert {name: [p.rows for p in parts] for name, parts in datasets.items()} == {
         "points": [20], "countries": [2], "points_rejects": [10], "per_country": [2]}
     assert info["points"]["kind"] == "layer" and info["points_rejects"]["kind"] == "rejects"
@@ -119,6 +119,7 @@ def test_batch_datasets_and_lineage():
     joined = records["s3://data-lake/per_country/b1/part-0"]
     assert [i["key"] for i in joined["inputs"]] == ["b1/p.fgb", "b1/c.zip"]
     assert joined["recipe"] is None and joined["run_id"] == "r1"
+    assert joined["join"]["name"] == "per_country" and points["join"] is None
     # readers select the lineage of the publication the completion manifest names
     assert {r["publication"] for r in records.values()} == {"r1.abcd0123"}
 
@@ -128,8 +129,8 @@ def test_a_join_named_like_a_rejects_dataset_is_not_published_over_it():
     the files (a multi-layer file's own layer names)."""
     join_parts = [StagedPart("runs/r1/results/x/part-00000.parquet", 2, 50, "c" * 64)]
     with pytest.raises(PublishError, match="lake dataset 'points_rejects' would hold both "
-                       "the join's result and another dataset"):
-        batch_datasets(_transformed(), "points_rejects", join_parts, MANIFEST)
+                       "the result of join 'points_rejects' and another dataset"):
+        batch_datasets(_transformed(), {"points_rejects": join_parts}, MANIFEST)
 
 
 def test_every_key_comes_from_one_module():
