@@ -84,11 +84,20 @@ def _check_crs(value: str) -> str:
 
 
 class CsvGeometry(_Strict):
-    """Where a CSV keeps its geometry: a WKT column, or longitude/latitude (x/y) columns."""
+    """Where a CSV keeps its geometry (a WKT column, or longitude/latitude (x/y) columns), and
+    the types of its attribute columns."""
 
     wkt_column: str | None = Field(default=None, description="column holding WKT geometries")
     x_column: str | None = Field(default=None, description="column holding x (longitude)")
     y_column: str | None = Field(default=None, description="column holding y (latitude)")
+    # issue 27, CSV attribute types (the rule: libs/sharding/csv_types.py, README)
+    infer_types: bool = Field(
+        default=True, description="type each attribute column from all its values: int64, "
+        "float64, bool (true/false), date (YYYY-MM-DD), else text; empty values are NULL. "
+        "false: every column not in column_types stays text")
+    column_types: dict[str, Literal["string", "int64", "float64", "bool", "date"]] = Field(
+        default_factory=dict, description="a type per attribute column, instead of the "
+        "inferred one, e.g. {'zip': 'string'}; a value that does not convert fails the run")
 
     @model_validator(mode="after")
     def _one_way(self) -> CsvGeometry:
@@ -97,6 +106,9 @@ class CsvGeometry(_Strict):
             not has_xy and (self.x_column or self.y_column)
         ):
             raise ValueError("give either wkt_column, or both x_column and y_column")
+        geometry = {self.wkt_column, self.x_column, self.y_column} & set(self.column_types)
+        if geometry:
+            raise ValueError(f"column_types: {sorted(geometry)} hold the geometry, not attributes")
         return self
 
 
@@ -129,7 +141,8 @@ class DataFile(_Strict):
         description="attribute text encoding (Shapefile, CSV), e.g. 'cp1252'; default: the "
         "file's own declaration (.cpg), else UTF-8",
     )
-    csv: CsvGeometry | None = Field(default=None, description="geometry columns of a CSV file")
+    csv: CsvGeometry | None = Field(default=None, description="geometry columns and attribute "
+                                    "types of a CSV file")
 
     @field_validator("path")
     @classmethod
