@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -435,6 +436,12 @@ class Manifest(_Strict):
         "a layer without one gets [reproject, make_valid(repair)]. Reprojection to target_crs "
         "runs first unless the recipe places it",
     )
+
+    @field_validator("join", mode="wrap")
+    @classmethod
+    def _no_join(cls, value: object, handler: ValidatorFunctionWrapHandler) -> SpatialJoin | None:
+        # a stored plan or ledger record of a batch without 'join' holds null: read it back
+        return None if value is None else handler(value)
 
     def recipe_for(self, layer: str) -> list[RecipeStep]:
         """The effective recipe of ``layer``."""

@@ -169,9 +169,6 @@ def load_and_join(
                 for name, future in ordered.items():
                     tables[name] = future.result()
             load_seconds = time.monotonic() - load_started
-            # end the implicit transaction the layers' counts left open, so that the join's
-            # table commits (the export reads it on a connection of its own)
-            conn.commit()
             outputs = [_join_and_export(conn, store, transformed.staging_bucket, join, tables,
                                         target_crs, partial(result_key, join.name), log)
                        for join in joins]
@@ -201,6 +198,10 @@ def _join_and_export(conn: psycopg.Connection, store: ObjectStore, bucket: str, 
     """Run one join (its left layer as the join sees it: only its ``left_columns`` when it
     lists them), stage its result, reconcile its rows."""
     started = time.monotonic()
+    # end the implicit transaction the layers' counts (or the previous join's reconciliation)
+    # left open, so that the join's table commits (the export reads it on a connection of
+    # its own)
+    conn.commit()
     left = tables[join.left]
     if join.left_columns is not None:
         left = replace(left, attributes=pa.schema([left.attributes.field(c)

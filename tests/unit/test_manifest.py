@@ -260,6 +260,8 @@ def test_a_batch_without_a_join_is_valid_for_model_and_json_schema(sample):
     manifest = _parse(single)
     assert manifest.spatial_joins == [] and manifest.layers == ["points"]
     jsonschema.validate(single, json.loads(SCHEMA_FILE.read_text()))
+    # stored (the batch plan, the ledger) and read back
+    assert type(manifest).model_validate_json(manifest.model_dump_json()) == manifest
 
 
 def test_several_joins_are_run_in_order_and_the_single_form_is_one_of_them(sample):
