@@ -114,7 +114,7 @@ def postgres_width_problem(joins: list[SpatialJoin], layer: str,
     columns = loaded_columns(joins, layer)
     width = (len(attributes) if columns is None else len(columns)) + _LAYER_COLUMNS
     if width <= MAX_TABLE_COLUMNS:
-        return None
+        return _result_width_problem([j for j in reading if j.left == layer], layer, attributes)
     lefts = [j.name for j in reading if j.left == layer and j.left_columns is None]
     return (f"layer {layer!r} has {len(attributes):,} attribute columns; a PostgreSQL table "
             f"holds at most {MAX_TABLE_COLUMNS:,} columns ({_LAYER_COLUMNS} of them the row id "
@@ -129,6 +129,22 @@ def srid_of(target_crs: str) -> int:
     if epsg is None:
         raise LoadError(f"target_crs {target_crs!r} has no EPSG code; PostGIS needs an SRID")
     return epsg
+
+
+def _result_width_problem(joins: list[SpatialJoin], layer: str,
+                          attributes: list[str]) -> str | None:
+    """A join result is a table too: the left columns it keeps, its aggregates or carried
+    columns (and distance), the row id and the geometry."""
+    for join in joins:
+        kept = len(join.left_columns) if join.left_columns is not None else len(attributes)
+        added = len(join.carried_columns()) + int(bool(join.carry) and join.measures_distance) \
+            if join.carry is not None else len(join.aggregations)
+        if kept + added + _LAYER_COLUMNS > MAX_TABLE_COLUMNS:
+            return (f"join {join.name!r}: its result would have {kept + added + _LAYER_COLUMNS:,} "
+                    f"columns ({kept:,} of left layer {layer!r}, {added} added by the join), "
+                    f"more than the {MAX_TABLE_COLUMNS:,} a PostgreSQL table holds; list the "
+                    "left columns the result needs in the join's 'left_columns'")
+    return None
 
 
 def load_and_join(

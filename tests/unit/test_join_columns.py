@@ -38,11 +38,23 @@ def test_a_wide_left_layer_read_whole_is_refused_naming_layer_count_and_fix():
         f"{MAX_TABLE_COLUMNS:,} columns (2 of them the row id and the geometry), and join(s) "
         "['per_wide'] read all of them as their left layer. List the columns the join result "
         "needs in the join's 'left_columns' (the lake keeps every column of the layer either way)")
-    assert postgres_width_problem(joins, "wide", WIDE[:1_598]) is None
-    assert postgres_width_problem(joins, "wide", WIDE[:1_599]) is not None
+    # loaded: 1,598 + 2 fits; the result (1,598 + a count + 2) would not, below
+    assert postgres_width_problem(joins, "wide", WIDE[:1_597]) is None
+    assert postgres_width_problem(joins, "wide", WIDE[:1_599]).startswith("layer 'wide' has")
+    assert postgres_width_problem(joins, "wide", WIDE[:1_598]).startswith("join 'per_wide'")
 
 
 def test_left_columns_the_layer_lacks_are_named():
     problem = postgres_width_problem(_joins(), "wide", ["c0001"])
     assert problem.startswith("layer 'wide': left_columns of join(s) name columns it does not "
                               "have ['nearest: c0002']; its columns are ['c0001']")
+
+
+def test_a_join_result_wider_than_a_table_is_refused():
+    joins = [SpatialJoin(name="per_wide", left="wide", right="zones", predicate="nearest", k=1,
+                         carry=["a", "b", "c"])]
+    assert postgres_width_problem(joins, "wide", WIDE[:1_594]) is None  # 1,594 + 4 + 2
+    assert postgres_width_problem(joins, "wide", WIDE[:1_595]) == (
+        "join 'per_wide': its result would have 1,601 columns (1,595 of left layer 'wide', 4 "
+        "added by the join), more than the 1,600 a PostgreSQL table holds; list the left "
+        "columns the result needs in the join's 'left_columns'")
