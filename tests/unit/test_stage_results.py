@@ -2,8 +2,11 @@
 per chunk and per batch, order kept whatever order tasks finish in), the batch's lake
 datasets and lineage, and the one module that names every staged and lake key."""
 
+import json
+
 import pytest
 
+from etl_pipelines.types import JoinResults
 from libs.descriptors import Chunk, ChunkIndex, LayerChunks, SourceFile, StagedPart, TransformedChunk
 from libs.errors import PublishError, ReconciliationError
 from libs.lake import batch_datasets, chunk_key, lineage_records, part_key, result_prefix, run_prefix
@@ -149,3 +152,15 @@ def test_every_key_comes_from_one_module():
     assert rejects_dataset("points") == "points_rejects"
     assert op_output_key("dagster-io", ["r1", "shard_batch", "result"]) == \
         "dagster-io/r1/shard_batch/result.json"
+
+
+def test_join_results_read_the_single_join_output_stored_before_several_joins():
+    """A re-execution of a run from before issue 27 reads its stored load_and_join output."""
+    part = {"staging_key": "runs/r1/results/j/part-00000.parquet", "rows": 2, "bytes": 50,
+            "sha256": "c" * 64}
+    old = {"name": "j", "rows": 2, "parts": [part], "columns": ["n", "geometry"],
+           "crs": "EPSG:8857"}
+    results = JoinResults.model_validate_json(json.dumps(old))
+    assert [(j.name, j.rows) for j in results.joins] == [("j", 2)]
+    assert JoinResults.model_validate_json(results.model_dump_json()) == results
+    assert JoinResults.model_validate_json("{}").joins == []
