@@ -27,7 +27,7 @@ from libs.geoparquet import GEOMETRY
 from libs.lake import chunk_key, run_prefix
 from libs.manifest import Manifest
 from libs.memory import use_jemalloc_pool
-from libs.postgis import ROW_ID, postgres_width_problem
+from libs.postgis import ROW_ID, join_load_problem
 from libs.sharding import (
     ShardedLayer,
     ShardLimits,
@@ -117,7 +117,7 @@ def _check_schema(manifest: Manifest, layer: str, schema: pa.Schema) -> None:
     after the transform)."""
     planned = plan_recipe(manifest.recipe_for(layer), schema, manifest.target_crs)
     attributes = [name for name in planned.names if name not in (ROW_ID, GEOMETRY)]
-    problem = postgres_width_problem(manifest.spatial_joins, layer, attributes)
+    problem = join_load_problem(manifest.spatial_joins, layer, attributes)
     if problem is not None:
         raise InputDataError(f"batch {manifest.batch_id!r}: {problem}")
 

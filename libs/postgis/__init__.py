@@ -11,9 +11,9 @@ from libs.postgis.batch import (
     MAX_TABLE_COLUMNS,
     JoinedBatch,
     JoinOutput,
+    join_load_problem,
     load_and_join,
     loaded_columns,
-    postgres_width_problem,
     srid_of,
 )
 from libs.postgis.connection import (
@@ -67,7 +67,7 @@ __all__ = [
     "list_run_schemas",
     "load_and_join",
     "loaded_columns",
-    "postgres_width_problem",
+    "join_load_problem",
     "load_layer_chunks",
     "reconcile_join",
     "run_id_of_schema",

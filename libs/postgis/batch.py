@@ -97,20 +97,21 @@ def loaded_columns(joins: list[SpatialJoin], layer: str) -> list[str] | None:
     return list(dict.fromkeys(needed))
 
 
-def postgres_width_problem(joins: list[SpatialJoin], layer: str,
+def join_load_problem(joins: list[SpatialJoin], layer: str,
                            attributes: list[str]) -> str | None:
-    """Why ``layer`` (after its recipe: ``attributes``) cannot be loaded for its joins: left
-    columns it lacks, or more columns than a PostgreSQL table holds. None when it can (or
-    when no join reads it: a layer only ingested is never loaded)."""
+    """Why ``layer`` (after its recipe: ``attributes``) cannot be loaded for its joins:
+    columns they name that it lacks (``left_columns``, aggregated or carried), or more
+    columns than a PostgreSQL table holds, in the layer's table or a join's result. None when
+    it can (or when no join reads it: a layer only ingested is never loaded)."""
     reading = [j for j in joins if layer in (j.left, j.right)]
     if not reading:
         return None
-    missing = [(j.name, c) for j in reading if j.left == layer
-               for c in j.left_columns or [] if c not in attributes]
+    missing = [f"{j.name}: {c}" for j in reading for c in loaded_columns([j], layer) or []
+               if c not in attributes]
     if missing:
         shown = attributes[:20] + (["..."] if len(attributes) > 20 else [])
-        return (f"layer {layer!r}: left_columns of join(s) name columns it does not have "
-                f"{[f'{name}: {c}' for name, c in missing]}; its columns are {shown}")
+        return (f"layer {layer!r}: join(s) name columns it does not have {missing} (as "
+                f"left_columns, or aggregated or carried); its columns are {shown}")
     columns = loaded_columns(joins, layer)
     width = (len(attributes) if columns is None else len(columns)) + _LAYER_COLUMNS
     if width <= MAX_TABLE_COLUMNS:
