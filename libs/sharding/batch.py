@@ -3,9 +3,10 @@ checksummed, the files grouped into layers, each layer cut into Hilbert-ordered 
 background threads write while the next chunks are cut.
 
 The caller sees each chunk once its object is written (``on_staged``: where the transform of
-that chunk may start) and checks each layer's columns when its first file is opened, before any row is read, and
-again before any of its chunks is offered (``check_schema``: the recipe's plan and what the
-joins load into PostGIS, later stages this package does not import).
+that chunk may start) and checks each layer's columns when its first file is opened, before
+any row is read, and again before any of its chunks is offered (``check_schema``: the
+recipe's plan and what the joins load into PostGIS, later stages this package does not
+import).
 """
 
 from __future__ import annotations
