@@ -92,13 +92,15 @@ def runs(stack_env, store, landing_store, tmp_path_factory):
         {"name": "wide_country", "left": "wide", "right": "countries", "predicate": "nearest",
          "k": 1, "carry": ["name"]}]})
 
-    results = {}
+    results, logs = {}, {}
     with DagsterInstance.ephemeral() as instance:
         tick = sensor_tick(instance, focus=list(ids.values()))
         for name, batch_id in ids.items():
             results[name] = run_ingest(instance, request_for(tick, batch_id),
                                        raise_on_error=False)
-    return {"ids": ids, "results": results, "wide": wide,
+            logs[name] = [e.message for e in instance.all_logs(results[name].run_id)
+                          if e.message]
+    return {"ids": ids, "results": results, "logs": logs, "wide": wide,
             "countries": pyogrio.read_dataframe(f"/vsizip/{several / 'countries.zip'}")}
 
 
@@ -185,6 +187,9 @@ def test_a_wide_left_layer_read_whole_is_refused_before_the_transform(runs, stor
            "columns" in message
     assert "join(s) ['wide_country'] read all of them as their left layer" in message
     assert "'left_columns'" in message
+    # refused when the file was opened: no row of it was sorted into chunks
+    assert not any("sharded layer" in line for line in runs["logs"]["too-wide"])
+    assert any("sharded layer wide" in line for line in runs["logs"]["several"])
     assert not store.exists("data-lake", completion_key(batch_id))
 
 
