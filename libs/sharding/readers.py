@@ -3,8 +3,9 @@
 GDAL formats go through pyogrio's Arrow reader, GeoParquet through
 ``pyarrow.parquet.ParquetFile.iter_batches``; no file is loaded whole. On the way, column
 types are made plain, text is checked against the declared encoding (non-UTF-8 text
-formats are transcoded to a scratch copy first), and CSV rows whose WKT or x/y GDAL could
-not read are reported instead of silently losing their geometry.
+formats are transcoded to a scratch copy first), CSV rows whose WKT or x/y GDAL could
+not read are reported instead of silently losing their geometry, and CSV text columns are
+typed (``libs.sharding.csv_types``).
 """
 
 from __future__ import annotations
