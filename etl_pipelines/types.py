@@ -1,7 +1,7 @@
 """What the ops hand each other besides the stage descriptors of ``libs.descriptors``: the
-batch plan every op reads, and the join result the publish op publishes."""
+batch plan every op reads, and the join results the publish op publishes."""
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from libs.descriptors import StagedPart
 from libs.manifest import Manifest
@@ -55,3 +55,20 @@ class JoinResult(BaseModel):
     parts: list[StagedPart]
     columns: list[str]
     crs: str
+
+
+class JoinResults(BaseModel):
+    """Every join's result, in the manifest's order; none for a batch without a join."""
+
+    model_config = ConfigDict(frozen=True)
+
+    joins: list[JoinResult] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_join_output(cls, data: object) -> object:
+        # what the op stored before a batch could have several joins (one JoinResult): a
+        # re-execution of such a run reads it as the one join it is
+        if isinstance(data, dict) and "name" in data and "joins" not in data:
+            return {"joins": [data]}
+        return data

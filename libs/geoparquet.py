@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import geopandas as gpd
@@ -323,10 +323,12 @@ def read_wkb_parts(data: bytes) -> tuple[pd.DataFrame, pa.Array, CRS | None] | N
     return attributes, wkb, crs_of(geo)
 
 
-def read_parquet_table(data: bytes) -> pa.Table:
-    """Read GeoParquet bytes as a plain Arrow table (WKB geometry), without the covering column.
+def read_parquet_table(data: bytes, keep: Callable[[str], bool] = lambda name: True) -> pa.Table:
+    """Read GeoParquet bytes as a plain Arrow table (WKB geometry), without the covering column
+    and the columns ``keep`` refuses (none are decoded).
 
     The covering is never decoded: its four float columns hardly compress, and skipping them
     makes reading a 250k-point chunk ~15% cheaper (median 18.3 → 15.8 ms)."""
     names = pq.read_schema(pa.BufferReader(data)).names
-    return pq.read_table(pa.BufferReader(data), columns=[n for n in names if n != COVERING])
+    return pq.read_table(pa.BufferReader(data),
+                         columns=[n for n in names if n != COVERING and keep(n)])

@@ -1,4 +1,4 @@
-"""Publish op: copy the transformed layers, their rejects and the join result into the lake,
+"""Publish op: copy the transformed layers, their rejects and each join's result into the lake,
 record their lineage, then switch the completion manifest to them as the last act
 (``libs.lake.publish_batch_to_lake``); then close the run in the ledger and remove this run's
 staged objects.
@@ -15,14 +15,14 @@ from dagster import MetadataValue, OpExecutionContext, Out, op
 
 from etl_pipelines.ray.metrics import StageProgress
 from etl_pipelines.resources import LedgerResource, ObjectStoreResource
-from etl_pipelines.types import BatchPlan, JoinResult
+from etl_pipelines.types import BatchPlan, JoinResults
 from libs.descriptors import ChunkIndex
 from libs.lake import completion_key, lineage_records, publish_batch_to_lake, run_prefix
 
 
 @op(out=Out(dict), tags={"stage": "publish"})
 def publish_batch(
-    context: OpExecutionContext, plan: BatchPlan, transformed: ChunkIndex, joined: JoinResult,
+    context: OpExecutionContext, plan: BatchPlan, transformed: ChunkIndex, joined: JoinResults,
     object_store: ObjectStoreResource, ledger: LedgerResource,
 ) -> dict:
     manifest, book, started = plan.manifest, ledger.ledger, time.monotonic()
@@ -36,7 +36,9 @@ def publish_batch(
 
     try:
         completion = publish_batch_to_lake(object_store.store, object_store.lake_bucket,
-                                           transformed, joined.name, joined.parts, manifest,
+                                           transformed,
+                                           {join.name: join.parts for join in joined.joins},
+                                           manifest,
                                            context.run_id, before_switch=record_lineage)
     except Exception:
         _forget_lineage(context, book, tried)

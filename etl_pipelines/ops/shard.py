@@ -12,6 +12,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import pyarrow as pa
 from dagster import Config, MetadataValue, OpExecutionContext, Out, op
 from pydantic import Field
 
@@ -26,8 +27,12 @@ from etl_pipelines.resources import (
 )
 from etl_pipelines.types import BatchPlan
 from libs.descriptors import Chunk, ChunkIndex
+from libs.errors import InputDataError
+from libs.geoparquet import GEOMETRY
 from libs.lake import chunk_key, run_prefix
+from libs.manifest import Manifest
 from libs.memory import use_jemalloc_pool
+from libs.postgis import ROW_ID, join_load_problem
 from libs.sharding import (
     ShardedLayer,
     ShardLimits,
@@ -86,9 +91,6 @@ def shard_batch(
     # chunks stream out as the sort emits them: their total is known once every layer is done
     progress = StageProgress(context.log.info, "shard", manifest.batch_id, None)
 
-    def check_schema(layer: str, schema) -> None:  # the layer's recipe fits its columns
-        plan_recipe(manifest.recipe_for(layer), schema, manifest.target_crs)
-
     def sharded_layer(sharded: ShardedLayer) -> None:
         context.log.info(
             f"sharded layer {sharded.layer}: {sharded.chunks.rows:,} rows from "
@@ -107,12 +109,24 @@ def shard_batch(
             staging_bucket=staging, staging_prefix=prefix,
             chunk_key=partial(chunk_key, prefix, "chunks"), scratch=scratch_dir,
             rejects_key=partial(chunk_key, prefix, "rejects"),
-            limits=_limits(config), check_schema=check_schema, on_layer=sharded_layer,
+            limits=_limits(config), check_schema=partial(_check_schema, manifest),
+            on_layer=sharded_layer,
             on_staged=partial(_chunk_staged, context, progress, early, plan, object_store))
     progress.total = progress.done
     context.log.info(progress.line())
     context.add_output_metadata(_metadata(index, landed, time.monotonic() - started, early))
     return index
+
+
+def _check_schema(manifest: Manifest, layer: str, schema: pa.Schema) -> None:
+    """Before any chunk of ``layer`` is offered: its recipe fits its columns, and what its
+    joins load of it fits in a PostgreSQL table (a wide layer otherwise failed in PostgreSQL
+    after the transform)."""
+    planned = plan_recipe(manifest.recipe_for(layer), schema, manifest.target_crs)
+    attributes = [name for name in planned.names if name not in (ROW_ID, GEOMETRY)]
+    problem = join_load_problem(manifest.spatial_joins, layer, attributes)
+    if problem is not None:
+        raise InputDataError(f"batch {manifest.batch_id!r}: {problem}")
 
 
 def _space_check(context: OpExecutionContext, scratch: ScratchResource, directory: Path,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import posixpath
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -21,6 +22,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -84,11 +86,20 @@ def _check_crs(value: str) -> str:
 
 
 class CsvGeometry(_Strict):
-    """Where a CSV keeps its geometry: a WKT column, or longitude/latitude (x/y) columns."""
+    """Where a CSV keeps its geometry (a WKT column, or longitude/latitude (x/y) columns), and
+    the types of its attribute columns."""
 
     wkt_column: str | None = Field(default=None, description="column holding WKT geometries")
     x_column: str | None = Field(default=None, description="column holding x (longitude)")
     y_column: str | None = Field(default=None, description="column holding y (latitude)")
+    # issue 27, CSV attribute types (the rule: libs/sharding/csv_types.py, README)
+    infer_types: bool = Field(
+        default=True, description="type each attribute column from all its values: int64, "
+        "float64, bool (true/false), date (YYYY-MM-DD), else text; empty values are NULL. "
+        "false: every column not in column_types stays text")
+    column_types: dict[str, Literal["string", "int64", "float64", "bool", "date"]] = Field(
+        default_factory=dict, description="a type per attribute column, instead of the "
+        "inferred one, e.g. {'zip': 'string'}; a value that does not convert fails the run")
 
     @model_validator(mode="after")
     def _one_way(self) -> CsvGeometry:
@@ -97,6 +108,9 @@ class CsvGeometry(_Strict):
             not has_xy and (self.x_column or self.y_column)
         ):
             raise ValueError("give either wkt_column, or both x_column and y_column")
+        geometry = {self.wkt_column, self.x_column, self.y_column} & set(self.column_types)
+        if geometry:
+            raise ValueError(f"column_types: {sorted(geometry)} hold the geometry, not attributes")
         return self
 
 
@@ -129,7 +143,8 @@ class DataFile(_Strict):
         description="attribute text encoding (Shapefile, CSV), e.g. 'cp1252'; default: the "
         "file's own declaration (.cpg), else UTF-8",
     )
-    csv: CsvGeometry | None = Field(default=None, description="geometry columns of a CSV file")
+    csv: CsvGeometry | None = Field(default=None, description="geometry columns and attribute "
+                                    "types of a CSV file")
     # --- issue 27, accepted geometries (mixed families) ---
     geometry_families: Literal["mixed", "split", "one"] = Field(
         default="mixed",
@@ -283,6 +298,15 @@ class SpatialJoin(_Strict):
         description="aggregates over the matched right rows, one result row per left row; "
         "default (when carry is not given) a count named 'match_count'",
     )
+    # issue 27, wide tables: a wide left layer is loaded into PostGIS with these columns only
+    left_columns: list[str] | None = Field(
+        default=None, min_length=1,
+        description="the left layer's attribute columns the result keeps (and the only ones "
+        "loaded into PostGIS for this join); default: all of them. Needed when the left layer "
+        "has more columns than a PostgreSQL table holds (1,600); the layer's own lake dataset "
+        "keeps every column either way. The right layer is always loaded with just the "
+        "columns the join aggregates or carries",
+    )
     distance_column: Identifier = Field(
         default="distance",
         description="carry joins with predicate 'dwithin' or 'nearest': name of the column "
@@ -401,13 +425,23 @@ def distance_unit_problem(crs: CRS) -> str | None:
 
 
 class Manifest(_Strict):
-    """A batch: its files, the CRS to work in, and the spatial join to run."""
+    """A batch: its files, the CRS to work in, and the spatial joins (if any) to run."""
 
     manifest_version: Literal[1] = Field(description="version of this manifest format")
     batch_id: BatchId
     target_crs: str = Field(description="CRS every layer is reprojected to, e.g. 'EPSG:3857'")
     files: list[DataFile] = Field(min_length=1, description="the batch's data files")
-    join: SpatialJoin = Field(description="the spatial join to run on the loaded layers")
+    # issue 27, optional and several joins: 'join' (one join) is the original form and stays
+    # valid; 'joins' lists any number; spatial_joins is what the pipeline runs
+    # typed without None (None is only the default): a union would report every field error
+    # of a given join twice, once per branch, and the schema keeps 'join' an object
+    join: SpatialJoin = Field(  # type: ignore[assignment]
+        default=None, description="one spatial join (the original form, same as 'joins': "
+        "[it]); give 'join' or 'joins', not both")
+    joins: list[SpatialJoin] = Field(
+        default_factory=list, description="the spatial joins to run on the loaded layers, each "
+        "published as its own dataset named by its 'name'; none (and no 'join'): the layers are "
+        "only ingested, without PostGIS")
     recipes: dict[str, list[RecipeStep]] = Field(
         default_factory=dict,
         description="transformation recipe per layer name ('*': every layer without its own); "
@@ -430,6 +464,12 @@ class Manifest(_Strict):
         return limits.get(layer, limits.get("*", DEFAULT_MAX_REJECT_FRACTION))
     # --- end issue 27 ---
 
+    @field_validator("join", mode="wrap")
+    @classmethod
+    def _no_join(cls, value: object, handler: ValidatorFunctionWrapHandler) -> SpatialJoin | None:
+        # a stored plan or ledger record of a batch without 'join' holds null: read it back
+        return None if value is None else handler(value)
+
     def recipe_for(self, layer: str) -> list[RecipeStep]:
         """The effective recipe of ``layer``."""
         steps = self.recipes.get(layer, self.recipes.get("*", list(DEFAULT_RECIPE)))
@@ -446,6 +486,11 @@ class Manifest(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def spatial_joins(self) -> list[SpatialJoin]:
+        """Every join the batch declares, in order (``join`` or ``joins``; possibly none)."""
+        return [self.join] if self.join is not None else list(self.joins)
 
     @property
     def layers(self) -> list[str]:
@@ -489,35 +534,56 @@ def cross_field_problems(document: object) -> list[str]:
         if name != "*" and not known(name):
             problems.append(f"max_reject_fraction.{name}: no file feeds layer {name!r}; "
                             f"expected one of {sorted(layers)} or '*'")
-    join = document.get("join")
-    join_name = join.get("name") if isinstance(join, dict) else None
-    problems += dataset_name_problems(layers, join_name if isinstance(join_name, str) else None)
-    if not isinstance(join, dict):
-        return problems
+    declared = _declared_joins(document)
+    if "join" in document and document.get("join") is not None and document.get("joins"):
+        problems.append("join, joins: give 'join' (one join) or 'joins' (a list), not both")
+    names = [join.get("name") for _, join in declared]
+    problems += dataset_name_problems(layers, [(f"{where}.name", join["name"])
+                                               for where, join in declared
+                                               if isinstance(join.get("name"), str)])
+    problems += [f"joins: name {dup!r} is used by more than one join; each join is a dataset "
+                 "of its own, name them apart"
+                 for dup in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})]
+    for where, join in declared:
+        problems += _join_problems(where, join, layers, known, document.get("target_crs"))
+    return problems
+
+
+def _declared_joins(document: dict) -> list[tuple[str, dict]]:
+    """(where, join) of each join of a raw document: 'join', or 'joins[i]'."""
+    joins = document.get("joins") if isinstance(document.get("joins"), list) else []
+    declared = [(f"joins[{i}]", join) for i, join in enumerate(joins) if isinstance(join, dict)]
+    if isinstance(document.get("join"), dict):
+        declared.insert(0, ("join", document["join"]))
+    return declared
+
+
+def _join_problems(where: str, join: dict, layers: list[str], known: Callable[[object], bool],
+                   target_crs: object) -> list[str]:
+    problems = []
     for side in ("left", "right"):
         layer = join.get(side)
         if isinstance(layer, str) and not known(layer):
-            problems.append(f"join.{side}: layer {layer!r} is not fed by any file; "
+            problems.append(f"{where}.{side}: layer {layer!r} is not fed by any file; "
                             f"expected one of {sorted(layers)}")
     if join.get("left") is not None and join.get("left") == join.get("right"):
-        problems.append("join: left and right must be different layers")
+        problems.append(f"{where}: left and right must be different layers")
     if join.get("name") in layers:
-        problems.append(f"join.name: {join.get('name')!r} clashes with a layer of the same name")
+        problems.append(f"{where}.name: {join.get('name')!r} clashes with a layer of the same name")
     aggregations = join.get("aggregations") if isinstance(join.get("aggregations"), list) else []
     outputs = [a.get("output") for a in aggregations if isinstance(a, dict)]
-    problems += [f"join.aggregations: output {dup!r} is used more than once"
+    problems += [f"{where}.aggregations: output {dup!r} is used more than once"
                  for dup in sorted({o for o in outputs if o is not None and outputs.count(o) > 1})]
     if join.get("carry") is not None and aggregations:  # also when carry has field errors
-        problems.append(f"join.aggregations: {_AGGREGATIONS_OR_CARRY}")
+        problems.append(f"{where}.aggregations: {_AGGREGATIONS_OR_CARRY}")
     predicate = join.get("predicate")
-    target_crs = document.get("target_crs")
     if predicate in DISTANCE_PREDICATES and isinstance(target_crs, str):
         try:
             problem = distance_unit_problem(CRS.from_user_input(target_crs))
         except CRSError:
             problem = None  # reported on target_crs itself
         if problem:
-            problems.append(f"join.predicate: {predicate!r} measures distances in metres, but "
+            problems.append(f"{where}.predicate: {predicate!r} measures distances in metres, but "
                             f"target_crs {target_crs!r} {problem}")
     return problems
 
@@ -543,24 +609,25 @@ def _split_family_layers(files: list[dict], layers: list[str]) -> tuple[list[str
     return [name for name in layers if name not in split] + expanded, problems
 
 
-def dataset_name_problems(layers: list[str], join_name: str | None) -> list[str]:
+def dataset_name_problems(layers: list[str], join_names: list[tuple[str, str]]) -> list[str]:
     """Names that would make two lake datasets of the batch one: each layer, each layer's
-    rejects (``<layer>_rejects``) and the join result is a folder of its own in the lake, so a
-    layer or join named like another layer's rejects would overwrite them on publish."""
+    rejects (``<layer>_rejects``) and each join result (``join_names``: where it is declared,
+    e.g. 'joins[1].name', and its name) is a folder of its own in the lake, so a layer or join
+    named like another layer's rejects would overwrite them on publish."""
     rejects_of = {layer + REJECTS_SUFFIX: layer for layer in layers}
     problems = [
         f"files: layer {layer!r} clashes with the lake dataset of the rejected rows of layer "
         f"{rejects_of[layer]!r}; rename layer {layer!r}"
         for layer in layers if layer in rejects_of
     ]
-    if join_name is not None and join_name in rejects_of:
-        problems.append(
-            f"join.name: {join_name!r} clashes with the lake dataset of the rejected rows of "
-            f"layer {rejects_of[join_name]!r}; choose another join name")
+    problems += [
+        f"{where}: {name!r} clashes with the lake dataset of the rejected rows of layer "
+        f"{rejects_of[name]!r}; choose another join name"
+        for where, name in join_names if name in rejects_of]
     problems += [
         f"{where}: {name!r} is reserved in the lake (its completion manifests live under "
         f"{name}/); choose another name"
-        for where, name in [*(("files", layer) for layer in layers), ("join.name", join_name)]
+        for where, name in [*(("files", layer) for layer in layers), *join_names]
         if name in RESERVED_DATASETS
     ]
     return problems

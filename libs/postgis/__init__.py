@@ -7,7 +7,15 @@ Modules, in the order a run uses them: ``connection`` (settings, run schemas), `
 ``batch``, which runs them for one batch.
 """
 
-from libs.postgis.batch import JoinedBatch, load_and_join, srid_of
+from libs.postgis.batch import (
+    MAX_TABLE_COLUMNS,
+    JoinedBatch,
+    JoinOutput,
+    join_load_problem,
+    load_and_join,
+    loaded_columns,
+    srid_of,
+)
 from libs.postgis.connection import (
     GEOM,
     ROW_ID,
@@ -42,6 +50,8 @@ __all__ = [
     "ROW_ID",
     "ChunkLoaded",
     "ChunkSource",
+    "MAX_TABLE_COLUMNS",
+    "JoinOutput",
     "JoinedBatch",
     "LayerTable",
     "PostGISSettings",
@@ -58,6 +68,8 @@ __all__ = [
     "index_and_analyze",
     "list_run_schemas",
     "load_and_join",
+    "loaded_columns",
+    "join_load_problem",
     "load_layer_chunks",
     "reconcile_join",
     "run_id_of_schema",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import psycopg
@@ -24,11 +24,12 @@ from pyproj import CRS
 
 from libs.descriptors import ChunkIndex, LayerChunks, StagedPart
 from libs.errors import LoadError, ReconciliationError
-from libs.geoparquet import read_parquet_table
+from libs.geoparquet import GEOMETRY, read_parquet_table
 from libs.manifest import SpatialJoin
 from libs.memory import release_memory
 from libs.object_store import ObjectStore
 from libs.postgis.connection import (
+    ROW_ID,
     PostGISSettings,
     connect,
     count_rows,
@@ -52,15 +53,75 @@ ChunkLoadedCallback = Callable[[str, ChunkLoaded, int], None]
 
 
 @dataclass(frozen=True)
-class JoinedBatch:
-    """What the PostGIS stage produced: the join result's staged parts and the timings."""
+class JoinOutput:
+    """One join's result: its staged parts, rows, columns and the seconds it took."""
 
+    name: str
     parts: list[StagedPart]
     rows: int
     columns: list[str]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class JoinedBatch:
+    """What the PostGIS stage produced: each join's result and the timings."""
+
+    joins: list[JoinOutput]
     loaded_rows: int
     load_seconds: float
     join_seconds: float
+
+
+#: PostgreSQL's limit on the columns of one table (MaxHeapAttributeNumber).
+MAX_TABLE_COLUMNS = 1600
+#: Columns a loaded layer table has besides its attributes: ``_row_id`` and the geometry.
+_LAYER_COLUMNS = 2
+
+
+def loaded_columns(joins: list[SpatialJoin], layer: str) -> list[str] | None:
+    """The attribute columns of ``layer`` the joins read, in the order they are named; None
+    when they read all of them (a left layer whose join lists no ``left_columns``).
+
+    A right layer gives only the columns its joins aggregate or carry: a wide layer loads
+    what the joins need while the lake keeps all of its columns."""
+    needed: list[str] = []
+    for join in joins:
+        if join.left == layer:
+            if join.left_columns is None:
+                return None
+            needed += join.left_columns
+        if join.right == layer:
+            needed += [a.column for a in join.aggregations if a.column is not None]
+            needed += [column for column, _ in join.carried_columns()]
+    return list(dict.fromkeys(needed))
+
+
+def join_load_problem(joins: list[SpatialJoin], layer: str,
+                           attributes: list[str]) -> str | None:
+    """Why ``layer`` (after its recipe: ``attributes``) cannot be loaded for its joins:
+    columns they name that it lacks (``left_columns``, aggregated or carried), or more
+    columns than a PostgreSQL table holds, in the layer's table or a join's result. None when
+    it can (or when no join reads it: a layer only ingested is never loaded)."""
+    reading = [j for j in joins if layer in (j.left, j.right)]
+    if not reading:
+        return None
+    missing = [f"{j.name}: {c}" for j in reading for c in loaded_columns([j], layer) or []
+               if c not in attributes]
+    if missing:
+        shown = attributes[:20] + (["..."] if len(attributes) > 20 else [])
+        return (f"layer {layer!r}: join(s) name columns it does not have {missing} (as "
+                f"left_columns, or aggregated or carried); its columns are {shown}")
+    columns = loaded_columns(joins, layer)
+    width = (len(attributes) if columns is None else len(columns)) + _LAYER_COLUMNS
+    if width <= MAX_TABLE_COLUMNS:
+        return _result_width_problem([j for j in reading if j.left == layer], layer, attributes)
+    lefts = [j.name for j in reading if j.left == layer and j.left_columns is None]
+    return (f"layer {layer!r} has {len(attributes):,} attribute columns; a PostgreSQL table "
+            f"holds at most {MAX_TABLE_COLUMNS:,} columns ({_LAYER_COLUMNS} of them the row id "
+            f"and the geometry), and join(s) {lefts} read all of them as their left layer. "
+            "List the columns the join result needs in the join's 'left_columns' (the lake "
+            "keeps every column of the layer either way)")
 
 
 def srid_of(target_crs: str) -> int:
@@ -71,19 +132,40 @@ def srid_of(target_crs: str) -> int:
     return epsg
 
 
+def _result_width_problem(joins: list[SpatialJoin], layer: str,
+                          attributes: list[str]) -> str | None:
+    """A join result is a table too: the left columns it keeps, its aggregates or carried
+    columns (and distance), the row id and the geometry."""
+    for join in joins:
+        kept = len(join.left_columns) if join.left_columns is not None else len(attributes)
+        added = len(join.carried_columns()) + int(bool(join.carry) and join.measures_distance) \
+            if join.carry is not None else len(join.aggregations)
+        if kept + added + _LAYER_COLUMNS > MAX_TABLE_COLUMNS:
+            return (f"join {join.name!r}: its result would have {kept + added + _LAYER_COLUMNS:,} "
+                    f"columns ({kept:,} of left layer {layer!r}, {added} added by the join), "
+                    f"more than the {MAX_TABLE_COLUMNS:,} a PostgreSQL table holds; list the "
+                    "left columns the result needs in the join's 'left_columns'")
+    return None
+
+
 def load_and_join(
-    settings: PostGISSettings, store: ObjectStore, transformed: ChunkIndex, join: SpatialJoin,
-    target_crs: str, schema: str, result_key: Callable[[int], str], *, copy_parallelism: int,
-    copy_retries: int = 2, on_chunk: ChunkLoadedCallback | None = None,
-    log: Callable[[str], None] = lambda line: None,
+    settings: PostGISSettings, store: ObjectStore, transformed: ChunkIndex,
+    joins: list[SpatialJoin], target_crs: str, schema: str,
+    result_key: Callable[[str, int], str], *, copy_parallelism: int, copy_retries: int = 2,
+    on_chunk: ChunkLoadedCallback | None = None, log: Callable[[str], None] = lambda line: None,
 ) -> JoinedBatch:
-    """Load ``transformed``'s layers into ``schema``, run ``join``, stage its result (part
-    ``n`` at ``result_key(n)`` in the staging bucket), reconcile, and drop the schema."""
+    """Load the layers ``joins`` read into ``schema`` (only the columns they read), run each
+    join, stage its result (part ``n`` of join ``name`` at ``result_key(name, n)`` in the
+    staging bucket), reconcile, and drop the schema. No join: nothing touches PostGIS."""
+    if not joins:
+        return JoinedBatch(joins=[], loaded_rows=0, load_seconds=0.0, join_seconds=0.0)
     srid = srid_of(target_crs)
-    load_layer = partial(_load_layer, settings, store, transformed, schema, srid, join,
+    joined_layers = [layer for layer in transformed.layers
+                     if any(layer.layer in (j.left, j.right) for j in joins)]
+    indexes = {layer.layer: _index_for(joins, layer.layer, column_geometry_type(
+        transformed.geometry_types.get(layer.layer, []))) for layer in joined_layers}
+    load_layer = partial(_load_layer, settings, store, transformed, schema, srid, joins,
                          copy_parallelism, copy_retries, on_chunk or (lambda *_: None), log)
-    indexes = {layer.layer: spatial_index_for(join, layer.layer, column_geometry_type(
-        transformed.geometry_types.get(layer.layer, []))) for layer in transformed.layers}
 
     def load_beside(layer: LayerChunks) -> LayerTable:
         with connect(settings) as own:
@@ -97,25 +179,16 @@ def load_and_join(
             tables: dict[str, LayerTable] = {}
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-ordered") as beside:
                 ordered = {layer.layer: beside.submit(load_beside, layer)
-                           for layer in transformed.layers if indexes[layer.layer] == "brin"}
-                for layer in transformed.layers:
+                           for layer in joined_layers if indexes[layer.layer] == "brin"}
+                for layer in joined_layers:
                     if layer.layer not in ordered:
                         tables[layer.layer] = load_layer(conn, layer, indexes[layer.layer])
                 for name, future in ordered.items():
                     tables[name] = future.result()
             load_seconds = time.monotonic() - load_started
-            join_started = time.monotonic()
-            # end the implicit transaction the layers' counts left open, so that the join's
-            # table commits (the export reads it on a connection of its own)
-            conn.commit()
-            result = run_spatial_join(conn, join, tables[join.left], tables[join.right])
-            parts = export_table(conn, result, target_crs, store, transformed.staging_bucket,
-                                 result_key)
-            rows = sum(part.rows for part in parts)
-            join_seconds = time.monotonic() - join_started
-            log(f"join {join.name}: {rows:,} rows in {len(parts)} part(s), "
-                f"{rows / join_seconds if join_seconds else 0:,.0f} features/s")
-            reconcile_join(conn, join, tables[join.left], result, rows)
+            outputs = [_join_and_export(conn, store, transformed.staging_bucket, join, tables,
+                                        target_crs, partial(result_key, join.name), log)
+                       for join in joins]
         except BaseException as error:
             final = _failed(error, schema, _drop_after_failure(conn, settings, schema, log))
             if final is error:
@@ -124,9 +197,41 @@ def load_and_join(
         conn.rollback()
         drop_schema(conn, schema)
         log(f"dropped transient schema {schema}")
-    return JoinedBatch(parts=parts, rows=rows, columns=[*result.attributes.names, "geometry"],
-                       loaded_rows=transformed.rows, load_seconds=load_seconds,
-                       join_seconds=join_seconds)
+    return JoinedBatch(joins=outputs, loaded_rows=sum(layer.rows for layer in joined_layers),
+                       load_seconds=load_seconds,
+                       join_seconds=sum(output.seconds for output in outputs))
+
+
+def _index_for(joins: list[SpatialJoin], layer: str, geometry_type: str) -> str | None:
+    """The one spatial index serving every join that probes ``layer``: GiST serves what BRIN
+    does, so it wins when the joins differ."""
+    wanted = {spatial_index_for(join, layer, geometry_type) for join in joins} - {None}
+    return "gist" if "gist" in wanted else ("brin" if wanted else None)
+
+
+def _join_and_export(conn: psycopg.Connection, store: ObjectStore, bucket: str, join: SpatialJoin,
+                     tables: dict[str, LayerTable], target_crs: str,
+                     result_key: Callable[[int], str], log: Callable[[str], None]) -> JoinOutput:
+    """Run one join (its left layer as the join sees it: only its ``left_columns`` when it
+    lists them), stage its result, reconcile its rows."""
+    started = time.monotonic()
+    # end the implicit transaction the layers' counts (or the previous join's reconciliation)
+    # left open, so that the join's table commits (the export reads it on a connection of
+    # its own)
+    conn.commit()
+    left = tables[join.left]
+    if join.left_columns is not None:
+        left = replace(left, attributes=pa.schema([left.attributes.field(c)
+                                                   for c in join.left_columns]))
+    result = run_spatial_join(conn, join, left, tables[join.right])
+    parts = export_table(conn, result, target_crs, store, bucket, result_key)
+    rows = sum(part.rows for part in parts)
+    seconds = time.monotonic() - started
+    log(f"join {join.name}: {rows:,} rows in {len(parts)} part(s), "
+        f"{rows / seconds if seconds else 0:,.0f} features/s")
+    reconcile_join(conn, join, left, result, rows)
+    return JoinOutput(name=join.name, parts=parts, rows=rows,
+                      columns=[*result.attributes.names, "geometry"], seconds=seconds)
 
 
 #: How long dropping the run schema after a failure keeps trying to reach the server (it may
@@ -179,13 +284,14 @@ def _failed(error: BaseException, schema: str, cleanup: BaseException | None) ->
 
 def _load_layer(
     settings: PostGISSettings, store: ObjectStore, transformed: ChunkIndex, schema: str, srid: int,
-    join: SpatialJoin, copy_parallelism: int, copy_retries: int, on_chunk: ChunkLoadedCallback,
-    log: Callable[[str], None], conn: psycopg.Connection, layer: LayerChunks,
-    spatial_index: str | None,
+    joins: list[SpatialJoin], copy_parallelism: int, copy_retries: int,
+    on_chunk: ChunkLoadedCallback, log: Callable[[str], None], conn: psycopg.Connection,
+    layer: LayerChunks, spatial_index: str | None,
 ) -> LayerTable:
-    """Create the layer's typed table, COPY its chunks, index it for the join (the probed
-    layer's ``spatial_index``; the primary key on the left layer only, which the join reads in
-    ``_row_id`` order), reconcile counts. ``conn`` is this layer's alone while it loads.
+    """Create the layer's typed table with the columns the joins read (``loaded_columns``),
+    COPY its chunks, index it for the joins (the probed layer's ``spatial_index``; the primary
+    key on a left layer only, which a join reads in ``_row_id`` order), reconcile counts.
+    ``conn`` is this layer's alone while it loads.
 
     The first chunk is read here for the layer's columns (and then loaded as is); the loader's
     fetch thread reads the others, one per connection ahead of the COPYs.
@@ -194,7 +300,10 @@ def _load_layer(
         raise LoadError(f"layer {layer.layer!r} has no chunks to load; the transform stage "
                         "should have written at least one (possibly empty) chunk")
     staging = transformed.staging_bucket
-    first = read_parquet_table(store.get_bytes(staging, layer.chunks[0].key))
+    needed = loaded_columns(joins, layer.layer)
+    keep = (lambda name: True) if needed is None else \
+        (lambda name: name in (ROW_ID, GEOMETRY) or name in needed)
+    first = read_parquet_table(store.get_bytes(staging, layer.chunks[0].key), keep)
     table = LayerTable(schema, layer.layer, attribute_schema(first), srid,
                        column_geometry_type(transformed.geometry_types.get(layer.layer, [])))
     parallelism = 1 if spatial_index == "brin" else copy_parallelism
@@ -204,7 +313,7 @@ def _load_layer(
     create_layer_table(conn, table)
 
     def fetch(key: str) -> pa.Table:
-        return read_parquet_table(store.get_bytes(staging, key))
+        return read_parquet_table(store.get_bytes(staging, key), keep)
 
     held = [first]  # handed over once: the loader's worker then holds the only reference
     del first
@@ -220,7 +329,7 @@ def _load_layer(
     copied = load_layer_chunks(settings, table, sources, parallelism=parallelism,
                                retries=copy_retries, on_chunk=chunk_loaded)
     copy_seconds = time.monotonic() - copy_started
-    keyed = layer.layer == join.left  # the join reads its left layer in _row_id order
+    keyed = any(layer.layer == join.left for join in joins)  # read in _row_id order
     index_started = time.monotonic()
     index_and_analyze(conn, table, spatial_index=spatial_index, primary_key=keyed)
     index_seconds = time.monotonic() - index_started

@@ -3,8 +3,10 @@ checksummed, the files grouped into layers, each layer cut into Hilbert-ordered 
 background threads write while the next chunks are cut.
 
 The caller sees each chunk once its object is written (``on_staged``: where the transform of
-that chunk may start) and checks each layer's columns before any of its chunks is offered
-(``check_schema``: the recipe's plan, a later stage this package does not import).
+that chunk may start) and checks each layer's columns when its first file is opened, before
+any row is read, and again before any of its chunks is offered (``check_schema``: the
+recipe's plan and what the joins load into PostGIS, later stages this package does not
+import).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -128,12 +131,13 @@ def shard_landed_batch(
     WKT, x/y or text, a geometry PostGIS would refuse); more of those than the layer's
     ``max_reject_fraction`` fails the run, listing them."""
     planned = plan_layers([(file.path, file.data_file) for file in landed])
-    for side in ("left", "right"):
-        name = getattr(manifest.join, side)
-        if name not in planned:
-            raise InputDataError(
-                f"batch {manifest.batch_id!r}: join.{side} names layer {name!r} but the "
-                f"files feed {sorted(planned)}")
+    for join in manifest.spatial_joins:
+        for side in ("left", "right"):
+            name = getattr(join, side)
+            if name not in planned:
+                raise InputDataError(
+                    f"batch {manifest.batch_id!r}: join {join.name!r}: {side} names layer "
+                    f"{name!r} but the files feed {sorted(planned)}")
     by_path = {file.path: file for file in landed}
     layers, sources, types, rejects = [], [], {}, []
     shard_steps: dict[str, dict[str, int]] = {}
@@ -162,7 +166,8 @@ def shard_landed_batch(
             sharded = shard_layer(
                 layer_name, layer_sources, sink, scratch_dir=layer_scratch, limits=limits,
                 on_chunk=staged,
-                vertex_policy=bad_geometry_policy(manifest.recipe_for(layer_name)))
+                vertex_policy=bad_geometry_policy(manifest.recipe_for(layer_name)),
+                on_schema=partial(check_schema, layer_name))
             puts.wait()
             release_memory()  # the sort's buffers, before the next layer and the load
             check_schema(layer_name, sharded.schema)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,11 +259,13 @@ class _Collector:
 
 
 def collect_layer(layer: str, sources: list[LayerSource], scratch_dir: Path,
-                  limits: ShardLimits, vertex_policy: str = "reject") -> CollectedLayer:
+                  limits: ShardLimits, vertex_policy: str = "reject",
+                  on_schema: Callable[[pa.Schema], None] | None = None) -> CollectedLayer:
     """Pass 1: read, validate and keep (in memory or spilled to ``scratch_dir``) every row of
     ``layer``; raises :class:`~libs.errors.InputDataError` for anything wrong with the input.
     A geometry over ``limits.max_vertices`` is set apart (``vertex_policy`` 'reject') or
-    fails the layer ('fail')."""
+    fails the layer ('fail'). ``on_schema`` sees the first file's columns before any row
+    is read (a check that can fail the layer early)."""
     probes = [s.probe or probe_source(s.path, s.data_file, s.source_layer, limits) for s in sources]
     crs = layer_crs(layer, sources, probes)
     budget = limits.in_memory_sort_bytes
@@ -283,6 +285,8 @@ def collect_layer(layer: str, sources: list[LayerSource], scratch_dir: Path,
                 source_schema, batches):
             if schema is None:
                 schema, schema_owner = source_schema, source.data_file.path
+                if on_schema is not None:
+                    on_schema(schema)
             else:
                 schema = unify_schemas(schema, schema_owner, source_schema,
                                        source.data_file.path, layer)

@@ -3,8 +3,9 @@
 GDAL formats go through pyogrio's Arrow reader, GeoParquet through
 ``pyarrow.parquet.ParquetFile.iter_batches``; no file is loaded whole. On the way, column
 types are made plain, text is checked against the declared encoding (non-UTF-8 text
-formats are transcoded to a scratch copy first), and CSV rows whose WKT or x/y GDAL could
-not read are reported instead of silently losing their geometry.
+formats are transcoded to a scratch copy first), CSV rows whose WKT or x/y GDAL could
+not read are reported instead of silently losing their geometry, and CSV text columns are
+typed (``libs.sharding.csv_types``).
 
 A problem confined to one row (unreadable WKT or x/y, text not valid in its encoding) does
 not stop the read: each batch comes with the reasons of its bad rows (``RowProblems``),
@@ -16,8 +17,9 @@ from __future__ import annotations
 import codecs
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,12 @@ from libs.errors import InputDataError
 from libs.geoparquet import GEOMETRY
 from libs.manifest import DataFile, InputFormat
 from libs.sharding.columns import is_reserved_column
+from libs.sharding.csv_types import (
+    CsvTypeInference,
+    column_types_for,
+    convert_batch,
+    typed_schema,
+)
 from libs.sharding.gdal_guard import clean_gdal_message, lock_down_gdal
 from libs.sharding.inputs import gdal_path_for, open_parquet, read_geo_metadata
 from libs.sharding.limits import ShardLimits
@@ -309,6 +317,13 @@ def _gdal_stream(source: LayerSource, probe: SourceProbe, where: str, scratch_di
         geometry_name = meta.get("geometry_name") or "wkb_geometry"
         normalise = _Normaliser(reader.schema, geometry_name, where,
                                 csv_check.columns if csv_check else ())
+        types: dict[str, str] = {}
+        if csv_check is not None:
+            types = _csv_types(data_file, normalise.schema, where, partial(
+                open_arrow, gdal_path, layer=probe.gdal_layer, encoding=encoding,
+                batch_size=limits.read_batch_rows, use_pyarrow=True, read_geometry=False,
+                **dict(probe.open_options)), gdal_says)
+        schema = typed_schema(normalise.schema, types)
 
         def batches() -> Iterator[pa.RecordBatch]:
             row = 0
@@ -329,10 +344,36 @@ def _gdal_stream(source: LayerSource, probe: SourceProbe, where: str, scratch_di
                 out = normalise(batch)
                 problems = {**_utf8_problems(out, row, where, probe.encoding_note, data_file),
                             **problems}
+                if types:
+                    out = convert_batch(out, schema, types, row, where)
                 row += batch.num_rows
                 yield from _split_with_problems(out, problems, limits)
 
-        yield normalise.schema, batches()
+        yield schema, batches()
+
+
+def _csv_types(data_file: DataFile, schema: pa.Schema, where: str,
+               open_attributes: Callable[..., AbstractContextManager],
+               gdal_says: Callable[[Exception], str]) -> dict[str, str]:
+    """The types of a CSV's text columns (``libs.sharding.csv_types``): declared ones as
+    declared, the others inferred from a first pass over every value of the file."""
+    spec = data_file.csv
+    assert spec is not None
+    text = [f.name for f in schema if pa.types.is_string(f.type)]
+    types, infer = column_types_for(dict(spec.column_types), text, spec.infer_types, where)
+    if not infer:
+        return types
+    inference = CsvTypeInference(infer)
+    try:
+        # the main pass reports unreadable geometries and bad text: ignore them here
+        with warnings.catch_warnings(), open_attributes(columns=infer) as (_, reader):
+            warnings.simplefilter("ignore")
+            for batch in reader:
+                inference.add(batch)
+    except (pa.ArrowException, OSError, *GDAL_ERRORS) as exc:
+        raise InputDataError(f"{where}: reading failed while inferring column types "
+                             f"({gdal_says(exc)}); expected a valid csv file") from None
+    return {**types, **inference.types()}
 
 
 @contextmanager

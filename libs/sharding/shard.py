@@ -42,13 +42,15 @@ class ShardedLayer:
 def shard_layer(layer: str, sources: list[LayerSource], sink: ChunkSink, *, scratch_dir: Path,
                 limits: ShardLimits | None = None,
                 on_chunk: Callable[[Chunk], None] | None = None,
-                vertex_policy: str = "reject") -> ShardedLayer:
+                vertex_policy: str = "reject",
+                on_schema: Callable[[pa.Schema], None] | None = None) -> ShardedLayer:
     """Shard every source of ``layer`` into Hilbert-ordered GeoParquet chunks handed to ``sink``.
 
     ``scratch_dir`` receives the spill files (removed as they are consumed); the caller owns
     the directory. ``on_chunk`` gets each chunk's index entry as soon as ``sink`` has taken
     it, while the next chunks are still being cut. A geometry over ``limits.max_vertices``
     is set apart in ``ShardedLayer.rejected`` (``vertex_policy`` 'reject') or fails ('fail').
+    ``on_schema`` checks the first file's columns before any row is read.
     Raises :class:`InputDataError` for any
     problem with the input.
     """
@@ -57,7 +59,7 @@ def shard_layer(layer: str, sources: list[LayerSource], sink: ChunkSink, *, scra
         raise ValueError(f"layer {layer!r}: no sources to shard")
     work = Path(tempfile.mkdtemp(prefix=f"shard-{layer}-", dir=scratch_dir))
     try:
-        collected = collect_layer(layer, sources, work, limits, vertex_policy)
+        collected = collect_layer(layer, sources, work, limits, vertex_policy, on_schema)
         writer = ChunkWriter(layer, collected.crs, collected.schema, sink, limits, on_chunk)
         try:
             sort_and_emit(collected, writer, work, limits)

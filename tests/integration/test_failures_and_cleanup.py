@@ -46,14 +46,16 @@ def _fails_in_load_and_join(landing_store, tmp_path, batch_id, instance, edit):
 
 def test_failed_join_drops_the_schema_and_publishes_nothing(
         store, landing_store, tmp_path, batch_id, instance, pg, ledger):
-    def missing_column(manifest):
+    # a column the layer lacks is refused at shard now (libs.postgis.join_load_problem); a
+    # sum over text is only found once the layers are loaded
+    def sum_of_text(manifest):
         manifest["join"]["aggregations"] = [
-            {"function": "sum", "column": "no_such_column", "output": "total"}]
+            {"function": "sum", "column": "category", "output": "total"}]
         return manifest
 
     result, message = _fails_in_load_and_join(landing_store, tmp_path, batch_id, instance,
-                                              missing_column)
-    assert "'no_such_column' does not exist in layer 'points'" in message
+                                              sum_of_text)
+    assert "sum needs a numeric column but 'category' of layer 'points' is string" in message
     assert postgis.run_schema_name(result.run_id) not in _schemas(pg)
     assert not store.exists("data-lake", completion_key(batch_id))
     assert list(store.list("data-lake", f"points_per_country/{batch_id}/")) == []
@@ -69,6 +71,9 @@ def test_a_failed_load_of_the_layer_loaded_beside_drops_the_schema(
     def points_column_named_geom(manifest):
         manifest["recipes"] = {"points": [
             {"step": "reproject"}, {"step": "rename", "columns": {"category": "geom"}}]}
+        # the right layer is loaded with the columns its join reads only: carry that one
+        manifest["join"] = {k: v for k, v in manifest["join"].items() if k != "aggregations"}
+        manifest["join"]["carry"] = ["geom"]
         return manifest
 
     result, message = _fails_in_load_and_join(landing_store, tmp_path, batch_id, instance,

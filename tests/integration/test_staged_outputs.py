@@ -38,7 +38,7 @@ def test_a_planted_pickle_where_an_op_output_is_expected_runs_nothing(
         assert first.success
         key = op_output_key("dagster-io", [first.run_id, "load_and_join", "result"])
         stored = json.loads(store.get_bytes("etl-staging", key))  # what the op wrote: JSON
-        assert stored["name"] == "points_per_country" and stored["rows"] == 177
+        assert [(j["name"], j["rows"]) for j in stored["joins"]] == [("points_per_country", 177)]
         store.put_bytes("etl-staging", key, pickle.dumps(_Planted(marker)),
                         "application/octet-stream")
         again = execute_job(
@@ -52,6 +52,6 @@ def test_a_planted_pickle_where_an_op_output_is_expected_runs_nothing(
     message = failure.event_specific_data.error.cause.message if \
         failure.event_specific_data.error.cause else failure.event_specific_data.error.message
     assert f"s3://etl-staging/{key}" in message
-    assert "is not a valid JoinResult" in message and "re-execute from that step" in message
+    assert "is not a valid JoinResults" in message and "re-execute from that step" in message
     # the batch the first run published is untouched
     assert store.exists("data-lake", completion_key(batch_id))

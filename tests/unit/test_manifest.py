@@ -271,3 +271,55 @@ def test_a_split_layer_is_named_by_its_families_in_join_and_recipes(sample):
     long_files = [dict(files[0], layer=long_name), files[1]]
     with pytest.raises(ManifestError, match=f"layer '{long_name}_points' .* longer than 63"):
         parse_manifest(json.dumps(dict(doc, files=long_files, recipes={})).encode(), "k/m")
+
+
+# --- issue 27: no join, several joins ---------------------------------------------------------
+
+def _parse(document: dict):
+    return parse_manifest(json.dumps(document).encode(), "j/manifest.json")
+
+
+def test_a_batch_without_a_join_is_valid_for_model_and_json_schema(sample):
+    single = {k: v for k, v in sample.items() if k != "join"}
+    single["files"] = sample["files"][:1]
+    manifest = _parse(single)
+    assert manifest.spatial_joins == [] and manifest.layers == ["points"]
+    jsonschema.validate(single, json.loads(SCHEMA_FILE.read_text()))
+    # stored (the batch plan, the ledger) and read back
+    assert type(manifest).model_validate_json(manifest.model_dump_json()) == manifest
+
+
+def test_several_joins_are_run_in_order_and_the_single_form_is_one_of_them(sample):
+    second = {"name": "nearest_country", "left": "points", "right": "countries",
+              "predicate": "nearest", "k": 1, "carry": ["name"]}
+    several = {k: v for k, v in sample.items() if k != "join"}
+    several["joins"] = [sample["join"], second]
+    manifest = _parse(several)
+    assert [j.name for j in manifest.spatial_joins] == ["points_per_country", "nearest_country"]
+    jsonschema.validate(several, json.loads(SCHEMA_FILE.read_text()))
+    assert [j.name for j in _parse(sample).spatial_joins] == ["points_per_country"]
+
+
+def test_joins_are_checked_each_where_it_is_declared(sample):
+    several = {k: v for k, v in sample.items() if k != "join"}
+    several["joins"] = [sample["join"], dict(sample["join"], right="roads"),
+                        dict(sample["join"], name="points_rejects", left="points",
+                             right="countries")]
+    several["join"] = sample["join"]
+    with pytest.raises(ManifestError) as caught:
+        _parse(several)
+    text = str(caught.value)
+    for expected in (
+            "join, joins: give 'join' (one join) or 'joins' (a list), not both",
+            "joins[1].right: layer 'roads' is not fed by any file; expected one of "
+            "['countries', 'points']",
+            "joins[2].name: 'points_rejects' clashes with the lake dataset of the rejected rows "
+            "of layer 'points'",
+            "joins: name 'points_per_country' is used by more than one join"):
+        assert expected in text, (expected, text)
+
+
+def test_left_columns_must_be_a_non_empty_list(sample):
+    with pytest.raises(ManifestError, match="joins.0.left_columns: List should have at least 1"):
+        _parse({**{k: v for k, v in sample.items() if k != "join"},
+                "joins": [dict(sample["join"], left_columns=[])]})

@@ -830,3 +830,60 @@ def test_sources_built_without_plan_layers_are_checked_too(tmp_path, points):
     source = LayerSource(path, DataFile(path="points.fgb", layer="points", format="flatgeobuf"), None)
     with pytest.raises(InputDataError, match="declared flatgeobuf but its bytes are JSON text"):
         shard_layer("points", [source], MemorySink(), scratch_dir=tmp_path, limits=ShardLimits())
+
+
+# --- issue 27: CSV attribute types ------------------------------------------------------------
+
+TYPED_CSV = (
+    "wkt,count,ratio,flag,day,zip,mixed,blank,stamp,big\n"
+    'POINT (1 2),1,0.5,true,2024-02-29,01234,1,,2024-01-01T10:00,1\n'
+    'POINT (3 4),-20, 2.5e3 ,FALSE,2024-03-01,98765,x,,2024-01-02T10:00,99999999999999999999\n'
+    'POINT (5 6),,.5,,,00001,2,,,3\n'
+)
+
+
+def test_csv_attribute_types_are_inferred_from_every_value(tmp_path):
+    path = tmp_path / "typed.csv"
+    path.write_text(TYPED_CSV)
+    result, sink = shard(tmp_path, [entry(path, "csv", source_crs="EPSG:4326",
+                                          csv={"wkt_column": "wkt"})], read_batch_rows=2)
+    table = chunk_table(sink, result).sort_by("count")
+    types = {f.name: str(f.type) for f in table.schema if f.name not in ("geometry", "bbox")}
+    assert types == {"count": "int64", "ratio": "double", "flag": "bool", "day": "date32[day]",
+                     "zip": "string", "mixed": "string", "blank": "string", "stamp": "string",
+                     "big": "double"}
+    rows = {r["count"]: r for r in table.to_pylist()}
+    assert rows[1]["ratio"] == 0.5 and rows[-20]["ratio"] == 2500.0 and rows[None]["ratio"] == 0.5
+    assert [rows[k]["flag"] for k in (1, -20, None)] == [True, False, None]
+    assert str(rows[1]["day"]) == "2024-02-29" and rows[None]["day"] is None
+    assert rows[1]["zip"] == "01234"  # a leading zero keeps a column text
+    assert rows[-20]["mixed"] == "x" and rows[1]["blank"] == ""  # text columns as read
+
+
+def test_csv_column_types_override_and_opt_out(tmp_path):
+    path = tmp_path / "typed.csv"
+    path.write_text(TYPED_CSV)
+    csv = {"wkt_column": "wkt", "column_types": {"zip": "int64", "count": "string",
+                                                  "flag": "string"}}
+    result, sink = shard(tmp_path, [entry(path, "csv", source_crs="EPSG:4326", csv=csv)])
+    schema = chunk_table(sink, result).schema
+    assert (schema.field("zip").type, schema.field("count").type, schema.field("flag").type,
+            schema.field("ratio").type) == (pa.int64(), pa.string(), pa.string(), pa.float64())
+    assert sorted(chunk_table(sink, result).column("zip").to_pylist()) == [1, 1234, 98765]
+    result, sink = shard(tmp_path, [entry(path, "csv", source_crs="EPSG:4326", csv={
+        "wkt_column": "wkt", "infer_types": False, "column_types": {"ratio": "float64"}})])
+    schema = chunk_table(sink, result).schema
+    assert schema.field("ratio").type == pa.float64() and schema.field("count").type == pa.string()
+
+
+def test_csv_declared_type_a_value_does_not_fit_names_row_column_and_value(tmp_path):
+    path = tmp_path / "typed.csv"
+    path.write_text(TYPED_CSV)
+    fails(tmp_path, [entry(path, "csv", source_crs="EPSG:4326", csv={
+        "wkt_column": "wkt", "column_types": {"mixed": "int64"}})],
+        r"'typed.csv' \(layer 'points'\), row 1, column 'mixed': 'x' is not a valid int64 value, the "
+        r"type the manifest declares for it in csv.column_types; fix the value, or declare the "
+        r"column 'string'")
+    fails(tmp_path, [entry(path, "csv", source_crs="EPSG:4326", csv={
+        "wkt_column": "wkt", "column_types": {"nope": "int64"}})],
+        r"csv.column_types names \['nope'\], which the file does not have as attribute columns")

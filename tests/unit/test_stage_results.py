@@ -2,8 +2,11 @@
 per chunk and per batch, order kept whatever order tasks finish in), the batch's lake
 datasets and lineage, and the one module that names every staged and lake key."""
 
+import json
+
 import pytest
 
+from etl_pipelines.types import JoinResults
 from libs.descriptors import Chunk, ChunkIndex, LayerChunks, SourceFile, StagedPart, TransformedChunk
 from libs.errors import PublishError, ReconciliationError
 from libs.lake import batch_datasets, chunk_key, lineage_records, part_key, result_prefix, run_prefix
@@ -102,7 +105,7 @@ def _transformed() -> ChunkIndex:
 def test_batch_datasets_and_lineage():
     transformed = _transformed()
     join_parts = [StagedPart("runs/r1/results/per_country/part-00000.parquet", 2, 50, "c" * 64)]
-    datasets, info = batch_datasets(transformed, "per_country", join_parts, MANIFEST)
+    datasets, info = batch_datasets(transformed, {"per_country": join_parts}, MANIFEST)
     assert {name: [p.rows for p in parts] for name, parts in datasets.items()} == {
         "points": [20], "countries": [2], "points_rejects": [10], "per_country": [2]}
     assert info["points"]["kind"] == "layer" and info["points_rejects"]["kind"] == "rejects"
@@ -119,6 +122,7 @@ def test_batch_datasets_and_lineage():
     joined = records["s3://data-lake/per_country/b1/part-0"]
     assert [i["key"] for i in joined["inputs"]] == ["b1/p.fgb", "b1/c.zip"]
     assert joined["recipe"] is None and joined["run_id"] == "r1"
+    assert joined["join"]["name"] == "per_country" and points["join"] is None
     # readers select the lineage of the publication the completion manifest names
     assert {r["publication"] for r in records.values()} == {"r1.abcd0123"}
 
@@ -128,8 +132,8 @@ def test_a_join_named_like_a_rejects_dataset_is_not_published_over_it():
     the files (a multi-layer file's own layer names)."""
     join_parts = [StagedPart("runs/r1/results/x/part-00000.parquet", 2, 50, "c" * 64)]
     with pytest.raises(PublishError, match="lake dataset 'points_rejects' would hold both "
-                       "the join's result and another dataset"):
-        batch_datasets(_transformed(), "points_rejects", join_parts, MANIFEST)
+                       "the result of join 'points_rejects' and another dataset"):
+        batch_datasets(_transformed(), {"points_rejects": join_parts}, MANIFEST)
 
 
 def test_every_key_comes_from_one_module():
@@ -148,3 +152,15 @@ def test_every_key_comes_from_one_module():
     assert rejects_dataset("points") == "points_rejects"
     assert op_output_key("dagster-io", ["r1", "shard_batch", "result"]) == \
         "dagster-io/r1/shard_batch/result.json"
+
+
+def test_join_results_read_the_single_join_output_stored_before_several_joins():
+    """A re-execution of a run from before issue 27 reads its stored load_and_join output."""
+    part = {"staging_key": "runs/r1/results/j/part-00000.parquet", "rows": 2, "bytes": 50,
+            "sha256": "c" * 64}
+    old = {"name": "j", "rows": 2, "parts": [part], "columns": ["n", "geometry"],
+           "crs": "EPSG:8857"}
+    results = JoinResults.model_validate_json(json.dumps(old))
+    assert [(j.name, j.rows) for j in results.joins] == [("j", 2)]
+    assert JoinResults.model_validate_json(results.model_dump_json()) == results
+    assert JoinResults.model_validate_json("{}").joins == []
