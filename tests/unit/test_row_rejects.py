@@ -48,9 +48,10 @@ def test_bad_csv_rows_are_rejects_naming_their_data_line_and_the_good_rows_go_on
     assert sharded.rows == 3  # data lines 1, 5 (no geometry is fine) and 6
     rejected = [(step, reason.split(": ", 1)[0], json.loads(values)["id"])
                 for step, reason, values in sharded.rejected]
-    assert rejected == [("read", "file 'sites.csv' (layer 'sites'), data line 2", "2"),
-                        ("read", "file 'sites.csv' (layer 'sites'), data line 3", "3"),
-                        ("read", "file 'sites.csv' (layer 'sites'), data line 4", "4")]
+    # the id column is typed (CSV types are inferred): the rejects keep the typed values
+    assert rejected == [("read", "file 'sites.csv' (layer 'sites'), data line 2", 2),
+                        ("read", "file 'sites.csv' (layer 'sites'), data line 3", 3),
+                        ("read", "file 'sites.csv' (layer 'sites'), data line 4", 4)]
     reasons = [reason for _, reason, _ in sharded.rejected]
     assert "holds 'POINT (1', which is not valid WKT" in reasons[0]
     assert "coordinates are NaN or infinite" in reasons[1]
@@ -65,7 +66,7 @@ def test_text_not_valid_utf8_in_one_row_is_a_reject_keeping_what_could_be_read(t
     assert step == "read"
     assert reason.startswith("file 'sites.csv' (layer 'sites'), data line 2, column 'name': text "
                              "b'Z\\xfcrich' is not valid in encoding UTF-8")
-    assert json.loads(values) == {"id": "2", "name": "Z\ufffdrich"}
+    assert json.loads(values) == {"id": 2, "name": "Z\ufffdrich"}
 
 
 def test_a_layer_whose_every_row_is_bad_fails_listing_the_problems(tmp_path):

@@ -787,7 +787,7 @@ def test_csv_needs_a_source_crs_and_readable_geometry(tmp_path):
         result, _ = shard(tmp_path, [entry(path, "csv", source_crs="EPSG:4326", csv=csv)])
         [(step, got, values)] = result.rejected
         assert step == "read" and got.startswith(f"file 'p.csv' (layer 'points'), {reason}"), got
-        assert json.loads(values)["id"] == "2"
+        assert json.loads(values)["id"] == 2  # typed: CSV attribute types are inferred
     fails(tmp_path, [entry(path, "csv", source_crs="EPSG:4326",
                            csv={"x_column": "x", "y_column": "y"})], r"the CSV has no column 'x'")
 
