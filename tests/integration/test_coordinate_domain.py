@@ -46,6 +46,8 @@ def _batch(tmp_path, landing_store, files, target, recipes=None, join=("a", "b")
     entries = [_write(folder, name, geoms, crs) for name, (geoms, crs) in files.items()]
     manifest = {"manifest_version": 1, "batch_id": batch_id, "target_crs": target,
                 "files": entries, "recipes": recipes or {},
+                # these layers are mostly out-of-domain rows on purpose: no reject fraction
+                "max_reject_fraction": {"*": 1.0},
                 "join": {"name": "joined", "left": join[0], "right": join[1],
                          "predicate": "intersects", "how": "left",
                          "aggregations": [{"function": "count", "output": "n"}]}}
