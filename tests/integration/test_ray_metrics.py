@@ -90,11 +90,12 @@ def test_the_ray_stages_export_feature_counts_equal_to_the_row_counts(cluster, r
         time.sleep(1)
     log.info("metrics complete after %.1fs: %s", time.monotonic() - started, dict(observed))
     assert dict(observed) == expected
-    # transform tasks ran (and recorded) on both nodes; the shard in the driver, which
-    # reports to the head
-    for node in per_node:
-        assert any(stage == "transform" for (_, stage, _) in node), per_node
-    assert {stage for (_, stage, _) in per_node[1]} == {"transform"}
+    # each series is exported by the node whose processes recorded it: the shard by the
+    # driver's (the head), the transform by the nodes its tasks ran on. Which nodes those are
+    # is SPREAD's choice, checked by test_ray_multinode: once a loaded CI machine ran every
+    # chunk on the head, so the worker's endpoint holds transform series or none
+    assert any(stage == "transform" for (_, stage, _) in per_node[0] | per_node[1]), per_node
+    assert {stage for (_, stage, _) in per_node[1]} <= {"transform"}, per_node
     run["scraped"] = per_node
 
 
