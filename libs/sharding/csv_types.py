@@ -20,8 +20,9 @@ taken from a sample could be contradicted by a later row after hours of work.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -88,10 +89,12 @@ def typed_schema(schema: pa.Schema, types: dict[str, str]) -> pa.Schema:
 
 
 def convert_batch(batch: pa.RecordBatch, schema: pa.Schema, types: dict[str, str],
-                  first_row: int, where: str) -> pa.RecordBatch:
-    """``batch`` with its text columns converted to ``types`` (trimmed, empty -> NULL); a
-    value that does not convert (a declared type) fails naming its row, column and value."""
-    arrays = []
+                  label: Callable[[int], str]) -> tuple[pa.RecordBatch, dict[int, str]]:
+    """``batch`` with its text columns converted to ``types`` (trimmed, empty -> NULL), and
+    the rows holding a value that does not convert (only a declared type can meet one), each
+    with its reason naming ``label(row)``, the column and the value: they become rejects (the
+    value is NULL in the batch), the rest of the batch goes on."""
+    arrays, problems = [], {}
     for field, column in zip(batch.schema, batch.columns, strict=True):
         type_name = types.get(field.name, "string")
         if type_name == "string" or not pa.types.is_string(column.type):
@@ -102,25 +105,34 @@ def convert_batch(batch: pa.RecordBatch, schema: pa.Schema, types: dict[str, str
         trimmed = pc.if_else(empty, pa.scalar(None, pa.string()), trimmed)
         try:
             arrays.append(pc.cast(trimmed, CSV_COLUMN_TYPES[type_name]))
+            continue
         except pa.ArrowInvalid:
-            row, value = _first_unconvertible(trimmed, type_name)
-            # TODO(issue 27, row-level rejects): make this row a reject rather than a failure
-            raise InputDataError(
-                f"{where}, row {first_row + row}, column {field.name!r}: {value[:60]!r} is not "
-                f"a valid {type_name} value, the type the manifest declares for it in "
-                "csv.column_types; fix the value, or declare the column 'string'") from None
-    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+            pass
+        bad = _unconvertible(trimmed, type_name)
+        for row, value in bad.items():
+            problems.setdefault(row, (
+                f"{label(row)}, column {field.name!r}: {value[:60]!r} is not a valid "
+                f"{type_name} value, the type the manifest declares for it in "
+                "csv.column_types; fix the value, or declare the column 'string'"))
+        keep = np.ones(len(trimmed), bool)
+        keep[list(bad)] = False
+        arrays.append(pc.cast(pc.if_else(pa.array(keep), trimmed, pa.scalar(None, pa.string())),
+                              CSV_COLUMN_TYPES[type_name]))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema), problems
 
 
-def _first_unconvertible(values: pa.Array, type_name: str) -> tuple[int, str]:
+def _unconvertible(values: pa.Array, type_name: str) -> dict[int, str]:
+    """Row -> value of each value that does not cast to ``type_name`` (one cast per value:
+    only for a column whose cast as a whole failed)."""
+    bad = {}
     for row, value in enumerate(values.to_pylist()):
         if value is None:
             continue
         try:
             pc.cast(pa.array([value]), CSV_COLUMN_TYPES[type_name])
         except pa.ArrowInvalid:
-            return row, value
-    return 0, ""
+            bad[row] = value
+    return bad
 
 
 def column_types_for(declared: dict[str, str], columns: list[str], infer: bool,

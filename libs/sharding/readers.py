@@ -345,7 +345,10 @@ def _gdal_stream(source: LayerSource, probe: SourceProbe, where: str, scratch_di
                 problems = {**_utf8_problems(out, row, where, probe.encoding_note, data_file),
                             **problems}
                 if types:
-                    out = convert_batch(out, schema, types, row, where)
+                    out, unconverted = convert_batch(
+                        out, schema, types,
+                        lambda at, first=row: f"{where}, {row_label(data_file, first + at + 1)}")
+                    problems = {**unconverted, **problems}
                 row += batch.num_rows
                 yield from _split_with_problems(out, problems, limits)
 

@@ -876,14 +876,19 @@ def test_csv_column_types_override_and_opt_out(tmp_path):
     assert schema.field("ratio").type == pa.float64() and schema.field("count").type == pa.string()
 
 
-def test_csv_declared_type_a_value_does_not_fit_names_row_column_and_value(tmp_path):
+def test_csv_declared_type_a_value_does_not_fit_is_a_reject_naming_line_column_and_value(
+        tmp_path):
     path = tmp_path / "typed.csv"
     path.write_text(TYPED_CSV)
-    fails(tmp_path, [entry(path, "csv", source_crs="EPSG:4326", csv={
-        "wkt_column": "wkt", "column_types": {"mixed": "int64"}})],
-        r"'typed.csv' \(layer 'points'\), row 1, column 'mixed': 'x' is not a valid int64 value, the "
-        r"type the manifest declares for it in csv.column_types; fix the value, or declare the "
-        r"column 'string'")
+    result, sink = shard(tmp_path, [entry(path, "csv", source_crs="EPSG:4326", csv={
+        "wkt_column": "wkt", "column_types": {"mixed": "int64"}})])
+    assert sorted(chunk_table(sink, result).column("mixed").to_pylist()) == [1, 2]
+    [(step, reason, values)] = result.rejected
+    assert step == "read" and reason == (
+        "file 'typed.csv' (layer 'points'), data line 2, column 'mixed': 'x' is not a valid "
+        "int64 value, the type the manifest declares for it in csv.column_types; fix the value, "
+        "or declare the column 'string'")
+    assert json.loads(values)["zip"] == "98765"  # the row's attributes, as read
     fails(tmp_path, [entry(path, "csv", source_crs="EPSG:4326", csv={
         "wkt_column": "wkt", "column_types": {"nope": "int64"}})],
         r"csv.column_types names \['nope'\], which the file does not have as attribute columns")
