@@ -255,8 +255,7 @@ class ObjectStore:
         if not prefix or not prefix.endswith("/"):
             raise ValueError(f"refusing to delete a prefix that is not a folder: {prefix!r}")
         keys = [o.key for o in self.list(bucket, prefix)]
-        for key in keys:
-            self.delete(bucket, key)
+        self.delete_many(bucket, keys)
         return len(keys)
 
     def delete(self, bucket: str, key: str) -> None:
@@ -271,7 +270,7 @@ class ObjectStore:
             def remove(batch: list[str] = batch) -> None:
                 errors = [e for e in self._client.remove_objects(
                     bucket, [DeleteObject(key) for key in batch])
-                    if e.code not in ("NoSuchKey", "NoSuchObject")]
+                    if e.code not in _MISSING]
                 if errors:
                     raise RuntimeError(f"could not delete {len(errors)} object(s) of s3://{bucket}/,"
                                        f" first {errors[0].name!r}: {errors[0].code} "
