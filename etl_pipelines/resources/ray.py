@@ -63,7 +63,8 @@ class RayResource(ConfigurableResource):
     local_num_cpus: int = Field(default=2, description="CPUs of a private 'local' cluster")
     connect_timeout_seconds: float = Field(
         default=60.0, gt=0, description="how long the run waits for the head's address to "
-        "accept a connection before it fails naming it (ray.init itself retries an "
+        "accept a connection, and for a Ray Client session to start (refused for a while "
+        "after a head restarts), before it fails naming it (ray.init itself retries an "
         "unreachable GCS for minutes)")
     scheduling_strategy: Literal["SPREAD", "DEFAULT"] = Field(
         default="SPREAD", description="placement of chunk tasks: SPREAD over every node with a "
@@ -134,8 +135,19 @@ class RayResource(ConfigurableResource):
                      include_dashboard=False, log_to_driver=False,
                      _system_config={"task_oom_retries": self.task_oom_retries})
         else:
+            deadline = time.monotonic() + self.connect_timeout_seconds
             wait_for_head(self.address, self.connect_timeout_seconds)
-            ray.init(address=self.address, namespace=self.namespace, log_to_driver=False)
+            while True:
+                try:
+                    ray.init(address=self.address, namespace=self.namespace, log_to_driver=False)
+                    break
+                except ConnectionError:
+                    # a Ray Client session can be refused for a while after the head (re)starts
+                    # ("Starting Ray client server failed"): tried again until the deadline
+                    ray.shutdown()
+                    if not self.address.startswith("ray://") or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(2.0)
         if self.prestart_workers:
             from etl_pipelines.ray.workers import prestart_workers
 
